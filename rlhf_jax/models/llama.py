@@ -1,0 +1,389 @@
+"""Llama-family causal decoder in Flax (Llama 2/3, SmolLM2, Mistral, Qwen2).
+
+One implementation parameterised by `DecoderConfig`: grouped-query attention, RoPE (plain, linear or
+Llama-3 scaled), RMSNorm, SwiGLU MLP, tied or untied embeddings, optional qkv bias (Qwen2) and
+sliding-window attention (Mistral). Layers are stacked (`nn.scan`), so every layer param has a
+leading `[num_layers]` axis and compile time does not grow with depth.
+
+Param names follow Hugging Face's, e.g. `layers/self_attn/q_proj/kernel: [L, D, H*hd]`, so the
+import table is a transpose and a stack.
+
+Attention masks are built from `attention_mask` (left padding), `segment_ids` (packed sequences)
+and slot order (causality), never from token ids, so pad = EOS is safe.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.config import DecoderConfig
+
+Params = Any
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
+
+
+class KVCache(flax.struct.PyTreeNode):
+    """Key/value cache for incremental decoding.
+
+    k, v: [L, B, S, Hkv, hd]; valid: [B, S] slot holds a real token; positions: [B, S] RoPE position
+    of each slot; index: [] next free slot (shared by the batch: prompts are left-padded).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+
+def init_cache(config: DecoderConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_length` tokens."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch_size, max_length), bool),
+        positions=jnp.zeros((batch_size, max_length), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+class DecoderOutput(NamedTuple):
+    logits: jax.Array | None  # [B, T, V] float32, or None when not requested
+    hidden: jax.Array  # [B, T, D] final-norm hidden states (compute dtype)
+    cache: KVCache | None
+
+
+def rope_inverse_frequencies(config: DecoderConfig) -> jax.Array:
+    """inv_freq[i] = theta^(-2i/hd), then linear or Llama-3 band-wise scaling. Returns [hd/2] f32."""
+    exponents = jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # Llama 3.1: long wavelengths divided by `factor`, short kept, a smooth blend in between.
+    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def rope_tables(config: DecoderConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin: [B, T, hd] float32 for integer positions [B, T] (HF half-rotation layout)."""
+    angles = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(config)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, T, H, hd]; rotate pairs (i, i + hd/2) by the position angle, in float32."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention_mask_bias(
+    query_slots: jax.Array,
+    key_slots: jax.Array,
+    key_valid: jax.Array,
+    query_segments: jax.Array | None,
+    key_segments: jax.Array | None,
+    query_positions: jax.Array,
+    key_positions: jax.Array,
+    sliding_window: int | None,
+) -> jax.Array:
+    """Boolean [B, T, S]: key s visible to query t (causal by slot, valid key, same segment, window)."""
+    allowed = key_slots[:, None, :] <= query_slots[:, :, None]
+    allowed &= key_valid[:, None, :]
+    if query_segments is not None:
+        allowed &= query_segments[:, :, None] == key_segments[:, None, :]
+    if sliding_window is not None:
+        allowed &= (query_positions[:, :, None] - key_positions[:, None, :]) < sliding_window
+    return allowed
+
+
+def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(hd) + mask) v with Hkv key heads shared by H/Hkv query heads.
+
+    q: [B, T, H, hd]; k, v: [B, S, Hkv, hd]; allowed: [B, T, S] bool. Returns [B, T, H, hd].
+    Scores and softmax in float32; a row with no visible key gets uniform (finite) weights.
+    """
+    batch, length, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(head_dim)
+    scores = jnp.where(allowed[:, None, None, :, :], scores, _MASKED)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
+    return out.reshape(batch, length, num_heads, head_dim)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x²) + eps) * scale, computed in float32."""
+
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def _dense(config: DecoderConfig, features: int, name: str, use_bias: bool = False) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )
+
+
+class SelfAttention(nn.Module):
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, hidden, cos, sin, allowed, layer_kv, cache_index):
+        c = self.config
+        batch, length, _ = hidden.shape
+        q = _dense(c, c.num_heads * c.head_dim, "q_proj", c.attention_bias)(hidden)
+        k = _dense(c, c.num_kv_heads * c.head_dim, "k_proj", c.attention_bias)(hidden)
+        v = _dense(c, c.num_kv_heads * c.head_dim, "v_proj", c.attention_bias)(hidden)
+        q = apply_rope(q.reshape(batch, length, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rope(k.reshape(batch, length, c.num_kv_heads, c.head_dim), cos, sin)
+        v = v.reshape(batch, length, c.num_kv_heads, c.head_dim)
+        if layer_kv is not None:
+            cache_k, cache_v = layer_kv
+            start = (0, cache_index, 0, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            layer_kv = (cache_k, cache_v)
+            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+        out = grouped_query_attention(q, k, v, allowed)
+        out = _dense(c, c.hidden_size, "o_proj")(out.reshape(batch, length, c.num_heads * c.head_dim))
+        return out, layer_kv
+
+
+class SwiGLU(nn.Module):
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = _dense(c, c.intermediate_size, "gate_proj")(x)
+        up = _dense(c, c.intermediate_size, "up_proj")(x)
+        return _dense(c, c.hidden_size, "down_proj")(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h += attn(norm(h)); h += mlp(norm(h)). Scanned over layers."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, hidden, cos, sin, allowed, cache_index, layer_kv):
+        c = self.config
+        norm = functools.partial(RMSNorm, c.rms_norm_eps, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype))
+        attn_out, layer_kv = SelfAttention(c, name="self_attn")(
+            norm(name="input_layernorm")(hidden), cos, sin, allowed, layer_kv, cache_index
+        )
+        hidden = hidden + attn_out
+        hidden = hidden + SwiGLU(c, name="mlp")(norm(name="post_attention_layernorm")(hidden))
+        return hidden, layer_kv
+
+
+def default_positions(attention_mask: jax.Array, segment_ids: jax.Array | None, start: jax.Array | None = None):
+    """Positions counting only real tokens: left pads get 0, each packed segment restarts at 0.
+
+    attention_mask: [B, T] bool; segment_ids: [B, T] or None; start: [B] tokens already in the cache.
+    """
+    mask = attention_mask.astype(jnp.int32)
+    if segment_ids is None:
+        positions = jnp.cumsum(mask, axis=1) - 1
+    else:
+        # index within the run of equal segment ids
+        index = jnp.arange(mask.shape[1])[None, :]
+        is_start = jnp.concatenate(
+            [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+        )
+        segment_start = jax.lax.cummax(jnp.where(is_start, index, 0), axis=1)
+        positions = index - segment_start
+    if start is not None:
+        positions = positions + start[:, None]
+    return jnp.maximum(positions, 0).astype(jnp.int32)
+
+
+class Decoder(nn.Module):
+    """The Llama-family causal LM.
+
+    __call__(tokens [B, T] int, positions [B, T] | None, attention_mask [B, T] | None,
+             segment_ids [B, T] | None, cache: KVCache | None, compute_logits: bool)
+      -> DecoderOutput(logits [B, T, V] f32 | None, hidden [B, T, D], cache)
+    """
+
+    config: DecoderConfig
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+            embedding_init=nn.initializers.normal(0.02),
+        )
+        layer = DecoderLayer
+        if c.remat:
+            layer = nn.remat(layer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+        self.layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            length=c.num_layers,
+        )(c)
+        self.norm = RMSNorm(c.rms_norm_eps, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype))
+        if not c.tie_word_embeddings:
+            self.lm_head = _dense(c, c.vocab_size, "lm_head")
+
+    def __call__(self, tokens, positions=None, attention_mask=None, segment_ids=None, cache=None,
+                 compute_logits=True):
+        c = self.config
+        batch, length = tokens.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids > 0
+        attention_mask = attention_mask.astype(bool)
+        if cache is None:
+            if positions is None:
+                positions = default_positions(attention_mask, segment_ids)
+            slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+            allowed = attention_mask_bias(slots, slots, attention_mask, segment_ids, segment_ids,
+                                          positions, positions, c.sliding_window)
+            layer_kv = None
+            cache_index = jnp.zeros((), jnp.int32)
+        else:
+            if positions is None:
+                seen = jnp.sum(cache.valid, axis=1).astype(jnp.int32)
+                positions = default_positions(attention_mask, None, start=seen)
+            cache_index = cache.index
+            valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache_index))
+            key_positions = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache_index))
+            capacity = cache.valid.shape[1]
+            query_slots = jnp.broadcast_to(cache_index + jnp.arange(length, dtype=jnp.int32), (batch, length))
+            key_slots = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (batch, capacity))
+            allowed = attention_mask_bias(query_slots, key_slots, valid, None, None,
+                                          positions, key_positions, c.sliding_window)
+            layer_kv = (cache.k, cache.v)
+        cos, sin = rope_tables(c, positions)
+        hidden = self.embed_tokens(tokens)
+        hidden, layer_kv = self.layers(hidden, cos, sin, allowed, cache_index, layer_kv)
+        hidden = self.norm(hidden)
+        if cache is not None:
+            cache = KVCache(k=layer_kv[0], v=layer_kv[1], valid=valid, positions=key_positions,
+                            index=cache_index + length)
+        logits = self.logits(hidden) if compute_logits else None
+        return DecoderOutput(logits=logits, hidden=hidden, cache=cache)
+
+    def logits(self, hidden):
+        """hidden [B, T, D] -> logits [B, T, V] float32."""
+        if self.config.tie_word_embeddings:
+            logits = self.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype(jnp.float32)
+
+
+def init_params(config: DecoderConfig, key: jax.Array) -> Params:
+    """Random params (normal(0.02) kernels, unit norms) as a plain nested dict."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Decoder(config).init(key, tokens)["params"]
+
+
+def abstract_params(config: DecoderConfig) -> Params:
+    """`jax.ShapeDtypeStruct` pytree of the params (no allocation)."""
+    return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+
+
+def forward(config: DecoderConfig, params: Params, tokens, positions=None, attention_mask=None,
+            segment_ids=None, cache=None, compute_logits=True) -> DecoderOutput:
+    """Pure forward pass: see `Decoder.__call__` for shapes."""
+    return Decoder(config).apply({"params": params}, tokens, positions, attention_mask, segment_ids, cache,
+                                 compute_logits)
+
+
+def unembedding(config: DecoderConfig, params: Params) -> jax.Array:
+    """The [D, V] matrix mapping final hidden states to logits (tied or not)."""
+    if config.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+# ---- scalar heads: value (per token) and reward (per sequence) ------------------------------------
+
+
+def init_scalar_head(config: DecoderConfig, key: jax.Array) -> Params:
+    """A fresh linear head D -> 1: kernel ~ N(0, 1/(D+1)) as in TRL's value head, zero bias."""
+    kernel = jax.random.normal(key, (config.hidden_size, 1), jnp.float32) / math.sqrt(config.hidden_size + 1)
+    return {"kernel": kernel.astype(config.param_dtype), "bias": jnp.zeros((1,), config.param_dtype)}
+
+
+def scalar_head(head: Params, hidden: jax.Array) -> jax.Array:
+    """hidden [B, T, D] -> per-token scalars [B, T] float32."""
+    out = jnp.einsum("btd,do->bto", hidden.astype(jnp.float32), head["kernel"].astype(jnp.float32))
+    return out[..., 0] + head["bias"].astype(jnp.float32)[0]
+
+
+def last_token_index(mask: jax.Array) -> jax.Array:
+    """Index of the last True of each row of mask [B, T] (0 for an all-False row). Returns [B]."""
+    length = mask.shape[-1]
+    flipped_first = jnp.argmax(mask[..., ::-1].astype(bool), axis=-1)
+    return jnp.where(jnp.any(mask, axis=-1), length - 1 - flipped_first, 0)
+
+
+def init_scalar_model(config: DecoderConfig, lm_params: Params, key: jax.Array) -> Params:
+    """A value / reward model from an LM checkpoint: same backbone, fresh head, no LM head."""
+    backbone = {name: value for name, value in lm_params.items() if name != "lm_head"}
+    return {"backbone": backbone, "head": init_scalar_head(config, key)}
+
+
+def _backbone_config(config: DecoderConfig) -> DecoderConfig:
+    # The LM head is not part of a scalar model; tie_word_embeddings=True makes Decoder skip it.
+    import dataclasses
+
+    return dataclasses.replace(config, tie_word_embeddings=True)
+
+
+def values_forward(config: DecoderConfig, model: Params, tokens, positions=None, attention_mask=None,
+                   segment_ids=None) -> jax.Array:
+    """Per-token values [B, T] float32 of a scalar model {"backbone", "head"}."""
+    out = forward(_backbone_config(config), model["backbone"], tokens, positions, attention_mask, segment_ids,
+                  compute_logits=False)
+    return scalar_head(model["head"], out.hidden)
+
+
+def rewards_forward(config: DecoderConfig, model: Params, tokens, attention_mask, positions=None) -> jax.Array:
+    """Sequence rewards [B]: the head's value at the last non-pad token of each row."""
+    values = values_forward(config, model, tokens, positions, attention_mask)
+    index = last_token_index(attention_mask)
+    return jnp.take_along_axis(values, index[:, None], axis=1)[:, 0]
