@@ -1,0 +1,1 @@
+"""Training infrastructure shared by every stage: train state, optimizers, accumulation, checkpoints, logs."""
