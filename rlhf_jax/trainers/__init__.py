@@ -1,0 +1,1 @@
+"""Per-stage pure step functions (SFT, reward model, PPO...) and their short training loops."""

@@ -1,0 +1,61 @@
+"""Reward-model training: Bradley-Terry on (chosen, rejected) pairs with a scalar head.
+
+The model is `{"backbone": LM params without lm_head, "head": D -> 1}`; the reward of a sequence is the
+head's output at its last non-pad token (`llama.rewards_forward`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.losses import bradley_terry_loss
+from rlhf_jax.models import llama
+from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.training.accumulate import accumulate_gradients
+from rlhf_jax.training.state import TrainState
+
+
+def pair_rewards(config: DecoderConfig, model, batch):
+    """Rewards of both sides in one forward: (chosen [B], rejected [B])."""
+    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
+    mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
+    rewards = llama.rewards_forward(config, model, tokens, mask)
+    half = batch["chosen_tokens"].shape[0]
+    return rewards[:half], rewards[half:]
+
+
+def reward_loss_sum(config: DecoderConfig, center_coef: float, model, batch):
+    """(Σ pair losses, (pair count, summed metrics)) for one micro-batch."""
+    chosen, rejected = pair_rewards(config, model, batch)
+    pair_mask = batch.get("pair_mask", jnp.ones(chosen.shape, bool))
+    loss, metrics = bradley_terry_loss(chosen, rejected, margin=batch.get("margin"), pair_mask=pair_mask,
+                                       center_coef=center_coef)
+    count = jnp.sum(pair_mask).astype(jnp.float32)
+    sums = {name: value * count for name, value in metrics.items() if name != "rm/loss"}
+    sums["rm/chosen_reward_sq"] = jnp.sum(jnp.where(pair_mask, chosen**2, 0.0))
+    sums["rm/rejected_reward_sq"] = jnp.sum(jnp.where(pair_mask, rejected**2, 0.0))
+    return loss * count, (count, sums)
+
+
+def _finish_metrics(loss, metrics):
+    out = {"rm/loss": loss, **{k: v for k, v in metrics.items() if not k.endswith("_sq")}}
+    for side in ("chosen", "rejected"):
+        mean = metrics[f"rm/{side}_reward"]
+        out[f"rm/{side}_reward_std"] = jnp.sqrt(jnp.maximum(metrics[f"rm/{side}_reward_sq"] - mean**2, 0.0))
+    return out
+
+
+def reward_train_step(config: DecoderConfig, center_coef: float, num_microbatches: int, state: TrainState, batch):
+    """One optimizer step of Bradley-Terry training. Returns (state, metrics)."""
+    loss, grads, metrics = accumulate_gradients(functools.partial(reward_loss_sum, config, center_coef),
+                                                state.params, batch, num_microbatches)
+    state = state.apply_gradients(grads)
+    return state, _finish_metrics(loss, metrics)
+
+
+def reward_eval_step(config: DecoderConfig, model, batch):
+    """Held-out (chosen, rejected) rewards [B] each; accuracy etc. are computed by the caller."""
+    return pair_rewards(config, model, batch)
