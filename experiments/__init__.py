@@ -1,0 +1,6 @@
+"""The built-in experiments. Importing this package registers them (see rlhf_jax.registry).
+
+Run one with ``python -m rlhf_jax.launch experiment=NAME``; list them with ``--list``.
+"""
+
+from experiments import llama2, smollm2, tiny  # noqa: F401  (imported to register)

@@ -1,0 +1,61 @@
+"""Tiny random-init models on real HH data: smoke tests of the whole pipeline in seconds on a CPU."""
+
+from experiments.paths import HH_HARMLESS_DEV, HH_HARMLESS_TRAIN, HH_STOP, run_dir
+from rlhf_jax.config import (
+    CheckpointConfig,
+    DataConfig,
+    ExperimentConfig,
+    GenerateStage,
+    LoggingConfig,
+    ModelSpec,
+    OptimizerConfig,
+    PPOStage,
+    RewardStage,
+    Schedule,
+    SFTStage,
+)
+from rlhf_jax.registry import register_experiment
+
+_TINY_DATA = DataConfig(path=HH_HARMLESS_TRAIN, max_prompt_length=48, max_length=96, batch_size=4, max_examples=64)
+_TINY_OPTIMIZER = OptimizerConfig(learning_rate=1e-3, schedule=Schedule.CONSTANT)
+_TINY_CHECKPOINT = CheckpointConfig(every_steps=4, keep_last=1)
+_TINY_LOGGING = LoggingConfig(every_steps=1, sample_every=None)
+
+
+@register_experiment("tiny_sft", "SFT of a tiny random Llama on HH-RLHF for 8 steps (smoke test)")
+def tiny_sft() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="tiny_sft",
+        run_dir=run_dir("tiny_sft"),
+        model=ModelSpec(source="tiny:llama"),
+        data=_TINY_DATA,
+        optimizer=_TINY_OPTIMIZER,
+        checkpoint=_TINY_CHECKPOINT,
+        logging=_TINY_LOGGING,
+        stages=(SFTStage(name="sft", max_steps=8),),
+    )
+
+
+@register_experiment("tiny_pipeline", "SFT -> reward model -> PPO on a tiny random Llama (smoke test)")
+def tiny_pipeline() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="tiny_pipeline",
+        run_dir=run_dir("tiny_pipeline"),
+        model=ModelSpec(source="tiny:llama"),
+        data=_TINY_DATA,
+        optimizer=_TINY_OPTIMIZER,
+        checkpoint=_TINY_CHECKPOINT,
+        logging=_TINY_LOGGING,
+        stages=(
+            SFTStage(name="sft", max_steps=8),
+            RewardStage(name="rm", model="stage:sft", max_steps=8),
+            PPOStage(
+                name="ppo", policy="stage:sft", reward_model="stage:rm", learning_rate=1e-4, max_steps=2,
+                rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=16,
+            ),
+            GenerateStage(
+                name="samples", model="stage:ppo", prompts=HH_HARMLESS_DEV, num_prompts=4, max_new_tokens=16,
+                stop=HH_STOP,
+            ),
+        ),
+    )
