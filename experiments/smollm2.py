@@ -46,7 +46,7 @@ def smollm2_hh_ppo() -> ExperimentConfig:
             RewardStage(name="rm", model="stage:sft", learning_rate=1e-5),
             PPOStage(
                 name="ppo", policy="stage:sft", reward_model="stage:rm", learning_rate=1e-6, max_steps=50,
-                rollout_batch_size=32, mini_batch_size=8, max_new_tokens=64, eos_penalty=-1.0, kl_target=6.0,
+                rollout_batch_size=32, mini_batch_size=8, max_new_tokens=64, eos_penalty=1.0, kl_target=6.0,
             ),
             GenerateStage(name="samples", model="stage:ppo", prompts=HH_HARMLESS_DEV, num_prompts=8, stop=HH_STOP),
         ),

@@ -27,7 +27,7 @@ def tiny_sft() -> ExperimentConfig:
     return ExperimentConfig(
         name="tiny_sft",
         run_dir=run_dir("tiny_sft"),
-        model=ModelSpec(source="tiny:llama"),
+        model=ModelSpec(source="tiny:smollm2"),
         data=_TINY_DATA,
         optimizer=_TINY_OPTIMIZER,
         checkpoint=_TINY_CHECKPOINT,
@@ -41,7 +41,7 @@ def tiny_pipeline() -> ExperimentConfig:
     return ExperimentConfig(
         name="tiny_pipeline",
         run_dir=run_dir("tiny_pipeline"),
-        model=ModelSpec(source="tiny:llama"),
+        model=ModelSpec(source="tiny:smollm2"),
         data=_TINY_DATA,
         optimizer=_TINY_OPTIMIZER,
         checkpoint=_TINY_CHECKPOINT,

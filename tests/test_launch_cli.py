@@ -57,9 +57,9 @@ def test_bad_input_exits_2_with_one_line(args, fragments):
 
 
 def test_running_a_stage_without_a_trainer_exits_2(tmp_path):
-    result = cli("experiment=tiny_sft", f"run_dir={tmp_path / 'run'}")
-    assert_user_error(result, "stage 'sft': the sft trainer is not available in this version of rlhf_jax")
-    assert not (tmp_path / "run" / "sft" / "DONE").exists()
+    result = cli("experiment=dpo_7b", f"run_dir={tmp_path / 'run'}")
+    assert_user_error(result, "the dpo trainer is not available in this version of rlhf_jax")
+    assert not list((tmp_path / "run").glob("*/DONE"))
 
 
 def test_print_config_round_trip_through_the_cli():

@@ -63,7 +63,7 @@ def test_sft_step_with_microbatches_equals_one_batch_and_learns():
     batch = _sft_batch(seed=3, batch=8)
     step = jax.jit(sft_train_step, static_argnums=(0, 1))
     # plain SGD so the parameter change is lr * gradient: equal gradients <=> equal params
-    sgd = make_optimizer("sgd", 1.0, grad_clip=None)
+    sgd = make_optimizer("sgd", 1.0, b1=0.0, grad_clip=None)
     one, metrics_one = step(CONFIG, 1, TrainState.create(params, sgd, jax.random.key(0)), batch)
     four, metrics_four = step(CONFIG, 4, TrainState.create(params, sgd, jax.random.key(0)), batch)
     np.testing.assert_allclose(metrics_one["sft/loss"], metrics_four["sft/loss"], rtol=1e-6)

@@ -65,7 +65,7 @@ def test_unknown_optimizer_or_schedule_is_a_user_error():
 
 def test_sgd_step_matches_hand_update_and_clipping():
     params = {"w": jnp.array([1.0, 2.0])}
-    tx = make_optimizer("sgd", 0.1, grad_clip=1.0)
+    tx = make_optimizer("sgd", 0.1, b1=0.0, grad_clip=1.0)
     state = TrainState.create(params, tx, jax.random.key(0))
     grads = {"w": jnp.array([3.0, 4.0])}  # norm 5 -> clipped to [0.6, 0.8]
     state = state.apply_gradients(grads)

@@ -218,6 +218,11 @@ TINY_PRESETS = {
                   num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,
                   tie_word_embeddings=False, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
                   pad_token_id=2),
+    # SmolLM2's vocabulary and special ids, with tiny shapes: a fast stand-in that runs on real text
+    "smollm2": dict(family="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=100000.0, rms_norm_eps=1e-5,
+                    tie_word_embeddings=True, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                    pad_token_id=2),
     "qwen2": dict(family="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
                   tie_word_embeddings=True, attention_bias=True, max_position_embeddings=512,

@@ -83,7 +83,7 @@ def make_optimizer(
     elif name == "adam":
         opt = optax.adam(lr, b1=b1, b2=b2, eps=eps)
     elif name == "sgd":
-        opt = optax.sgd(lr)
+        opt = optax.sgd(lr, momentum=b1 or None)
     else:
         raise UserError(f"optimizer.name={name!r} is not one of {OPTIMIZERS}")
     parts = ([optax.clip_by_global_norm(grad_clip)] if grad_clip else []) + [opt]

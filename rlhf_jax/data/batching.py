@@ -1,0 +1,176 @@
+"""Tokenized examples → model-facing batches (numpy): padding to length buckets, packing, micro-batches.
+
+Batch convention (see docs/data.md):
+  SFT / unpaired   tokens [B, T] int32 (right-padded), attention_mask [B, T] bool, loss_mask [B, T] bool
+                   (the response tokens, at their own positions: logits at t-1 predict token t), index [B] int32
+                   (example index in the dataset), labels [B] bool for unpaired feedback
+  preference       chosen_tokens / chosen_attention_mask / chosen_loss_mask and rejected_* [B, T], same T; index
+  prompts          prompt_tokens [B, T] int32 LEFT-padded, prompt_mask [B, T] bool, index [B] int32
+  packed           as above plus segment_ids [B, T] int32 (1, 2, ... per sequence, 0 = padding) and positions
+                   [B, T] int32 restarting at 0 in each segment; no index. A packed preference batch puts pair k's
+                   chosen and rejected sequences in the same row of the two arrays with the same segment id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from rlhf_jax.data.tokenize import Example
+from rlhf_jax.errors import UserError
+
+
+def default_buckets(max_length: int, smallest: int = 64) -> tuple[int, ...]:
+    """Powers of two from ``smallest`` below ``max_length``, then ``max_length``: few shapes, few compilations."""
+    buckets = []
+    length = smallest
+    while length < max_length:
+        buckets.append(length)
+        length *= 2
+    return (*buckets, max_length)
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket holding ``length`` tokens."""
+    for bucket in sorted(buckets):
+        if length <= bucket:
+            return bucket
+    raise AssertionError(f"{length} tokens exceed the largest bucket {max(buckets)}")
+
+
+def _sequence_rows(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], length: int, pad_id: int,
+                   loss_on_prompt: bool) -> dict[str, np.ndarray]:
+    batch = len(prompts)
+    tokens = np.full((batch, length), pad_id, np.int32)
+    attention_mask = np.zeros((batch, length), bool)
+    loss_mask = np.zeros((batch, length), bool)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        n_prompt, n = len(prompt), len(prompt) + len(response)
+        tokens[row, :n_prompt] = prompt
+        tokens[row, n_prompt:n] = response
+        attention_mask[row, :n] = True
+        # position 0 has nothing before it to predict it from
+        loss_mask[row, 1 if loss_on_prompt else n_prompt:n] = True
+    return {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def collate_sft(examples: Sequence[Example], length: int, pad_id: int, indices: Sequence[int] | None = None,
+                loss_on_prompt: bool = False) -> dict[str, np.ndarray]:
+    """Right-padded prompt + response rows; ``loss_mask`` marks the response tokens (and the prompt's, but
+    its first token, under ``loss_on_prompt``). Unpaired feedback examples add ``labels``."""
+    batch = _sequence_rows([e.prompt for e in examples], [e.responses[0] for e in examples], length, pad_id,
+                           loss_on_prompt)
+    if examples and examples[0].label is not None:
+        batch["labels"] = np.asarray([e.label for e in examples], bool)
+    return _with_index(batch, examples, indices)
+
+
+def collate_preference(examples: Sequence[Example], length: int, pad_id: int,
+                       indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Chosen and rejected rows of each pair at the same batch index, both padded to ``length``."""
+    batch = {}
+    for side, name in enumerate(("chosen", "rejected")):
+        rows = _sequence_rows([e.prompt for e in examples], [e.responses[side] for e in examples], length, pad_id,
+                              loss_on_prompt=False)
+        batch.update({f"{name}_{key}": value for key, value in rows.items()})
+    return _with_index(batch, examples, indices)
+
+
+def collate_prompts(examples: Sequence[Example], length: int, pad_id: int,
+                    indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """LEFT-padded prompts for sampling: the last prompt token of every row sits at ``T - 1``."""
+    prompt_tokens = np.full((len(examples), length), pad_id, np.int32)
+    prompt_mask = np.zeros((len(examples), length), bool)
+    for row, example in enumerate(examples):
+        n = len(example.prompt)
+        prompt_tokens[row, length - n:] = example.prompt
+        prompt_mask[row, length - n:] = True
+    return _with_index({"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask}, examples, indices)
+
+
+def _with_index(batch: dict, examples: Sequence[Example], indices: Sequence[int] | None) -> dict:
+    batch["index"] = np.asarray(indices if indices is not None else np.full(len(examples), -1), np.int32)
+    return batch
+
+
+def plan_packing(lengths: Sequence[Sequence[int]], rows: int, length: int) -> list[int]:
+    """First-fit row for each item, in order, until one fits nowhere; returns the rows of the items placed.
+
+    ``lengths[i]`` holds item i's sequence lengths, one per array it goes into (one for SFT, two for a pair:
+    both must fit in the same row of their arrays, so the pair shares a row and a segment id).
+    """
+    if len(lengths) == 0:
+        return []
+    used = np.zeros((rows, len(lengths[0])), np.int64)
+    placement = []
+    for item in lengths:
+        fits = np.all(used + np.asarray(item) <= length, axis=1)
+        if not fits.any():
+            break
+        row = int(np.argmax(fits))
+        used[row] += item
+        placement.append(row)
+    return placement
+
+
+def pack(examples: Sequence[Example], rows: int, length: int, pad_id: int,
+         loss_on_prompt: bool = False) -> tuple[dict[str, np.ndarray], int]:
+    """Pack a prefix of ``examples`` into ``rows`` rows of ``length`` tokens; returns ``(batch, examples used)``.
+
+    Each sequence gets its own segment id (1, 2, ... within a row; 0 is padding) and positions restarting at
+    0; its first token never counts in the loss (nothing in its segment precedes it).
+    """
+    if examples and examples[0].label is not None:
+        raise UserError("packing is for SFT, reward-model and DPO batches, not unpaired feedback")
+    if examples and not examples[0].responses:
+        raise UserError("prompt batches are not packed")
+    pairs = bool(examples) and len(examples[0].responses) == 2
+    sides = ("chosen", "rejected") if pairs else ("",)
+    placement = plan_packing([[len(e.prompt) + len(r) for r in e.responses] for e in examples], rows, length)
+    assert placement or not examples, "an example longer than the packing length"
+    batch = {}
+    for side, name in enumerate(sides):
+        tokens = np.full((rows, length), pad_id, np.int32)
+        loss_mask = np.zeros((rows, length), bool)
+        segment_ids = np.zeros((rows, length), np.int32)
+        positions = np.zeros((rows, length), np.int32)
+        fill = np.zeros(rows, np.int64)
+        segments = np.zeros(rows, np.int32)
+        for example, row in zip(examples, placement):
+            prompt, response = example.prompt, example.responses[side]
+            start, n_prompt, n = fill[row], len(prompt), len(prompt) + len(response)
+            tokens[row, start:start + n_prompt] = prompt
+            tokens[row, start + n_prompt:start + n] = response
+            loss_mask[row, start + (1 if loss_on_prompt else n_prompt):start + n] = True
+            segments[row] += 1
+            segment_ids[row, start:start + n] = segments[row]
+            positions[row, start:start + n] = np.arange(n)
+            fill[row] += n
+        prefix = f"{name}_" if name else ""
+        batch.update({f"{prefix}tokens": tokens, f"{prefix}attention_mask": segment_ids > 0,
+                      f"{prefix}loss_mask": loss_mask, f"{prefix}segment_ids": segment_ids,
+                      f"{prefix}positions": positions})
+    return batch, len(placement)
+
+
+def micro_batch_size(global_batch_size: int, num_micro_batches: int = 1, num_devices: int = 1,
+                     process_count: int = 1) -> int:
+    """Rows per device per micro-batch; `UserError` unless the global batch divides evenly."""
+    parts = num_micro_batches * num_devices
+    if min(global_batch_size, num_micro_batches, num_devices, process_count) < 1:
+        raise UserError("batch size, micro-batches, devices and processes must all be at least 1")
+    if global_batch_size % parts or num_devices % process_count:
+        raise UserError(f"a global batch of {global_batch_size} does not split into {num_micro_batches} "
+                        f"micro-batches on {num_devices} devices ({process_count} processes); "
+                        f"use a multiple of {parts}")
+    return global_batch_size // parts
+
+
+def split_micro_batches(batch: Mapping[str, np.ndarray], num_micro_batches: int,
+                        num_devices: int = 1) -> dict[str, np.ndarray]:
+    """[B, ...] → [M, B / M, ...] for gradient accumulation; each micro-batch must split evenly over devices."""
+    size = len(next(iter(batch.values())))
+    micro_batch_size(size, num_micro_batches, num_devices)
+    return {key: value.reshape(num_micro_batches, size // num_micro_batches, *value.shape[1:])
+            for key, value in batch.items()}

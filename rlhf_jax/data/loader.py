@@ -1,0 +1,182 @@
+"""Datasets tokenized once, and a seeded, resumable batch iterator over them.
+
+    dataset = load_dataset(path, "preference", tokenizer, config=TokenizeConfig(max_length=512))
+    batches = DataIterator(dataset, batch_size=32, seed=0, num_epochs=2)
+    state = batches.get_state()        # a small dict of ints: store it in the checkpoint
+    batches.set_state(state)           # resume: the next batch is the one that would have come next
+
+The order of epoch e is a permutation drawn from ``(seed, e)``, so a position (epoch, index into that
+order) names the next batch exactly; nothing is re-tokenized per epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rlhf_jax.data import batching
+from rlhf_jax.data.records import KINDS, Record
+from rlhf_jax.data.sources import read_records
+from rlhf_jax.data.tokenize import Example, TokenizeConfig, end_of_turn_id, tokenize_records
+from rlhf_jax.data.validation import Report
+from rlhf_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TokenizedDataset:
+    """Tokenized examples of one ``kind`` with what batching needs: pad id, end-of-turn id, length limits."""
+
+    kind: str
+    examples: list[Example]
+    pad_id: int
+    end_id: int
+    config: TokenizeConfig
+    report: Report
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def lengths(self) -> np.ndarray:
+        """[N, S] sequence lengths (S = 1 prompt or response side, 2 for pairs: chosen, rejected)."""
+        return np.asarray([[len(e.prompt) + len(r) for r in e.responses] or [len(e.prompt)] for e in self.examples],
+                          np.int64)
+
+
+def tokenize_dataset(records: Sequence[Record], kind: str, tokenizer, config: TokenizeConfig = TokenizeConfig(),
+                     report: Report | None = None, strict: bool = False) -> TokenizedDataset:
+    """Tokenize parsed ``records``; raises `UserError` if none survive, or under ``strict`` if any was bad."""
+    if kind not in KINDS:
+        raise UserError(f"unknown record type {kind!r}; expected one of {', '.join(KINDS)}")
+    if report is None:
+        report = Report(source="records", kind=kind, rows=len(records))
+    examples = tokenize_records(records, tokenizer, config, report)
+    report.check(strict)
+    if report.problems or report.truncated:
+        log.warning(report.summary())
+    end_id = end_of_turn_id(tokenizer, config.chat_template)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
+    return TokenizedDataset(kind, examples, int(pad_id), end_id, config, report)
+
+
+def load_dataset(path: str | Path, kind: str, tokenizer, *, format: str = "auto", split: str | None = None,
+                 config: TokenizeConfig = TokenizeConfig(), strict: bool = False) -> TokenizedDataset:
+    """Read, validate and tokenize ``path`` as ``kind`` records (see `rlhf_jax.data.records` for the fields)."""
+    records, report = read_records(path, kind, format=format, split=split, check=False)
+    return tokenize_dataset(records, kind, tokenizer, config, report, strict)
+
+
+class DataIterator:
+    """Batches of a `TokenizedDataset`: seeded shuffle per epoch, length buckets or packing, resumable.
+
+    batch_size: rows of the global batch (packed: rows of ``pack_length`` tokens, each holding several
+    sequences). Each of ``process_count`` processes gets its ``batch_size / process_count`` rows of the same
+    global batch. Without packing the last incomplete batch of an epoch is dropped unless ``drop_remainder``
+    is False; batches never span two epochs. ``num_epochs=None`` repeats forever.
+    """
+
+    def __init__(self, dataset: TokenizedDataset, *, batch_size: int, seed: int = 0, num_epochs: int | None = 1,
+                 shuffle: bool = True, pack: bool = False, pack_length: int | None = None,
+                 buckets: Sequence[int] | None = None, loss_on_prompt: bool = False, drop_remainder: bool = True,
+                 process_index: int = 0, process_count: int = 1):
+        if batch_size < 1 or batch_size % process_count or not 0 <= process_index < process_count:
+            raise UserError(f"batch_size {batch_size} must be a positive multiple of process_count {process_count}")
+        if process_count > 1 and not drop_remainder:
+            raise UserError("several processes need equal batches: keep drop_remainder=True")
+        if pack and dataset.kind not in ("sft", "preference"):
+            raise UserError(f"packing is for sft and preference data, not {dataset.kind}")
+        if not pack and drop_remainder and len(dataset) < batch_size:
+            raise UserError(f"{dataset.report.source}: {len(dataset)} examples cannot fill one batch of {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_epochs = num_epochs
+        self.shuffle = shuffle
+        self.pack = pack
+        self.pack_length = pack_length or dataset.config.max_length
+        max_length = dataset.config.max_length if dataset.kind != "prompt" else dataset.config.max_prompt_length
+        self.buckets = tuple(buckets) if buckets else batching.default_buckets(max_length)
+        if max(self.buckets) < max_length or self.pack_length < dataset.config.max_length:
+            raise UserError(f"the largest bucket / packing length must hold max_length={max_length} tokens")
+        self.loss_on_prompt = loss_on_prompt
+        self.drop_remainder = drop_remainder
+        self.process_index, self.process_count = process_index, process_count
+        self._lengths = dataset.lengths()
+        self.epoch, self.position = 0, 0
+        self._order_epoch, self._order = -1, np.zeros(0, np.int64)
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Batches per epoch (None when packing: it depends on the lengths drawn)."""
+        if self.pack:
+            return None
+        full, rest = divmod(len(self.dataset), self.batch_size)
+        return full + (rest > 0 and not self.drop_remainder)
+
+    def get_state(self) -> dict[str, int]:
+        """The position of the next batch (plain ints, for the checkpoint)."""
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "size": len(self.dataset),
+                "batch_size": self.batch_size}
+
+    def set_state(self, state: dict) -> None:
+        """Continue from a `get_state` result; the dataset and batching must be the ones it was saved with."""
+        for key, mine in (("seed", self.seed), ("size", len(self.dataset)), ("batch_size", self.batch_size)):
+            if int(state[key]) != mine:
+                raise UserError(f"data iterator state was saved with {key}={state[key]}, but this iterator has "
+                                f"{key}={mine}; resume with the same data and settings")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def __iter__(self):
+        return self
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            n = len(self.dataset)
+            self._order = (np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle
+                           else np.arange(n))
+            self._order_epoch = self.epoch
+        return self._order
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        n = len(self.dataset)
+        while self.num_epochs is None or self.epoch < self.num_epochs:
+            remaining = n - self.position
+            if remaining > 0 and (self.pack or remaining >= self.batch_size or not self.drop_remainder):
+                order = self._epoch_order()
+                return self._packed(order) if self.pack else self._padded(order)
+            self.epoch, self.position = self.epoch + 1, 0
+        raise StopIteration
+
+    def _local_rows(self, rows: int) -> slice:
+        size = rows // self.process_count
+        return slice(self.process_index * size, (self.process_index + 1) * size)
+
+    def _padded(self, order: np.ndarray) -> dict[str, np.ndarray]:
+        indices = order[self.position:self.position + self.batch_size]
+        self.position += len(indices)
+        # every process pads to the length of the whole global batch, so the shapes agree
+        length = batching.bucket_length(int(self._lengths[indices].max()), self.buckets)
+        local = indices[self._local_rows(len(indices))]
+        examples = [self.dataset.examples[i] for i in local]
+        pad_id = self.dataset.pad_id
+        if self.dataset.kind == "preference":
+            return batching.collate_preference(examples, length, pad_id, local)
+        if self.dataset.kind == "prompt":
+            return batching.collate_prompts(examples, length, pad_id, local)
+        return batching.collate_sft(examples, length, pad_id, local, self.loss_on_prompt)
+
+    def _packed(self, order: np.ndarray) -> dict[str, np.ndarray]:
+        candidates = order[self.position:self.position + self.batch_size * self.pack_length]
+        placed = len(batching.plan_packing(self._lengths[candidates], self.batch_size, self.pack_length))
+        examples = [self.dataset.examples[i] for i in candidates[:placed]]
+        batch, used = batching.pack(examples, self.batch_size, self.pack_length, self.dataset.pad_id,
+                                    self.loss_on_prompt)
+        assert used == placed
+        self.position += used
+        rows = self._local_rows(self.batch_size)
+        return {key: value[rows] for key, value in batch.items()}

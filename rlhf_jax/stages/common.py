@@ -1,0 +1,174 @@
+"""What the stage runners share: loading roles, building datasets and optimizers, the resumable loop.
+
+The loop is the only place with Python control flow, progress bars, logging and checkpoints; the maths
+lives in `rlhf_jax.trainers` as pure jitted steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from rlhf_jax.config import ExperimentConfig, Stage, model_for, stage_data, stage_optimizer
+from rlhf_jax.errors import UserError
+from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.training.artifacts import is_artifact, load_artifact
+from rlhf_jax.training.checkpoint import Checkpointer
+from rlhf_jax.training.logs import MetricsLogger
+from rlhf_jax.training.state import TrainState, make_optimizer
+
+
+@dataclasses.dataclass
+class Role:
+    """A loaded model: `kind` is "lm" or "scalar" (params {"backbone", "head"})."""
+
+    config: DecoderConfig
+    params: Any
+    tokenizer: Any | None
+    kind: str
+    metadata: dict
+
+
+def load_role(experiment: ExperimentConfig, source: str | None, resolve: Callable[[str], str],
+              with_tokenizer: bool = True) -> Role:
+    """Load a model for a stage from `source` (None: the experiment's model), with the experiment's dtypes."""
+    spec = model_for(experiment, source)
+    resolved = resolve(spec.source)
+    if is_artifact(Path(resolved) / "model"):  # a stage directory: its output model
+        resolved = str(Path(resolved) / "model")
+    if is_artifact(resolved):
+        artifact = load_artifact(resolved, with_tokenizer)
+        config = dataclasses.replace(artifact.config, dtype=spec.dtype, param_dtype=spec.param_dtype,
+                                     remat=spec.remat)
+        params = jax.tree.map(lambda x: x.astype(config.param_dtype), artifact.params)
+        return Role(config, params, artifact.tokenizer, artifact.kind, artifact.metadata)
+    from rlhf_jax.models import load
+
+    config, params, tokenizer = load(resolved, dtype=spec.dtype, param_dtype=spec.param_dtype,
+                                     with_tokenizer=with_tokenizer)
+    return Role(dataclasses.replace(config, remat=spec.remat), params, tokenizer, "lm", {})
+
+
+def require_tokenizer(role: Role, what: str):
+    if role.tokenizer is None:
+        raise UserError(f"{what}: the model has no tokenizer; use a model source with one (a GGUF file, a "
+                        "Hugging Face directory, or an earlier stage)")
+    return role.tokenizer
+
+
+def build_optimizer(experiment: ExperimentConfig, stage: Stage, total_steps: int, trainable=None):
+    opt = stage_optimizer(experiment, stage)
+    return make_optimizer(
+        str(opt.name), opt.learning_rate, weight_decay=opt.weight_decay, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+        schedule=str(opt.schedule), warmup_steps=opt.warmup_steps, total_steps=total_steps,
+        grad_clip=opt.grad_clip, trainable=trainable,
+    )
+
+
+def load_stage_dataset(experiment: ExperimentConfig, stage: Stage, kind: str, tokenizer):
+    """(train, eval or None) tokenized datasets from the stage's data config."""
+    from rlhf_jax.data import load_dataset
+    from rlhf_jax.data.tokenize import TokenizeConfig
+
+    data = stage_data(experiment, stage)
+    if not data.path:
+        raise UserError(f"stages.{stage.name}.data_path: no data file (set data.path or the stage's data_path)")
+    tokenize = TokenizeConfig(max_length=data.max_length, max_prompt_length=data.max_prompt_length)
+    dataset = load_dataset(data.path, kind, tokenizer, format=str(data.format), config=tokenize)
+    if data.max_examples is not None:
+        dataset = dataclasses.replace(dataset, examples=dataset.examples[: data.max_examples])
+    eval_dataset = None
+    if data.eval_path:
+        eval_dataset = load_dataset(data.eval_path, kind, tokenizer, format=str(data.format), config=tokenize)
+    elif data.eval_fraction > 0:
+        order = np.random.default_rng(experiment.seed).permutation(len(dataset))
+        held = max(1, int(round(len(dataset) * data.eval_fraction)))
+        examples = dataset.examples
+        eval_dataset = dataclasses.replace(dataset, examples=[examples[i] for i in sorted(order[:held])])
+        dataset = dataclasses.replace(dataset, examples=[examples[i] for i in sorted(order[held:])])
+    return dataset, eval_dataset, data
+
+
+def device_batch(batch: dict, keys: tuple[str, ...] | None = None) -> dict:
+    """The arrays a step needs (drops bookkeeping such as `index`)."""
+    return {k: v for k, v in batch.items() if k != "index" and (keys is None or k in keys)}
+
+
+def fit(
+    *,
+    experiment: ExperimentConfig,
+    stage: Stage,
+    stage_dir: Path,
+    state: TrainState,
+    step_fn: Callable[[TrainState, dict], tuple[TrainState, dict]],
+    batches: Iterator[dict],
+    total_steps: int,
+    host_state: Callable[[], dict],
+    restore_host_state: Callable[[dict], None],
+    prepare: Callable[[dict], dict] = device_batch,
+) -> tuple[TrainState, list[dict]]:
+    """Run `step_fn` until `total_steps`, resuming from the latest checkpoint under `stage_dir`.
+
+    Checkpoints (every `checkpoint.every_steps` and at the end) hold the state and `host_state()` (the data
+    position...). Metrics go to `<stage_dir>/metrics.jsonl` (+ TensorBoard) every `logging.every_steps`.
+    Returns the final state and the logged metric records.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    checkpointer = Checkpointer(stage_dir / "checkpoints", experiment.checkpoint.every_steps,
+                                experiment.checkpoint.keep_last)
+    logger = MetricsLogger(stage_dir, tensorboard=experiment.logging.tensorboard)
+    start = 0
+    if checkpointer.latest_step() is not None:
+        state, saved = checkpointer.restore(state)
+        restore_host_state(saved)
+        start = int(state.step)
+    records: list[dict] = []
+    every = max(experiment.logging.every_steps, 1)
+    columns = (TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[status]}"))
+    step = start
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(stage.name, total=total_steps, completed=start, status="")
+        tick = time.perf_counter()
+        while step < total_steps:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            state, metrics = step_fn(state, prepare(batch))
+            step += 1
+            if step % every == 0 or step == total_steps:
+                metrics = {**jax.device_get(metrics), "time/step": (time.perf_counter() - tick) / every}
+                tick = time.perf_counter()
+                values = logger.log(step, metrics)
+                records.append({"step": step, **values})
+                shown = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in list(values.items())[:3])
+                progress.update(task, status=shown)
+            progress.update(task, completed=step)
+            checkpointer.save(step, state, host_state())
+    checkpointer.save(step, state, host_state(), force=checkpointer.latest_step() != step)
+    checkpointer.close()
+    logger.close()
+    return state, records
+
+
+def write_summary(stage_dir: Path, title: str, values: dict[str, float]) -> None:
+    """Print a final summary table and keep it as `<stage_dir>/summary.json`."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in values.items():
+        table.add_row(name, f"{value:.6g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    (stage_dir / "summary.json").write_text(json.dumps(values, indent=1))

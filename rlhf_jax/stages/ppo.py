@@ -1,0 +1,192 @@
+"""PPO stage runner: the InstructGPT RL loop over four roles, resumable and observable.
+
+Roles: policy (from `policy`, trained), reference (frozen: `reference`, default the policy's starting
+weights), critic (`critic`, default the reward model's weights; trained), reward model (frozen). Frozen
+roles hold params only: no optimizer state is ever allocated for them.
+
+Per iteration: sample (time/generate) -> experience (time/score) -> `ppo_epochs` over shuffled mini-batches
+(time/train), with optional early stop when the mini-batch approx-KL exceeds `target_approx_kl` -> KL
+controller update. Checkpoints hold both train states, the KL coefficient, the PRNG key and the prompt
+iterator position, so a killed run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.data import DataIterator
+from rlhf_jax.errors import UserError
+from rlhf_jax.losses import adaptive_kl_controller, fixed_kl_controller
+from rlhf_jax.models import llama
+from rlhf_jax.sampling.sampler import Sampler, SamplingSettings
+from rlhf_jax.stages.common import build_optimizer, load_role, load_stage_dataset, require_tokenizer, write_summary
+from rlhf_jax.trainers import ppo
+from rlhf_jax.training.artifacts import save_artifact
+from rlhf_jax.training.checkpoint import Checkpointer
+from rlhf_jax.training.logs import MetricsLogger
+from rlhf_jax.training.state import TrainState
+
+
+def hyperparameters(stage, reward_metadata: dict, micro_batches: int) -> ppo.PPOHyperparameters:
+    return ppo.PPOHyperparameters(
+        clip_eps=stage.clip_eps, value_clip_eps=stage.value_clip_eps, vf_coef=stage.vf_coef,
+        entropy_coef=stage.entropy_coef, gamma=stage.gamma, lam=stage.lam, kl_estimator=str(stage.kl_estimator),
+        temperature=stage.temperature, whiten_rewards=stage.whiten_rewards,
+        whiten_advantages=stage.whiten_advantages, missing_eos_penalty=stage.eos_penalty,
+        length_penalty=stage.length_penalty, ngram_size=stage.ngram_size, ngram_penalty=stage.ngram_penalty,
+        reward_clip=stage.reward_clip, reward_mean=float(reward_metadata.get("reward_mean", 0.0)),
+        reward_std=float(reward_metadata.get("reward_std", 1.0)) or 1.0, num_microbatches=micro_batches,
+    )
+
+
+def check_same_tokenizer(policy_tokenizer, other_tokenizer, what: str) -> None:
+    """Refuse a silent tokenizer mismatch between roles (scores of re-tokenized text are not supported)."""
+    if other_tokenizer is None:
+        return
+    if policy_tokenizer.get_vocab() != other_tokenizer.get_vocab():
+        raise UserError(f"{what}: its tokenizer differs from the policy's; PPO here needs roles that share one")
+
+
+def _scalar_model(role, key):
+    return role.params if role.kind == "scalar" else llama.init_scalar_model(role.config, role.params, key)
+
+
+def run(experiment, stage, stage_dir: Path, resolve) -> None:
+    key = jax.random.key(experiment.seed)
+    policy_role = load_role(experiment, stage.policy, resolve)
+    tokenizer = require_tokenizer(policy_role, f"stages.{stage.name}.policy")
+    if policy_role.kind != "lm":
+        raise UserError(f"stages.{stage.name}.policy: expected a language model, got a reward/value model")
+    reward_role = load_role(experiment, stage.reward_model, resolve)
+    if reward_role.kind != "scalar":
+        raise UserError(f"stages.{stage.name}.reward_model: expected a reward model (a reward stage's output)")
+    check_same_tokenizer(tokenizer, reward_role.tokenizer, f"stages.{stage.name}.reward_model")
+    if stage.reference is None:
+        reference_config, reference = policy_role.config, jax.tree.map(jnp.copy, policy_role.params)
+    else:
+        reference_role = load_role(experiment, stage.reference, resolve, with_tokenizer=False)
+        reference_config, reference = reference_role.config, reference_role.params
+    if reference_config.vocab_size != policy_role.config.vocab_size:
+        raise UserError(f"stages.{stage.name}.reference: vocabulary differs from the policy's")
+    critic_role = reward_role if stage.critic is None else load_role(experiment, stage.critic, resolve, False)
+    critic = jax.tree.map(jnp.copy, _scalar_model(critic_role, jax.random.fold_in(key, 7)))
+    policy_config, critic_config, reward_config = policy_role.config, critic_role.config, reward_role.config
+    if reference_config != policy_config:
+        raise UserError(f"stages.{stage.name}.reference: architecture differs from the policy's")
+
+    prompts, _, data = load_stage_dataset(experiment, stage, "prompt", tokenizer)
+    if stage.rollout_batch_size % stage.mini_batch_size:
+        raise UserError(f"stages.{stage.name}.rollout_batch_size={stage.rollout_batch_size} must be a multiple of "
+                        f"mini_batch_size={stage.mini_batch_size}")
+    iterator = DataIterator(prompts, batch_size=stage.rollout_batch_size,
+                            seed=data.shuffle_seed or experiment.seed, num_epochs=None)
+    per_epoch = max(len(prompts) // stage.rollout_batch_size, 1)
+    iterations = stage.max_steps if stage.max_steps is not None else per_epoch * stage.epochs
+    updates = iterations * stage.ppo_epochs * (stage.rollout_batch_size // stage.mini_batch_size)
+    hyper = hyperparameters(stage, reward_role.metadata, experiment.optimizer.micro_batches)
+    policy_state = TrainState.create(policy_role.params, build_optimizer(experiment, stage, updates),
+                                     jax.random.fold_in(key, 1))
+    critic_state = TrainState.create(critic, build_optimizer(experiment, stage, updates), jax.random.fold_in(key, 2))
+    if stage.kl_target is None:
+        controller = fixed_kl_controller(stage.kl_coef)
+    else:
+        controller = adaptive_kl_controller(stage.kl_coef, stage.kl_target, stage.kl_horizon)
+    kl_state = controller.init()
+    settings = SamplingSettings(max_new_tokens=stage.max_new_tokens, temperature=stage.temperature,
+                                top_p=None if stage.top_p >= 1.0 else stage.top_p, top_k=stage.top_k or 0)
+    sampler = Sampler(policy_config)
+
+    checkpointer = Checkpointer(stage_dir / "checkpoints", experiment.checkpoint.every_steps,
+                                experiment.checkpoint.keep_last)
+    iteration, rng = 0, jax.random.fold_in(key, 3)
+    if checkpointer.latest_step() is not None:
+        like = {"policy": policy_state, "critic": critic_state, "kl_coef": kl_state.kl_coef, "rng": rng}
+        saved, host = checkpointer.restore(like)
+        policy_state, critic_state, rng = saved["policy"], saved["critic"], saved["rng"]
+        kl_state = kl_state._replace(kl_coef=saved["kl_coef"])
+        iterator.set_state(host["data"])
+        iteration = int(host["iteration"])
+
+    experience_fn = jax.jit(functools.partial(ppo.make_experience, policy_config, critic_config, reward_config, hyper))
+    update_fns: dict[int, object] = {}
+    logger = MetricsLogger(stage_dir, tensorboard=experiment.logging.tensorboard)
+    last_metrics: dict[str, float] = {}
+    while iteration < iterations:
+        batch = next(iterator)
+        rng, sample_key, shuffle_key = jax.random.split(rng, 3)
+        prompt_tokens, prompt_mask = jnp.asarray(batch["prompt_tokens"]), jnp.asarray(batch["prompt_mask"])
+        start = time.perf_counter()
+        sample = jax.block_until_ready(sampler(policy_state.params, prompt_tokens, prompt_mask, sample_key, settings))
+        generated = time.perf_counter()
+        experience, metrics = experience_fn(policy_state.params, reference, critic_state.params, reward_role.params,
+                                            prompt_tokens, prompt_mask, sample.response_tokens, sample.response_mask,
+                                            sample.ended_with_eos, kl_state.kl_coef)
+        metrics = jax.device_get(metrics)
+        scored = time.perf_counter()
+        prompt_length = prompt_tokens.shape[1]
+        if prompt_length not in update_fns:
+            update_fns[prompt_length] = jax.jit(functools.partial(
+                ppo.ppo_update_step, policy_config, critic_config, hyper, prompt_length), donate_argnums=(0, 1))
+        update_fn = update_fns[prompt_length]
+        epochs_done, update_metrics = 0, []
+        for epoch_key in jax.random.split(shuffle_key, stage.ppo_epochs):
+            for minibatch in ppo.minibatches(experience, epoch_key, stage.mini_batch_size):
+                policy_state, critic_state, step_metrics = update_fn(policy_state, critic_state, minibatch)
+                update_metrics.append(jax.device_get(step_metrics))
+            epochs_done += 1
+            if stage.target_approx_kl is not None and update_metrics[-1]["policy/approx_kl"] > stage.target_approx_kl:
+                break
+        trained = time.perf_counter()
+        kl_state = controller.update(kl_state, metrics["kl/mean"], stage.rollout_batch_size)
+        iteration += 1
+        new_tokens = float(np.sum(sample.response_lengths))
+        metrics.update({name: float(np.mean([m[name] for m in update_metrics])) for name in update_metrics[0]})
+        metrics.update({
+            "policy/ratio_mean": float(np.mean([m["policy/ratio_mean"] for m in update_metrics])),
+            "ppo/epochs": float(epochs_done),
+            "time/generate": generated - start, "time/score": scored - generated, "time/train": trained - scored,
+            "throughput/generate_tokens_per_s": new_tokens / max(generated - start, 1e-9),
+            "throughput/tokens_per_s": new_tokens / max(trained - start, 1e-9),
+        })
+        if iteration % max(experiment.logging.every_steps, 1) == 0 or iteration == iterations:
+            last_metrics = logger.log(iteration, metrics)
+            shown = ", ".join(f"{k}={last_metrics[k]:.4g}" for k in ("reward/mean", "kl/mean", "policy/clipfrac"))
+            print(f"[{stage.name}] iteration {iteration}/{iterations}: {shown}", flush=True)
+        sample_every = experiment.logging.sample_every
+        if sample_every and (iteration % sample_every == 0 or iteration == 1):
+            logger.log_samples(iteration, _samples(tokenizer, batch, sample, experience.scores, 4))
+        checkpointer.save(iteration, {"policy": policy_state, "critic": critic_state, "kl_coef": kl_state.kl_coef,
+                                      "rng": rng},
+                          {"data": iterator.get_state(), "iteration": iteration})
+    state = {"policy": policy_state, "critic": critic_state, "kl_coef": kl_state.kl_coef, "rng": rng}
+    if checkpointer.latest_step() != iteration:
+        checkpointer.save(iteration, state, {"data": iterator.get_state(), "iteration": iteration}, force=True)
+    checkpointer.close()
+    logger.close()
+    save_artifact(stage_dir / "model", policy_config, policy_state.params, tokenizer, "lm",
+                  {"stage": stage.name, "iterations": iteration})
+    from rlhf_jax.models.hf_io import save_hf
+
+    save_hf(stage_dir / "hf", policy_config, policy_state.params, tokenizer)
+    write_summary(stage_dir, f"PPO stage '{stage.name}'", {"iterations": iteration, **last_metrics})
+
+
+def _samples(tokenizer, batch, sample, scores, count: int) -> list[dict]:
+    """(prompt, response, reward) of the first `count` rollouts, decoded for people to read."""
+    out = []
+    tokens, mask = np.asarray(batch["prompt_tokens"]), np.asarray(batch["prompt_mask"])
+    responses, lengths = np.asarray(sample.response_tokens), np.asarray(sample.response_lengths)
+    for row in range(min(count, len(tokens))):
+        out.append({
+            "prompt": tokenizer.decode(tokens[row][mask[row]]),
+            "response": tokenizer.decode(responses[row, : lengths[row]]),
+            "reward": float(np.asarray(scores)[row]),
+        })
+    return out

@@ -1,0 +1,87 @@
+"""Reward-model stage runner: Bradley-Terry on preference pairs from an LM checkpoint with a fresh head.
+
+At the end it evaluates pairwise accuracy on the held-out split and records the mean/std of rewards on a
+reference set (the held-out split, else the training data) in the artifact, so PPO can normalise scores.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from rlhf_jax.data import DataIterator
+from rlhf_jax.models import llama
+from rlhf_jax.stages.common import (build_optimizer, device_batch, fit, load_role, load_stage_dataset,
+                                    require_tokenizer, write_summary)
+from rlhf_jax.trainers.reward import reward_eval_step, reward_train_step
+from rlhf_jax.training.artifacts import save_artifact
+from rlhf_jax.training.state import TrainState
+
+PAIR_KEYS = ("chosen_tokens", "chosen_attention_mask", "rejected_tokens", "rejected_attention_mask")
+
+
+def pair_rewards(config, model, dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rewards (chosen [N], rejected [N]) of every pair of `dataset`, in order."""
+    iterator = DataIterator(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False, drop_remainder=False)
+    score = jax.jit(functools.partial(reward_eval_step, config))
+    chosen, rejected = [], []
+    for batch in iterator:
+        c, r = jax.device_get(score(model, device_batch(batch, PAIR_KEYS)))
+        chosen.append(c)
+        rejected.append(r)
+    return np.concatenate(chosen), np.concatenate(rejected)
+
+
+def evaluation_metrics(chosen: np.ndarray, rejected: np.ndarray, prefix: str = "eval") -> dict[str, float]:
+    """Pairwise accuracy (ties count as wrong), margin and reward statistics."""
+    both = np.concatenate([chosen, rejected])
+    return {
+        f"{prefix}/accuracy": float(np.mean(chosen > rejected)),
+        f"{prefix}/margin": float(np.mean(chosen - rejected)),
+        f"{prefix}/chosen_reward_mean": float(np.mean(chosen)),
+        f"{prefix}/rejected_reward_mean": float(np.mean(rejected)),
+        f"{prefix}/reward_mean": float(np.mean(both)),
+        f"{prefix}/reward_std": float(np.std(both)),
+        f"{prefix}/pairs": float(len(chosen)),
+    }
+
+
+def run(experiment, stage, stage_dir: Path, resolve) -> None:
+    role = load_role(experiment, stage.model, resolve)
+    tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
+    if role.kind == "scalar":
+        model = role.params  # continue from a reward model
+    else:
+        key = jax.random.fold_in(jax.random.key(experiment.seed), 1)
+        model = llama.init_scalar_model(role.config, role.params, key)
+    dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "preference", tokenizer)
+    iterator = DataIterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
+                            num_epochs=stage.epochs)
+    per_epoch = iterator.steps_per_epoch
+    total_steps = per_epoch * stage.epochs if stage.max_steps is None else min(stage.max_steps,
+                                                                               per_epoch * stage.epochs)
+    tx = build_optimizer(experiment, stage, total_steps)
+    state = TrainState.create(model, tx, jax.random.key(experiment.seed))
+    step_fn = jax.jit(functools.partial(reward_train_step, role.config, stage.center_rewards_coef,
+                                        experiment.optimizer.micro_batches), donate_argnums=0)
+    state, records = fit(
+        experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
+        total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},
+        restore_host_state=lambda saved: iterator.set_state(saved["data"]),
+        prepare=lambda batch: device_batch(batch, PAIR_KEYS),
+    )
+    summary = {"steps": int(state.step)}
+    if records:
+        summary.update({k: v for k, v in records[-1].items() if k.startswith("rm/")})
+    reference = eval_dataset if eval_dataset is not None else dataset
+    chosen, rejected = pair_rewards(role.config, state.params, reference, data.batch_size)
+    prefix = "eval" if eval_dataset is not None else "train_set"
+    metrics = evaluation_metrics(chosen, rejected, prefix)
+    summary.update(metrics)
+    normalisation = {"reward_mean": metrics[f"{prefix}/reward_mean"], "reward_std": metrics[f"{prefix}/reward_std"]}
+    save_artifact(stage_dir / "model", role.config, state.params, tokenizer, "scalar",
+                  {"stage": stage.name, **normalisation, **summary})
+    write_summary(stage_dir, f"Reward-model stage '{stage.name}'", summary)

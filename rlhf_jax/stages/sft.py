@@ -1,0 +1,68 @@
+"""SFT stage runner: next-token loss on response tokens, held-out loss/perplexity, resumable."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from rlhf_jax.data import DataIterator
+from rlhf_jax.stages.common import (build_optimizer, device_batch, fit, load_role, load_stage_dataset,
+                                    require_tokenizer, write_summary)
+from rlhf_jax.trainers.sft import sft_eval_step, sft_train_step
+from rlhf_jax.training.artifacts import save_artifact
+from rlhf_jax.training.state import TrainState
+
+SFT_KEYS = ("tokens", "attention_mask", "loss_mask", "segment_ids", "positions")
+
+
+def _total_steps(stage, iterator: DataIterator) -> int:
+    per_epoch = iterator.steps_per_epoch
+    if stage.max_steps is not None:
+        return stage.max_steps if per_epoch is None else min(stage.max_steps, per_epoch * stage.epochs)
+    if per_epoch is None:  # packed: unknown in advance; estimate from token counts
+        per_epoch = max(1, int(np.ceil(iterator.dataset.lengths().sum() / (iterator.batch_size * iterator.pack_length))))
+    return per_epoch * stage.epochs
+
+
+def evaluate(config, params, dataset, batch_size: int) -> dict[str, float]:
+    """Token-mean NLL and perplexity over a whole held-out dataset (the state is untouched)."""
+    iterator = DataIterator(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False,
+                            drop_remainder=False)
+    eval_fn = jax.jit(functools.partial(sft_eval_step, config))
+    total, count = 0.0, 0.0
+    for batch in iterator:
+        loss_sum, tokens = eval_fn(params, device_batch(batch, SFT_KEYS))
+        total, count = total + float(loss_sum), count + float(tokens)
+    loss = total / max(count, 1.0)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": count}
+
+
+def run(experiment, stage, stage_dir: Path, resolve) -> None:
+    role = load_role(experiment, stage.model, resolve)
+    tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
+    dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "sft", tokenizer)
+    iterator = DataIterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
+                            num_epochs=stage.epochs, pack=stage.packing,
+                            loss_on_prompt=not stage.completion_only_loss)
+    total_steps = _total_steps(stage, iterator)
+    tx = build_optimizer(experiment, stage, total_steps)
+    state = TrainState.create(role.params, tx, jax.random.key(experiment.seed))
+    micro = experiment.optimizer.micro_batches
+    step_fn = jax.jit(functools.partial(sft_train_step, role.config, micro), donate_argnums=0)
+    state, records = fit(
+        experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
+        total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},
+        restore_host_state=lambda saved: iterator.set_state(saved["data"]),
+        prepare=lambda batch: device_batch(batch, SFT_KEYS),
+    )
+    summary = {"steps": int(state.step)}
+    if records:
+        summary["train/loss"] = records[-1]["sft/loss"]
+    if eval_dataset is not None:
+        summary.update(evaluate(role.config, state.params, eval_dataset, data.batch_size))
+    save_artifact(stage_dir / "model", role.config, state.params, tokenizer, "lm", {"stage": stage.name, **summary})
+    write_summary(stage_dir, f"SFT stage '{stage.name}'", summary)

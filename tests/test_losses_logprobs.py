@@ -1,0 +1,380 @@
+"""Chosen-token log-probs and entropy: plain, chunked over T and V, from hidden states; memory and masking."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rlhf_jax.losses import (
+    chunked_token_entropy,
+    chunked_token_logprobs,
+    logprobs_and_entropy_from_hidden,
+    logprobs_from_hidden,
+    sft_loss,
+    token_entropy,
+    token_logprobs,
+)
+
+SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
+FP32 = dict(rtol=1e-5, atol=2e-6)
+B, T, V, D = 2, 7, 11, 4
+# (seq_chunk, vocab_chunk): none, ragged over T only, ragged over both, one position and one column at a time
+CHUNKINGS = [(None, None), (3, None), (2, 5), (1, 1)]
+
+
+def ref_log_softmax(logits, temperature=1.0):
+    z = np.asarray(logits, np.float64) / temperature
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def ref_logprobs(logits, tokens, temperature=1.0):
+    return np.take_along_axis(ref_log_softmax(logits, temperature), tokens[..., None], -1)[..., 0]
+
+
+def ref_entropy(logits, temperature=1.0):
+    logp = ref_log_softmax(logits, temperature)
+    return -(np.exp(logp) * logp).sum(-1)
+
+
+def random_inputs(seed, scale=3.0):
+    rng = np.random.default_rng(seed)
+    logits = (rng.normal(size=(B, T, V)) * scale).astype(np.float32)
+    tokens = rng.integers(0, V, size=(B, T))
+    hidden = rng.normal(size=(B, T, D)).astype(np.float32)
+    unembedding = rng.normal(size=(D, V)).astype(np.float32)
+    return logits, tokens, hidden, unembedding
+
+
+# Every variant as f(logits, tokens, hidden, unembedding, temperature) -> (logprobs or None, entropy or None),
+# so the shared properties below are tested on each.
+def _variants():
+    variants = {
+        "token_logprobs": lambda lg, tk, h, w, tau: (token_logprobs(lg, tk, tau), None),
+        "token_entropy": lambda lg, tk, h, w, tau: (None, token_entropy(lg, tau)),
+    }
+    for sc, vc in CHUNKINGS:
+        variants[f"chunked_logprobs[{sc},{vc}]"] = (
+            lambda lg, tk, h, w, tau, sc=sc, vc=vc: (chunked_token_logprobs(lg, tk, tau, seq_chunk=sc, vocab_chunk=vc),
+                                                     None))
+        variants[f"chunked_entropy[{sc},{vc}]"] = (
+            lambda lg, tk, h, w, tau, sc=sc, vc=vc: (None,
+                                                     chunked_token_entropy(lg, tau, seq_chunk=sc, vocab_chunk=vc)))
+        variants[f"from_hidden[{sc},{vc}]"] = (
+            lambda lg, tk, h, w, tau, sc=sc, vc=vc: logprobs_and_entropy_from_hidden(h, w, tk, tau, seq_chunk=sc,
+                                                                                     vocab_chunk=vc))
+    variants["logprobs_from_hidden[3,4]"] = lambda lg, tk, h, w, tau: (
+        logprobs_from_hidden(h, w, tk, tau, seq_chunk=3, vocab_chunk=4), None)
+    return variants
+
+
+VARIANTS = _variants()
+# The shared properties (jit, bf16, vmap) are checked on every public function, chunked both ways at once.
+PROPERTY_VARIANTS = ["token_logprobs", "token_entropy", "chunked_logprobs[2,5]", "chunked_entropy[2,5]",
+                     "from_hidden[2,5]", "logprobs_from_hidden[3,4]"]
+
+
+def _masked_variants():
+    sc, vc = 2, 5
+    return {
+        "token_logprobs": lambda lg, tk, h, w, m: (token_logprobs(lg, tk, mask=m), None),
+        "token_entropy": lambda lg, tk, h, w, m: (None, token_entropy(lg, mask=m)),
+        f"chunked_logprobs[{sc},{vc}]": lambda lg, tk, h, w, m: (
+            chunked_token_logprobs(lg, tk, mask=m, seq_chunk=sc, vocab_chunk=vc), None),
+        f"chunked_entropy[{sc},{vc}]": lambda lg, tk, h, w, m: (
+            None, chunked_token_entropy(lg, mask=m, seq_chunk=sc, vocab_chunk=vc)),
+        f"from_hidden[{sc},{vc}]": lambda lg, tk, h, w, m: logprobs_and_entropy_from_hidden(
+            h, w, tk, mask=m, seq_chunk=sc, vocab_chunk=vc),
+        "logprobs_from_hidden[3,4]": lambda lg, tk, h, w, m: (
+            logprobs_from_hidden(h, w, tk, mask=m, seq_chunk=3, vocab_chunk=4), None),
+    }
+
+
+MASKED_VARIANTS = _masked_variants()
+_JITTED = {}
+
+
+def _jitted(name):
+    if name not in _JITTED:
+        _JITTED[name] = jax.jit(VARIANTS[name])
+    return _JITTED[name]
+
+
+def _reference(name, logits, tokens, hidden, unembedding, tau):
+    if "from_hidden" in name:
+        logits = np.asarray(hidden, np.float64) @ np.asarray(unembedding, np.float64)
+    return ref_logprobs(logits, tokens, tau), ref_entropy(logits, tau)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@SETTINGS
+@given(seed=st.integers(0, 2**31), tau=st.sampled_from([1.0, 0.7, 1.5]), scale=st.sampled_from([0.1, 3.0, 30.0]))
+def test_matches_float64_numpy(name, seed, tau, scale):
+    logits, tokens, hidden, unembedding = random_inputs(seed, scale)
+    hidden = hidden * np.float32(scale / 3)
+    # τ is traced, so each variant compiles once for all examples
+    logprobs, entropy = _jitted(name)(logits, tokens, hidden, unembedding, tau)
+    want_logprobs, want_entropy = _reference(name, logits, tokens, hidden, unembedding, tau)
+    tolerance = dict(FP32)
+    if "from_hidden" in name:
+        # the logits themselves are float32 products h·W, each off by up to ~D ulp(|h|·|W|) from the float64 ones
+        logit_scale = np.abs(hidden).max() * np.abs(unembedding).max() * D / tau
+        tolerance["atol"] = max(FP32["atol"], D * np.finfo(np.float32).eps * logit_scale)
+    if logprobs is not None:
+        assert logprobs.dtype == jnp.float32 and logprobs.shape == (B, T)
+        np.testing.assert_allclose(np.asarray(logprobs), want_logprobs, **tolerance)
+    if entropy is not None:
+        assert entropy.dtype == jnp.float32 and entropy.shape == (B, T)
+        np.testing.assert_allclose(np.asarray(entropy), want_entropy, **tolerance)
+
+
+def test_hand_computed():
+    # logits [0, 0, ln 2] -> softmax [1/4, 1/4, 1/2]
+    # log p(token 2) = ln(1/2) = -0.693147; log p(token 0) = ln(1/4) = -1.386294
+    # entropy = -(2 · ¼ ln ¼ + ½ ln ½) = ½ ln 4 + ½ ln 2 = 1.5 ln 2 = 1.039721
+    # with temperature 2: logits [0, 0, ½ ln 2] -> weights [1, 1, √2], log p(token 2) = ½ ln 2 − ln(2 + √2)
+    logits = jnp.array([[[0.0, 0.0, math.log(2)], [0.0, 0.0, math.log(2)]]])
+    tokens = jnp.array([[2, 0]])
+    np.testing.assert_allclose(np.asarray(token_logprobs(logits, tokens)), [[math.log(0.5), math.log(0.25)]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(token_entropy(logits)), [[1.5 * math.log(2)] * 2], rtol=1e-6)
+    np.testing.assert_allclose(float(token_logprobs(logits, tokens, temperature=2.0)[0, 0]),
+                               0.5 * math.log(2) - math.log(2 + math.sqrt(2)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(chunked_token_logprobs(logits, tokens, seq_chunk=1, vocab_chunk=2)),
+                               [[math.log(0.5), math.log(0.25)]], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(chunked_token_entropy(logits, seq_chunk=1, vocab_chunk=2)),
+                               [[1.5 * math.log(2)] * 2], rtol=1e-6)
+    # hidden [1, 0] with W = [[0, 0, ln 2], [5, 5, 5]] gives the same logits
+    hidden = jnp.array([[[1.0, 0.0], [1.0, 0.0]]])
+    unembedding = jnp.array([[0.0, 0.0, math.log(2)], [5.0, 5.0, 5.0]])
+    np.testing.assert_allclose(np.asarray(logprobs_from_hidden(hidden, unembedding, tokens, vocab_chunk=2)),
+                               [[math.log(0.5), math.log(0.25)]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", PROPERTY_VARIANTS)
+def test_jit_equals_eager(name):
+    args = random_inputs(0)
+    eager = VARIANTS[name](*args, 0.8)
+    jitted = _jitted(name)(*args, 0.8)
+    for e, j in zip(eager, jitted):
+        if e is not None:
+            np.testing.assert_allclose(np.asarray(j), np.asarray(e), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", PROPERTY_VARIANTS)
+def test_bf16_inputs_give_float32(name):
+    logits, tokens, hidden, unembedding = random_inputs(1)
+    bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (logits, hidden, unembedding)]
+    logprobs, entropy = _jitted(name)(bf16[0], tokens, bf16[1], bf16[2], 1.0)
+    # float32 arithmetic on the bf16 values (products of bf16 are exact in float32)
+    upcast = [np.asarray(x.astype(jnp.float32), np.float64) for x in bf16]
+    want_logprobs, want_entropy = _reference(name, upcast[0], tokens, upcast[1], upcast[2], 1.0)
+    for got, want in ((logprobs, want_logprobs), (entropy, want_entropy)):
+        if got is not None:
+            assert got.dtype == jnp.float32
+            np.testing.assert_allclose(np.asarray(got), want, **FP32)
+
+
+@pytest.mark.parametrize("name", PROPERTY_VARIANTS)
+def test_vmap_over_leading_axis(name):
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(3, B, T, V)).astype(np.float32)
+    tokens = rng.integers(0, V, size=(3, B, T))
+    hidden = rng.normal(size=(3, B, T, D)).astype(np.float32)
+    unembedding = rng.normal(size=(D, V)).astype(np.float32)
+    batched = jax.jit(jax.vmap(VARIANTS[name], in_axes=(0, 0, 0, None, None)))(logits, tokens, hidden, unembedding,
+                                                                              0.8)
+    for i in range(3):
+        # each member equals the float64 reference for that member alone
+        want = _reference(name, logits[i], tokens[i], hidden[i], unembedding, 0.8)
+        for got, expected in zip(batched, want):
+            if got is not None:
+                assert got.shape == (3, B, T)
+                np.testing.assert_allclose(np.asarray(got[i]), expected, **FP32)
+
+
+def _assert_directional_derivatives(value_and_grad, args, num_directions=3, step=1e-6):
+    """Central differences of a float64 function along random directions against ``<grad, direction>``.
+
+    ``value_and_grad(*args) -> (value, grads)`` is one compiled function, used for both.
+    """
+    rng = np.random.default_rng(7)
+    args = [np.asarray(a, np.float64) for a in args]  # direction arithmetic in numpy: no extra compilations
+    _, grad = value_and_grad(*args)
+    for _ in range(num_directions):
+        directions = [rng.normal(size=a.shape) for a in args]
+        plus, _ = value_and_grad(*[a + step * d for a, d in zip(args, directions)])
+        minus, _ = value_and_grad(*[a - step * d for a, d in zip(args, directions)])
+        numeric = (float(plus) - float(minus)) / (2 * step)
+        analytic = sum(float(np.vdot(np.asarray(g), d)) for g, d in zip(grad, directions))
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("sc,vc", [(None, None), (2, 5)])
+def test_gradients_float64(sc, vc):
+    logits, tokens, hidden, unembedding = random_inputs(3)
+    rng = np.random.default_rng(4)
+    weights = rng.normal(size=(B, T))
+    mask = rng.random((B, T)) < 0.7
+    with jax.enable_x64(True):
+        lg, h, w, c = (jnp.asarray(x, jnp.float64) for x in (logits, hidden, unembedding, weights))
+
+        def from_logits(x):
+            lp = chunked_token_logprobs(x, tokens, 0.9, mask=mask, seq_chunk=sc, vocab_chunk=vc)
+            ent = chunked_token_entropy(x, 0.9, seq_chunk=sc, vocab_chunk=vc)
+            return jnp.sum(c * lp) + jnp.sum(jnp.sin(ent))
+
+        def from_hidden(hh, ww):
+            lp, ent = logprobs_and_entropy_from_hidden(hh, ww, tokens, 0.9, mask=mask, seq_chunk=sc, vocab_chunk=vc)
+            return jnp.sum(c * lp) + jnp.sum(jnp.sin(ent))
+
+        def plain(x):
+            return jnp.sum(c * token_logprobs(x, tokens, 0.9, mask=mask)) + jnp.sum(jnp.sin(token_entropy(x, 0.9)))
+
+        chunked = jax.eval_shape(lambda x: chunked_token_logprobs(x, tokens, seq_chunk=sc, vocab_chunk=vc), lg)
+        assert chunked.dtype == jnp.float64  # float64 in, float64 out
+        logits_value_and_grad = jax.jit(jax.value_and_grad(from_logits, argnums=(0,)))
+        _assert_directional_derivatives(logits_value_and_grad, [lg])
+        _assert_directional_derivatives(jax.jit(jax.value_and_grad(from_hidden, argnums=(0, 1))), [h, w])
+        logits_grad = logits_value_and_grad(lg)[1][0]
+        # the chunked gradient equals the plain one
+        np.testing.assert_allclose(np.asarray(logits_grad), np.asarray(jax.jit(jax.grad(plain))(lg)), rtol=1e-10,
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("name", PROPERTY_VARIANTS)
+def test_nan_and_inf_at_masked_positions(name):
+    # Padding positions may hold garbage logits / hidden states: NaN, inf and −inf are planted there.
+    logits, tokens, hidden, unembedding = random_inputs(5)
+    mask = np.ones((B, T), bool)
+    mask[0, 4:] = False
+    mask[1, :2] = False
+    poison = np.zeros((B, T, 1), np.float32)
+    poison[0, 4], poison[0, 5], poison[0, 6], poison[1, :2] = np.nan, np.inf, -np.inf, np.nan
+    bad_logits = np.where(mask[..., None], logits, poison).astype(np.float32)
+    bad_hidden = np.where(mask[..., None], hidden, poison).astype(np.float32)
+    masked_fn = MASKED_VARIANTS[name]
+    weights = jnp.asarray(np.random.default_rng(0).normal(size=(B, T)), jnp.float32)
+
+    def loss(lg, h):
+        outputs = [o for o in masked_fn(lg, tokens, h, unembedding, mask) if o is not None]
+        return sum(jnp.sum(weights * o) for o in outputs)
+
+    value_and_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    value, grads = value_and_grads(bad_logits, bad_hidden)
+    clean_value, clean_grads = value_and_grads(logits, hidden)
+    assert np.isfinite(value)
+    np.testing.assert_allclose(float(value), float(clean_value), rtol=1e-6)
+    for grad, clean_grad in zip(grads, clean_grads):
+        assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[~mask] == 0)
+        np.testing.assert_allclose(np.asarray(grad), np.asarray(clean_grad), rtol=1e-6, atol=1e-8)
+    # with the mask given, masked outputs are 0
+    for output in masked_fn(bad_logits, tokens, bad_hidden, unembedding, mask):
+        if output is not None:
+            assert np.all(np.asarray(output)[~mask] == 0)
+
+
+def test_without_mask_a_nan_position_stays_local_and_the_loss_masks_it():
+    # No mask passed to the log-prob function: the NaN stays at its own position and sft_loss's `where` keeps it
+    # out of the loss value (the gradient needs the mask passed to the log-prob function, tested above).
+    logits, tokens, _, _ = random_inputs(6)
+    mask = np.ones((B, T), bool)
+    mask[0, 6] = False
+    bad_logits = np.where(mask[..., None], logits, np.nan).astype(np.float32)
+    for logprobs in (token_logprobs(bad_logits, tokens),
+                     chunked_token_logprobs(bad_logits, tokens, seq_chunk=2, vocab_chunk=5)):
+        assert np.isnan(logprobs[0, 6]) and np.all(np.isfinite(np.asarray(logprobs)[mask]))
+        np.testing.assert_allclose(float(sft_loss(logprobs, mask)[0]),
+                                   float(sft_loss(token_logprobs(logits, tokens), mask)[0]), rtol=1e-6)
+
+
+def test_entropy_with_minus_inf_logits_is_finite():
+    # A −inf logit (a banned token) has probability 0 and contributes 0 to the entropy, not 0 · −inf = NaN.
+    logits = np.array([[[0.0, 0.0, -np.inf, math.log(2)]]], np.float32)  # entropy as the hand case: 1.5 ln 2
+    for entropy in (token_entropy(logits), chunked_token_entropy(logits, seq_chunk=1, vocab_chunk=2),
+                    chunked_token_entropy(logits, seq_chunk=1, vocab_chunk=3)):
+        np.testing.assert_allclose(np.asarray(entropy), [[1.5 * math.log(2)]], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(chunked_token_logprobs(logits, jnp.array([[3]]), vocab_chunk=3)),
+                               [[math.log(0.5)]], rtol=1e-6)
+
+
+def test_invalid_arguments():
+    logits, tokens, hidden, unembedding = random_inputs(0)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        token_logprobs(logits, tokens, temperature=0.0)
+    with pytest.raises(ValueError, match="seq_chunk must be a positive integer"):
+        chunked_token_logprobs(logits, tokens, seq_chunk=0)
+    with pytest.raises(ValueError, match="hidden size 4 does not match unembedding rows 3"):
+        logprobs_from_hidden(hidden, unembedding[:3], tokens)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory: the chunked variants never form a float32 [B, T, V] array, forward or backward.
+
+
+def _intermediate_avals(closed_jaxpr):
+    """Every value produced inside a jaxpr, including inside scan/map/checkpoint/pjit bodies."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            found.extend(v.aval for v in eqn.outvars)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(closed_jaxpr.jaxpr)
+    return found
+
+
+def _largest_float32(fn, *args):
+    avals = _intermediate_avals(jax.make_jaxpr(fn)(*args))
+    sizes = [math.prod(a.shape) for a in avals if getattr(a, "dtype", None) == jnp.float32]
+    return max(sizes)
+
+
+MB, MT, MV, MD = 2, 32, 64, 4
+
+
+def test_chunked_logprobs_never_form_float32_full_logits():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(MB, MT, MV)), jnp.bfloat16)
+    tokens = jnp.asarray(rng.integers(0, MV, size=(MB, MT)))
+    full = MB * MT * MV
+    assert _largest_float32(lambda x: token_logprobs(x, tokens), logits) >= full  # the plain one does
+
+    seq_chunk, vocab_chunk = 8, 16
+    for fn in (lambda x: chunked_token_logprobs(x, tokens, seq_chunk=seq_chunk),
+               lambda x: chunked_token_entropy(x, seq_chunk=seq_chunk)):
+        assert _largest_float32(fn, logits) <= MB * seq_chunk * MV
+        assert _largest_float32(jax.grad(lambda x: jnp.sum(fn(x))), logits) <= MB * seq_chunk * MV
+    for fn in (lambda x: chunked_token_logprobs(x, tokens, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk),
+               lambda x: chunked_token_entropy(x, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)):
+        # [B, T]-sized float32 outputs are allowed; no [B, c, V] or larger float32 block
+        assert _largest_float32(fn, logits) <= max(MB * seq_chunk * vocab_chunk, MB * MT)
+        assert _largest_float32(jax.grad(lambda x: jnp.sum(fn(x))), logits) <= max(MB * seq_chunk * vocab_chunk,
+                                                                                     MB * MT)
+
+
+def test_logprobs_from_hidden_never_form_full_logits():
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(MB, MT, MD)), jnp.float32)
+    unembedding = jnp.asarray(rng.normal(size=(MD, MV)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, MV, size=(MB, MT)))
+    seq_chunk, vocab_chunk = 8, 16
+
+    def loss(h, w):
+        lp, ent = logprobs_and_entropy_from_hidden(h, w, tokens, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+        return jnp.sum(lp) + jnp.sum(ent)
+
+    # biggest float32 blocks: a [B, c, vc] logit tile, the [D, V] weight (and its gradient), [B, T] outputs
+    bound = max(MB * seq_chunk * vocab_chunk, MD * MV, MB * MT * MD)
+    assert bound < MB * MT * MV
+    assert _largest_float32(loss, hidden, unembedding) <= bound
+    assert _largest_float32(jax.grad(loss, argnums=(0, 1)), hidden, unembedding) <= bound

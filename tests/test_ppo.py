@@ -1,0 +1,185 @@
+"""PPO pieces on tiny random models: guards, experience alignment, update, and a short loop that learns."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.losses import adaptive_kl_controller
+from rlhf_jax.models import llama
+from rlhf_jax.models.config import tiny_config
+from rlhf_jax.sampling.sampler import SamplingSettings, generate
+from rlhf_jax.trainers import ppo
+from rlhf_jax.training.state import TrainState, make_optimizer
+
+CONFIG = tiny_config("llama")
+
+
+def _python_repeated_fraction(tokens, mask, n):
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1) if all(mask[i:i + n])]
+    if not grams:
+        return 0.0
+    return (len(grams) - len(set(grams))) / len(grams)
+
+
+def test_repeated_ngram_fraction_matches_python():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 4, (16, 12))  # small alphabet: plenty of repeats
+    lengths = rng.integers(0, 13, 16)
+    mask = np.arange(12)[None] < lengths[:, None]
+    for n in (1, 2, 3):
+        ours = np.asarray(ppo.repeated_ngram_fraction(jnp.asarray(tokens), jnp.asarray(mask), n))
+        want = [_python_repeated_fraction(list(t), list(m), n) for t, m in zip(tokens, mask)]
+        np.testing.assert_allclose(ours, want, atol=1e-7)
+    # hand case: "a b a b a" has bigrams ab ba ab ba -> 2 of 4 repeat
+    hand = ppo.repeated_ngram_fraction(jnp.array([[5, 6, 5, 6, 5]]), jnp.ones((1, 5), bool), 2)
+    np.testing.assert_allclose(hand, [0.5])
+
+
+def test_shape_scores_each_guard_is_a_switch():
+    scores = jnp.array([1.0, 2.0, 3.0])
+    tokens = jnp.array([[1, 1, 1, 1], [1, 2, 3, 4], [7, 7, 0, 0]])
+    mask = jnp.array([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]], bool)
+    eos = jnp.array([True, False, True])
+    base = ppo.PPOHyperparameters()
+    same, _ = ppo.shape_scores(scores, tokens, mask, eos, base)
+    np.testing.assert_allclose(same, scores)
+    out, _ = ppo.shape_scores(scores, tokens, mask, eos, dataclasses.replace(base, missing_eos_penalty=1.5))
+    np.testing.assert_allclose(out, [1.0, 0.5, 3.0])
+    out, _ = ppo.shape_scores(scores, tokens, mask, eos, dataclasses.replace(base, length_penalty=0.25))
+    np.testing.assert_allclose(out, [0.0, 1.0, 2.5])
+    out, _ = ppo.shape_scores(scores, tokens, mask, eos, dataclasses.replace(base, length_normalize=True))
+    np.testing.assert_allclose(out, [0.25, 0.5, 1.5])
+    # unigram repeats: [1,1,1,1] -> 3/4, [1,2,3,4] -> 0, [7,7] -> 1/2
+    out, metrics = ppo.shape_scores(scores, tokens, mask, eos,
+                                    dataclasses.replace(base, ngram_size=1, ngram_penalty=2.0))
+    np.testing.assert_allclose(out, [1.0 - 1.5, 2.0, 3.0 - 1.0])
+    assert "response/repeated_ngram_fraction" in metrics
+    out, _ = ppo.shape_scores(scores, tokens, mask, eos, dataclasses.replace(base, reward_clip=1.5))
+    np.testing.assert_allclose(out, [1.0, 1.5, 1.5])
+
+
+def _rollout(policy, key, hyper, batch=4, prompt_length=6, max_new=5):
+    rng = np.random.default_rng(0)
+    prompt_tokens = rng.integers(3, CONFIG.vocab_size, (batch, prompt_length))
+    lengths = rng.integers(2, prompt_length + 1, batch)
+    prompt_mask = np.arange(prompt_length)[None] >= (prompt_length - lengths)[:, None]
+    settings = SamplingSettings(max_new_tokens=max_new, temperature=hyper.temperature)
+    sample = generate(CONFIG, policy, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), key, settings)
+    return jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), sample
+
+
+def test_experience_alignment_scores_and_zero_kl_for_identical_reference():
+    policy = llama.init_params(CONFIG, jax.random.key(0))
+    critic = llama.init_scalar_model(CONFIG, policy, jax.random.key(1))
+    reward_model = llama.init_scalar_model(CONFIG, policy, jax.random.key(2))
+    hyper = ppo.PPOHyperparameters(temperature=0.7, whiten_advantages=False)
+    prompts, prompt_mask, sample = _rollout(policy, jax.random.key(3), hyper)
+    experience, metrics = ppo.make_experience(
+        CONFIG, CONFIG, CONFIG, hyper, policy, policy, critic, reward_model, prompts, prompt_mask,
+        sample.response_tokens, sample.response_mask, sample.ended_with_eos, jnp.float32(0.1))
+    mask = np.asarray(sample.response_mask)
+    # teacher-forced log-probs at the sampling temperature equal the sampler's (no top-k/top-p here)
+    np.testing.assert_allclose(np.asarray(experience.old_logprobs)[mask], np.asarray(sample.response_logprobs)[mask],
+                               atol=1e-4)
+    np.testing.assert_allclose(experience.ref_logprobs, experience.old_logprobs, atol=0)
+    assert float(metrics["kl/mean"]) == 0.0
+    # the score sits at the last response token; other rewards are 0 (KL is 0)
+    tokens = np.asarray(experience.tokens)
+    attention = np.asarray(experience.attention_mask)
+    want_scores = llama.rewards_forward(CONFIG, reward_model, jnp.asarray(tokens), jnp.asarray(attention))
+    rewards = np.asarray(experience.rewards)
+    for row in range(rewards.shape[0]):
+        last = mask[row].nonzero()[0][-1]
+        np.testing.assert_allclose(rewards[row, last], want_scores[row], rtol=1e-5)
+        assert np.all(rewards[row, np.arange(rewards.shape[1]) != last] == 0)
+    # values: state before response token i is column P + i - 1
+    values = llama.values_forward(CONFIG, critic, jnp.asarray(tokens), attention_mask=jnp.asarray(attention))
+    prompt_length = prompts.shape[1]
+    np.testing.assert_allclose(np.asarray(experience.old_values)[mask],
+                               np.asarray(values)[:, prompt_length - 1:-1][mask], rtol=1e-5, atol=1e-6)
+    assert experience.rewards.dtype == jnp.float32
+
+
+def test_update_step_microbatches_match_and_push_up_advantaged_tokens():
+    policy = llama.init_params(CONFIG, jax.random.key(0))
+    critic = llama.init_scalar_model(CONFIG, policy, jax.random.key(1))
+    hyper = ppo.PPOHyperparameters(whiten_advantages=False)
+    prompts, prompt_mask, sample = _rollout(policy, jax.random.key(3), hyper)
+    experience, _ = ppo.make_experience(CONFIG, CONFIG, CONFIG, hyper, policy, policy, critic, critic, prompts, prompt_mask,
+                                        sample.response_tokens, sample.response_mask, sample.ended_with_eos,
+                                        jnp.float32(0.0))
+    advantages = jnp.where(experience.response_mask, 1.0, 0.0)  # every sampled token was good
+    experience = experience.replace(advantages=advantages)
+    sgd = make_optimizer("sgd", 0.5, b1=0.0, grad_clip=None)
+    prompt_length = prompts.shape[1]
+    outs = []
+    for micro in (1, 2):
+        step = jax.jit(functools.partial(ppo.ppo_update_step, CONFIG, CONFIG,
+                                         dataclasses.replace(hyper, num_microbatches=micro), prompt_length))
+        outs.append(step(TrainState.create(policy, sgd, jax.random.key(0)),
+                         TrainState.create(critic, sgd, jax.random.key(0)), experience))
+    (p1, c1, m1), (p2, c2, m2) = outs
+    for before, a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(p1.params), jax.tree.leaves(p2.params)):
+        np.testing.assert_allclose(a - before, b - before, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(m1["ppo/loss"], m2["ppo/loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["policy/clipfrac"], m2["policy/clipfrac"], atol=1e-6)
+    new_logprobs = ppo.response_logprobs(CONFIG, p1.params, experience.tokens, experience.attention_mask,
+                                         prompt_length, 1.0, 128)
+    mask = np.asarray(experience.response_mask)
+    assert np.mean(np.asarray(new_logprobs - experience.old_logprobs)[mask]) > 0
+    assert float(m1["policy/ratio_mean"]) == pytest.approx(1.0, abs=1e-5)  # first step: on-policy
+
+
+def test_short_ppo_loop_raises_the_reward_and_adapts_kl():
+    policy = llama.init_params(CONFIG, jax.random.key(0))
+    reference = policy
+    critic = llama.init_scalar_model(CONFIG, policy, jax.random.key(1))
+    # A reward model that scores only the last token: with attention and MLP outputs zeroed the residual
+    # stream is the token embedding, so reward = head . norm(embed(last token)), a fixed per-token table.
+    reward_model = llama.init_scalar_model(CONFIG, policy, jax.random.key(2))
+    layers = reward_model["backbone"]["layers"]
+    layers["self_attn"]["o_proj"]["kernel"] = jnp.zeros_like(layers["self_attn"]["o_proj"]["kernel"])
+    layers["mlp"]["down_proj"]["kernel"] = jnp.zeros_like(layers["mlp"]["down_proj"]["kernel"])
+    reward_model["head"] = jax.tree.map(lambda x: 3 * x, reward_model["head"])
+    table = llama.rewards_forward(CONFIG, reward_model, jnp.arange(CONFIG.vocab_size)[:, None],
+                                  jnp.ones((CONFIG.vocab_size, 1), bool))
+
+    def expected_final_reward(params, experience):
+        """E_{v ~ policy}[table[v]] at the position that produced each response's last token (noise-free)."""
+        logits = llama.forward(CONFIG, params, experience.tokens, attention_mask=experience.attention_mask).logits
+        lengths = np.asarray(experience.response_mask.sum(1))
+        rows = np.arange(len(lengths))
+        probs = jax.nn.softmax(logits[rows, prompt_length + lengths - 2], axis=-1)
+        return float(jnp.mean(probs @ table))
+
+    hyper = ppo.PPOHyperparameters(temperature=1.0)
+    policy_state = TrainState.create(policy, make_optimizer("adamw", 5e-3), jax.random.key(0))
+    critic_state = TrainState.create(critic, make_optimizer("adamw", 5e-3), jax.random.key(0))
+    controller = adaptive_kl_controller(0.05, target=1.0, horizon=100)
+    kl_state = controller.init()
+    prompt_length = 6
+    experience_fn = jax.jit(functools.partial(ppo.make_experience, CONFIG, CONFIG, CONFIG, hyper))
+    update_fn = jax.jit(functools.partial(ppo.ppo_update_step, CONFIG, CONFIG, hyper, prompt_length))
+    coefs, first_experience = [], None
+    key = jax.random.key(42)
+    for iteration in range(10):
+        key, sample_key, shuffle_key = jax.random.split(key, 3)
+        prompts, prompt_mask, sample = _rollout(policy_state.params, sample_key, hyper, batch=16)
+        experience, metrics = experience_fn(policy_state.params, reference, critic_state.params, reward_model,
+                                            prompts, prompt_mask, sample.response_tokens, sample.response_mask,
+                                            sample.ended_with_eos, kl_state.kl_coef)
+        first_experience = first_experience or experience
+        coefs.append(float(kl_state.kl_coef))
+        for epoch_key in jax.random.split(shuffle_key, 2):
+            for minibatch in ppo.minibatches(experience, epoch_key, 8):
+                policy_state, critic_state, _ = update_fn(policy_state, critic_state, minibatch)
+        kl_state = controller.update(kl_state, metrics["kl/mean"], 16)
+    before = expected_final_reward(policy, first_experience)
+    after = expected_final_reward(policy_state.params, first_experience)
+    # the per-token table spans about [-8, 11]; an untrained policy is near its mean
+    assert after > before + 0.25, (before, after)
+    assert coefs[-1] != coefs[0]

@@ -1,0 +1,285 @@
+"""The KV-cache sampler: log-probs equal a teacher-forced forward, EOS/pad masking, filters, keys, buckets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.models import forward, init_params, tiny_config
+from rlhf_jax.sampling import (
+    Sampler,
+    SamplingSettings,
+    left_pad,
+    prompt_bucket,
+    packed_bucket,
+    batch_bucket,
+    sample_from_logits,
+    token_logprobs,
+    top_k_filter,
+    top_p_filter,
+)
+from rlhf_jax.errors import UserError
+
+CONFIG = tiny_config("llama")
+# Mixed lengths, left-padded to 20 -> bucket [4, 32]; 29 real tokens, so the Sampler packs the prefill.
+PROMPTS = [[5, 6, 7], list(range(9, 29)), [3, 4, 5, 6, 7, 8]]
+NEW = 12
+# Pad id 2 is also an EOS id, and a quarter of the vocab ends a row: rows stop early, at different steps.
+EOS_IDS = (2,) + tuple(range(3, 256, 4))
+SAMPLED = SamplingSettings(temperature=0.7, max_new_tokens=NEW, eos_token_ids=EOS_IDS, pad_token_id=2)
+FILTERED = SamplingSettings(temperature=1.3, top_k=20, top_p=0.8, max_new_tokens=NEW, eos_token_ids=())
+GREEDY = SamplingSettings(greedy=True, max_new_tokens=NEW, eos_token_ids=())
+
+_jit_forward = jax.jit(forward, static_argnums=0)
+_jit_init = jax.jit(init_params, static_argnums=0)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _jit_init(CONFIG, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return Sampler(CONFIG)
+
+
+def teacher_forced(config, params, prompt_tokens, prompt_mask, out):
+    """Logits [B, N, V] that predicted each response token, from one forward over prompt + response."""
+    tokens = jnp.concatenate([prompt_tokens, out.response_tokens], axis=1)
+    mask = jnp.concatenate([prompt_mask, out.response_mask], axis=1)
+    logits = _jit_forward(config, params, tokens, attention_mask=mask).logits
+    prompt_length = prompt_tokens.shape[1]
+    return logits[:, prompt_length - 1:-1]
+
+
+@pytest.mark.parametrize("settings", [SAMPLED, FILTERED, GREEDY], ids=["temperature_eos", "top_k_top_p", "greedy"])
+def test_logprobs_equal_teacher_forced_forward(params, sampler, settings):
+    tokens, mask = left_pad(PROMPTS, pad_id=2)
+    out = sampler(params, tokens, mask, jax.random.key(1), settings)
+    assert out.response_tokens.shape == (3, NEW) and out.response_logprobs.dtype == jnp.float32
+    if not settings.eos_token_ids:  # no EOS ids: every row runs to the end
+        assert np.all(np.asarray(out.response_lengths) == NEW)
+    logits = teacher_forced(CONFIG, params, jnp.asarray(tokens), jnp.asarray(mask), out)
+    expected = jnp.where(out.response_mask, token_logprobs(logits, out.response_tokens, settings), 0.0)
+    np.testing.assert_allclose(np.asarray(out.response_logprobs), np.asarray(expected), atol=1e-4)
+    assert np.all(np.isfinite(np.asarray(out.response_logprobs)))
+    if settings.greedy:
+        np.testing.assert_array_equal(np.asarray(out.response_tokens), np.asarray(jnp.argmax(logits, -1)))
+        np.testing.assert_allclose(np.asarray(expected), np.asarray(
+            jnp.take_along_axis(jax.nn.log_softmax(logits), out.response_tokens[..., None], -1)[..., 0]), atol=1e-6)
+    if settings.top_k:  # every sampled token is among the top k of the teacher-forced logits
+        rank = np.sum(np.asarray(logits) > np.take_along_axis(
+            np.asarray(logits), np.asarray(out.response_tokens)[..., None], -1), axis=-1)
+        assert rank.max() < settings.top_k
+
+
+def test_eos_masks_everything_after_it_with_pad_equal_to_eos(params, sampler):
+    settings, eos_ids = SAMPLED, EOS_IDS
+    tokens, mask = left_pad(PROMPTS + PROMPTS[:1], pad_id=2)
+    out = jax.device_get(sampler(params, tokens, mask, jax.random.key(3), settings))
+    lengths = out.response_lengths
+    assert out.ended_with_eos.any() and (lengths < NEW).any() and len(set(lengths.tolist())) > 1
+    for row in range(len(lengths)):
+        n = lengths[row]
+        np.testing.assert_array_equal(out.response_mask[row], np.arange(NEW) < n)
+        emitted = out.response_tokens[row, :n]
+        is_eos = np.isin(emitted, eos_ids)
+        assert is_eos.sum() == int(out.ended_with_eos[row])  # at most one EOS, and only as the last token
+        if out.ended_with_eos[row]:
+            assert is_eos[-1]
+        else:
+            assert n == NEW
+        assert np.all(out.response_tokens[row, n:] == 2) and np.all(out.response_logprobs[row, n:] == 0)
+        assert np.all(out.response_logprobs[row, :n] < 0)  # the EOS token itself keeps its log-prob
+    # The log-probs still match teacher forcing where the mask is True (the EOS included).
+    logits = teacher_forced(CONFIG, params, jnp.asarray(tokens), jnp.asarray(mask), out)
+    expected = np.where(out.response_mask, np.asarray(token_logprobs(logits, out.response_tokens, settings)), 0)
+    np.testing.assert_allclose(out.response_logprobs, expected, atol=1e-4)
+
+
+def test_same_key_same_output_different_key_different_output(params, sampler):
+    tokens, mask = left_pad(PROMPTS, pad_id=2)
+    first = sampler(params, tokens, mask, jax.random.key(7), FILTERED)
+    again = sampler(params, tokens, mask, jax.random.key(7), FILTERED)
+    other = sampler(params, tokens, mask, jax.random.key(8), FILTERED)
+    np.testing.assert_array_equal(np.asarray(first.response_tokens), np.asarray(again.response_tokens))
+    np.testing.assert_array_equal(np.asarray(first.response_logprobs), np.asarray(again.response_logprobs))
+    assert np.mean(np.asarray(first.response_tokens) != np.asarray(other.response_tokens)) > 0.5
+
+
+def test_bucketing_does_not_recompile_and_padding_rows_do_not_change_results(params):
+    sampler = Sampler(CONFIG)
+    settings = SamplingSettings(temperature=0.8, max_new_tokens=4, eos_token_ids=())
+    key = jax.random.key(0)
+    prompts = [[5, 6, 7], list(range(9, 19)), [3, 4, 5, 6, 7, 8]]
+    three = sampler(params, *left_pad(prompts, pad_id=2), key, settings)  # [3, 10] -> bucket [4, 16]
+    assert sampler.num_compilations == 1
+    four = sampler(params, *left_pad(prompts[:1] * 4, pad_id=2), key, settings)  # [4, 3]: same bucket
+    assert sampler.num_compilations == 1
+    # temperature and top-p values are traced: new values reuse the program
+    sampler(params, *left_pad(prompts, pad_id=2), key, settings.replace(temperature=1.7))
+    assert sampler.num_compilations == 1
+    # a row's draw does not depend on the other rows nor on batch padding
+    np.testing.assert_array_equal(np.asarray(three.response_tokens[0]), np.asarray(four.response_tokens[0]))
+    assert three.response_tokens.shape == (3, 4) and all(len(array) == 3 for array in three)
+
+
+def test_buckets():
+    assert [prompt_bucket(n) for n in (1, 5, 16, 17, 40, 64, 65, 130, 328)] == [16, 16, 16, 32, 64, 64, 128, 192, 384]
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    assert [packed_bucket(n) for n in (1, 64, 65, 100, 883, 1100)] == [64, 64, 128, 128, 896, 1280]
+
+
+@pytest.mark.parametrize("config", [CONFIG, tiny_config("llama", sliding_window=4)], ids=["llama", "sliding_window"])
+def test_packed_prefill_equals_padded_prefill(config):
+    from rlhf_jax.sampling import generate
+
+    params = _jit_init(config, jax.random.key(2))
+    settings = SamplingSettings(greedy=True, max_new_tokens=4, eos_token_ids=())
+    tokens, mask = left_pad(PROMPTS + [[]], pad_id=2)
+    run = jax.jit(generate, static_argnums=(0, 6))
+    padded = jax.device_get(run(config, params, tokens, mask, jax.random.key(0), settings, None))
+    packed = jax.device_get(run(config, params, tokens, mask, jax.random.key(0), settings, 32))
+    np.testing.assert_array_equal(packed.response_tokens, padded.response_tokens)
+    np.testing.assert_array_equal(packed.response_lengths, padded.response_lengths)
+    np.testing.assert_allclose(packed.response_logprobs, padded.response_logprobs, atol=1e-5)
+
+
+def test_empty_prompt_rows_generate_nothing(params, sampler):
+    tokens, mask = left_pad(PROMPTS + [[]], pad_id=2)
+    out = jax.device_get(sampler(params, tokens, mask, jax.random.key(1), FILTERED))
+    assert out.response_lengths[3] == 0 and not out.response_mask[3].any() and np.all(out.response_tokens[3] == 2)
+    assert np.all(out.response_lengths[:3] == NEW)
+
+
+# ---- the filters and the draw, against numpy ------------------------------------------------------------
+
+
+def numpy_kept(logits, temperature, top_k, top_p):
+    """float64 reference of the kept set: temperature, then top-k, then the nucleus."""
+    z = logits.astype(np.float64) / temperature
+    keep = np.ones_like(z, bool)
+    if top_k:
+        keep &= z >= np.sort(z)[::-1][top_k - 1]
+    if top_p is not None:
+        masked = np.where(keep, z, -np.inf)
+        order = np.argsort(-masked, kind="stable")
+        probs = np.exp(masked[order] - masked[order].max())
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs
+        count = max(1, int(np.sum(before < top_p)))
+        keep &= masked >= masked[order][count - 1]
+    return keep, np.where(keep, z, -np.inf)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, None), (0, 0.7), (12, 0.5)])
+def test_draws_never_leave_the_kept_set_and_follow_its_distribution(top_k, top_p):
+    logits = jax.random.normal(jax.random.key(4), (1, 50)) * 2.0
+    settings = SamplingSettings(temperature=0.9, top_k=top_k, top_p=top_p)
+    keep, z = numpy_kept(np.asarray(logits[0]), 0.9, top_k, top_p)
+    draws = 4000
+    keys = jax.random.split(jax.random.key(5), draws)
+    tokens, logprobs = jax.jit(jax.vmap(lambda key: sample_from_logits(logits, key, settings)))(keys)
+    tokens, logprobs = np.asarray(tokens[:, 0]), np.asarray(logprobs[:, 0])
+    assert keep[tokens].all()
+    expected = np.exp(z - np.logaddexp.reduce(z[keep]))
+    frequencies = np.bincount(tokens, minlength=50) / draws
+    assert np.abs(frequencies - expected).max() < 0.03
+    np.testing.assert_allclose(logprobs, np.log(expected[tokens]), atol=1e-5)
+
+
+def test_filters_match_numpy_on_batches():
+    logits = np.asarray(jax.random.normal(jax.random.key(6), (4, 3, 40)) * 3.0)
+    for top_k, top_p in [(7, None), (0, 0.9), (0, 0.3), (0, 1.0), (10, 0.6)]:
+        filtered = np.asarray(top_p_filter(top_k_filter(jnp.asarray(logits), top_k), top_p)
+                              if top_p is not None else top_k_filter(jnp.asarray(logits), top_k))
+        for index in np.ndindex(logits.shape[:-1]):
+            keep, _ = numpy_kept(logits[index], 1.0, top_k, top_p)
+            np.testing.assert_array_equal(np.isfinite(filtered[index]), keep)
+    # the most probable token always survives, even with a tiny nucleus
+    assert np.isfinite(np.asarray(top_p_filter(jnp.asarray(logits), 1e-6))).sum(-1).min() == 1
+
+
+def test_settings_are_validated(params, sampler):
+    tokens, mask = left_pad(PROMPTS, pad_id=2)
+    for bad in (SamplingSettings(temperature=0.0), SamplingSettings(top_p=1.5), SamplingSettings(max_new_tokens=0),
+                SamplingSettings(eos_token_ids=(CONFIG.vocab_size,))):
+        with pytest.raises(UserError):
+            sampler(params, tokens, mask, jax.random.key(0), bad)
+
+
+# ---- the decode step against the reference forward, for every config option ------------------------------
+
+
+@pytest.mark.parametrize("config", [
+    tiny_config("qwen2"),  # qkv bias, tied embeddings
+    tiny_config("llama", sliding_window=4),  # window shorter than prompt + response
+], ids=["qwen2", "sliding_window"])
+def test_greedy_decode_matches_forward_for_config_options(config):
+    params = _jit_init(config, jax.random.key(1))
+    settings = SamplingSettings(greedy=True, max_new_tokens=8, eos_token_ids=())
+    tokens, mask = left_pad(PROMPTS, pad_id=2)
+    out = Sampler(config)(params, tokens, mask, jax.random.key(0), settings)
+    logits = teacher_forced(config, params, jnp.asarray(tokens), jnp.asarray(mask), out)
+    np.testing.assert_array_equal(np.asarray(out.response_tokens), np.asarray(jnp.argmax(logits, -1)))
+    np.testing.assert_allclose(np.asarray(out.response_logprobs),
+                               np.asarray(token_logprobs(logits, out.response_tokens, settings)), atol=1e-4)
+
+
+def test_generate_is_pure_and_jittable_inside_a_step(params):
+    from rlhf_jax.sampling import generate
+
+    @jax.jit
+    def step(params, tokens, mask, key, temperature):
+        settings = SamplingSettings(temperature=temperature, max_new_tokens=4, eos_token_ids=())
+        out = generate(CONFIG, params, tokens, mask, key, settings)
+        return jnp.sum(jnp.where(out.response_mask, out.response_logprobs, 0.0))
+
+    tokens, mask = left_pad(PROMPTS, pad_id=2)
+    total = step(params, tokens, mask, jax.random.key(0), 0.8)
+    assert np.isfinite(float(total)) and float(total) < 0
+
+
+# ---- the real model ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers_generate(smollm2, smollm2_path, hh_dev_dialogues):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_jax.models import apply_chat_template
+
+    config, params, tokenizer = smollm2
+    prompts = [apply_chat_template(tokenizer, messages) for messages in hh_dev_dialogues_prompts(hh_dev_dialogues)]
+    settings = SamplingSettings(greedy=True, max_new_tokens=32, eos_token_ids=(tokenizer.eos_token_id,))
+    tokens, mask = left_pad(prompts, pad_id=tokenizer.pad_token_id)
+    out = jax.device_get(Sampler(config)(params, tokens, mask, jax.random.key(0), settings))
+
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
+                                                 dtype=torch.float32).eval()
+    for row, prompt in enumerate(prompts):  # one prompt at a time: no padding on the reference side
+        with torch.inference_mode():
+            generated = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                       max_new_tokens=32, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=tokenizer.pad_token_id)
+        reference = generated[0, len(prompt):].tolist()
+        ours = out.response_tokens[row, :out.response_lengths[row]].tolist()
+        assert ours == reference, (row, tokenizer.decode(ours), tokenizer.decode(reference))
+
+
+def hh_dev_dialogues_prompts(dialogues, count: int = 8) -> list[list[dict]]:
+    """The first `count` dialogues up to (not including) their final assistant answer."""
+    prompts = []
+    for messages in dialogues:
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        prompts.append(messages)
+        if len(prompts) == count:
+            break
+    return prompts
