@@ -81,6 +81,7 @@ class SourceKind(enum.StrEnum):
     STAGE = "stage"  # stage:<name>, an earlier stage's output
     TINY = "tiny"  # tiny:llama | tiny:qwen2 | tiny:smollm2 (SmolLM2 tokenizer), tiny random-init models
     LLAMA2 = "llama2"  # llama2:7b | 13b | 70b, Llama-2 shapes with random init, for planning
+    FUNCTION = "fn"  # fn:<name>[:<args>], a programmatic reward (rlhf_jax.rewards); reward_model fields only
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -390,6 +391,7 @@ _PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9_]+")  # two characters or more: not a 
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _STAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _SOURCE_FORMS = "gguf:<package>, stage:<name>, tiny:llama|qwen2|smollm2, llama2:7b|13b|70b, or a path"
+_REWARD_FUNCTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(:[^:]+)*")
 
 
 def parse_source(source: str, key: str = "model.source") -> ModelSource:
@@ -412,6 +414,7 @@ def parse_source(source: str, key: str = "model.source") -> ModelSource:
         SourceKind.STAGE: (bool(_STAGE_NAME.fullmatch(rest)), "stage:<name of an earlier stage>"),
         SourceKind.TINY: (rest in TINY_ARCHITECTURES, "tiny:" + " or tiny:".join(TINY_ARCHITECTURES)),
         SourceKind.LLAMA2: (rest in LLAMA2_SIZES, "llama2:" + "|".join(LLAMA2_SIZES)),
+        SourceKind.FUNCTION: (bool(_REWARD_FUNCTION.fullmatch(rest)), "fn:<reward function>[:<args>], e.g. fn:length"),
     }
     ok, expected = valid[kind]
     if not ok:
@@ -949,6 +952,8 @@ def _check_experiment(config: ExperimentConfig) -> None:
     if source.kind is SourceKind.STAGE:
         raise _bad("model.source", config.model.source,
                    "a model, not a stage reference (only a stage's own fields may name an earlier stage)")
+    if source.kind is SourceKind.FUNCTION:
+        raise _bad("model.source", config.model.source, "a model (fn: reward functions are only for reward_model)")
     data = config.data
     _check_range(data, "data.", {
         "max_prompt_length": _AT_LEAST_ONE, "max_length": (lambda v: v >= 2, "an integer >= 2"),
@@ -995,6 +1000,8 @@ def _check_references(config: ExperimentConfig, stage: Stage, earlier: list[str]
             continue
         key = f"stages.{stage.name}.{field.name}"
         source = parse_source(value, key)
+        if source.kind is SourceKind.FUNCTION and role != "reward_model":
+            raise _bad(key, value, "a model (fn: reward functions are only for reward_model)")
         if source.kind is not SourceKind.STAGE:
             continue
         target = source.value

@@ -183,3 +183,61 @@ def test_short_ppo_loop_raises_the_reward_and_adapts_kl():
     # the per-token table spans about [-8, 11]; an untrained policy is near its mean
     assert after > before + 0.25, (before, after)
     assert coefs[-1] != coefs[0]
+
+
+def _low_token_fraction(prompt_tokens, prompt_mask, response_tokens, response_mask):
+    """Programmatic reward: fraction of response tokens with id < 32 (about 1/8 for an untrained policy)."""
+    del prompt_tokens, prompt_mask
+    hits = jnp.sum(response_mask & (response_tokens < 32), axis=-1)
+    return hits / jnp.maximum(jnp.sum(response_mask, axis=-1), 1)
+
+
+def _ppo_with_programmatic_reward(kl_coef, iterations=10):
+    """PPO on the tiny model with a programmatic reward (`_low_token_fraction`) and per-token k1 KL rewards.
+
+    Returns (per-iteration metrics, initial params, final params, the first rollout's experience).
+    """
+    reward = _low_token_fraction
+    policy = llama.init_params(CONFIG, jax.random.key(0))
+    critic = llama.init_scalar_model(CONFIG, policy, jax.random.key(1))
+    hyper = ppo.PPOHyperparameters(temperature=1.0, kl_estimator="k1")
+    policy_state = TrainState.create(policy, make_optimizer("adamw", 5e-3), jax.random.key(0))
+    critic_state = TrainState.create(critic, make_optimizer("adamw", 5e-3), jax.random.key(0))
+    experience_fn = jax.jit(functools.partial(ppo.make_experience, CONFIG, CONFIG, reward, hyper))
+    update_fn = jax.jit(functools.partial(ppo.ppo_update_step, CONFIG, CONFIG, hyper, 6))
+    history, key, first = [], jax.random.key(7), None
+    for _ in range(iterations):
+        key, sample_key, shuffle_key = jax.random.split(key, 3)
+        prompts, prompt_mask, sample = _rollout(policy_state.params, sample_key, hyper, batch=16, max_new=8)
+        experience, metrics = experience_fn(policy_state.params, policy, critic_state.params, {}, prompts,
+                                            prompt_mask, sample.response_tokens, sample.response_mask,
+                                            sample.ended_with_eos, jnp.float32(kl_coef))
+        first = first or experience
+        history.append(jax.device_get(metrics))
+        for epoch_key in jax.random.split(shuffle_key, 2):
+            for minibatch in ppo.minibatches(experience, epoch_key, 8):
+                policy_state, critic_state, _ = update_fn(policy_state, critic_state, minibatch)
+    return history, policy, policy_state.params, first
+
+
+def _exact_kl(params, reference, experience):
+    """Mean over response positions of the exact KL(pi || pi_ref) of the next-token distributions."""
+    def log_probs(p):
+        logits = llama.forward(CONFIG, p, experience.tokens, attention_mask=experience.attention_mask).logits
+        return jax.nn.log_softmax(logits[:, 5:-1], axis=-1)  # the distributions that produced response tokens
+
+    logp, logq = log_probs(params), log_probs(reference)
+    per_position = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+    return float(jnp.sum(jnp.where(experience.response_mask, per_position, 0)) / jnp.sum(experience.response_mask))
+
+
+def test_programmatic_reward_rises_without_kl_and_a_large_kl_coef_holds_the_policy_near_the_reference():
+    free, start, free_params, evaluation = _ppo_with_programmatic_reward(kl_coef=0.0)
+    leashed, _, leashed_params, _ = _ppo_with_programmatic_reward(kl_coef=10.0)
+    free_reward = [float(m["reward/score"]) for m in free]
+    # with beta = 0 the policy learns to emit low token ids more often than at the start (about 1/8)...
+    assert np.mean(free_reward[-5:]) > np.mean(free_reward[:2]) + 0.1, free_reward
+    # ...and drifts from the reference; a large beta keeps the same run much closer to it
+    free_kl, leashed_kl = _exact_kl(free_params, start, evaluation), _exact_kl(leashed_params, start, evaluation)
+    assert free_kl > 0.05, free_kl
+    assert leashed_kl < 0.5 * free_kl, (leashed_kl, free_kl)

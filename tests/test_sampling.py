@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlhf_jax.errors import UserError
 from rlhf_jax.models import forward, init_params, tiny_config
 from rlhf_jax.sampling import (
     Sampler,
     SamplingSettings,
-    left_pad,
-    prompt_bucket,
-    packed_bucket,
     batch_bucket,
+    left_pad,
+    packed_bucket,
+    prompt_bucket,
     sample_from_logits,
     token_logprobs,
     top_k_filter,
     top_p_filter,
 )
-from rlhf_jax.errors import UserError
 
 CONFIG = tiny_config("llama")
 # Mixed lengths, left-padded to 20 -> bucket [4, 32]; 29 real tokens, so the Sampler packs the prefill.

@@ -25,6 +25,7 @@ from rlhf_jax.data import DataIterator
 from rlhf_jax.errors import UserError
 from rlhf_jax.losses import adaptive_kl_controller, fixed_kl_controller
 from rlhf_jax.models import llama
+from rlhf_jax.rewards import get_reward_function, is_reward_function_spec
 from rlhf_jax.sampling.sampler import Sampler, SamplingSettings
 from rlhf_jax.stages.common import build_optimizer, load_role, load_stage_dataset, require_tokenizer, write_summary
 from rlhf_jax.trainers import ppo
@@ -64,10 +65,18 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     tokenizer = require_tokenizer(policy_role, f"stages.{stage.name}.policy")
     if policy_role.kind != "lm":
         raise UserError(f"stages.{stage.name}.policy: expected a language model, got a reward/value model")
-    reward_role = load_role(experiment, stage.reward_model, resolve)
-    if reward_role.kind != "scalar":
-        raise UserError(f"stages.{stage.name}.reward_model: expected a reward model (a reward stage's output)")
-    check_same_tokenizer(tokenizer, reward_role.tokenizer, f"stages.{stage.name}.reward_model")
+    if is_reward_function_spec(stage.reward_model):
+        reward_function = get_reward_function(stage.reward_model)
+        if stage.critic is None:
+            raise UserError(f"stages.{stage.name}.critic: a programmatic reward has no weights to start the critic "
+                            "from; name a model (e.g. the policy's source)")
+        reward_role = None
+    else:
+        reward_role = load_role(experiment, stage.reward_model, resolve)
+        if reward_role.kind != "scalar":
+            raise UserError(f"stages.{stage.name}.reward_model: expected a reward model (a reward stage's output), "
+                            "got a language model")
+        check_same_tokenizer(tokenizer, reward_role.tokenizer, f"stages.{stage.name}.reward_model")
     if stage.reference is None:
         reference_config, reference = policy_role.config, jax.tree.map(jnp.copy, policy_role.params)
     else:
@@ -77,7 +86,10 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         raise UserError(f"stages.{stage.name}.reference: vocabulary differs from the policy's")
     critic_role = reward_role if stage.critic is None else load_role(experiment, stage.critic, resolve, False)
     critic = jax.tree.map(jnp.copy, _scalar_model(critic_role, jax.random.fold_in(key, 7)))
-    policy_config, critic_config, reward_config = policy_role.config, critic_role.config, reward_role.config
+    policy_config, critic_config = policy_role.config, critic_role.config
+    reward = reward_function if reward_role is None else reward_role.config
+    reward_params = {} if reward_role is None else reward_role.params
+    reward_metadata = {} if reward_role is None else reward_role.metadata
     if reference_config != policy_config:
         raise UserError(f"stages.{stage.name}.reference: architecture differs from the policy's")
 
@@ -90,7 +102,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     per_epoch = max(len(prompts) // stage.rollout_batch_size, 1)
     iterations = stage.max_steps if stage.max_steps is not None else per_epoch * stage.epochs
     updates = iterations * stage.ppo_epochs * (stage.rollout_batch_size // stage.mini_batch_size)
-    hyper = hyperparameters(stage, reward_role.metadata, experiment.optimizer.micro_batches)
+    hyper = hyperparameters(stage, reward_metadata, experiment.optimizer.micro_batches)
     policy_state = TrainState.create(policy_role.params, build_optimizer(experiment, stage, updates),
                                      jax.random.fold_in(key, 1))
     critic_state = TrainState.create(critic, build_optimizer(experiment, stage, updates), jax.random.fold_in(key, 2))
@@ -114,7 +126,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         iterator.set_state(host["data"])
         iteration = int(host["iteration"])
 
-    experience_fn = jax.jit(functools.partial(ppo.make_experience, policy_config, critic_config, reward_config, hyper))
+    experience_fn = jax.jit(functools.partial(ppo.make_experience, policy_config, critic_config, reward, hyper))
     update_fns: dict[int, object] = {}
     logger = MetricsLogger(stage_dir, tensorboard=experiment.logging.tensorboard)
     last_metrics: dict[str, float] = {}
@@ -125,7 +137,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         start = time.perf_counter()
         sample = jax.block_until_ready(sampler(policy_state.params, prompt_tokens, prompt_mask, sample_key, settings))
         generated = time.perf_counter()
-        experience, metrics = experience_fn(policy_state.params, reference, critic_state.params, reward_role.params,
+        experience, metrics = experience_fn(policy_state.params, reference, critic_state.params, reward_params,
                                             prompt_tokens, prompt_mask, sample.response_tokens, sample.response_mask,
                                             sample.ended_with_eos, kl_state.kl_coef)
         metrics = jax.device_get(metrics)

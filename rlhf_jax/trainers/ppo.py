@@ -169,15 +169,16 @@ def response_values(config: DecoderConfig, critic, tokens, attention_mask, promp
     return _response_slice(values, prompt_length, shift=-1)
 
 
-def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig, reward_config: DecoderConfig,
-                    hyper: PPOHyperparameters,
+def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig, reward, hyper: PPOHyperparameters,
                     policy, reference, critic, reward_model, prompt_tokens, prompt_mask, response_tokens,
                     response_mask, ended_with_eos, kl_coef):
     """Score, compute log-probs/values, shape per-token rewards and run GAE. Returns (Experience, metrics).
 
     prompt_tokens, prompt_mask: [B, P] left-padded; response_tokens, response_mask: [B, N];
     ended_with_eos: [B]; kl_coef: [] (traced). Each role has its own architecture config; all share the
-    tokenizer.
+    tokenizer. `reward` is the reward model's `DecoderConfig` (scores = its head at the last response token),
+    or a programmatic reward `fn(prompt_tokens, prompt_mask, response_tokens, response_mask) -> [B]`
+    (`rlhf_jax.rewards`; `reward_model` params are then ignored).
     """
     prompt_length = prompt_tokens.shape[1]
     response_mask = response_mask.astype(bool)
@@ -189,7 +190,10 @@ def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig, 
     ref_logprobs = response_logprobs(policy_config, reference, tokens, attention_mask, prompt_length,
                                      hyper.temperature, hyper.seq_chunk)
     old_values = response_values(critic_config, critic, tokens, attention_mask, prompt_length)
-    raw_scores = llama.rewards_forward(reward_config, reward_model, tokens, attention_mask)
+    if isinstance(reward, DecoderConfig):
+        raw_scores = llama.rewards_forward(reward, reward_model, tokens, attention_mask)
+    else:
+        raw_scores = reward(prompt_tokens, prompt_mask, response_tokens, response_mask)
     scores, shaping_metrics = shape_scores(raw_scores, response_tokens, response_mask, ended_with_eos, hyper)
     has_response = jnp.any(response_mask, axis=1)
     if hyper.whiten_rewards:
