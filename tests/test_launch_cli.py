@@ -85,6 +85,8 @@ def test_dry_run_writes_a_config_that_loads_back_equal(tmp_path):
     assert load_config(run_dir / "config.json") == expected
     assert launch.build_config((run_dir / "config.overrides").read_text().splitlines()) == expected
     assert not any((run_dir / name / "DONE").exists() for name in expected.stage_names())
+    # the real runners' dry runs load the model and data and compile the train steps
+    assert "sft train step: compiled" in result.stdout and "reward train step: compiled" in result.stdout
 
 
 def test_launcher_imports_no_jax():
@@ -195,7 +197,7 @@ def test_dry_run_calls_the_runners_dry_run(tmp_path, fake_runners, capsys):
     assert fake_runners() == []
 
 
-def test_relaunch_with_a_different_config_is_refused_unless_allowed(tmp_path, capsys):
+def test_relaunch_with_a_different_config_is_refused_unless_allowed(tmp_path, capsys, fake_runners):
     run_dir = tmp_path / "run"
     base = ["experiment=tiny_pipeline", f"run_dir={run_dir}", "--dry-run"]
     assert run_main(capsys, *base)[0] == 0
@@ -208,7 +210,7 @@ def test_relaunch_with_a_different_config_is_refused_unless_allowed(tmp_path, ca
     assert load_config(run_dir / "config.previous.json").stage("ppo").kl_coef == 0.05
 
 
-def test_relaunch_from_the_saved_files(tmp_path, capsys):
+def test_relaunch_from_the_saved_files(tmp_path, capsys, fake_runners):
     run_dir = tmp_path / "run"
     args = ["experiment=tiny_sft", f"run_dir={run_dir}", "optimizer.learning_rate=3e-4", "--dry-run"]
     assert run_main(capsys, *args)[0] == 0

@@ -94,6 +94,13 @@ def test_tiny_pipeline_through_the_cli_then_relaunch_skips_done_stages(tmp_path)
     assert tokenizer is not None and config.vocab_size == hf_config.vocab_size
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(hf_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # a stage output converts to a Hugging Face directory like any other model
+    from rlhf_jax.convert import main as convert_main
+
+    assert convert_main([str(run_dir / "sft"), str(tmp_path / "sft_hf")]) == 0
+    sft_config, sft_params, _ = load(tmp_path / "sft_hf")
+    for a, b in zip(jax.tree.leaves(load_artifact(run_dir / "sft" / "model").params), jax.tree.leaves(sft_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     generations = [json.loads(line) for line in (run_dir / "samples" / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == 4
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)

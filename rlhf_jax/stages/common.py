@@ -172,3 +172,33 @@ def write_summary(stage_dir: Path, title: str, values: dict[str, float]) -> None
         table.add_row(name, f"{value:.6g}" if isinstance(value, float) else str(value))
     Console().print(table)
     (stage_dir / "summary.json").write_text(json.dumps(values, indent=1))
+
+
+def dry_run_source(experiment: ExperimentConfig, source: str | None, resolve: Callable[[str], str]) -> str | None:
+    """For a dry run: a `stage:` reference whose stage has not produced its model yet is replaced by the model
+    that stage starts from (followed up the chain), so shapes, tokenizer and data can still be checked."""
+    from rlhf_jax.config import SourceKind, parse_source
+
+    while source is not None and parse_source(source, "source").kind is SourceKind.STAGE:
+        produced = Path(resolve(source))
+        if is_artifact(produced / "model"):
+            return source
+        upstream = experiment.stage(parse_source(source, "source").value)
+        source = getattr(upstream, "model", None) or getattr(upstream, "policy", None)
+    return source
+
+
+def compile_report(name: str, step_fn, *args) -> dict[str, float]:
+    """Compile `step_fn(*args)` ahead of time (nothing runs) and print its memory analysis."""
+    start = time.perf_counter()
+    compiled = step_fn.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    analysis = compiled.memory_analysis()
+    report = {"compile_seconds": seconds}
+    if analysis is not None:
+        for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"):
+            report[field] = float(getattr(analysis, field, 0) or 0)
+    sizes = ", ".join(f"{k.replace('_size_in_bytes', '')} {v / 2**20:.1f} MiB" for k, v in report.items()
+                      if k.endswith("bytes"))
+    print(f"  {name}: compiled in {seconds:.1f} s; {sizes}")
+    return report

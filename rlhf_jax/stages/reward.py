@@ -14,8 +14,8 @@ import numpy as np
 
 from rlhf_jax.data import DataIterator
 from rlhf_jax.models import llama
-from rlhf_jax.stages.common import (build_optimizer, device_batch, fit, load_role, load_stage_dataset,
-                                    require_tokenizer, write_summary)
+from rlhf_jax.stages.common import (build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
+                                    load_stage_dataset, require_tokenizer, write_summary)
 from rlhf_jax.trainers.reward import reward_eval_step, reward_train_step
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.state import TrainState
@@ -47,6 +47,25 @@ def evaluation_metrics(chosen: np.ndarray, rejected: np.ndarray, prefix: str = "
         f"{prefix}/reward_std": float(np.std(both)),
         f"{prefix}/pairs": float(len(chosen)),
     }
+
+
+def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
+    """Load the model and pairs, build the first batch and compile the train step; nothing is trained."""
+    source = dry_run_source(experiment, stage.model, resolve)
+    role = load_role(experiment, source, resolve)
+    tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
+    model = role.params if role.kind == "scalar" else llama.init_scalar_model(role.config, role.params,
+                                                                               jax.random.key(0))
+    dataset, _, data = load_stage_dataset(experiment, stage, "preference", tokenizer)
+    iterator = DataIterator(dataset, batch_size=data.batch_size, seed=experiment.seed, num_epochs=stage.epochs)
+    total_steps = iterator.steps_per_epoch * stage.epochs
+    state = TrainState.create(model, build_optimizer(experiment, stage, total_steps), jax.random.key(0))
+    batch = device_batch(next(iterator), PAIR_KEYS)
+    print(f"  model {source or experiment.model.source}: {len(dataset)} pairs, up to {total_steps} steps, first "
+          f"batch {tuple(batch['chosen_tokens'].shape)} per side")
+    step_fn = jax.jit(functools.partial(reward_train_step, role.config, stage.center_rewards_coef,
+                                        experiment.optimizer.micro_batches))
+    compile_report("reward train step", step_fn, state, batch)
 
 
 def run(experiment, stage, stage_dir: Path, resolve) -> None:

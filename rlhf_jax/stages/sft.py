@@ -10,8 +10,8 @@ import jax
 import numpy as np
 
 from rlhf_jax.data import DataIterator
-from rlhf_jax.stages.common import (build_optimizer, device_batch, fit, load_role, load_stage_dataset,
-                                    require_tokenizer, write_summary)
+from rlhf_jax.stages.common import (build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
+                                    load_stage_dataset, require_tokenizer, write_summary)
 from rlhf_jax.trainers.sft import sft_eval_step, sft_train_step
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.state import TrainState
@@ -39,6 +39,24 @@ def evaluate(config, params, dataset, batch_size: int) -> dict[str, float]:
         total, count = total + float(loss_sum), count + float(tokens)
     loss = total / max(count, 1.0)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": count}
+
+
+def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
+    """Load the model and data, build the first batch and compile the train step; nothing is trained."""
+    source = dry_run_source(experiment, stage.model, resolve)
+    role = load_role(experiment, source, resolve)
+    tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
+    dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "sft", tokenizer)
+    iterator = DataIterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
+                            num_epochs=stage.epochs, pack=stage.packing,
+                            loss_on_prompt=not stage.completion_only_loss)
+    total_steps = _total_steps(stage, iterator)
+    state = TrainState.create(role.params, build_optimizer(experiment, stage, total_steps), jax.random.key(0))
+    batch = device_batch(next(iterator), SFT_KEYS)
+    print(f"  model {source or experiment.model.source}: {role.config.num_params():,} params; {len(dataset)} "
+          f"examples, {total_steps} steps, first batch tokens {tuple(batch['tokens'].shape)}")
+    step_fn = jax.jit(functools.partial(sft_train_step, role.config, experiment.optimizer.micro_batches))
+    compile_report("sft train step", step_fn, state, batch)
 
 
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
