@@ -241,3 +241,45 @@ def test_programmatic_reward_rises_without_kl_and_a_large_kl_coef_holds_the_poli
     free_kl, leashed_kl = _exact_kl(free_params, start, evaluation), _exact_kl(leashed_params, start, evaluation)
     assert free_kl > 0.05, free_kl
     assert leashed_kl < 0.5 * free_kl, (leashed_kl, free_kl)
+
+
+def test_update_loss_equals_the_loss_functions_applied_by_hand():
+    """The step's loss on a hand-sized batch equals PPO's formulas evaluated in numpy on the model's outputs."""
+    policy = llama.init_params(CONFIG, jax.random.key(0))
+    critic = llama.init_scalar_model(CONFIG, policy, jax.random.key(1))
+    hyper = ppo.PPOHyperparameters(clip_eps=0.2, value_clip_eps=0.1, vf_coef=0.5, entropy_coef=0.01,
+                                   whiten_advantages=False)
+    prompts, prompt_mask, sample = _rollout(policy, jax.random.key(3), hyper, batch=2, prompt_length=4, max_new=3)
+    experience, _ = ppo.make_experience(CONFIG, CONFIG, CONFIG, hyper, policy, policy, critic, critic, prompts,
+                                        prompt_mask, sample.response_tokens, sample.response_mask,
+                                        sample.ended_with_eos, jnp.float32(0.1))
+    # pretend the rollout came from a slightly different policy, with hand-picked advantages and old values
+    experience = experience.replace(
+        old_logprobs=experience.old_logprobs + jnp.array([[0.3, -0.3, 0.05], [-0.1, 0.25, 0.0]]),
+        advantages=jnp.array([[1.0, -2.0, 0.5], [-1.0, 0.5, 2.0]]),
+        old_values=experience.old_values + 0.2)
+    loss_sum, (count, _) = ppo.ppo_loss_sum(CONFIG, CONFIG, hyper, 4, (policy, critic), experience)
+
+    logits = np.asarray(llama.forward(CONFIG, policy, experience.tokens, attention_mask=experience.attention_mask).logits,
+                        np.float64)
+    values = np.asarray(llama.values_forward(CONFIG, critic, experience.tokens, experience.attention_mask), np.float64)
+    tokens, mask = np.asarray(experience.tokens), np.asarray(experience.response_mask)
+    total, n = 0.0, 0
+    for b in range(2):
+        for i in range(3):
+            if not mask[b, i]:
+                continue
+            row = logits[b, 4 + i - 1]
+            log_probs = row - row.max() - np.log(np.exp(row - row.max()).sum())
+            logp = log_probs[tokens[b, 4 + i]]
+            entropy = -np.sum(np.exp(log_probs) * log_probs)
+            ratio = np.exp(logp - float(experience.old_logprobs[b, i]))
+            advantage = float(experience.advantages[b, i])
+            policy_loss = max(-advantage * ratio, -advantage * np.clip(ratio, 0.8, 1.2))
+            value, old_value, ret = values[b, 4 + i - 1], float(experience.old_values[b, i]), float(experience.returns[b, i])
+            clipped_value = np.clip(value, old_value - 0.1, old_value + 0.1)
+            value_loss = 0.5 * max((value - ret) ** 2, (clipped_value - ret) ** 2)
+            total += policy_loss + 0.5 * value_loss - 0.01 * entropy
+            n += 1
+    assert int(count) == n == mask.sum()
+    np.testing.assert_allclose(float(loss_sum), total, rtol=1e-5)
