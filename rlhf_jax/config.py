@@ -294,7 +294,7 @@ class GRPOStage(_RLStage):
 
 @_config
 class GenerateStage(Stage):
-    """Sample responses for prompts; writes ``<run_dir>/<name>/samples.jsonl``."""
+    """Sample responses for prompts; writes ``<run_dir>/<name>/generations.jsonl``."""
 
     kind: ClassVar[StageKind] = StageKind.GENERATE
     model: str | None = _source("language_model", default=None)  # None: model.source
