@@ -12,7 +12,6 @@ iterator position, so a killed run resumes exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from pathlib import Path

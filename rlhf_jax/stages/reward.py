@@ -49,27 +49,9 @@ def evaluation_metrics(chosen: np.ndarray, rejected: np.ndarray, prefix: str = "
     }
 
 
-def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
-    """Load the model and pairs, build the first batch and compile the train step; nothing is trained."""
-    source = dry_run_source(experiment, stage.model, resolve)
+def _setup(experiment, stage, resolve, source):
+    """Everything a run (or a dry run) needs before the first step: a fresh head on an LM, or a reward model."""
     role = load_role(experiment, source, resolve)
-    tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
-    model = role.params if role.kind == "scalar" else llama.init_scalar_model(role.config, role.params,
-                                                                               jax.random.key(0))
-    dataset, _, data = load_stage_dataset(experiment, stage, "preference", tokenizer)
-    iterator = DataIterator(dataset, batch_size=data.batch_size, seed=experiment.seed, num_epochs=stage.epochs)
-    total_steps = iterator.steps_per_epoch * stage.epochs
-    state = TrainState.create(model, build_optimizer(experiment, stage, total_steps), jax.random.key(0))
-    batch = device_batch(next(iterator), PAIR_KEYS)
-    print(f"  model {source or experiment.model.source}: {len(dataset)} pairs, up to {total_steps} steps, first "
-          f"batch {tuple(batch['chosen_tokens'].shape)} per side")
-    step_fn = jax.jit(functools.partial(reward_train_step, role.config, stage.center_rewards_coef,
-                                        experiment.optimizer.micro_batches))
-    compile_report("reward train step", step_fn, state, batch)
-
-
-def run(experiment, stage, stage_dir: Path, resolve) -> None:
-    role = load_role(experiment, stage.model, resolve)
     tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
     if role.kind == "scalar":
         model = role.params  # continue from a reward model
@@ -82,10 +64,26 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     per_epoch = iterator.steps_per_epoch
     total_steps = per_epoch * stage.epochs if stage.max_steps is None else min(stage.max_steps,
                                                                                per_epoch * stage.epochs)
-    tx = build_optimizer(experiment, stage, total_steps)
-    state = TrainState.create(model, tx, jax.random.key(experiment.seed))
-    step_fn = jax.jit(functools.partial(reward_train_step, role.config, stage.center_rewards_coef,
-                                        experiment.optimizer.micro_batches), donate_argnums=0)
+    state = TrainState.create(model, build_optimizer(experiment, stage, total_steps), jax.random.key(experiment.seed))
+    step = functools.partial(reward_train_step, role.config, stage.center_rewards_coef,
+                             experiment.optimizer.micro_batches)
+    return role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step
+
+
+def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
+    """Load the model and pairs, build the first batch and compile the train step; nothing is trained."""
+    source = dry_run_source(experiment, stage.model, resolve)
+    _, _, dataset, _, _, iterator, total_steps, state, step = _setup(experiment, stage, resolve, source)
+    batch = device_batch(next(iterator), PAIR_KEYS)
+    print(f"  model {source or experiment.model.source}: {len(dataset)} pairs, up to {total_steps} steps, first "
+          f"batch {tuple(batch['chosen_tokens'].shape)} per side")
+    compile_report("reward train step", jax.jit(step), state, batch)
+
+
+def run(experiment, stage, stage_dir: Path, resolve) -> None:
+    role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step = _setup(
+        experiment, stage, resolve, stage.model)
+    step_fn = jax.jit(step, donate_argnums=0)
     state, records = fit(
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
         total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},

@@ -41,9 +41,8 @@ def evaluate(config, params, dataset, batch_size: int) -> dict[str, float]:
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": count}
 
 
-def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
-    """Load the model and data, build the first batch and compile the train step; nothing is trained."""
-    source = dry_run_source(experiment, stage.model, resolve)
+def _setup(experiment, stage, resolve, source):
+    """Everything a run (or a dry run) needs before the first step."""
     role = load_role(experiment, source, resolve)
     tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
     dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "sft", tokenizer)
@@ -51,26 +50,26 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
                             num_epochs=stage.epochs, pack=stage.packing,
                             loss_on_prompt=not stage.completion_only_loss)
     total_steps = _total_steps(stage, iterator)
-    state = TrainState.create(role.params, build_optimizer(experiment, stage, total_steps), jax.random.key(0))
+    state = TrainState.create(role.params, build_optimizer(experiment, stage, total_steps),
+                              jax.random.key(experiment.seed))
+    step = functools.partial(sft_train_step, role.config, experiment.optimizer.micro_batches)
+    return role, tokenizer, eval_dataset, data, iterator, total_steps, state, step
+
+
+def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
+    """Load the model and data, build the first batch and compile the train step; nothing is trained."""
+    source = dry_run_source(experiment, stage.model, resolve)
+    role, _, _, _, iterator, total_steps, state, step = _setup(experiment, stage, resolve, source)
     batch = device_batch(next(iterator), SFT_KEYS)
-    print(f"  model {source or experiment.model.source}: {role.config.num_params():,} params; {len(dataset)} "
-          f"examples, {total_steps} steps, first batch tokens {tuple(batch['tokens'].shape)}")
-    step_fn = jax.jit(functools.partial(sft_train_step, role.config, experiment.optimizer.micro_batches))
-    compile_report("sft train step", step_fn, state, batch)
+    print(f"  model {source or experiment.model.source}: {role.config.num_params():,} params; "
+          f"{len(iterator.dataset)} examples, {total_steps} steps, first batch tokens {tuple(batch['tokens'].shape)}")
+    compile_report("sft train step", jax.jit(step), state, batch)
 
 
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
-    role = load_role(experiment, stage.model, resolve)
-    tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
-    dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "sft", tokenizer)
-    iterator = DataIterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
-                            num_epochs=stage.epochs, pack=stage.packing,
-                            loss_on_prompt=not stage.completion_only_loss)
-    total_steps = _total_steps(stage, iterator)
-    tx = build_optimizer(experiment, stage, total_steps)
-    state = TrainState.create(role.params, tx, jax.random.key(experiment.seed))
-    micro = experiment.optimizer.micro_batches
-    step_fn = jax.jit(functools.partial(sft_train_step, role.config, micro), donate_argnums=0)
+    role, tokenizer, eval_dataset, data, iterator, total_steps, state, step = _setup(
+        experiment, stage, resolve, stage.model)
+    step_fn = jax.jit(step, donate_argnums=0)
     state, records = fit(
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
         total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},

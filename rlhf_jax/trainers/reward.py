@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses import bradley_terry_loss
