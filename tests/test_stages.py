@@ -132,3 +132,27 @@ def test_ppo_killed_mid_run_resumes_exactly(tmp_path, monkeypatch):
     full_records, resumed_records = read_metrics(full), read_metrics(resumed)
     for key in ("reward/mean", "kl/coef", "kl/mean", "policy/clipfrac"):
         assert resumed_records[-1][key] == full_records[-1][key], key
+
+
+def test_a_non_finite_loss_stops_the_stage_before_checkpointing_it(tmp_path):
+    import jax.numpy as jnp
+
+    from rlhf_jax.errors import UserError
+    from rlhf_jax.training.checkpoint import Checkpointer
+    from rlhf_jax.training.state import TrainState, make_optimizer
+
+    experiment = get_experiment("tiny_sft")
+    experiment = dataclasses.replace(experiment, checkpoint=dataclasses.replace(experiment.checkpoint, every_steps=1))
+    state = TrainState.create({"w": jnp.zeros(2)}, make_optimizer("sgd", 0.1), jax.random.key(0))
+
+    def step_fn(state, batch):
+        loss = jnp.where(state.step == 2, jnp.nan, 1.0)  # the third step diverges
+        return state.replace(step=state.step + 1), {"sft/loss": loss}
+
+    batches = iter([{"x": np.zeros(1)}] * 10)
+    with pytest.raises(UserError, match=r"stage sft: sft/loss is nan at step 3; stopping"):
+        common.fit(experiment=experiment, stage=experiment.stage("sft"), stage_dir=tmp_path, state=state,
+                   step_fn=step_fn, batches=batches, total_steps=10, host_state=dict,
+                   restore_host_state=lambda saved: None)
+    assert Checkpointer(tmp_path / "checkpoints").latest_step() == 2
+    assert not (tmp_path / "model").exists()

@@ -143,6 +143,7 @@ def fit(
                 break
             state, metrics = step_fn(state, prepare(batch))
             step += 1
+            check_finite_losses(metrics, step, stage.name)
             if step % every == 0 or step == total_steps:
                 metrics = {**jax.device_get(metrics), "time/step": (time.perf_counter() - tick) / every}
                 tick = time.perf_counter()
@@ -156,6 +157,15 @@ def fit(
     checkpointer.close()
     logger.close()
     return state, records
+
+
+def check_finite_losses(metrics: dict, step: int, stage_name: str) -> None:
+    """Stop (before this step is checkpointed) when a loss is NaN or infinite."""
+    for name, value in metrics.items():
+        if name.endswith("loss") and not np.isfinite(np.asarray(value)).all():
+            raise UserError(f"stage {stage_name}: {name} is {float(np.asarray(value))} at step {step}; stopping "
+                            "(lower the learning rate, check the data, or enable gradient clipping); the last "
+                            "checkpoint is kept and no model was written")
 
 
 def write_summary(stage_dir: Path, title: str, values: dict[str, float]) -> None:

@@ -26,7 +26,8 @@ from rlhf_jax.losses import adaptive_kl_controller, fixed_kl_controller
 from rlhf_jax.models import llama
 from rlhf_jax.rewards import get_reward_function, is_reward_function_spec
 from rlhf_jax.sampling.sampler import Sampler, SamplingSettings
-from rlhf_jax.stages.common import build_optimizer, load_role, load_stage_dataset, require_tokenizer, write_summary
+from rlhf_jax.stages.common import (build_optimizer, check_finite_losses, load_role, load_stage_dataset,
+                                    require_tokenizer, write_summary)
 from rlhf_jax.trainers import ppo
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.checkpoint import Checkpointer
@@ -166,6 +167,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
             "throughput/generate_tokens_per_s": new_tokens / max(generated - start, 1e-9),
             "throughput/tokens_per_s": new_tokens / max(trained - start, 1e-9),
         })
+        check_finite_losses(metrics, iteration, stage.name)
         if iteration % max(experiment.logging.every_steps, 1) == 0 or iteration == iterations:
             last_metrics = logger.log(iteration, metrics)
             shown = ", ".join(f"{k}={last_metrics[k]:.4g}" for k in ("reward/mean", "kl/mean", "policy/clipfrac"))
