@@ -156,3 +156,22 @@ def test_a_non_finite_loss_stops_the_stage_before_checkpointing_it(tmp_path):
                    restore_host_state=lambda saved: None)
     assert Checkpointer(tmp_path / "checkpoints").latest_step() == 2
     assert not (tmp_path / "model").exists()
+
+
+def test_ppo_refuses_a_reward_model_as_policy_and_a_language_model_as_reward_model(tmp_path):
+    from rlhf_jax.errors import UserError
+    from rlhf_jax.models import llama
+    from rlhf_jax.training.artifacts import save_artifact
+
+    config, params, tokenizer = load("tiny:smollm2")
+    lm_dir = save_artifact(tmp_path / "lm", config, params, tokenizer, "lm")
+    rm_dir = save_artifact(tmp_path / "rm", config, llama.init_scalar_model(config, params, jax.random.key(1)),
+                           tokenizer, "scalar")
+    experiment = get_experiment("tiny_pipeline")
+    for policy, reward_model, message in ((str(rm_dir), str(rm_dir), "policy: expected a language model"),
+                                          (str(lm_dir), str(lm_dir), "reward_model: expected a reward model")):
+        stage = dataclasses.replace(experiment.stage("ppo"), policy=policy, reward_model=reward_model)
+        runner = stage_registry.load_runner("ppo")
+        with pytest.raises(UserError, match=message):
+            runner(experiment, stage, tmp_path / "ppo", stage_registry.make_resolver(experiment, tmp_path))
+        assert not (tmp_path / "ppo" / "model").exists()
