@@ -37,7 +37,6 @@ DEGENERATE = {
 IM_END = 2  # <|im_end|>: EOS, pad, and the end of every assistant turn
 ASSISTANT_HEADER = [1, 520, 9531, 198]  # "<|im_start|>assistant\n"
 
-pytestmark = pytest.mark.skipif(not TRAIN.exists(), reason="shared HH-RLHF data not present")
 
 
 @pytest.fixture(scope="module")

@@ -135,7 +135,6 @@ class CountingTokenizer:
         return getattr(self._tokenizer, name)
 
 
-@pytest.mark.skipif(not HH_TRAIN.exists(), reason="shared HH-RLHF data not present")
 def test_tokenization_runs_once_not_per_epoch(tmp_path):
     from rlhf_jax.data import load_tokenizer
 
