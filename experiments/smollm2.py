@@ -5,6 +5,7 @@ from rlhf_jax.config import (
     CheckpointConfig,
     LoggingConfig,
     DataConfig,
+    EvaluateStage,
     ExperimentConfig,
     GenerateStage,
     ModelSpec,
@@ -76,5 +77,41 @@ def smollm2_hh_quick() -> ExperimentConfig:
             ),
             GenerateStage(name="samples", model="stage:ppo", prompts=HH_HARMLESS_DEV, num_prompts=8, batch_size=8,
                           max_new_tokens=64, stop=HH_STOP),
+        ),
+    )
+
+
+# Shared by the evaluation before and after PPO: 32 held-out prompts, sampled as in the rollouts.
+_HELD_OUT = dict(reward_model="stage:rm", reference="stage:sft", prompts=HH_HARMLESS_DEV, num_prompts=32,
+                 batch_size=16, max_prompt_length=64, max_new_tokens=48, temperature=1.0, samples=4)
+
+
+@register_experiment("smollm2_hh", "SFT -> RM -> PPO of SmolLM2-135M-Instruct on HH-RLHF harmless, about 30 min on a "
+                     "2-core CPU, with held-out reward and KL before and after PPO")
+def smollm2_hh() -> ExperimentConfig:
+    """The README's main job. Sized for a 2-core CPU: prompts keep their last 64 tokens, sequences 128.
+
+    The reward model is a linear probe on the frozen SFT features (400 pairs, one epoch): training the whole
+    backbone costs ~8 ms/token here versus ~1.7 ms/token for the forward pass alone.
+    """
+    return ExperimentConfig(
+        name="smollm2_hh",
+        run_dir=run_dir("smollm2_hh"),
+        model=ModelSpec(source=SMOLLM2),
+        data=DataConfig(path=HH_HARMLESS_TRAIN, eval_path=HH_HARMLESS_DEV, max_prompt_length=64, max_length=128,
+                        batch_size=8, max_examples=400),
+        optimizer=OptimizerConfig(learning_rate=1e-5, schedule=Schedule.CONSTANT),
+        checkpoint=CheckpointConfig(every_steps=5, keep_last=1),
+        logging=LoggingConfig(every_steps=1, sample_every=5),
+        stages=(
+            SFTStage(name="sft", learning_rate=1e-5, max_steps=12),
+            RewardStage(name="rm", model="stage:sft", freeze_backbone=True, learning_rate=2e-3, batch_size=16),
+            EvaluateStage(name="before", model="stage:sft", **_HELD_OUT),
+            PPOStage(
+                name="ppo", policy="stage:sft", reward_model="stage:rm", learning_rate=3e-6, max_steps=10,
+                rollout_batch_size=16, mini_batch_size=8, ppo_epochs=1, max_new_tokens=48, temperature=1.0,
+                kl_coef=0.05, kl_target=1.0, kl_horizon=2000,
+            ),
+            EvaluateStage(name="after", model="stage:ppo", baseline="before", **_HELD_OUT),
         ),
     )

@@ -1,9 +1,12 @@
 """Tiny random-init models on real HH data: smoke tests of the whole pipeline in seconds on a CPU."""
 
+import dataclasses
+
 from experiments.paths import HH_HARMLESS_DEV, HH_HARMLESS_TRAIN, HH_STOP, run_dir
 from rlhf_jax.config import (
     CheckpointConfig,
     DataConfig,
+    DPOStage,
     ExperimentConfig,
     GenerateStage,
     LoggingConfig,
@@ -33,6 +36,20 @@ def tiny_sft() -> ExperimentConfig:
         checkpoint=_TINY_CHECKPOINT,
         logging=_TINY_LOGGING,
         stages=(SFTStage(name="sft", max_steps=8),),
+    )
+
+
+@register_experiment("tiny_dpo", "DPO of a tiny random Llama on HH-RLHF pairs for 8 steps, 16 held out (smoke test)")
+def tiny_dpo() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="tiny_dpo",
+        run_dir=run_dir("tiny_dpo"),
+        model=ModelSpec(source="tiny:smollm2"),
+        data=dataclasses.replace(_TINY_DATA, max_examples=80, eval_fraction=0.2),
+        optimizer=_TINY_OPTIMIZER,
+        checkpoint=_TINY_CHECKPOINT,
+        logging=_TINY_LOGGING,
+        stages=(DPOStage(name="dpo", max_steps=8, beta=0.1),),
     )
 
 

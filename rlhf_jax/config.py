@@ -42,6 +42,7 @@ class StageKind(enum.StrEnum):
     DPO = "dpo"
     GRPO = "grpo"
     GENERATE = "generate"
+    EVALUATE = "evaluate"
 
 
 class DataFormat(enum.StrEnum):
@@ -178,6 +179,19 @@ class LoggingConfig:
     sample_every: int | None = 100  # log generated samples every N steps; None: never
 
 
+@_config
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021, arXiv:2106.09685): W x + (alpha / rank) b(a(x)).
+
+    ``targets`` are regular expressions searched in the path of each projection inside the decoder
+    layers, e.g. ``layers/self_attn/q_proj`` or ``layers/mlp/down_proj``; every pattern must match one.
+    """
+
+    rank: int = 0  # 0: off (full fine-tuning); e.g. 8 or 16
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    targets: tuple[str, ...] = ("self_attn/q_proj", "self_attn/v_proj")
+
+
 # --------------------------------------------------------------------------------------------
 # Stages.
 
@@ -209,6 +223,7 @@ class SFTStage(_TrainingStage):
     batch_size: int | None = None  # None: data.batch_size
     completion_only_loss: bool = True  # loss on response tokens only, not the prompt
     packing: bool = False  # pack several sequences per row (segment-aware attention)
+    lora: LoRAConfig = LoRAConfig()  # lora.rank > 0: train adapters only, write the merged model
 
 
 @_config
@@ -219,6 +234,7 @@ class RewardStage(_TrainingStage):
     model: str | None = _source("any_model", default=None)  # initial weights; None: model.source
     batch_size: int | None = None  # pairs per step; None: data.batch_size
     center_rewards_coef: float = 0.0  # penalty on (r_chosen + r_rejected)^2, keeps scores near 0
+    freeze_backbone: bool = False  # train the reward head only: a linear probe on frozen features (cheap on CPU)
 
 
 @_config
@@ -311,8 +327,31 @@ class GenerateStage(Stage):
     stop: tuple[str, ...] = ()  # stop strings, e.g. "\n\nHuman:"
 
 
+@_config
+class EvaluateStage(Stage):
+    """Score a policy on held-out prompts: reward, KL to a reference, length, samples (``evaluation.json``).
+
+    ``baseline`` names an earlier evaluate stage; the summary then shows before -> after for each metric.
+    """
+
+    kind: ClassVar[StageKind] = StageKind.EVALUATE
+    model: str | None = _source("language_model", default=None)  # None: model.source
+    reward_model: str = _source("reward_model")  # a reward stage / model, or fn:NAME[:ARG...]
+    reference: str | None = _source("language_model", default=None)  # None: no KL column
+    prompts: str = _path()  # a file of prompts (HH pairs give their prompts)
+    prompts_format: DataFormat = DataFormat.HH
+    num_prompts: int = 64  # the first N prompts
+    batch_size: int = 8
+    max_prompt_length: int = 512  # prompt tokens kept (the latest turns)
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    greedy: bool = False
+    samples: int = 3  # example generations kept in the report
+    baseline: str | None = None  # an earlier evaluate stage to compare with
+
+
 STAGE_TYPES: dict[StageKind, type[Stage]] = {
-    cls.kind: cls for cls in (SFTStage, RewardStage, PPOStage, DPOStage, GRPOStage, GenerateStage)
+    cls.kind: cls for cls in (SFTStage, RewardStage, PPOStage, DPOStage, GRPOStage, GenerateStage, EvaluateStage)
 }
 
 
@@ -1047,6 +1086,21 @@ def _check_supervised(stage: Any, prefix: str, config: ExperimentConfig) -> None
     _check_batch(stage_data(config, stage).batch_size, batch_key, config)
 
 
+def _check_lora(lora: LoRAConfig, prefix: str) -> None:
+    _check_range(lora, prefix, {"rank": (lambda v: v >= 0, "an integer >= 0 (0: off)"), "alpha": _POSITIVE})
+    _require(bool(lora.targets), prefix + "targets", lora.targets, "at least one projection pattern")
+    for pattern in lora.targets:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise _bad(prefix + "targets", pattern, f"a regular expression ({error})") from None
+
+
+def _check_sft(stage: SFTStage, prefix: str, config: ExperimentConfig) -> None:
+    _check_supervised(stage, prefix, config)
+    _check_lora(stage.lora, prefix + "lora.")
+
+
 def _check_reward(stage: RewardStage, prefix: str, config: ExperimentConfig) -> None:
     _check_supervised(stage, prefix, config)
     _check_range(stage, prefix, {"center_rewards_coef": _NON_NEGATIVE})
@@ -1057,6 +1111,8 @@ def _check_dpo(stage: DPOStage, prefix: str, config: ExperimentConfig) -> None:
     _check_range(stage, prefix, {
         "beta": _POSITIVE, "label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
     })
+    _require(stage.label_smoothing == 0 or stage.loss == DPOLoss.SIGMOID, prefix + "label_smoothing",
+             stage.label_smoothing, f"0 with loss={stage.loss} (label smoothing is for the sigmoid loss only)")
 
 
 def _check_rl(stage: _RLStage, prefix: str, config: ExperimentConfig) -> None:
@@ -1104,13 +1160,27 @@ def _check_generate(stage: GenerateStage, prefix: str, config: ExperimentConfig)
         _require(bool(stop), prefix + "stop", stage.stop, "non-empty stop strings")
 
 
+def _check_evaluate(stage: EvaluateStage, prefix: str, config: ExperimentConfig) -> None:
+    _require(bool(stage.prompts.strip()), prefix + "prompts", stage.prompts, "a prompts file path")
+    _check_range(stage, prefix, {
+        "num_prompts": _AT_LEAST_ONE, "batch_size": _AT_LEAST_ONE, "max_prompt_length": _AT_LEAST_ONE,
+        "max_new_tokens": _AT_LEAST_ONE, "temperature": _POSITIVE, "samples": _NON_NEGATIVE,
+    })
+    if stage.baseline is not None:
+        names = config.stage_names()
+        earlier = names[: names.index(stage.name)]
+        _require(stage.baseline in earlier and config.stage(stage.baseline).kind is StageKind.EVALUATE,
+                 prefix + "baseline", stage.baseline, "the name of an earlier evaluate stage")
+
+
 _CHECKS: dict[type, Callable[[Any, str, ExperimentConfig], None]] = {
-    SFTStage: _check_supervised,
+    SFTStage: _check_sft,
     RewardStage: _check_reward,
     DPOStage: _check_dpo,
     PPOStage: _check_ppo,
     GRPOStage: _check_grpo,
     GenerateStage: _check_generate,
+    EvaluateStage: _check_evaluate,
 }
 
 

@@ -6,23 +6,28 @@
     python -m rlhf_jax.launch experiment=tiny_pipeline run_dir=runs/try1
     python -m rlhf_jax.launch @runs/try1/config.overrides          # the same run again (resumes)
     python -m rlhf_jax.launch --config runs/try1/config.json       # likewise
+    python -m rlhf_jax.launch experiment=NAME --coordinator HOST:PORT --num-processes 2 --process-id 0
+    srun python -m rlhf_jax.launch experiment=NAME --distributed   # under SLURM (see launch/README.md)
 
 A run writes its config to ``<run_dir>/config.json`` and ``<run_dir>/config.overrides`` (one
 ``key=value`` per line, the form ``--print-config`` prints), then runs each stage in
 ``<run_dir>/<stage name>``; a stage whose ``DONE`` marker exists is skipped on a relaunch. A user
 error (unknown experiment or key, bad value, missing file) prints one line on stderr and exits 2.
+With several processes (`rlhf_jax.distributed`) every process runs the stages; process 0 alone prints
+and writes the run's files.
 """
 
 import argparse
 import dataclasses
 import datetime
 import json
+import os
 import pathlib
 import shutil
 import sys
 from typing import Sequence
 
-from rlhf_jax import registry, stages
+from rlhf_jax import distributed, registry, stages
 from rlhf_jax.config import (
     ExperimentConfig,
     apply_overrides,
@@ -68,10 +73,27 @@ def _parser() -> _Parser:
                       help="print the resolved config as key=value overrides (they reproduce it) and exit")
     mode.add_argument("--dry-run", action="store_true",
                       help="check everything and write the run's config without training")
+    mode.add_argument("--plan", action="store_true",
+                      help="compile every stage ahead of time on abstract arrays for the mesh and print its "
+                           "per-device memory against the accelerator (no weights, no run directory)")
+    planning = parser.add_argument_group("memory plans (--plan; see docs/scale.md)")
+    planning.add_argument("--devices", type=int, default=8, metavar="N",
+                          help="devices to plan for (default 8; faked on a CPU)")
+    planning.add_argument("--accelerator", default="a100-80gb", metavar="NAME",
+                          help="a100-40gb, a100-80gb (default), h100-80gb, h200-141gb")
     parser.add_argument("--config", metavar="PATH", help="start from a config.json written by an earlier run")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="continue a run_dir whose config.json differs (the old one is kept as "
                              f"{PREVIOUS_CONFIG_FILE}); finished stages stay finished")
+    cluster = parser.add_argument_group("multi-process (jax.distributed; see launch/README.md)")
+    cluster.add_argument("--distributed", action="store_true",
+                         help="join a multi-process run described by SLURM variables (automatic inside a "
+                              "multi-task srun step)")
+    cluster.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, the same for every process")
+    cluster.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
+    cluster.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0 to N-1")
+    cluster.add_argument("--local-device-ids", type=distributed.parse_device_ids, metavar="IDS",
+                         help="accelerators this process drives, e.g. 0,1 (default: all it sees)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="experiment=NAME and overrides")
     return parser
 
@@ -122,7 +144,7 @@ def prepare_run_dir(config: ExperimentConfig, allow_config_change: bool = False)
     run_dir = _run_dir(config)
     config_file = run_dir / CONFIG_FILE
     if config_file.exists():
-        previous = load_config(config_file)
+        previous = load_config(config_file)  # every process checks, before process 0 rewrites the file
         # The same directory spelled differently (runs/x vs ./runs/x) is the same run.
         if dataclasses.replace(previous, run_dir=config.run_dir) != config:
             if not allow_config_change:
@@ -136,8 +158,10 @@ def prepare_run_dir(config: ExperimentConfig, allow_config_change: bool = False)
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UserError(f"run_dir={config.run_dir}: cannot create it ({error.strerror})") from None
-    save_config(config, config_file)
-    (run_dir / OVERRIDES_FILE).write_text("\n".join(to_overrides(config)) + "\n")
+    distributed.barrier("rlhf_jax.launch.prepare_run_dir")
+    if distributed.is_main_process():
+        save_config(config, config_file)
+        (run_dir / OVERRIDES_FILE).write_text("\n".join(to_overrides(config)) + "\n")
     return run_dir
 
 
@@ -194,7 +218,8 @@ def run(config: ExperimentConfig, run_dir: pathlib.Path) -> None:
         print(f"stage {stage.name} ({stage.kind}): running in {stage_dir}", flush=True)
         runners[stage.name](config, stage, stage_dir, resolve)
         finished = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        (stage_dir / DONE_FILE).write_text(json.dumps({"stage": stage.name, "finished": finished}) + "\n")
+        if distributed.is_main_process():
+            (stage_dir / DONE_FILE).write_text(json.dumps({"stage": stage.name, "finished": finished}) + "\n")
         print(f"stage {stage.name} ({stage.kind}): done", flush=True)
     print(f"experiment {config.name}: all stages done in {run_dir}")
 
@@ -211,13 +236,47 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.print_config:
         print("\n".join(to_overrides(config)))
         return 0
+    if args.plan:
+        return plan(config, args.devices, args.accelerator, argv)
     validate(config, check_paths=True)
+    joined = distributed.initialize(
+        distributed.DistributedConfig(args.coordinator, args.num_processes, args.process_id, args.local_device_ids),
+        use_cluster=args.distributed)
+    if joined.is_multi_process and not distributed.is_main_process():
+        sys.stdout = open(os.devnull, "w")  # progress and summaries: process 0 speaks for the run
     run_dir = prepare_run_dir(config, args.allow_config_change)
     if args.dry_run:
         dry_run(config, run_dir)
     else:
         run(config, run_dir)
     return 0
+
+
+def plan(config: ExperimentConfig, num_devices: int, accelerator: str, argv: Sequence[str] | None) -> int:
+    """``--plan``: per-device memory of every stage for ``num_devices`` accelerators (see `rlhf_jax.plan`).
+
+    On a host with fewer devices than asked (a CPU), re-runs itself with ``num_devices`` fake CPU devices
+    (XLA reads the device count once, when JAX starts). Exit status 0 when every stage fits, 1 otherwise.
+    """
+    from rlhf_jax import plan as planning
+
+    if accelerator not in planning.ACCELERATORS:
+        raise UserError(f"--accelerator {accelerator}: unknown; expected one of {', '.join(planning.ACCELERATORS)}")
+    if num_devices < 1:
+        raise UserError(f"--devices must be at least 1, got {num_devices}")
+    from rlhf_jax.sharding import mesh_shape
+
+    mesh_shape(config.mesh, num_devices)  # a mesh that cannot use these devices fails here, before JAX starts
+    flag = f"--xla_force_host_platform_device_count={num_devices}"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        import subprocess
+
+        env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip(),
+               "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+        command = [sys.executable, "-m", "rlhf_jax.launch", *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.run(command, env=env).returncode
+    plans = planning.plan_experiment(config, num_devices)
+    return 0 if planning.print_plans(config, plans, accelerator, num_devices) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,8 +57,8 @@ def test_bad_input_exits_2_with_one_line(args, fragments):
 
 
 def test_running_a_stage_without_a_trainer_exits_2(tmp_path):
-    result = cli("experiment=dpo_7b", f"run_dir={tmp_path / 'run'}")
-    assert_user_error(result, "the dpo trainer is not available in this version of rlhf_jax")
+    result = cli("experiment=grpo_7b", f"run_dir={tmp_path / 'run'}")
+    assert_user_error(result, "the grpo trainer is not available in this version of rlhf_jax")
     assert not list((tmp_path / "run").glob("*/DONE"))
 
 

@@ -102,3 +102,46 @@ def test_reward_model_learns_a_token_preference():
     assert float(metrics["rm/accuracy"]) == 1.0
     assert float(metrics["rm/loss"]) < 0.2 * first
     assert {"rm/chosen_reward_std", "rm/rejected_reward_std", "rm/margin"} <= set(metrics)
+
+
+def test_frozen_backbone_reward_model_trains_only_the_head_with_head_only_optimizer_state():
+    rng = np.random.default_rng(1)
+    batch_size, length = 8, 10
+    base = rng.integers(10, CONFIG.vocab_size, (batch_size, length))
+    chosen, rejected = base.copy(), base.copy()
+    chosen[:, -1], rejected[:, -1] = 7, 9
+    mask = np.ones((batch_size, length), bool)
+    batch = {"chosen_tokens": jnp.asarray(chosen), "rejected_tokens": jnp.asarray(rejected),
+             "chosen_attention_mask": jnp.asarray(mask), "rejected_attention_mask": jnp.asarray(mask)}
+    model = llama.init_scalar_model(CONFIG, llama.init_params(CONFIG, jax.random.key(0)), jax.random.key(1))
+    trainable = lambda params: {"backbone": jax.tree.map(lambda _: False, params["backbone"]),  # noqa: E731
+                                "head": jax.tree.map(lambda _: True, params["head"])}
+    state = TrainState.create(model, make_optimizer("adamw", 1e-2, trainable=trainable), jax.random.key(0))
+    # Adam moments exist for the head only: 2 * (D + 1) floats, plus counters
+    head_floats = sum(x.size for x in jax.tree.leaves(model["head"]))
+    moment_floats = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert moment_floats == 2 * head_floats
+    step = jax.jit(functools.partial(reward_train_step, CONFIG, 0.0, 1, freeze_backbone=True))
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["rm/loss"]))
+    for before, after in zip(jax.tree.leaves(model["backbone"]), jax.tree.leaves(state.params["backbone"])):
+        np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+    assert not np.allclose(np.asarray(model["head"]["kernel"]), np.asarray(state.params["head"]["kernel"]))
+    assert losses[-1] < 0.5 * losses[0]
+    # the head's gradient equals the logistic-regression gradient on the frozen features (numpy reference)
+    from rlhf_jax.trainers.reward import reward_loss_sum
+
+    def features(tokens):
+        out = llama.forward(llama._backbone_config(CONFIG), model["backbone"], jnp.asarray(tokens),
+                            attention_mask=jnp.asarray(mask), compute_logits=False)
+        return np.asarray(out.hidden[:, -1], np.float64)
+
+    difference = features(chosen) - features(rejected)
+    w = np.asarray(model["head"]["kernel"], np.float64)[:, 0]
+    sigmoid = 1 / (1 + np.exp(-(difference @ w)))
+    expected = -((1 - sigmoid)[:, None] * difference).sum(0)  # d/dw Σ -log σ(w·(h_c - h_r))
+    grads = jax.grad(lambda m: reward_loss_sum(CONFIG, 0.0, m, batch, freeze_backbone=True)[0])(model)
+    np.testing.assert_allclose(np.asarray(grads["head"]["kernel"])[:, 0], expected, rtol=2e-4, atol=1e-6)
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads["backbone"]))

@@ -41,11 +41,18 @@ from rlhf_jax.losses.policy import (
     value_loss,
     value_loss_per_token,
 )
-from rlhf_jax.losses.preference import bradley_terry_loss, bradley_terry_per_pair
+from rlhf_jax.losses.preference import (
+    DPO_LOSS_TYPES,
+    bradley_terry_loss,
+    bradley_terry_per_pair,
+    dpo_loss,
+    dpo_per_pair,
+)
 from rlhf_jax.losses.sft import nll_per_token, sft_loss
 
 __all__ = [
     "AGGREGATION_MODES",
+    "DPO_LOSS_TYPES",
     "KL_ESTIMATORS",
     "KLController",
     "KLControllerState",
@@ -58,6 +65,8 @@ __all__ = [
     "check_aggregation_mode",
     "chunked_token_entropy",
     "chunked_token_logprobs",
+    "dpo_loss",
+    "dpo_per_pair",
     "entropy_bonus",
     "explained_variance",
     "fixed_kl_controller",

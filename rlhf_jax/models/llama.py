@@ -27,6 +27,13 @@ from rlhf_jax.models.config import DecoderConfig
 
 Params = Any
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
+HIDDEN_AXES = ("batch", "length", "embed")  # logical axes of [B, T, D] hidden states (rlhf_jax.sharding)
+
+
+def constrain_hidden(hidden: jax.Array) -> jax.Array:
+    """Shard hidden states [B, T, D] by the logical-axis rules in context; a no-op outside
+    `rlhf_jax.sharding.use_mesh` (no rules, no mesh)."""
+    return nn.with_logical_constraint(hidden, HIDDEN_AXES)
 
 
 class KVCache(flax.struct.PyTreeNode):
@@ -152,8 +159,26 @@ class RMSNorm(nn.Module):
         return (normed * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+class Dense(nn.Dense):
+    """`nn.Dense`, plus a low-rank update when the params also hold `lora_a: [in, r]`, `lora_b: [r, out]`.
+
+    y = x W (+ bias) + (x a) b: the adapted layer never forms W + a b, so LoRA training keeps no
+    merged [in, out] weight or weight-sized gradient (see `rlhf_jax.models.lora`). Plain params
+    (no `lora_*` entries) give exactly `nn.Dense`.
+    """
+
+    @nn.compact
+    def __call__(self, inputs):
+        outputs = super().__call__(inputs)
+        if not self.has_variable("params", "lora_a"):
+            return outputs
+        lora_a = self.get_variable("params", "lora_a").astype(self.dtype)
+        lora_b = self.get_variable("params", "lora_b").astype(self.dtype)
+        return outputs + ((inputs.astype(self.dtype) @ lora_a) @ lora_b).astype(outputs.dtype)
+
+
 def _dense(config: DecoderConfig, features: int, name: str, use_bias: bool = False) -> nn.Dense:
-    return nn.Dense(
+    return Dense(
         features,
         use_bias=use_bias,
         dtype=jnp.dtype(config.dtype),
@@ -213,7 +238,7 @@ class DecoderLayer(nn.Module):
         )
         hidden = hidden + attn_out
         hidden = hidden + SwiGLU(c, name="mlp")(norm(name="post_attention_layernorm")(hidden))
-        return hidden, layer_kv
+        return constrain_hidden(hidden), layer_kv
 
 
 def default_positions(attention_mask: jax.Array, segment_ids: jax.Array | None, start: jax.Array | None = None):
@@ -296,7 +321,7 @@ class Decoder(nn.Module):
                                           positions, key_positions, c.sliding_window)
             layer_kv = (cache.k, cache.v)
         cos, sin = rope_tables(c, positions)
-        hidden = self.embed_tokens(tokens)
+        hidden = constrain_hidden(self.embed_tokens(tokens))
         hidden, layer_kv = self.layers(hidden, cos, sin, allowed, cache_index, layer_kv)
         hidden = self.norm(hidden)
         if cache is not None:

@@ -337,11 +337,15 @@ class Sampler:
     saves at least a quarter of the padded batch's tokens and the packed row has at most
     `max_packed_length` tokens (its attention is quadratic in that length). `num_compilations` counts the compilations this sampler's calls caused (the jit cache is
     shared by all samplers in the process, keyed by model config, shapes and static settings).
+    With a `mesh` (`rlhf_jax.sharding`), the padded prompt rows are split over ("data", "fsdp") (the
+    batch bucket is rounded up to a multiple of data*fsdp) and `params` may be sharded by
+    `param_shardings`; the output equals the unsharded one (row keys do not depend on placement).
     """
 
     def __init__(self, config: DecoderConfig, *, min_prompt_bucket: int = 16, prompt_bucket_step: int = 64,
-                 max_packed_length: int = 2048):
+                 max_packed_length: int = 2048, mesh=None):
         self.config = config
+        self.mesh = mesh
         self.max_packed_length = max_packed_length
         self.min_prompt_bucket = min_prompt_bucket
         self.prompt_bucket_step = prompt_bucket_step
@@ -354,6 +358,9 @@ class Sampler:
         prompt_mask = np.asarray(prompt_mask, bool)
         batch, length = prompt_tokens.shape
         rows = batch_bucket(batch)
+        if self.mesh is not None:
+            shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            rows = shards * math.ceil(rows / shards)
         columns = prompt_bucket(length, self.min_prompt_bucket, self.prompt_bucket_step)
         padded_tokens = np.zeros((rows, columns), np.int32)
         padded_mask = np.zeros((rows, columns), bool)
@@ -363,7 +370,17 @@ class Sampler:
         if packed_length > min(self.max_packed_length, 0.75 * rows * columns):
             packed_length = None
         traces_before = _traces
-        out = _compiled_generate(self.config, params, padded_tokens, padded_mask, key, settings, packed_length)
+        if self.mesh is None:
+            out = _compiled_generate(self.config, params, padded_tokens, padded_mask, key, settings, packed_length)
+        else:
+            from rlhf_jax.sharding import place_batch, use_mesh
+
+            if self.mesh.shape["data"] * self.mesh.shape["fsdp"] > 1:
+                packed_length = None  # one packed row cannot be split over the batch axes
+            padded_tokens, padded_mask = place_batch((padded_tokens, padded_mask), self.mesh)
+            with use_mesh(self.mesh):
+                out = _compiled_generate(self.config, params, padded_tokens, padded_mask, key, settings,
+                                         packed_length)
         self.num_compilations += _traces - traces_before
         return SamplerOutput(*(array[:batch] for array in out))
 

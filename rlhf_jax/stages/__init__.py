@@ -50,6 +50,7 @@ class RunnerUnavailable(UserError):
 # unavailable when a run needs it; adding the module is all it takes to enable it.
 RUNNERS: dict[str, str] = {
     "generate": "rlhf_jax.stages.generate:run",
+    "evaluate": "rlhf_jax.stages.evaluate:run",
     "sft": "rlhf_jax.stages.sft:run",
     "reward": "rlhf_jax.stages.reward:run",
     "ppo": "rlhf_jax.stages.ppo:run",

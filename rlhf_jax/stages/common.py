@@ -54,6 +54,13 @@ def load_role(experiment: ExperimentConfig, source: str | None, resolve: Callabl
     return Role(dataclasses.replace(config, remat=spec.remat), params, tokenizer, "lm", {})
 
 
+def require_language_model(role: Role, what: str) -> None:
+    """Refuse a reward/value model where a stage needs a language model (it has no LM head to train or sample)."""
+    if role.kind != "lm":
+        raise UserError(f"{what}: expected a language model, got a {role.kind} (reward/value) model; point it at "
+                        "an SFT stage, a Hugging Face directory or a GGUF file")
+
+
 def require_tokenizer(role: Role, what: str):
     if role.tokenizer is None:
         raise UserError(f"{what}: the model has no tokenizer; use a model source with one (a GGUF file, a "
@@ -181,7 +188,10 @@ def write_summary(stage_dir: Path, title: str, values: dict[str, float]) -> None
     for name, value in values.items():
         table.add_row(name, f"{value:.6g}" if isinstance(value, float) else str(value))
     Console().print(table)
-    (stage_dir / "summary.json").write_text(json.dumps(values, indent=1))
+    from rlhf_jax.distributed import is_main_process
+
+    if is_main_process():
+        (stage_dir / "summary.json").write_text(json.dumps(values, indent=1))
 
 
 def dry_run_source(experiment: ExperimentConfig, source: str | None, resolve: Callable[[str], str]) -> str | None:

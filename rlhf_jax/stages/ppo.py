@@ -26,6 +26,8 @@ from rlhf_jax.losses import adaptive_kl_controller, fixed_kl_controller
 from rlhf_jax.models import llama
 from rlhf_jax.rewards import get_reward_function, is_reward_function_spec
 from rlhf_jax.sampling.sampler import Sampler, SamplingSettings
+from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_state, shard_train_step,
+                               state_shardings, use_mesh, validate_mesh_for_model)
 from rlhf_jax.stages.common import (build_optimizer, check_finite_losses, load_role, load_stage_dataset,
                                     require_tokenizer, write_summary)
 from rlhf_jax.trainers import ppo
@@ -55,11 +57,18 @@ def check_same_tokenizer(policy_tokenizer, other_tokenizer, what: str) -> None:
         raise UserError(f"{what}: its tokenizer differs from the policy's; PPO here needs roles that share one")
 
 
+def frozen_params(params, dtype):
+    """A frozen role's own copy of `params` in the compute dtype: the forward casts weights to it anyway, so
+    the outputs are unchanged while bf16 runs hold half the bytes (and never alias the donated policy)."""
+    return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.dtype(dtype), copy=True), params)
+
+
 def _scalar_model(role, key):
     return role.params if role.kind == "scalar" else llama.init_scalar_model(role.config, role.params, key)
 
 
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
+    mesh = make_mesh(experiment.mesh)  # a bad mesh fails before the models load
     key = jax.random.key(experiment.seed)
     policy_role = load_role(experiment, stage.policy, resolve)
     tokenizer = require_tokenizer(policy_role, f"stages.{stage.name}.policy")
@@ -78,7 +87,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
                             "got a language model")
         check_same_tokenizer(tokenizer, reward_role.tokenizer, f"stages.{stage.name}.reward_model")
     if stage.reference is None:
-        reference_config, reference = policy_role.config, jax.tree.map(jnp.copy, policy_role.params)
+        reference_config, reference = policy_role.config, policy_role.params  # copied by frozen_params below
     else:
         reference_role = load_role(experiment, stage.reference, resolve, with_tokenizer=False)
         reference_config, reference = reference_role.config, reference_role.params
@@ -88,7 +97,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     critic = jax.tree.map(jnp.copy, _scalar_model(critic_role, jax.random.fold_in(key, 7)))
     policy_config, critic_config = policy_role.config, critic_role.config
     reward = reward_function if reward_role is None else reward_role.config
-    reward_params = {} if reward_role is None else reward_role.params
+    reward_params = {} if reward_role is None else frozen_params(reward_role.params, reward.dtype)
     reward_metadata = {} if reward_role is None else reward_role.metadata
     if reference_config != policy_config:
         raise UserError(f"stages.{stage.name}.reference: architecture differs from the policy's")
@@ -106,6 +115,13 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     policy_state = TrainState.create(policy_role.params, build_optimizer(experiment, stage, updates),
                                      jax.random.fold_in(key, 1))
     critic_state = TrainState.create(critic, build_optimizer(experiment, stage, updates), jax.random.fold_in(key, 2))
+    for config in [policy_config, critic_config] + ([reward] if reward_role is not None else []):
+        validate_mesh_for_model(config, mesh)
+    state_sharding = (state_shardings(policy_state, mesh), state_shardings(critic_state, mesh))
+    policy_state, critic_state = place_state((policy_state, critic_state), state_sharding)
+    reference = frozen_params(reference, reference_config.dtype)  # frozen roles in the compute dtype
+    reference = place_state(reference, param_shardings(reference, mesh))
+    reward_params = place_state(reward_params, param_shardings(reward_params, mesh))
     if stage.kl_target is None:
         controller = fixed_kl_controller(stage.kl_coef)
     else:
@@ -113,7 +129,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     kl_state = controller.init()
     settings = SamplingSettings(max_new_tokens=stage.max_new_tokens, temperature=stage.temperature,
                                 top_p=None if stage.top_p >= 1.0 else stage.top_p, top_k=stage.top_k or 0)
-    sampler = Sampler(policy_config)
+    sampler = Sampler(policy_config, mesh=mesh)
 
     checkpointer = Checkpointer(stage_dir / "checkpoints", experiment.checkpoint.every_steps,
                                 experiment.checkpoint.keep_last)
@@ -133,24 +149,26 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     while iteration < iterations:
         batch = next(iterator)
         rng, sample_key, shuffle_key = jax.random.split(rng, 3)
-        prompt_tokens, prompt_mask = jnp.asarray(batch["prompt_tokens"]), jnp.asarray(batch["prompt_mask"])
+        prompt_tokens, prompt_mask = place_batch((batch["prompt_tokens"], batch["prompt_mask"]), mesh)
         start = time.perf_counter()
         sample = jax.block_until_ready(sampler(policy_state.params, prompt_tokens, prompt_mask, sample_key, settings))
         generated = time.perf_counter()
-        experience, metrics = experience_fn(policy_state.params, reference, critic_state.params, reward_params,
-                                            prompt_tokens, prompt_mask, sample.response_tokens, sample.response_mask,
-                                            sample.ended_with_eos, kl_state.kl_coef)
+        with use_mesh(mesh):
+            experience, metrics = experience_fn(policy_state.params, reference, critic_state.params, reward_params,
+                                                prompt_tokens, prompt_mask, sample.response_tokens,
+                                                sample.response_mask, sample.ended_with_eos, kl_state.kl_coef)
         metrics = jax.device_get(metrics)
         scored = time.perf_counter()
         prompt_length = prompt_tokens.shape[1]
         if prompt_length not in update_fns:
-            update_fns[prompt_length] = jax.jit(functools.partial(
-                ppo.ppo_update_step, policy_config, critic_config, hyper, prompt_length), donate_argnums=(0, 1))
+            update_fns[prompt_length] = shard_train_step(functools.partial(
+                ppo.ppo_update_step, policy_config, critic_config, hyper, prompt_length), state_sharding, mesh)
         update_fn = update_fns[prompt_length]
         epochs_done, update_metrics = 0, []
         for epoch_key in jax.random.split(shuffle_key, stage.ppo_epochs):
             for minibatch in ppo.minibatches(experience, epoch_key, stage.mini_batch_size):
-                policy_state, critic_state, step_metrics = update_fn(policy_state, critic_state, minibatch)
+                policy_state, critic_state, step_metrics = update_fn(policy_state, critic_state,
+                                                                     place_batch(minibatch, mesh))
                 update_metrics.append(jax.device_get(step_metrics))
             epochs_done += 1
             if stage.target_approx_kl is not None and update_metrics[-1]["policy/approx_kl"] > stage.target_approx_kl:

@@ -16,6 +16,8 @@ from rlhf_jax.data import DataIterator
 from rlhf_jax.models import llama
 from rlhf_jax.stages.common import (build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
                                     load_stage_dataset, require_tokenizer, write_summary)
+from rlhf_jax.sharding import (make_mesh, place_batch, place_for_training, shard_train_step, state_shardings,
+                               validate_mesh_for_model)
 from rlhf_jax.trainers.reward import reward_eval_step, reward_train_step
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.state import TrainState
@@ -64,31 +66,40 @@ def _setup(experiment, stage, resolve, source):
     per_epoch = iterator.steps_per_epoch
     total_steps = per_epoch * stage.epochs if stage.max_steps is None else min(stage.max_steps,
                                                                                per_epoch * stage.epochs)
-    state = TrainState.create(model, build_optimizer(experiment, stage, total_steps), jax.random.key(experiment.seed))
+    trainable = None
+    if stage.freeze_backbone:  # no optimizer state for the frozen backbone
+        trainable = lambda params: {"backbone": jax.tree.map(lambda _: False, params["backbone"]),  # noqa: E731
+                                    "head": jax.tree.map(lambda _: True, params["head"])}
+    state = TrainState.create(model, build_optimizer(experiment, stage, total_steps, trainable),
+                              jax.random.key(experiment.seed))
     step = functools.partial(reward_train_step, role.config, stage.center_rewards_coef,
-                             experiment.optimizer.micro_batches)
+                             experiment.optimizer.micro_batches, freeze_backbone=stage.freeze_backbone)
     return role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step
 
 
 def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     """Load the model and pairs, build the first batch and compile the train step; nothing is trained."""
     source = dry_run_source(experiment, stage.model, resolve)
-    _, _, dataset, _, _, iterator, total_steps, state, step = _setup(experiment, stage, resolve, source)
+    role, _, dataset, _, _, iterator, total_steps, state, step = _setup(experiment, stage, resolve, source)
     batch = device_batch(next(iterator), PAIR_KEYS)
     print(f"  model {source or experiment.model.source}: {len(dataset)} pairs, up to {total_steps} steps, first "
           f"batch {tuple(batch['chosen_tokens'].shape)} per side")
-    compile_report("reward train step", jax.jit(step), state, batch)
+    mesh = make_mesh(experiment.mesh)
+    validate_mesh_for_model(role.config, mesh)
+    compile_report("reward train step", shard_train_step(step, state_shardings(state, mesh), mesh), state, batch)
 
 
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
+    mesh = make_mesh(experiment.mesh)  # a bad mesh fails before the model loads
     role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step = _setup(
         experiment, stage, resolve, stage.model)
-    step_fn = jax.jit(step, donate_argnums=0)
+    validate_mesh_for_model(role.config, mesh)
+    (state,), step_fn = place_for_training(step, (state,), mesh)
     state, records = fit(
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
         total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},
         restore_host_state=lambda saved: iterator.set_state(saved["data"]),
-        prepare=lambda batch: device_batch(batch, PAIR_KEYS),
+        prepare=lambda batch: place_batch(device_batch(batch, PAIR_KEYS), mesh),
     )
     summary = {"steps": int(state.step)}
     if records:

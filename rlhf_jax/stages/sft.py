@@ -10,8 +10,14 @@ import jax
 import numpy as np
 
 from rlhf_jax.data import DataIterator
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.models.lora import adapter_paths, init_lora, merge, num_params
 from rlhf_jax.stages.common import (build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
-                                    load_stage_dataset, require_tokenizer, write_summary)
+                                    load_stage_dataset, require_language_model, require_tokenizer,
+                                    write_summary)
+from rlhf_jax.trainers.lora import lora_sft_train_step
+from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, shard_train_step,
+                               state_shardings, validate_mesh_for_model)
 from rlhf_jax.trainers.sft import sft_eval_step, sft_train_step
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.state import TrainState
@@ -44,42 +50,67 @@ def evaluate(config, params, dataset, batch_size: int) -> dict[str, float]:
 def _setup(experiment, stage, resolve, source):
     """Everything a run (or a dry run) needs before the first step."""
     role = load_role(experiment, source, resolve)
+    require_language_model(role, f"stages.{stage.name}.model")
     tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
     dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "sft", tokenizer)
     iterator = DataIterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
                             num_epochs=stage.epochs, pack=stage.packing,
                             loss_on_prompt=not stage.completion_only_loss)
     total_steps = _total_steps(stage, iterator)
-    state = TrainState.create(role.params, build_optimizer(experiment, stage, total_steps),
-                              jax.random.key(experiment.seed))
+    tx = build_optimizer(experiment, stage, total_steps)
+    key = jax.random.key(experiment.seed)
+    if stage.lora.rank > 0:  # the state is the adapters; the base model is a frozen first argument
+        try:
+            adapters = init_lora(role.params, stage.lora, jax.random.fold_in(key, 1))
+        except ConfigError as error:  # name the stage's key: "stages.sft.lora.targets: ..."
+            raise ConfigError(f"stages.{stage.name}.{error}") from None
+        state = TrainState.create(adapters, tx, key)
+        step = functools.partial(lora_sft_train_step, role.config, stage.lora, experiment.optimizer.micro_batches)
+        return role, tokenizer, eval_dataset, data, iterator, total_steps, state, step, (role.params,)
+    state = TrainState.create(role.params, tx, key)
     step = functools.partial(sft_train_step, role.config, experiment.optimizer.micro_batches)
-    return role, tokenizer, eval_dataset, data, iterator, total_steps, state, step
+    return role, tokenizer, eval_dataset, data, iterator, total_steps, state, step, ()
+
+
+def _trained_params(stage, role, state):
+    """The model the stage writes: its params, or with LoRA the base with the adapters merged in."""
+    return merge(role.params, state.params, stage.lora) if stage.lora.rank > 0 else state.params
 
 
 def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     """Load the model and data, build the first batch and compile the train step; nothing is trained."""
     source = dry_run_source(experiment, stage.model, resolve)
-    role, _, _, _, iterator, total_steps, state, step = _setup(experiment, stage, resolve, source)
+    role, _, _, _, iterator, total_steps, state, step, frozen = _setup(experiment, stage, resolve, source)
     batch = device_batch(next(iterator), SFT_KEYS)
     print(f"  model {source or experiment.model.source}: {role.config.num_params():,} params; "
           f"{len(iterator.dataset)} examples, {total_steps} steps, first batch tokens {tuple(batch['tokens'].shape)}")
-    compile_report("sft train step", jax.jit(step), state, batch)
+    if stage.lora.rank > 0:
+        print(f"  lora rank {stage.lora.rank} on {len(adapter_paths(role.params, stage.lora))} projections: "
+              f"{num_params(state.params):,} trained params")
+    mesh = make_mesh(experiment.mesh)
+    validate_mesh_for_model(role.config, mesh)
+    frozen_shardings = tuple(param_shardings(params, mesh) for params in frozen)
+    compile_report("sft train step", shard_train_step(step, state_shardings(state, mesh), mesh,
+                                                      frozen_shardings=frozen_shardings), *frozen, state, batch)
 
 
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
-    role, tokenizer, eval_dataset, data, iterator, total_steps, state, step = _setup(
+    mesh = make_mesh(experiment.mesh)  # a bad mesh fails before the model loads
+    role, tokenizer, eval_dataset, data, iterator, total_steps, state, step, frozen = _setup(
         experiment, stage, resolve, stage.model)
-    step_fn = jax.jit(step, donate_argnums=0)
+    validate_mesh_for_model(role.config, mesh)
+    (state,), step_fn = place_for_training(step, (state,), mesh, frozen)
     state, records = fit(
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
         total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},
         restore_host_state=lambda saved: iterator.set_state(saved["data"]),
-        prepare=lambda batch: device_batch(batch, SFT_KEYS),
+        prepare=lambda batch: place_batch(device_batch(batch, SFT_KEYS), mesh),
     )
     summary = {"steps": int(state.step)}
     if records:
         summary["train/loss"] = records[-1]["sft/loss"]
+    params = _trained_params(stage, role, state)
     if eval_dataset is not None:
-        summary.update(evaluate(role.config, state.params, eval_dataset, data.batch_size))
-    save_artifact(stage_dir / "model", role.config, state.params, tokenizer, "lm", {"stage": stage.name, **summary})
+        summary.update(evaluate(role.config, params, eval_dataset, data.batch_size))
+    save_artifact(stage_dir / "model", role.config, params, tokenizer, "lm", {"stage": stage.name, **summary})
     write_summary(stage_dir, f"SFT stage '{stage.name}'", summary)

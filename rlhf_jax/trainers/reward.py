@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses import bradley_terry_loss
@@ -26,8 +27,13 @@ def pair_rewards(config: DecoderConfig, model, batch):
     return rewards[:half], rewards[half:]
 
 
-def reward_loss_sum(config: DecoderConfig, center_coef: float, model, batch):
-    """(Σ pair losses, (pair count, summed metrics)) for one micro-batch."""
+def reward_loss_sum(config: DecoderConfig, center_coef: float, model, batch, freeze_backbone: bool = False):
+    """(Σ pair losses, (pair count, summed metrics)) for one micro-batch.
+
+    freeze_backbone: no gradient reaches the backbone (only the head learns), so the backward pass skips it.
+    """
+    if freeze_backbone:
+        model = {"backbone": jax.lax.stop_gradient(model["backbone"]), "head": model["head"]}
     chosen, rejected = pair_rewards(config, model, batch)
     pair_mask = batch.get("pair_mask", jnp.ones(chosen.shape, bool))
     loss, metrics = bradley_terry_loss(chosen, rejected, margin=batch.get("margin"), pair_mask=pair_mask,
@@ -47,10 +53,11 @@ def _finish_metrics(loss, metrics):
     return out
 
 
-def reward_train_step(config: DecoderConfig, center_coef: float, num_microbatches: int, state: TrainState, batch):
+def reward_train_step(config: DecoderConfig, center_coef: float, num_microbatches: int, state: TrainState, batch,
+                      freeze_backbone: bool = False):
     """One optimizer step of Bradley-Terry training. Returns (state, metrics)."""
-    loss, grads, metrics = accumulate_gradients(functools.partial(reward_loss_sum, config, center_coef),
-                                                state.params, batch, num_microbatches)
+    loss_sum = functools.partial(reward_loss_sum, config, center_coef, freeze_backbone=freeze_backbone)
+    loss, grads, metrics = accumulate_gradients(loss_sum, state.params, batch, num_microbatches)
     state = state.apply_gradients(grads)
     return state, _finish_metrics(loss, metrics)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -16,11 +17,18 @@ LossSumFn = Callable[[Any, Any], tuple[jax.Array, tuple[jax.Array, dict]]]
 
 
 def split_microbatches(batch: Any, num_microbatches: int) -> Any:
-    """Reshape every leaf [B, ...] -> [M, B/M, ...] (B must be divisible by M)."""
+    """Reshape every leaf [B, ...] -> [M, B/M, ...] (B must be divisible by M), strided: micro-batch m
+    holds rows m, m + M, m + 2M, ...
+
+    Strided, because a batch sharded over devices in contiguous blocks of rows then has rows of every
+    micro-batch on every device: the split moves no data, and each micro-batch stays spread over the
+    batch axes of the mesh (the constraint; a no-op without `rlhf_jax.sharding` rules).
+    """
 
     def split(x):
         assert x.shape[0] % num_microbatches == 0, (x.shape, num_microbatches)
-        return x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:])
+        x = jnp.swapaxes(x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:]), 0, 1)
+        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
 
     return jax.tree.map(split, batch)
 

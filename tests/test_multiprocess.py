@@ -1,0 +1,160 @@
+"""Multi-process runs on one machine: `jax.distributed` on localhost with gloo CPU collectives.
+
+Two processes (one CPU device each) take a data-parallel SFT step on their halves of a global batch and
+must end with identical params, equal to one process stepping on the whole batch; the checkpoint they
+write together restores in both. Also: the SLURM / flag resolution of `rlhf_jax.distributed` and the
+launcher's flags, and (slow) `launch/local.py` running the real command line in two processes.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rlhf_jax import distributed
+from rlhf_jax.distributed import DistributedConfig
+from rlhf_jax.errors import ConfigError, UserError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+HELPER = REPO / "tests" / "multiprocess_sft_step.py"
+TIMEOUT = 300
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_env() -> dict[str, str]:
+    """One CPU device per process (no forced host device count), no accelerator."""
+    return {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def run_all(commands: list[list[str]], cwd=REPO) -> list[subprocess.CompletedProcess]:
+    """Start every command at once (they meet at the coordinator), wait for all; kill all on timeout."""
+    children = [subprocess.Popen(command, cwd=cwd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for command in commands]
+    results = []
+    try:
+        for command, child in zip(commands, children):
+            stdout, stderr = child.communicate(timeout=TIMEOUT)
+            results.append(subprocess.CompletedProcess(command, child.returncode, stdout, stderr))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    for result in results:
+        assert result.returncode == 0, f"{' '.join(result.args)} exited {result.returncode}:\n{result.stderr[-4000:]}"
+    return results
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    port = free_port()
+    helper = [sys.executable, str(HELPER), str(tmp_path)]
+    run_all([helper + ["--reference"]] + [
+        helper + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
+        for i in range(2)])
+    initial, reference = np.load(tmp_path / "params_initial.npz"), np.load(tmp_path / "params_reference.npz")
+    first, second = np.load(tmp_path / "params_0.npz"), np.load(tmp_path / "params_1.npz")
+    assert set(first) == set(second) == set(reference)
+    assert max(np.abs(reference[k] - initial[k]).max() for k in reference) > 1e-3  # the steps moved the params
+    for name in reference:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+        np.testing.assert_allclose(first[name], reference[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    for process in range(2):  # the checkpoint written by both processes restores in both
+        restored = np.load(tmp_path / f"restored_{process}.npz")
+        for name in reference:
+            np.testing.assert_array_equal(restored[name], first[name], err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution of flags and SLURM variables (no JAX involved).
+
+SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+         "SLURM_STEP_NODELIST": "gpu[07-10],cpu1", "SLURM_JOB_NODELIST": "gpu[07-10],cpu1"}
+
+
+@pytest.mark.parametrize("nodelist, host", [
+    ("node01", "node01"), ("node01,node02", "node01"), ("node[01-04],gpu7", "node01"),
+    ("node[001,007-015],host2", "node001"), ("a-b[3-4]", "a-b3"), ("node[7]", "node7"),
+])
+def test_first_host_of_a_slurm_nodelist(nodelist, host):
+    assert distributed.first_host(nodelist) == host
+
+
+def test_slurm_variables_give_coordinator_count_and_id():
+    config = distributed.resolve(use_cluster=True, env=SLURM)
+    # the port jax itself derives from the job id, so a plain `jax.distributed.initialize()` would agree
+    assert config == DistributedConfig("gpu07:" + str(65535 - 4096 + 1 + 4242 % 4096), 4, 3)
+    config = distributed.resolve(use_cluster=True, env={**SLURM, distributed.PORT_ENV: "1234"})
+    assert config.coordinator_address == "gpu07:1234"
+    # an srun step of several tasks joins without --distributed; explicit flags win over the variables
+    assert distributed.resolve(env=SLURM).num_processes == 4
+    assert distributed.resolve(DistributedConfig(coordinator_address="head:99"), env=SLURM) == \
+        DistributedConfig("head:99", 4, 3)
+    # a single task (sbatch's batch step, or -n 1) is a plain one-process run
+    assert not distributed.resolve(env={**SLURM, "SLURM_NTASKS": "1"}).is_multi_process
+
+
+def test_outside_slurm_distributed_is_a_clear_error():
+    with pytest.raises(UserError, match="not inside a SLURM job step .*SLURM_NTASKS"):
+        distributed.resolve(use_cluster=True, env={})
+    with pytest.raises(UserError, match="SLURM_PROCID='x': expected an integer"):
+        distributed.resolve(use_cluster=True, env={**SLURM, "SLURM_PROCID": "x"})
+
+
+@pytest.mark.parametrize("config, message", [
+    (DistributedConfig("127.0.0.1:5000", 2, 2), r"--process-id 2: must be in \[0, 2\) for --num-processes 2"),
+    (DistributedConfig("127.0.0.1:5000", 2, -1), r"--process-id -1: must be in \[0, 2\)"),
+    (DistributedConfig("127.0.0.1:5000", 2, None), "--process-id: needed with --num-processes 2"),
+    (DistributedConfig(None, 2, 0), "--coordinator HOST:PORT: needed with --num-processes 2"),
+    (DistributedConfig("127.0.0.1", 2, 0), "--coordinator 127.0.0.1: expected HOST:PORT"),
+    (DistributedConfig("127.0.0.1:5000", None, 0), "--num-processes: needed"),
+    (DistributedConfig("127.0.0.1:5000", 0, 0), "--num-processes 0: expected at least 1"),
+    (DistributedConfig(None, 1, 1), "--process-id 1: must be 0 with --num-processes 1"),
+])
+def test_inconsistent_flags_are_config_errors(config, message):
+    with pytest.raises(ConfigError, match=message):
+        distributed.resolve(config, env={})
+
+
+def test_one_process_is_a_no_op():
+    assert distributed.initialize(DistributedConfig(None, 1, 0), env={}) == DistributedConfig(None, 1, 0)
+    assert not distributed.initialize(env={}).is_multi_process
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the real command line.
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+     "error: --process-id 2: must be in [0, 2) for --num-processes 2"),
+    (["--num-processes", "2", "--process-id", "0"], "error: --coordinator HOST:PORT: needed with --num-processes 2"),
+    (["--local-device-ids", "0,x"], "error: --local-device-ids 0,x: expected comma-separated integers, e.g. 0,1"),
+])
+def test_launcher_refuses_inconsistent_process_flags_in_one_line(tmp_path, flags, message):
+    result = subprocess.run([sys.executable, "-m", "rlhf_jax.launch", "experiment=tiny_sft",
+                             f"run_dir={tmp_path / 'run'}", *flags], cwd=REPO, env=cpu_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [message]
+    assert not (tmp_path / "run").exists()
+
+
+def test_local_launcher_prefixes_output_and_returns_the_failure_status():
+    result = subprocess.run([sys.executable, "launch/local.py", "-n", "2", "--", "experiment=tiny_sf"], cwd=REPO,
+                            env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = sorted(result.stderr.splitlines())
+    assert lines[:2] == [f"[p{i}] error: experiment=tiny_sf: unknown experiment (did you mean 'tiny_sft'?); run "
+                         "with --list to see them all" for i in range(2)]
+    assert lines[2] == "launch/local.py: a process failed (p0=2, p1=2)"
