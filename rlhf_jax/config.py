@@ -51,6 +51,14 @@ class DataFormat(enum.StrEnum):
     PARQUET = "parquet"  # the same columns as JSONL
 
 
+class RematPolicy(enum.StrEnum):
+    """What a rematerialised decoder block saves for the backward pass (`jax.checkpoint_policies`)."""
+
+    NOTHING = "nothing_saveable"  # recompute the whole block: least memory, one extra forward
+    DOTS = "dots_saveable"  # keep matmul outputs: recompute only the cheap element-wise parts
+    DOTS_NO_BATCH = "dots_with_no_batch_dims_saveable"  # keep matmuls without batch dims (weights x activations)
+
+
 class OptimizerName(enum.StrEnum):
     ADAMW = "adamw"
     ADAM = "adam"
@@ -124,6 +132,7 @@ class ModelSpec:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
     param_dtype: str = "float32"  # stored parameter dtype
     remat: bool = False  # recompute activations in the backward pass (saves memory)
+    remat_policy: RematPolicy = RematPolicy.NOTHING  # what each block keeps for the backward pass when remat=true
 
 
 @_config
@@ -279,6 +288,7 @@ class _RLStage(_TrainingStage):
     reward_clip: float | None = None  # clip scores to [-c, c]; None: off
     whiten_rewards: bool = False
     target_approx_kl: float | None = None  # stop an iteration's epochs when approx-KL exceeds it
+    offload_frozen: bool = False  # park the reference and reward model in host memory outside the scoring pass
 
 
 @_config

@@ -7,7 +7,7 @@ Every process runs the same program on its own devices; `jax.devices()` then lis
 processes and a jitted step over a mesh of them is one collective computation. `initialize` must run
 before anything touches a JAX backend. One process (the default) needs no coordinator: `initialize` is a
 no-op. Process 0 is the main process: it alone prints progress and writes run files (config, metrics,
-DONE markers, model artifacts); checkpoints are written collectively by every process.
+DONE markers, an artifact's header); checkpoints and artifact params are written collectively by every process.
 
 SLURM: the coordinator is the first host of ``SLURM_STEP_NODELIST`` (or ``SLURM_JOB_NODELIST``) at port
 ``$RLHF_JAX_COORDINATOR_PORT``, else a port derived from ``SLURM_JOB_ID`` (so two jobs sharing a node differ);

@@ -152,7 +152,8 @@ def prepare_run_dir(config: ExperimentConfig, allow_config_change: bool = False)
                     f"run_dir={config.run_dir}: holds a run of a different config ({_differences(previous, config)}); "
                     f"use another run_dir, or pass --allow-config-change to continue it with this config"
                 )
-            shutil.copyfile(config_file, run_dir / PREVIOUS_CONFIG_FILE)
+            if distributed.is_main_process():
+                shutil.copyfile(config_file, run_dir / PREVIOUS_CONFIG_FILE)
     else:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)

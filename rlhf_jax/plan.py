@@ -53,6 +53,9 @@ class StagePlan:
     frozen_roles: int = 0
     programs: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)
     note: str = ""
+    frozen_offloaded: bool = False  # frozen roles on the devices only during `FROZEN_PROGRAM`
+
+    FROZEN_PROGRAM = "experience pass"
 
     @property
     def temporaries(self) -> int:
@@ -60,7 +63,12 @@ class StagePlan:
 
     @property
     def total(self) -> int:
-        return self.trained_params + self.optimizer_state + self.frozen_roles + self.temporaries
+        states = self.trained_params + self.optimizer_state
+        if not self.frozen_offloaded:
+            return states + self.frozen_roles + self.temporaries
+        peaks = [temp + (self.frozen_roles if name == self.FROZEN_PROGRAM else 0)
+                 for name, (temp, _) in self.programs.items()]
+        return states + max(peaks, default=self.frozen_roles)
 
 
 def device_bytes(tree) -> int:
@@ -97,7 +105,7 @@ def _abstract_model(experiment: ExperimentConfig, source: str | None):
 
     spec = model_for(experiment, _root_source(experiment, source))
     config, params, _ = load(spec.source, dtype=spec.dtype, param_dtype=spec.param_dtype, with_tokenizer=False)
-    config = dataclasses.replace(config, remat=spec.remat)
+    config = dataclasses.replace(config, remat=spec.remat, remat_policy=str(spec.remat_policy))
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     return config, params
 
@@ -302,6 +310,7 @@ def _plan_ppo(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
     plan.trained_params = device_bytes(policy_state.params) + device_bytes(critic_state.params)
     plan.optimizer_state = device_bytes(policy_state.opt_state) + device_bytes(critic_state.opt_state)
     plan.frozen_roles = device_bytes(reference) + device_bytes(reward)
+    plan.frozen_offloaded = stage.offload_frozen
     return plan
 
 
@@ -322,8 +331,9 @@ def levers(plan: StagePlan) -> list[str]:
         out.append(f"LoRA (adapters trained, the base frozen in bf16): about "
                    f"-{(plan.optimizer_state + plan.trained_params // 2) / GIB:.1f} GiB of optimizer state and fp32 "
                    "master weights")
-    if plan.frozen_roles:
-        out.append(f"offload the idle frozen roles to host memory: -{plan.frozen_roles / GIB:.1f} GiB while training")
+    if plan.frozen_roles and not plan.frozen_offloaded and plan.kind == "ppo":
+        out.append(f"stages.{plan.stage}.offload_frozen=true: the reference and reward model "
+                   f"({plan.frozen_roles / GIB:.1f} GiB) wait in host memory outside the experience pass")
     out.append(f"twice the devices on the fsdp axis: -{(states + plan.frozen_roles) / 2 / GIB:.1f} GiB of states "
                f"(now fsdp={fsdp}; temporaries shrink too when the batch is split further)")
     return out
@@ -363,13 +373,17 @@ def print_plans(experiment: ExperimentConfig, plans: list[StagePlan], accelerato
         if plan.note:
             console.print(f"{experiment.name} / {plan.stage}: {plan.note}")
             continue
+        frozen = "frozen roles (compute dtype" + (", in host memory outside the experience pass)"
+                                                  if plan.frozen_offloaded else ")")
         rows = [("trained params", plan.trained_params), ("optimizer state", plan.optimizer_state),
-                ("frozen roles (compute dtype)", plan.frozen_roles)]
+                (frozen, plan.frozen_roles)]
         rows += [(f"temporaries: {name} (compiled in {seconds:.0f} s)", temp)
                  for name, (temp, seconds) in plan.programs.items()]
         for name, value in rows:
             table.add_row(name, f"{value / GIB:.2f}")
-        table.add_row("total (params + state + frozen + largest temporaries)", f"{plan.total / GIB:.2f}")
+        table.add_row("total (params + state + frozen + largest temporaries)" if not plan.frozen_offloaded else
+                      "total (params + state + the largest program's temporaries, frozen roles with the experience "
+                      "pass)", f"{plan.total / GIB:.2f}")
         table.add_row(f"usable on {accelerator} ({USABLE_FRACTION:.0%})", f"{usable / GIB:.2f}")
         console.print(table)
         fits = plan.total <= usable

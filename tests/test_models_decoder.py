@@ -12,6 +12,7 @@ import pytest
 from rlhf_jax.models import (
     forward,
     init_cache,
+    init_params,
     init_scalar_model,
     load,
     rewards_forward,
@@ -126,3 +127,21 @@ def test_bfloat16_compute_is_close_to_float32(tiny):
     rel = np.linalg.norm(np.asarray(logits16) - logits32) / np.linalg.norm(logits32)
     assert rel < 0.05
     assert tiny_config("llama") == dataclasses.replace(config, dtype="float32")
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_policies_give_the_same_loss_and_gradients(policy):
+    config = tiny_config("llama")
+    params = init_params(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, config.vocab_size)
+
+    def loss(config, params):
+        logits = forward(config, params, tokens).logits
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    plain = jax.jit(jax.value_and_grad(lambda p: loss(config, p)))(params)
+    remat = dataclasses.replace(config, remat=True, remat_policy=policy)
+    checkpointed = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(params)
+    np.testing.assert_allclose(checkpointed[0], plain[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(checkpointed[1]), jax.tree.leaves(plain[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -86,3 +86,19 @@ def test_plan_ppo_7b_on_8_devices_prints_the_tables_and_a_verdict():
                 "temporaries: sampler (rollouts)", "usable on a100-80gb"):
         assert row in out.stdout, row
     assert out.stdout.count("verdict: ") == 3
+
+
+def test_offloaded_frozen_roles_count_only_with_the_experience_pass():
+    from rlhf_jax.plan import StagePlan, levers
+
+    plan = StagePlan(stage="ppo", kind="ppo", mesh={"data": 1, "fsdp": 8, "tensor": 1}, trained_params=10 * GIB,
+                     optimizer_state=20 * GIB, frozen_roles=6 * GIB,
+                     programs={"sampler (rollouts)": (30 * GIB, 1.0), "experience pass": (20 * GIB, 1.0),
+                               "update step": (25 * GIB, 1.0)})
+    assert plan.total == (10 + 20 + 6 + 30) * GIB  # everything resident, the largest temporaries
+    assert any("offload_frozen=true" in lever for lever in levers(plan))
+    plan.frozen_offloaded = True
+    assert plan.total == (10 + 20 + max(30, 20 + 6, 25)) * GIB
+    plan.programs["experience pass"] = (28 * GIB, 1.0)
+    assert plan.total == (10 + 20 + 28 + 6) * GIB
+    assert not any("offload_frozen" in lever for lever in levers(plan))

@@ -364,3 +364,19 @@ def _flat(tree) -> dict:
 
 if __name__ == "__main__":
     print(json.dumps(_device_checks()))
+
+
+def test_frozen_roles_move_to_pinned_host_memory_and_back_unchanged():
+    from rlhf_jax.sharding import move_to_memory, supports_host_offload
+
+    params = {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones(4, jnp.bfloat16)}
+    if not supports_host_offload():
+        assert move_to_memory(params, "pinned_host") is params
+        return
+    parked = move_to_memory(params, "pinned_host")
+    assert all(x.sharding.memory_kind == "pinned_host" for x in jax.tree.leaves(parked))
+    back = move_to_memory(parked, "device")
+    assert all(x.sharding.memory_kind == "device" for x in jax.tree.leaves(back))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -174,3 +174,25 @@ def test_ppo_refuses_roles_with_a_different_vocabulary(tmp_path):
     with pytest.raises(UserError, match=r"stages\.ppo\.reference: vocabulary differs from the policy's"):
         runner(experiment, stage, tmp_path / "ppo", resolve)
     assert not (tmp_path / "ppo" / "model").exists()
+
+
+@pytest.mark.slow
+def test_ppo_with_frozen_roles_offloaded_to_host_memory_gives_the_same_run(tmp_path):
+    experiment = get_experiment("tiny_pipeline")
+    base = tmp_path / "base"
+    _run_stage(experiment, "sft", base)
+    _run_stage(experiment, "rm", base)
+    runs = {}
+    for offload in (False, True):
+        run_dir = tmp_path / f"offload_{offload}"
+        run_dir.mkdir()
+        for stage in ("sft", "rm"):
+            (run_dir / stage).symlink_to(base / stage)
+        ppo = dataclasses.replace(experiment.stage("ppo"), offload_frozen=offload)
+        variant = dataclasses.replace(experiment, stages=tuple(ppo if s.name == "ppo" else s
+                                                               for s in experiment.stages))
+        runs[offload] = _run_stage(variant, "ppo", run_dir)
+    assert _without_timings(read_metrics(runs[False])) == _without_timings(read_metrics(runs[True]))
+    for a, b in zip(jax.tree.leaves(load_artifact(runs[False] / "model").params),
+                    jax.tree.leaves(load_artifact(runs[True] / "model").params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -175,3 +175,20 @@ def test_ppo_refuses_a_reward_model_as_policy_and_a_language_model_as_reward_mod
         with pytest.raises(UserError, match=message):
             runner(experiment, stage, tmp_path / "ppo", stage_registry.make_resolver(experiment, tmp_path))
         assert not (tmp_path / "ppo" / "model").exists()
+
+
+@pytest.mark.slow
+def test_reward_stage_with_a_frozen_backbone_trains_only_a_zero_initialised_head(tmp_path):
+    experiment = get_experiment("tiny_pipeline")
+    stage = dataclasses.replace(experiment.stage("rm"), model="tiny:smollm2", freeze_backbone=True,
+                                learning_rate=1e-2, max_steps=4)
+    experiment = dataclasses.replace(experiment, stages=(stage,))
+    stage_dir = _run_stage(experiment, "rm", tmp_path)
+    _, lm_params, _ = load("tiny:smollm2")
+    model = load_artifact(stage_dir / "model", with_tokenizer=False).params
+    backbone = {k: v for k, v in lm_params.items() if k != "lm_head"}
+    _assert_same_params(backbone, model["backbone"])  # bit-identical: no gradient reached it
+    assert np.any(np.asarray(model["head"]["kernel"]) != 0)  # the head started at zero and learned
+    from rlhf_jax.training.checkpoint import Checkpointer
+
+    assert Checkpointer(stage_dir / "checkpoints").latest_step() == 4

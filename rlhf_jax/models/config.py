@@ -61,6 +61,7 @@ class DecoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "nothing_saveable"  # a `jax.checkpoint_policies` name, used when remat is on
 
     @property
     def num_query_groups(self) -> int:

@@ -280,7 +280,7 @@ class Decoder(nn.Module):
         )
         layer = DecoderLayer
         if c.remat:
-            layer = nn.remat(layer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+            layer = nn.remat(layer, prevent_cse=False, policy=getattr(jax.checkpoint_policies, c.remat_policy))
         self.layers = nn.scan(
             layer,
             variable_axes={"params": 0},

@@ -324,6 +324,16 @@ def _counted_generate(config, params, prompt_tokens, prompt_mask, key, settings,
     return generate(config, params, prompt_tokens, prompt_mask, key, settings, packed_length)
 
 
+def _whole_on_host(array, dtype) -> np.ndarray:
+    """The whole value as numpy; a global array of a multi-process run is gathered (a collective: every
+    process calls it)."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        array = multihost_utils.process_allgather(array, tiled=True)
+    return np.asarray(array, dtype)
+
+
 # One jit for every Sampler: samplers of the same model share compiled programs.
 _compiled_generate = jax.jit(_counted_generate, static_argnums=(0, 6))
 
@@ -339,7 +349,9 @@ class Sampler:
     shared by all samplers in the process, keyed by model config, shapes and static settings).
     With a `mesh` (`rlhf_jax.sharding`), the padded prompt rows are split over ("data", "fsdp") (the
     batch bucket is rounded up to a multiple of data*fsdp) and `params` may be sharded by
-    `param_shardings`; the output equals the unsharded one (row keys do not depend on placement).
+    `param_shardings`; the output equals the unsharded one (row keys do not depend on placement). In a
+    multi-process run every process calls it with the same prompts (host arrays, or global arrays from
+    `place_batch`) and gets the global outputs.
     """
 
     def __init__(self, config: DecoderConfig, *, min_prompt_bucket: int = 16, prompt_bucket_step: int = 64,
@@ -354,8 +366,8 @@ class Sampler:
     def __call__(self, params: Params, prompt_tokens, prompt_mask, key: jax.Array,
                  settings: SamplingSettings) -> SamplerOutput:
         validate_settings(settings, self.config.vocab_size)
-        prompt_tokens = np.asarray(prompt_tokens, np.int32)
-        prompt_mask = np.asarray(prompt_mask, bool)
+        prompt_tokens = _whole_on_host(prompt_tokens, np.int32)
+        prompt_mask = _whole_on_host(prompt_mask, bool)
         batch, length = prompt_tokens.shape
         rows = batch_bucket(batch)
         if self.mesh is not None:
@@ -373,11 +385,13 @@ class Sampler:
         if self.mesh is None:
             out = _compiled_generate(self.config, params, padded_tokens, padded_mask, key, settings, packed_length)
         else:
-            from rlhf_jax.sharding import place_batch, use_mesh
+            from rlhf_jax.sharding import batch_sharding, place_state, use_mesh
 
             if self.mesh.shape["data"] * self.mesh.shape["fsdp"] > 1:
                 packed_length = None  # one packed row cannot be split over the batch axes
-            padded_tokens, padded_mask = place_batch((padded_tokens, padded_mask), self.mesh)
+            # every process holds the whole padded batch and places its own devices' rows of it
+            sharding = batch_sharding(self.mesh)
+            padded_tokens, padded_mask = place_state((padded_tokens, padded_mask), (sharding, sharding))
             with use_mesh(self.mesh):
                 out = _compiled_generate(self.config, params, padded_tokens, padded_mask, key, settings,
                                          packed_length)

@@ -83,6 +83,21 @@ def _indivisible(path, rows: int, mesh: Mesh, shards: int, local_shards: int | N
                      "batch size (per micro-batch) that is a multiple of it")
 
 
+def supports_host_offload() -> bool:
+    """Whether the devices have a pinned host memory space (`memory_kind="pinned_host"`)."""
+    return "pinned_host" in {memory.kind for memory in jax.devices()[0].addressable_memories()}
+
+
+def move_to_memory(tree: Any, memory_kind: str) -> Any:
+    """`tree` (placed arrays) with the same shardings in `memory_kind` ("device" or "pinned_host").
+
+    Used to park frozen roles in host memory while the policy trains; a no-op where the backend has no
+    pinned host memory."""
+    if not supports_host_offload():
+        return tree
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding.with_memory_kind(memory_kind)), tree)
+
+
 def place_state(state: Any, shardings: Any) -> Any:
     """`jax.device_put` of a state (or params) onto its shardings (e.g. from `state_shardings`).
 

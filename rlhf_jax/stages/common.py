@@ -44,14 +44,15 @@ def load_role(experiment: ExperimentConfig, source: str | None, resolve: Callabl
     if is_artifact(resolved):
         artifact = load_artifact(resolved, with_tokenizer)
         config = dataclasses.replace(artifact.config, dtype=spec.dtype, param_dtype=spec.param_dtype,
-                                     remat=spec.remat)
+                                     remat=spec.remat, remat_policy=str(spec.remat_policy))
         params = jax.tree.map(lambda x: x.astype(config.param_dtype), artifact.params)
         return Role(config, params, artifact.tokenizer, artifact.kind, artifact.metadata)
     from rlhf_jax.models import load
 
     config, params, tokenizer = load(resolved, dtype=spec.dtype, param_dtype=spec.param_dtype,
                                      with_tokenizer=with_tokenizer)
-    return Role(dataclasses.replace(config, remat=spec.remat), params, tokenizer, "lm", {})
+    return Role(dataclasses.replace(config, remat=spec.remat, remat_policy=str(spec.remat_policy)), params, tokenizer,
+                "lm", {})
 
 
 def require_language_model(role: Role, what: str) -> None:
@@ -104,6 +105,31 @@ def load_stage_dataset(experiment: ExperimentConfig, stage: Stage, kind: str, to
 def device_batch(batch: dict, keys: tuple[str, ...] | None = None) -> dict:
     """The arrays a step needs (drops bookkeeping such as `index`)."""
     return {k: v for k, v in batch.items() if k != "index" and (keys is None or k in keys)}
+
+
+def training_iterator(dataset, **settings):
+    """The training `DataIterator`: in a multi-process run each process yields its rows of every global
+    batch (`batch_size` stays the global batch size; `place_batch` assembles the global arrays)."""
+    from rlhf_jax.data import DataIterator
+
+    return DataIterator(dataset, process_index=jax.process_index(), process_count=jax.process_count(), **settings)
+
+
+def whole_set_evaluator(eval_step: Callable, mesh=None) -> tuple[Callable, Callable[[dict], dict]]:
+    """(jitted `eval_step(params, batch)`, batch placer) for a pass over a whole held-out set.
+
+    With `mesh` (where the params live), each host batch is replicated over the mesh and so are the
+    outputs: every process of a multi-process run iterates the whole set in the same order (the last batch
+    may be short: no per-process split is needed) and reads the same results. The data-parallel devices
+    repeat each other's work, which is cheap for held-out sets. Without a mesh: plain `jax.jit`.
+    """
+    if mesh is None:
+        return jax.jit(eval_step), lambda batch: batch
+    from rlhf_jax.sharding import place_state, replicated
+
+    sharding = replicated(mesh)
+    return (jax.jit(eval_step, out_shardings=sharding),
+            lambda batch: place_state(batch, jax.tree.map(lambda _: sharding, batch)))
 
 
 def fit(

@@ -22,7 +22,7 @@ from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_fo
                                shard_train_step, state_shardings, use_mesh, validate_mesh_for_model)
 from rlhf_jax.stages.common import (build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
                                     load_stage_dataset, require_language_model, require_tokenizer,
-                                    write_summary)
+                                    training_iterator, whole_set_evaluator, write_summary)
 from rlhf_jax.trainers.dpo import PAIR_KEYS, dpo_eval_step, dpo_train_step, make_reference_fn
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.state import TrainState
@@ -35,13 +35,16 @@ def _same_tokenizer(tokenizer, reference_tokenizer, vocab_size: int, reference_v
         raise UserError(f"{what}: its tokenizer differs from the model's; DPO needs a reference that shares one")
 
 
-def sequence_logprobs_over(config, params, dataset, batch_size: int):
-    """Policy (or reference) sequence log-probs (chosen [N], rejected [N]) of every pair of `dataset`, in order."""
+def sequence_logprobs_over(config, params, dataset, batch_size: int, mesh=None):
+    """Policy (or reference) sequence log-probs (chosen [N], rejected [N]) of every pair of `dataset`, in order.
+
+    mesh: where `params` live; every process then goes through the whole set (see `whole_set_evaluator`).
+    """
     iterator = DataIterator(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False, drop_remainder=False)
-    logprobs_fn = jax.jit(functools.partial(dpo_eval_step, config))
+    logprobs_fn, place = whole_set_evaluator(functools.partial(dpo_eval_step, config), mesh)
     chosen, rejected = [], []
     for batch in iterator:
-        c, r = jax.device_get(logprobs_fn(params, device_batch(batch, PAIR_KEYS)))
+        c, r = jax.device_get(logprobs_fn(params, place(device_batch(batch, PAIR_KEYS))))
         chosen.append(c)
         rejected.append(r)
     return np.concatenate(chosen), np.concatenate(rejected)
@@ -71,8 +74,8 @@ def _setup(experiment, stage, resolve, source, reference_source):
                         reference_role.config.vocab_size, f"stages.{stage.name}.reference")
         reference_config, reference = reference_role.config, reference_role.params
     dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "preference", tokenizer)
-    iterator = DataIterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
-                            num_epochs=stage.epochs)
+    iterator = training_iterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
+                                 num_epochs=stage.epochs)
     per_epoch = iterator.steps_per_epoch
     total_steps = per_epoch * stage.epochs if stage.max_steps is None else min(stage.max_steps,
                                                                                per_epoch * stage.epochs)
@@ -132,8 +135,8 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
                         if k.split("/")[0] in ("dpo", "rewards", "logps")})
     pairs = eval_dataset if eval_dataset is not None else dataset
     prefix = "eval" if eval_dataset is not None else "train_set"
-    policy_logps = sequence_logprobs_over(role.config, state.params, pairs, data.batch_size)
-    reference_logps = sequence_logprobs_over(reference_config, reference, pairs, data.batch_size)
+    policy_logps = sequence_logprobs_over(role.config, state.params, pairs, data.batch_size, mesh)
+    reference_logps = sequence_logprobs_over(reference_config, reference, pairs, data.batch_size, mesh)
     summary.update(evaluation_metrics(policy_logps, reference_logps, stage.beta, str(stage.loss),
                                       stage.label_smoothing, prefix))
     save_artifact(stage_dir / "model", role.config, state.params, tokenizer, "lm", {"stage": stage.name, **summary})

@@ -57,7 +57,10 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
 
     result = evaluate_policy(evaluation_args(experiment, stage, resolve))
     print_tables(result)
-    (stage_dir / "evaluation.json").write_text(json.dumps(result, ensure_ascii=False, indent=1))
+    from rlhf_jax.distributed import is_main_process
+
+    if is_main_process():  # with several processes each one evaluated the same prompts on its own devices
+        (stage_dir / "evaluation.json").write_text(json.dumps(result, ensure_ascii=False, indent=1))
     values = {name: value for name, value in result.items()
               if isinstance(value, (int, float)) and not isinstance(value, bool)}
     if stage.baseline is not None:

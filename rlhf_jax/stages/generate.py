@@ -63,16 +63,19 @@ def run(experiment: ExperimentConfig, stage: GenerateStage, stage_dir: pathlib.P
         num_samples=stage.num_samples, stop=stage.stop,
     )
     seconds = time.perf_counter() - start
-    partial = stage_dir / (GENERATIONS_FILE + ".partial")
-    with open(partial, "w", encoding="utf-8") as out:
-        for number, record in enumerate(records):
-            index, sample = divmod(number, stage.num_samples)
-            out.write(json.dumps({"index": index, "sample": sample, **record}, ensure_ascii=False) + "\n")
-    os.replace(partial, stage_dir / GENERATIONS_FILE)
     new_tokens = sum(len(r["completion_token_ids"]) for r in records)
-    (stage_dir / DONE_FILE).write_text(json.dumps({
-        "stage": stage.name, "generations": len(records), "new_tokens": new_tokens,
-        "seconds": round(seconds, 2),
-    }) + "\n")
+    from rlhf_jax.distributed import is_main_process
+
+    if is_main_process():  # with several processes each one generated the same records on its own devices
+        partial = stage_dir / (GENERATIONS_FILE + ".partial")
+        with open(partial, "w", encoding="utf-8") as out:
+            for number, record in enumerate(records):
+                index, sample = divmod(number, stage.num_samples)
+                out.write(json.dumps({"index": index, "sample": sample, **record}, ensure_ascii=False) + "\n")
+        os.replace(partial, stage_dir / GENERATIONS_FILE)
+        (stage_dir / DONE_FILE).write_text(json.dumps({
+            "stage": stage.name, "generations": len(records), "new_tokens": new_tokens,
+            "seconds": round(seconds, 2),
+        }) + "\n")
     print(f"stage {stage.name}: {len(records)} responses ({new_tokens} tokens, {seconds:.1f} s) -> "
           f"{stage_dir / GENERATIONS_FILE}", flush=True)

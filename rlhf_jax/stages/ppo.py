@@ -19,17 +19,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from rlhf_jax.data import DataIterator
 from rlhf_jax.errors import UserError
 from rlhf_jax.losses import adaptive_kl_controller, fixed_kl_controller
 from rlhf_jax.models import llama
 from rlhf_jax.rewards import get_reward_function, is_reward_function_spec
 from rlhf_jax.sampling.sampler import Sampler, SamplingSettings
-from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_state, shard_train_step,
-                               state_shardings, use_mesh, validate_mesh_for_model)
+from rlhf_jax.sharding import (make_mesh, move_to_memory, param_shardings, place_batch, place_state, shard_train_step,
+                               replicated, state_shardings, use_mesh, validate_mesh_for_model)
 from rlhf_jax.stages.common import (build_optimizer, check_finite_losses, load_role, load_stage_dataset,
-                                    require_tokenizer, write_summary)
+                                    require_tokenizer, training_iterator, write_summary)
 from rlhf_jax.trainers import ppo
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.checkpoint import Checkpointer
@@ -106,8 +106,8 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     if stage.rollout_batch_size % stage.mini_batch_size:
         raise UserError(f"stages.{stage.name}.rollout_batch_size={stage.rollout_batch_size} must be a multiple of "
                         f"mini_batch_size={stage.mini_batch_size}")
-    iterator = DataIterator(prompts, batch_size=stage.rollout_batch_size,
-                            seed=data.shuffle_seed or experiment.seed, num_epochs=None)
+    iterator = training_iterator(prompts, batch_size=stage.rollout_batch_size,
+                                 seed=data.shuffle_seed or experiment.seed, num_epochs=None)
     per_epoch = max(len(prompts) // stage.rollout_batch_size, 1)
     iterations = stage.max_steps if stage.max_steps is not None else per_epoch * stage.epochs
     updates = iterations * stage.ppo_epochs * (stage.rollout_batch_size // stage.mini_batch_size)
@@ -134,6 +134,9 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     checkpointer = Checkpointer(stage_dir / "checkpoints", experiment.checkpoint.every_steps,
                                 experiment.checkpoint.keep_last)
     iteration, rng = 0, jax.random.fold_in(key, 3)
+    # replicated over the mesh: checkpoints of several processes hold global arrays only
+    rng = place_state(rng, replicated(mesh))
+    kl_state = kl_state._replace(kl_coef=place_state(kl_state.kl_coef, replicated(mesh)))
     if checkpointer.latest_step() is not None:
         like = {"policy": policy_state, "critic": critic_state, "kl_coef": kl_state.kl_coef, "rng": rng}
         saved, host = checkpointer.restore(like)
@@ -153,10 +156,14 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         start = time.perf_counter()
         sample = jax.block_until_ready(sampler(policy_state.params, prompt_tokens, prompt_mask, sample_key, settings))
         generated = time.perf_counter()
+        if stage.offload_frozen:  # the frozen roles come back to the devices for the scoring pass only
+            reference, reward_params = move_to_memory((reference, reward_params), "device")
         with use_mesh(mesh):
             experience, metrics = experience_fn(policy_state.params, reference, critic_state.params, reward_params,
                                                 prompt_tokens, prompt_mask, sample.response_tokens,
                                                 sample.response_mask, sample.ended_with_eos, kl_state.kl_coef)
+        if stage.offload_frozen:
+            reference, reward_params = move_to_memory((reference, reward_params), "pinned_host")
         metrics = jax.device_get(metrics)
         scored = time.perf_counter()
         prompt_length = prompt_tokens.shape[1]
@@ -176,7 +183,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         trained = time.perf_counter()
         kl_state = controller.update(kl_state, metrics["kl/mean"], stage.rollout_batch_size)
         iteration += 1
-        new_tokens = float(np.sum(sample.response_lengths))
+        new_tokens = float(jnp.sum(sample.response_lengths))  # a global array across processes
         metrics.update({name: float(np.mean([m[name] for m in update_metrics])) for name in update_metrics[0]})
         metrics.update({
             "policy/ratio_mean": float(np.mean([m["policy/ratio_mean"] for m in update_metrics])),
@@ -192,7 +199,10 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
             print(f"[{stage.name}] iteration {iteration}/{iterations}: {shown}", flush=True)
         sample_every = experiment.logging.sample_every
         if sample_every and (iteration % sample_every == 0 or iteration == 1):
-            logger.log_samples(iteration, _samples(tokenizer, batch, sample, experience.scores, 4))
+            rows = multihost_utils.process_allgather(  # collective: every process's rows, for process 0 to write
+                (prompt_tokens, prompt_mask, sample.response_tokens, sample.response_lengths, experience.scores),
+                tiled=True)
+            logger.log_samples(iteration, _samples(tokenizer, *rows, 4))
         checkpointer.save(iteration, {"policy": policy_state, "critic": critic_state, "kl_coef": kl_state.kl_coef,
                                       "rng": rng},
                           {"data": iterator.get_state(), "iteration": iteration})
@@ -203,17 +213,22 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     logger.close()
     save_artifact(stage_dir / "model", policy_config, policy_state.params, tokenizer, "lm",
                   {"stage": stage.name, "iterations": iteration})
+    from rlhf_jax.distributed import barrier, is_main_process
     from rlhf_jax.models.hf_io import save_hf
 
-    save_hf(stage_dir / "hf", policy_config, policy_state.params, tokenizer)
+    host_params = multihost_utils.process_allgather(policy_state.params, tiled=True)  # collective
+    if is_main_process():  # one writer: save_hf is a plain file write, not a collective one
+        save_hf(stage_dir / "hf", policy_config, host_params, tokenizer)
+    barrier("rlhf_jax.ppo.save_hf")
     write_summary(stage_dir, f"PPO stage '{stage.name}'", {"iterations": iteration, **last_metrics})
 
 
-def _samples(tokenizer, batch, sample, scores, count: int) -> list[dict]:
-    """(prompt, response, reward) of the first `count` rollouts, decoded for people to read."""
+def _samples(tokenizer, prompt_tokens, prompt_mask, response_tokens, response_lengths, scores,
+             count: int) -> list[dict]:
+    """(prompt, response, reward) of the first `count` rollouts, decoded for people to read (host arrays)."""
     out = []
-    tokens, mask = np.asarray(batch["prompt_tokens"]), np.asarray(batch["prompt_mask"])
-    responses, lengths = np.asarray(sample.response_tokens), np.asarray(sample.response_lengths)
+    tokens, mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
+    responses, lengths = np.asarray(response_tokens), np.asarray(response_lengths)
     for row in range(min(count, len(tokens))):
         out.append({
             "prompt": tokenizer.decode(tokens[row][mask[row]]),

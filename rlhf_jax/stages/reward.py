@@ -10,12 +10,14 @@ import functools
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.data import DataIterator
 from rlhf_jax.models import llama
 from rlhf_jax.stages.common import (build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
-                                    load_stage_dataset, require_tokenizer, write_summary)
+                                    load_stage_dataset, require_tokenizer, training_iterator,
+                                    whole_set_evaluator, write_summary)
 from rlhf_jax.sharding import (make_mesh, place_batch, place_for_training, shard_train_step, state_shardings,
                                validate_mesh_for_model)
 from rlhf_jax.trainers.reward import reward_eval_step, reward_train_step
@@ -25,13 +27,16 @@ from rlhf_jax.training.state import TrainState
 PAIR_KEYS = ("chosen_tokens", "chosen_attention_mask", "rejected_tokens", "rejected_attention_mask")
 
 
-def pair_rewards(config, model, dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rewards (chosen [N], rejected [N]) of every pair of `dataset`, in order."""
+def pair_rewards(config, model, dataset, batch_size: int, mesh=None) -> tuple[np.ndarray, np.ndarray]:
+    """Rewards (chosen [N], rejected [N]) of every pair of `dataset`, in order.
+
+    mesh: where `model` lives; every process then scores the whole set (see `whole_set_evaluator`).
+    """
     iterator = DataIterator(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False, drop_remainder=False)
-    score = jax.jit(functools.partial(reward_eval_step, config))
+    score, place = whole_set_evaluator(functools.partial(reward_eval_step, config), mesh)
     chosen, rejected = [], []
     for batch in iterator:
-        c, r = jax.device_get(score(model, device_batch(batch, PAIR_KEYS)))
+        c, r = jax.device_get(score(model, place(device_batch(batch, PAIR_KEYS))))
         chosen.append(c)
         rejected.append(r)
     return np.concatenate(chosen), np.concatenate(rejected)
@@ -60,9 +65,13 @@ def _setup(experiment, stage, resolve, source):
     else:
         key = jax.random.fold_in(jax.random.key(experiment.seed), 1)
         model = llama.init_scalar_model(role.config, role.params, key)
+        if stage.freeze_backbone:
+            # A linear probe starts at zero: with the backbone frozen, a random head is a fixed random function
+            # of the features that a few hundred pairs cannot train away (docs/training.md).
+            model["head"] = jax.tree.map(jnp.zeros_like, model["head"])
     dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "preference", tokenizer)
-    iterator = DataIterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
-                            num_epochs=stage.epochs)
+    iterator = training_iterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
+                                 num_epochs=stage.epochs)
     per_epoch = iterator.steps_per_epoch
     total_steps = per_epoch * stage.epochs if stage.max_steps is None else min(stage.max_steps,
                                                                                per_epoch * stage.epochs)
@@ -105,7 +114,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     if records:
         summary.update({k: v for k, v in records[-1].items() if k.startswith("rm/")})
     reference = eval_dataset if eval_dataset is not None else dataset
-    chosen, rejected = pair_rewards(role.config, state.params, reference, data.batch_size)
+    chosen, rejected = pair_rewards(role.config, state.params, reference, data.batch_size, mesh)
     prefix = "eval" if eval_dataset is not None else "train_set"
     metrics = evaluation_metrics(chosen, rejected, prefix)
     summary.update(metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -14,10 +15,10 @@ from rlhf_jax.errors import ConfigError
 from rlhf_jax.models.lora import adapter_paths, init_lora, merge, num_params
 from rlhf_jax.stages.common import (build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
                                     load_stage_dataset, require_language_model, require_tokenizer,
-                                    write_summary)
+                                    training_iterator, whole_set_evaluator, write_summary)
 from rlhf_jax.trainers.lora import lora_sft_train_step
-from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, shard_train_step,
-                               state_shardings, validate_mesh_for_model)
+from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
+                               shard_train_step, state_shardings, validate_mesh_for_model)
 from rlhf_jax.trainers.sft import sft_eval_step, sft_train_step
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.state import TrainState
@@ -34,14 +35,17 @@ def _total_steps(stage, iterator: DataIterator) -> int:
     return per_epoch * stage.epochs
 
 
-def evaluate(config, params, dataset, batch_size: int) -> dict[str, float]:
-    """Token-mean NLL and perplexity over a whole held-out dataset (the state is untouched)."""
+def evaluate(config, params, dataset, batch_size: int, mesh=None) -> dict[str, float]:
+    """Token-mean NLL and perplexity over a whole held-out dataset (the state is untouched).
+
+    mesh: where `params` live; every process then evaluates the whole set (see `whole_set_evaluator`).
+    """
     iterator = DataIterator(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False,
                             drop_remainder=False)
-    eval_fn = jax.jit(functools.partial(sft_eval_step, config))
+    eval_fn, place = whole_set_evaluator(functools.partial(sft_eval_step, config), mesh)
     total, count = 0.0, 0.0
     for batch in iterator:
-        loss_sum, tokens = eval_fn(params, device_batch(batch, SFT_KEYS))
+        loss_sum, tokens = eval_fn(params, place(device_batch(batch, SFT_KEYS)))
         total, count = total + float(loss_sum), count + float(tokens)
     loss = total / max(count, 1.0)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": count}
@@ -53,9 +57,9 @@ def _setup(experiment, stage, resolve, source):
     require_language_model(role, f"stages.{stage.name}.model")
     tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
     dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "sft", tokenizer)
-    iterator = DataIterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
-                            num_epochs=stage.epochs, pack=stage.packing,
-                            loss_on_prompt=not stage.completion_only_loss)
+    iterator = training_iterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
+                                 num_epochs=stage.epochs, pack=stage.packing,
+                                 loss_on_prompt=not stage.completion_only_loss)
     total_steps = _total_steps(stage, iterator)
     tx = build_optimizer(experiment, stage, total_steps)
     key = jax.random.key(experiment.seed)
@@ -99,6 +103,9 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     role, tokenizer, eval_dataset, data, iterator, total_steps, state, step, frozen = _setup(
         experiment, stage, resolve, stage.model)
     validate_mesh_for_model(role.config, mesh)
+    if frozen:  # LoRA: the base on the mesh, for the step and for the final merge (multi-process safe)
+        frozen = place_state(frozen, tuple(param_shardings(params, mesh) for params in frozen))
+        role = dataclasses.replace(role, params=frozen[0])
     (state,), step_fn = place_for_training(step, (state,), mesh, frozen)
     state, records = fit(
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
@@ -111,6 +118,6 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         summary["train/loss"] = records[-1]["sft/loss"]
     params = _trained_params(stage, role, state)
     if eval_dataset is not None:
-        summary.update(evaluate(role.config, params, eval_dataset, data.batch_size))
+        summary.update(evaluate(role.config, params, eval_dataset, data.batch_size, mesh))
     save_artifact(stage_dir / "model", role.config, params, tokenizer, "lm", {"stage": stage.name, **summary})
     write_summary(stage_dir, f"SFT stage '{stage.name}'", summary)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -53,29 +52,45 @@ def is_artifact(path: str | Path) -> bool:
 
 def save_artifact(directory: str | Path, config: DecoderConfig, params: Any, tokenizer=None, kind: str = "lm",
                   metadata: dict | None = None) -> Path:
-    """Write the artifact atomically (replacing an existing one). Returns the directory."""
+    """Write the artifact atomically (replacing an existing one). Returns the directory.
+
+    Collective in a multi-process run: every process calls it with the same arguments. orbax writes each
+    process's shards of `params` into a staging directory whose name is the same in every process
+    (`.<name>.tmp` beside `directory`); process 0 alone writes the header and tokenizer and renames the
+    staging directory into place, and no process returns before the artifact is complete.
+    """
+    from rlhf_jax.distributed import barrier, is_main_process
+
     assert kind in KINDS, kind
     directory = Path(directory).resolve()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    staging = directory.with_name(f".{directory.name}.tmp")
+    main = is_main_process()
+    if main:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save that crashed
+        staging.mkdir()
+    barrier("rlhf_jax.save_artifact.staging")
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / "params", params)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging))
-        header = {"format": 1, "kind": kind, "decoder_config": decoder_config_to_dict(config),
-                  "metadata": metadata or {}}
-        (staging / MARKER).write_text(json.dumps(header, indent=1))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            staging.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(directory)
+        if main:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(staging))
+            header = {"format": 1, "kind": kind, "decoder_config": decoder_config_to_dict(config),
+                      "metadata": metadata or {}}
+            (staging / MARKER).write_text(json.dumps(header, indent=1))
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                directory.rename(old)
+                staging.rename(directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                staging.rename(directory)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+    barrier("rlhf_jax.save_artifact.done")
     return directory
 
 
@@ -93,12 +108,16 @@ def read_header(directory: str | Path) -> dict:
 
 
 def load_artifact(directory: str | Path, with_tokenizer: bool = True) -> ModelArtifact:
-    """Read an artifact written by `save_artifact` (params as jax arrays on the default device)."""
+    """Read an artifact written by `save_artifact` (params as jax arrays on this process's first device,
+    whichever devices or processes wrote them; every process of a multi-process run reads the whole model)."""
     directory = Path(directory).resolve()
     header = read_header(directory)
     config = decoder_config_from_dict(header["decoder_config"])
     with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(directory / "params")
+        saved = checkpointer.metadata(directory / "params").item_metadata.tree
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), saved)
+        params = checkpointer.restore(directory / "params", target)
     params = jax.tree.map(jax.numpy.asarray, params)
     tokenizer = None
     if with_tokenizer and (directory / "tokenizer_config.json").is_file():

@@ -32,7 +32,13 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, host_state: dict | None = None, force: bool = False) -> bool:
-        """Save if `step` is due (or `force`). Returns whether a checkpoint was written."""
+        """Save if `step` is due (or `force`). Returns whether a checkpoint was written.
+
+        Collective with several processes: every process calls it at the same steps. orbax writes the host
+        state from process 0 alone, so it must be the same in every process (checked: an assertion).
+        """
+        if jax.process_count() > 1 and (force or self._manager.should_save(step)):
+            _assert_same_in_every_process(host_state or {}, f"checkpoint step {step}: host state")
         saved = self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -57,3 +63,15 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _assert_same_in_every_process(value: dict, what: str) -> None:
+    """Compare a JSON-able value across processes (by its SHA-256, one small collective)."""
+    import hashlib
+    import json
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()
+    multihost_utils.assert_equal(np.frombuffer(digest, np.uint8), f"{what} differs between processes")
