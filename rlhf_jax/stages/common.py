@@ -132,6 +132,22 @@ def whole_set_evaluator(eval_step: Callable, mesh=None) -> tuple[Callable, Calla
             lambda batch: place_state(batch, jax.tree.map(lambda _: sharding, batch)))
 
 
+def pair_outputs_over(eval_step: Callable, params, dataset, batch_size: int, keys: tuple[str, ...],
+                      mesh=None) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen [N], rejected [N]) of `eval_step(params, batch) -> (chosen [B], rejected [B])` over every pair
+    of a preference `dataset`, in order (a whole-set pass: see `whole_set_evaluator`)."""
+    from rlhf_jax.data import DataIterator
+
+    iterator = DataIterator(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False, drop_remainder=False)
+    step, place = whole_set_evaluator(eval_step, mesh)
+    chosen, rejected = [], []
+    for batch in iterator:
+        c, r = jax.device_get(step(params, place(device_batch(batch, keys))))
+        chosen.append(c)
+        rejected.append(r)
+    return np.concatenate(chosen), np.concatenate(rejected)
+
+
 def fit(
     *,
     experiment: ExperimentConfig,

@@ -15,14 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.data import DataIterator
 from rlhf_jax.errors import UserError
 from rlhf_jax.losses import dpo_loss
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
                                shard_train_step, state_shardings, use_mesh, validate_mesh_for_model)
 from rlhf_jax.stages.common import (build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
                                     load_stage_dataset, require_language_model, require_tokenizer,
-                                    training_iterator, whole_set_evaluator, write_summary)
+                                    training_iterator, pair_outputs_over, write_summary)
 from rlhf_jax.trainers.dpo import PAIR_KEYS, dpo_eval_step, dpo_train_step, make_reference_fn
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.state import TrainState
@@ -40,14 +39,7 @@ def sequence_logprobs_over(config, params, dataset, batch_size: int, mesh=None):
 
     mesh: where `params` live; every process then goes through the whole set (see `whole_set_evaluator`).
     """
-    iterator = DataIterator(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False, drop_remainder=False)
-    logprobs_fn, place = whole_set_evaluator(functools.partial(dpo_eval_step, config), mesh)
-    chosen, rejected = [], []
-    for batch in iterator:
-        c, r = jax.device_get(logprobs_fn(params, place(device_batch(batch, PAIR_KEYS))))
-        chosen.append(c)
-        rejected.append(r)
-    return np.concatenate(chosen), np.concatenate(rejected)
+    return pair_outputs_over(functools.partial(dpo_eval_step, config), params, dataset, batch_size, PAIR_KEYS, mesh)
 
 
 def evaluation_metrics(policy: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray],

@@ -13,11 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.data import DataIterator
 from rlhf_jax.models import llama
 from rlhf_jax.stages.common import (build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
                                     load_stage_dataset, require_tokenizer, training_iterator,
-                                    whole_set_evaluator, write_summary)
+                                    pair_outputs_over, write_summary)
 from rlhf_jax.sharding import (make_mesh, place_batch, place_for_training, shard_train_step, state_shardings,
                                validate_mesh_for_model)
 from rlhf_jax.trainers.reward import reward_eval_step, reward_train_step
@@ -32,14 +31,8 @@ def pair_rewards(config, model, dataset, batch_size: int, mesh=None) -> tuple[np
 
     mesh: where `model` lives; every process then scores the whole set (see `whole_set_evaluator`).
     """
-    iterator = DataIterator(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False, drop_remainder=False)
-    score, place = whole_set_evaluator(functools.partial(reward_eval_step, config), mesh)
-    chosen, rejected = [], []
-    for batch in iterator:
-        c, r = jax.device_get(score(model, place(device_batch(batch, PAIR_KEYS))))
-        chosen.append(c)
-        rejected.append(r)
-    return np.concatenate(chosen), np.concatenate(rejected)
+    return pair_outputs_over(functools.partial(reward_eval_step, config), model, dataset, batch_size, PAIR_KEYS,
+                             mesh)
 
 
 def evaluation_metrics(chosen: np.ndarray, rejected: np.ndarray, prefix: str = "eval") -> dict[str, float]:
