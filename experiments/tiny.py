@@ -25,54 +25,46 @@ _TINY_CHECKPOINT = CheckpointConfig(every_steps=4, keep_last=1)
 _TINY_LOGGING = LoggingConfig(every_steps=1, sample_every=None)
 
 
+def _tiny(name: str, stages: tuple, data: DataConfig = _TINY_DATA) -> ExperimentConfig:
+    """A tiny random Llama with SmolLM2's tokenizer on the real HH data, logging every step."""
+    return ExperimentConfig(name=name, run_dir=run_dir(name), model=ModelSpec(source="tiny:smollm2"), data=data,
+                            optimizer=_TINY_OPTIMIZER, checkpoint=_TINY_CHECKPOINT, logging=_TINY_LOGGING,
+                            stages=stages)
+
+
 @register_experiment("tiny_sft", "SFT of a tiny random Llama on HH-RLHF for 8 steps (smoke test)")
 def tiny_sft() -> ExperimentConfig:
-    return ExperimentConfig(
-        name="tiny_sft",
-        run_dir=run_dir("tiny_sft"),
-        model=ModelSpec(source="tiny:smollm2"),
-        data=_TINY_DATA,
-        optimizer=_TINY_OPTIMIZER,
-        checkpoint=_TINY_CHECKPOINT,
-        logging=_TINY_LOGGING,
-        stages=(SFTStage(name="sft", max_steps=8),),
-    )
+    return _tiny("tiny_sft", (SFTStage(name="sft", max_steps=8),))
 
 
 @register_experiment("tiny_dpo", "DPO of a tiny random Llama on HH-RLHF pairs for 8 steps, 16 held out (smoke test)")
 def tiny_dpo() -> ExperimentConfig:
-    return ExperimentConfig(
-        name="tiny_dpo",
-        run_dir=run_dir("tiny_dpo"),
-        model=ModelSpec(source="tiny:smollm2"),
-        data=dataclasses.replace(_TINY_DATA, max_examples=80, eval_fraction=0.2),
-        optimizer=_TINY_OPTIMIZER,
-        checkpoint=_TINY_CHECKPOINT,
-        logging=_TINY_LOGGING,
-        stages=(DPOStage(name="dpo", max_steps=8, beta=0.1),),
-    )
+    return _tiny("tiny_dpo", (DPOStage(name="dpo", max_steps=8, beta=0.1),),
+                 data=dataclasses.replace(_TINY_DATA, max_examples=80, eval_fraction=0.2))
 
 
 @register_experiment("tiny_pipeline", "SFT -> reward model -> PPO on a tiny random Llama (smoke test)")
 def tiny_pipeline() -> ExperimentConfig:
-    return ExperimentConfig(
-        name="tiny_pipeline",
-        run_dir=run_dir("tiny_pipeline"),
-        model=ModelSpec(source="tiny:smollm2"),
-        data=_TINY_DATA,
-        optimizer=_TINY_OPTIMIZER,
-        checkpoint=_TINY_CHECKPOINT,
-        logging=_TINY_LOGGING,
-        stages=(
-            SFTStage(name="sft", max_steps=8),
-            RewardStage(name="rm", model="stage:sft", max_steps=8),
-            PPOStage(
-                name="ppo", policy="stage:sft", reward_model="stage:rm", learning_rate=1e-4, max_steps=2,
-                rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=16,
-            ),
-            GenerateStage(
-                name="samples", model="stage:ppo", prompts=HH_HARMLESS_DEV, num_prompts=4, max_new_tokens=16,
-                stop=HH_STOP,
-            ),
+    return _tiny("tiny_pipeline", (
+        SFTStage(name="sft", max_steps=8),
+        RewardStage(name="rm", model="stage:sft", max_steps=8),
+        PPOStage(
+            name="ppo", policy="stage:sft", reward_model="stage:rm", learning_rate=1e-4, max_steps=2,
+            rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=16,
         ),
-    )
+        GenerateStage(
+            name="samples", model="stage:ppo", prompts=HH_HARMLESS_DEV, num_prompts=4, max_new_tokens=16,
+            stop=HH_STOP,
+        ),
+    ))
+
+
+@register_experiment("tiny_ppo", "PPO alone on a tiny random Llama with a programmatic reward, 6 iterations (smoke "
+                                 "and fault-injection test)")
+def tiny_ppo() -> ExperimentConfig:
+    return _tiny("tiny_ppo", (
+        PPOStage(
+            name="ppo", reward_model="fn:length:0.1", critic="tiny:smollm2", learning_rate=1e-4, max_steps=6,
+            rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=16,
+        ),
+    ))

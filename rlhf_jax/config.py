@@ -13,7 +13,8 @@ Stage fields that default to ``None`` inherit the shared value (``SFTStage.learn
 Everything is checked in one place, :func:`validate`, which the launcher calls before anything runs
 (never ``__post_init__``: a subclass that defines its own skips it). Every problem is reported as
 one :class:`~rlhf_jax.errors.ConfigError` line naming the dotted key, the bad value and what was
-expected. This module imports only the standard library so the launcher starts fast.
+expected. This module imports only the standard library (and the data layer's standard-library list of
+formats, ``rlhf_jax.data.formats``) so the launcher starts fast.
 """
 
 import dataclasses
@@ -29,6 +30,7 @@ import types
 import typing
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
+from rlhf_jax.data.formats import FORMATS
 from rlhf_jax.errors import ConfigError, UserError
 
 # --------------------------------------------------------------------------------------------
@@ -45,10 +47,8 @@ class StageKind(enum.StrEnum):
     EVALUATE = "evaluate"
 
 
-class DataFormat(enum.StrEnum):
-    HH = "hh"  # {"chosen", "rejected"} whole dialogues sharing a prompt (Anthropic HH-RLHF)
-    JSONL = "jsonl"  # {"prompt", "chosen", "rejected"} or {"prompt", "response"} per line
-    PARQUET = "parquet"  # the same columns as JSONL
+# Every format the data layer reads (`hh`, `jsonl`, `parquet`, `arrow`, `tfds`, ...; docs/data.md), from its one list.
+DataFormat = enum.StrEnum("DataFormat", [(name.upper(), name) for name in FORMATS], module=__name__)
 
 
 class RematPolicy(enum.StrEnum):
@@ -139,7 +139,7 @@ class ModelSpec:
 class DataConfig:
     """The dataset and how it is cut into batches."""
 
-    path: str = _path(default="")  # a .jsonl(.gz) or .parquet file; "" where no stage reads it
+    path: str = _path(default="")  # a file or dataset directory (see `format`); "" where no stage reads it
     format: DataFormat = DataFormat.HH
     max_prompt_length: int = 256  # tokens; longer prompts keep their last tokens
     max_length: int = 512  # prompt + response tokens

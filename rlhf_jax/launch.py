@@ -12,12 +12,16 @@
 A run writes its config to ``<run_dir>/config.json`` and ``<run_dir>/config.overrides`` (one
 ``key=value`` per line, the form ``--print-config`` prints), then runs each stage in
 ``<run_dir>/<stage name>``; a stage whose ``DONE`` marker exists is skipped on a relaunch. A user
-error (unknown experiment or key, bad value, missing file) prints one line on stderr and exits 2.
+error (unknown experiment or key, bad value, missing file) prints one line on stderr and exits 2; so
+does a launch on a run directory another live launcher holds (``<run_dir>/.lock``). SIGTERM or
+SIGINT stops a training stage after its current step, checkpointed, and exits 75 (`EXIT_PREEMPTED`);
+relaunching resumes it (see `rlhf_jax.training.preemption`).
 With several processes (`rlhf_jax.distributed`) every process runs the stages; process 0 alone prints
 and writes the run's files.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -37,6 +41,8 @@ from rlhf_jax.config import (
     validate,
 )
 from rlhf_jax.errors import ConfigError, UserError
+from rlhf_jax.run_lock import RunLock
+from rlhf_jax.training.preemption import EXIT_PREEMPTED, Preempted, StopSignals
 
 __all__ = ["main", "build_config", "prepare_run_dir", "dry_run", "run", "load_config"]
 
@@ -140,19 +146,24 @@ def _differences(old: ExperimentConfig, new: ExperimentConfig, limit: int = 3) -
 
 
 def prepare_run_dir(config: ExperimentConfig, allow_config_change: bool = False) -> pathlib.Path:
-    """Create ``run_dir`` and write the config there; refuse to resume a run of a different config."""
+    """Create ``run_dir`` and write the config there; refuse to resume a run of a different config.
+
+    A run directory where no stage has made progress yet (no checkpoint, model or DONE marker: the run
+    failed before its first step) takes the new config: fixing the command is all a retry needs.
+    """
     run_dir = _run_dir(config)
     config_file = run_dir / CONFIG_FILE
     if config_file.exists():
         previous = load_config(config_file)  # every process checks, before process 0 rewrites the file
         # The same directory spelled differently (runs/x vs ./runs/x) is the same run.
         if dataclasses.replace(previous, run_dir=config.run_dir) != config:
-            if not allow_config_change:
+            started = stages_with_progress(run_dir)
+            if started and not allow_config_change:
                 raise ConfigError(
                     f"run_dir={config.run_dir}: holds a run of a different config ({_differences(previous, config)}); "
                     f"use another run_dir, or pass --allow-config-change to continue it with this config"
                 )
-            if distributed.is_main_process():
+            if started and distributed.is_main_process():
                 shutil.copyfile(config_file, run_dir / PREVIOUS_CONFIG_FILE)
     else:
         try:
@@ -164,6 +175,17 @@ def prepare_run_dir(config: ExperimentConfig, allow_config_change: bool = False)
         save_config(config, config_file)
         (run_dir / OVERRIDES_FILE).write_text("\n".join(to_overrides(config)) + "\n")
     return run_dir
+
+
+def stages_with_progress(run_dir: pathlib.Path) -> list[str]:
+    """Names of the stage directories under ``run_dir`` holding a checkpoint step, a model or a DONE marker."""
+    started = []
+    for stage_dir in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+        checkpoints = stage_dir / "checkpoints"
+        steps = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+        if steps or _is_done(stage_dir) or (stage_dir / "model").exists():
+            started.append(stage_dir.name)
+    return started
 
 
 def _is_done(stage_dir: pathlib.Path) -> bool:
@@ -222,7 +244,24 @@ def run(config: ExperimentConfig, run_dir: pathlib.Path) -> None:
         if distributed.is_main_process():
             (stage_dir / DONE_FILE).write_text(json.dumps({"stage": stage.name, "finished": finished}) + "\n")
         print(f"stage {stage.name} ({stage.kind}): done", flush=True)
+        _write_report(run_dir)
     print(f"experiment {config.name}: all stages done in {run_dir}")
+
+
+def _write_report(run_dir: pathlib.Path) -> None:
+    """The run's report after each stage (process 0). A report that cannot be built costs a warning, not the
+    run: the stage's results are already saved."""
+    if not distributed.is_main_process():
+        return
+    from rlhf_jax.report import build_report
+
+    try:
+        path = build_report(run_dir)
+    except Exception as error:  # noqa: BLE001 - any plotting failure; the line names it
+        print(f"warning: report not written ({type(error).__name__}: {error}); "
+              f"retry with: python -m rlhf_jax.report {run_dir}", file=sys.stderr, flush=True)
+        return
+    print(f"report: {path}", flush=True)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -245,11 +284,24 @@ def _main(argv: Sequence[str] | None) -> int:
         use_cluster=args.distributed)
     if joined.is_multi_process and not distributed.is_main_process():
         sys.stdout = open(os.devnull, "w")  # progress and summaries: process 0 speaks for the run
-    run_dir = prepare_run_dir(config, args.allow_config_change)
-    if args.dry_run:
-        dry_run(config, run_dir)
-    else:
-        run(config, run_dir)
+    with contextlib.ExitStack() as held:
+        if distributed.is_main_process():  # one writer per run directory, for the whole run
+            lock = held.enter_context(RunLock(_run_dir(config)))
+            if lock.stale:
+                print(f"note: took over the lock of process {lock.stale.get('pid')} on {lock.stale.get('host')}, "
+                      "which is gone", file=sys.stderr)
+        run_dir = prepare_run_dir(config, args.allow_config_change)
+        resume = f"python -m rlhf_jax.launch --config {run_dir / CONFIG_FILE}"
+        if StopSignals.active() is not None:
+            StopSignals.active().resume_hint = f"Resume with: {resume}"
+        try:
+            if args.dry_run:
+                dry_run(config, run_dir)
+            else:
+                run(config, run_dir)
+        except Preempted as stop:
+            print(f"{stop}; resume with: {resume} (exit status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
     return 0
 
 
@@ -283,7 +335,8 @@ def plan(config: ExperimentConfig, num_devices: int, accelerator: str, argv: Seq
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a user error, reported as one line on stderr)."""
     try:
-        return _main(argv)
+        with StopSignals():  # SIGTERM/SIGINT: a training stage saves its step and exits 75
+            return _main(argv)
     except UserError as error:
         message = " ".join(str(error).split("\n"))
         print(f"error: {message}", file=sys.stderr)

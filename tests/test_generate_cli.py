@@ -83,7 +83,21 @@ def test_cut_at_stop_keeps_the_shortest_prefix_containing_the_stop_string():
     assert cut_at_stop(tokenizer, ids, ["nowhere"]) == (len(ids), "Sure thing.\n\nHuman: again", False)
 
 
-def test_generate_stage_writes_generations_then_done(tmp_path):
+def words(text: str) -> str:
+    """`text` as its words: what survives rich's rendering (tabs expanded, BEL/BS/VT/FF/CR dropped)."""
+    return " ".join(text.translate({0x07: None, 0x08: None}).split())
+
+
+def assert_samples_printed(stdout: str, records: list[dict]) -> None:
+    """Each record's response, under the end of its prompt, in `stdout` (the generate stage's sample printout)."""
+    printed = words(stdout)
+    for record in records:
+        tail = words(record["prompt_text"])[-50:]
+        response = words(record["completion"]) or "(empty)"
+        assert f"{tail} response: {response}" in printed, (tail, response)
+
+
+def test_generate_stage_writes_generations_then_done(tmp_path, capsys):
     from rlhf_jax.config import DataFormat, ExperimentConfig, GenerateStage, ModelSpec
     from rlhf_jax.stages import load_runner
 
@@ -107,3 +121,27 @@ def test_generate_stage_writes_generations_then_done(tmp_path):
     assert not list(stage_dir.glob("*.partial"))
     # The two samples of a prompt differ (their rows use different keys).
     assert records[0]["completion_token_ids"] != records[1]["completion_token_ids"]
+    # Each response is printed under the end of its prompt, then where they all are.
+    stdout = capsys.readouterr().out
+    assert_samples_printed(stdout, records)
+    assert "prompt 1, sample 1 · " in stdout and "Human: question 1?" in stdout
+    assert stdout.rstrip().endswith(f"-> {stage_dir / 'generations.jsonl'}")
+
+
+def test_print_samples_shows_the_prompts_tail_and_at_most_shown_samples():
+    import io
+
+    from rlhf_jax.stages.generate import PROMPT_TAIL_CHARS, SHOWN_SAMPLES, print_samples
+
+    prompt_text = "\n\nHuman: " + "word " * 100 + "last [bold]question?\n\nAssistant:"
+    records = [{"prompt_text": prompt_text, "completion": f" answer {n} [red]", "completion_token_ids": [1, 2],
+                "finish_reason": "stop"} for n in range(SHOWN_SAMPLES + 2)]
+    out = io.StringIO()
+    print_samples(records, num_samples=2, out=out)
+    text = out.getvalue()
+    assert "prompt 7, sample 1 · 2 tokens, stop" in text and "prompt 8," not in text
+    assert f"response: answer {SHOWN_SAMPLES - 1} [red]\n" in text and f"answer {SHOWN_SAMPLES} " not in text
+    assert text.rstrip().endswith("… and 2 more")
+    (tail,) = {line for line in text.splitlines() if line.startswith("…word")}
+    assert len(tail) <= PROMPT_TAIL_CHARS and tail.endswith("last [bold]question?")
+    assert "Human:" not in text  # cut: only the end of the prompt is shown

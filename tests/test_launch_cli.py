@@ -200,7 +200,12 @@ def test_dry_run_calls_the_runners_dry_run(tmp_path, fake_runners, capsys):
 def test_relaunch_with_a_different_config_is_refused_unless_allowed(tmp_path, capsys, fake_runners):
     run_dir = tmp_path / "run"
     base = ["experiment=tiny_pipeline", f"run_dir={run_dir}", "--dry-run"]
+    assert run_main(capsys, *base, "stages.ppo.kl_coef=0.3")[0] == 0
+    # nothing has run yet (a run that failed before its first step): the corrected command takes the directory
     assert run_main(capsys, *base)[0] == 0
+    assert load_config(run_dir / "config.json").stage("ppo").kl_coef == 0.05
+    (run_dir / "sft").mkdir(exist_ok=True)
+    (run_dir / "sft" / "DONE").write_text("{}\n")  # a stage has finished: a different config is refused
     assert run_main(capsys, *base, "seed=0")[0] == 0  # the same config (seed 0 is the default)
     status, _, err = run_main(capsys, *base, "stages.ppo.kl_coef=0.2")
     assert status == 2 and "holds a run of a different config (stages.ppo.kl_coef: 0.05 -> 0.2)" in err

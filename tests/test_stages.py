@@ -65,7 +65,7 @@ def test_sft_killed_mid_run_resumes_exactly(tmp_path, monkeypatch):
     resumed = _run_stage(experiment, "sft", tmp_path / "resumed")  # restarts from the step-4 checkpoint
     _assert_same_params(load_artifact(full / "model").params, load_artifact(resumed / "model").params)
     steps = [r["step"] for r in read_metrics(resumed)]
-    assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]  # steps 5-6 ran again after the kill
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # steps 5-6 ran again after the kill, each logged once
     losses_full = [r["sft/loss"] for r in read_metrics(full)]
     losses_resumed = [r["sft/loss"] for r in read_metrics(resumed)]
     assert losses_resumed[-4:] == losses_full[-4:]
@@ -103,6 +103,13 @@ def test_tiny_pipeline_through_the_cli_then_relaunch_skips_done_stages(tmp_path)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     generations = [json.loads(line) for line in (run_dir / "samples" / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == 4
+    # the samples stage prints each response under the end of its prompt (rich drops BEL/BS, expands tabs)
+    def words(text):
+        return " ".join(text.translate({0x07: None, 0x08: None}).split())
+
+    for generation in generations:
+        expected = f"{words(generation['prompt_text'])[-50:]} response: {words(generation['completion']) or '(empty)'}"
+        assert expected in words(first.stdout), expected
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("already done") == 4

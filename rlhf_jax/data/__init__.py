@@ -10,30 +10,34 @@
 Check a file from the shell: ``python -m rlhf_jax.data check PATH --type preference``.
 """
 
-from rlhf_jax.data.batching import (
-    bucket_length,
-    collate_preference,
-    collate_prompts,
-    collate_sft,
-    default_buckets,
-    micro_batch_size,
-    pack,
-    split_micro_batches,
-)
-from rlhf_jax.data.loader import DataIterator, TokenizedDataset, load_dataset, tokenize_dataset
-from rlhf_jax.data.records import (
-    KINDS,
-    BadRecord,
-    Demonstration,
-    Feedback,
-    Message,
-    Preference,
-    PromptRecord,
-    parse_record,
-)
-from rlhf_jax.data.sources import FORMATS, iter_rows, read_records
-from rlhf_jax.data.tokenize import Example, TokenizeConfig, load_tokenizer, tokenize_records, truncate
-from rlhf_jax.data.validation import Problem, Report
+import importlib
+
+# name -> the submodule defining it, imported on first use (PEP 562): the launcher's config imports
+# `rlhf_jax.data.formats` and must not pull numpy in with the rest of the package.
+_SUBMODULE_OF = {
+    **dict.fromkeys(("bucket_length", "collate_preference", "collate_prompts", "collate_sft", "default_buckets",
+                     "micro_batch_size", "pack", "split_micro_batches"), "batching"),
+    "FORMATS": "formats",
+    **dict.fromkeys(("DataIterator", "TokenizedDataset", "load_dataset", "tokenize_dataset"), "loader"),
+    **dict.fromkeys(("KINDS", "BadRecord", "Demonstration", "Feedback", "Message", "Preference", "PromptRecord",
+                     "parse_record"), "records"),
+    **dict.fromkeys(("iter_rows", "read_records"), "sources"),
+    **dict.fromkeys(("Example", "TokenizeConfig", "load_tokenizer", "tokenize_records", "truncate"), "tokenize"),
+    **dict.fromkeys(("Problem", "Report"), "validation"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _SUBMODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_SUBMODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "FORMATS", "KINDS", "BadRecord", "DataIterator", "Demonstration", "Example", "Feedback", "Message", "Preference",

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from rlhf_jax.data.formats import FORMATS
 from rlhf_jax.data.records import KINDS
-from rlhf_jax.data.sources import FORMATS, read_records
+from rlhf_jax.data.sources import read_records
 from rlhf_jax.data.tokenize import TokenizeConfig, load_tokenizer, token_ids, truncate, validate_tokenize_config
 from rlhf_jax.errors import UserError
 

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_jax.data.formats import FORMATS
 from rlhf_jax.data.records import KINDS, BadRecord, Record, parse_record
 from rlhf_jax.data.validation import Report
 from rlhf_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "jsonl", "hh", "json", "parquet", "arrow", "tfds")
 TFDS_NAME = "local_preferences"
 
 

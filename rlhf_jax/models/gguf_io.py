@@ -227,6 +227,11 @@ def has_tokenizer(reader) -> bool:
     return "tokenizer.ggml.model" in reader.fields and "tokenizer.ggml.tokens" in reader.fields
 
 
+def read_tokenizer_metadata(reader) -> dict[str, Any]:
+    """Every `tokenizer.*` field (vocab, merges, token types, special ids, chat template), decoded."""
+    return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+
+
 def load_gguf(path: str | os.PathLike, reader=None) -> tuple[DecoderConfig, dict]:
     """Read a GGUF file (through `reader` when already open). Returns (config, params as float32 numpy).
 

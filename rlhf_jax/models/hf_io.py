@@ -170,6 +170,19 @@ def generation_config_dict(config: DecoderConfig) -> dict:
     }
 
 
+def _umask_permissions(directory: Path) -> None:
+    """Give every file under `directory` the mode an ordinary write would (0o666 less the umask).
+
+    safetensors writes through a private temporary file (mode 0600) that it renames into place. The
+    umask is read off `directory` itself, made by `mkdir` (mode 0o777 less the umask): `os.umask` can
+    only be read by setting it, which races with other threads.
+    """
+    file_mode = directory.stat().st_mode & 0o666
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(file_mode)
+
+
 def save_hf(
     dst_dir: str | os.PathLike,
     config: DecoderConfig,
@@ -177,18 +190,22 @@ def save_hf(
     tokenizer=None,
     dtype: str = "float32",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    replace: bool = False,
 ) -> Path:
     """Write `params` as a Hugging Face model directory loadable by `transformers`.
 
     Writes config.json, generation_config.json, model.safetensors (or shards + index above
-    `max_shard_bytes`) in `dtype` (float32 | bfloat16 | float16) and `tokenizer.save_pretrained` files.
-    The files are assembled in a temporary sibling directory and renamed into `dst_dir`; an existing
-    `dst_dir` keeps unrelated files, but stale weight files are removed. Returns the directory.
+    `max_shard_bytes`) in `dtype` (float32 | bfloat16 | float16) and `tokenizer.save_pretrained` files,
+    with the permissions the umask gives (0644 under umask 022). The files are assembled in a temporary
+    sibling directory and renamed into `dst_dir`. An existing `dst_dir` is swapped out whole when
+    `replace`; otherwise it keeps unrelated files, but stale weight files are removed. Returns the directory.
     """
     np_dtype = _numpy_dtype(dtype)
     dst = Path(dst_dir).absolute()
     if dst.exists() and not dst.is_dir():
         raise UserError(f"{dst}: exists and is not a directory")
+    if replace and dst.is_symlink():
+        dst = dst.resolve()  # swap the directory the link names, not the link
     dst.parent.mkdir(parents=True, exist_ok=True)
     import jax
 
@@ -209,8 +226,16 @@ def save_hf(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _write_weights(tmp, tensors, max_shard_bytes)
+        _umask_permissions(tmp)
         if not dst.exists():
             os.rename(tmp, dst)
+            return dst
+        if replace:
+            # two renames: a crash between them leaves the old model whole beside `dst`, never a half one
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
             return dst
         for stale in [dst / WEIGHTS_NAME, dst / WEIGHTS_INDEX_NAME, *dst.glob("model-*-of-*.safetensors")]:
             stale.unlink(missing_ok=True)

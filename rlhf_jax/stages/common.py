@@ -20,6 +20,7 @@ from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.training.artifacts import is_artifact, load_artifact
 from rlhf_jax.training.checkpoint import Checkpointer
 from rlhf_jax.training.logs import MetricsLogger
+from rlhf_jax.training.preemption import should_stop, stopped, training_loop
 from rlhf_jax.training.state import TrainState, make_optimizer
 
 
@@ -171,18 +172,18 @@ def fit(
 
     checkpointer = Checkpointer(stage_dir / "checkpoints", experiment.checkpoint.every_steps,
                                 experiment.checkpoint.keep_last)
-    logger = MetricsLogger(stage_dir, tensorboard=experiment.logging.tensorboard)
     start = 0
     if checkpointer.latest_step() is not None:
         state, saved = checkpointer.restore(state)
         restore_host_state(saved)
         start = int(state.step)
+    logger = MetricsLogger(stage_dir, tensorboard=experiment.logging.tensorboard, resume_step=start)
     records: list[dict] = []
     every = max(experiment.logging.every_steps, 1)
     columns = (TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[status]}"))
     step = start
-    with Progress(*columns, transient=False) as progress:
+    with Progress(*columns, transient=False) as progress, training_loop():
         task = progress.add_task(stage.name, total=total_steps, completed=start, status="")
         tick = time.perf_counter()
         while step < total_steps:
@@ -201,6 +202,11 @@ def fit(
                 shown = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in list(values.items())[:3])
                 progress.update(task, status=shown)
             progress.update(task, completed=step)
+            if should_stop():
+                checkpointer.save(step, state, host_state(), force=checkpointer.latest_step() != step)
+                checkpointer.close()
+                logger.close()
+                raise stopped(stage.name, step)
             checkpointer.save(step, state, host_state())
     checkpointer.save(step, state, host_state(), force=checkpointer.latest_step() != step)
     checkpointer.close()

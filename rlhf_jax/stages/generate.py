@@ -5,6 +5,9 @@ Writes `<stage_dir>/generations.jsonl`, one `rlhf_jax.sampling.text.completion_r
 `index` (the prompt's) and `sample` (0..num_samples-1), then `<stage_dir>/DONE` last. The file is written
 to a temporary name and renamed, so a `generations.jsonl` that exists is complete. Prompts go through the
 model's chat template (the HH text form for tokenizer-less tiny models) and are not truncated.
+
+The first `SHOWN_SAMPLES` responses are also printed, each under the last `PROMPT_TAIL_CHARS` characters of
+the text the model was given.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 import time
-from typing import Callable
+from typing import Callable, Sequence, TextIO
 
 from rlhf_jax.config import ExperimentConfig, GenerateStage, model_for, stage_data
 
 GENERATIONS_FILE = "generations.jsonl"
 DONE_FILE = "DONE"
+SHOWN_SAMPLES = 16  # printed; the file holds them all
+PROMPT_TAIL_CHARS = 200
 
 
 def stage_settings(stage: GenerateStage):
@@ -77,5 +83,37 @@ def run(experiment: ExperimentConfig, stage: GenerateStage, stage_dir: pathlib.P
             "stage": stage.name, "generations": len(records), "new_tokens": new_tokens,
             "seconds": round(seconds, 2),
         }) + "\n")
+        print_samples(records, stage.num_samples)
     print(f"stage {stage.name}: {len(records)} responses ({new_tokens} tokens, {seconds:.1f} s) -> "
           f"{stage_dir / GENERATIONS_FILE}", flush=True)
+
+
+def prompt_tail(text: str, chars: int = PROMPT_TAIL_CHARS) -> str:
+    """The last `chars` characters of `text`, from a word boundary when one is near, with "…" where cut."""
+    text = text.strip()
+    if len(text) <= chars:
+        return text
+    tail = text[-chars:]
+    boundary = next((i for i, c in enumerate(tail[: chars // 5]) if c.isspace()), None)
+    return "…" + (tail[boundary:] if boundary is not None else tail).lstrip()
+
+
+def print_samples(records: Sequence[dict], num_samples: int, out: TextIO | None = None) -> None:
+    """Print the first `SHOWN_SAMPLES` records: a rule naming prompt (and sample), the prompt's tail, the response.
+
+    Lines are never wrapped by rich (`soft_wrap`), so a response reads, and greps, as it was generated.
+    """
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(file=out or sys.stdout, soft_wrap=True, highlight=False)
+    for number, record in enumerate(records[:SHOWN_SAMPLES]):
+        index, sample = divmod(number, num_samples)
+        title = f"prompt {index}" + (f", sample {sample}" if num_samples > 1 else "")
+        console.rule(Text(f"{title} · {len(record['completion_token_ids'])} tokens, {record['finish_reason']}"))
+        console.print(Text(prompt_tail(record["prompt_text"]), style="dim"))
+        response = record["completion"].strip() or "(empty)"
+        console.print(Text.assemble(("response: ", "bold cyan"), (response, "bold")))
+    if len(records) > SHOWN_SAMPLES:
+        console.print(f"… and {len(records) - SHOWN_SAMPLES} more", markup=False)
+    console.file.flush()

@@ -34,6 +34,7 @@ from rlhf_jax.trainers import ppo
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.checkpoint import Checkpointer
 from rlhf_jax.training.logs import MetricsLogger
+from rlhf_jax.training.preemption import should_stop, stopped, training_loop
 from rlhf_jax.training.state import TrainState
 
 
@@ -147,65 +148,73 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
 
     experience_fn = jax.jit(functools.partial(ppo.make_experience, policy_config, critic_config, reward, hyper))
     update_fns: dict[int, object] = {}
-    logger = MetricsLogger(stage_dir, tensorboard=experiment.logging.tensorboard)
+    logger = MetricsLogger(stage_dir, tensorboard=experiment.logging.tensorboard, resume_step=iteration)
     last_metrics: dict[str, float] = {}
-    while iteration < iterations:
-        batch = next(iterator)
-        rng, sample_key, shuffle_key = jax.random.split(rng, 3)
-        prompt_tokens, prompt_mask = place_batch((batch["prompt_tokens"], batch["prompt_mask"]), mesh)
-        start = time.perf_counter()
-        sample = jax.block_until_ready(sampler(policy_state.params, prompt_tokens, prompt_mask, sample_key, settings))
-        generated = time.perf_counter()
-        if stage.offload_frozen:  # the frozen roles come back to the devices for the scoring pass only
-            reference, reward_params = move_to_memory((reference, reward_params), "device")
-        with use_mesh(mesh):
-            experience, metrics = experience_fn(policy_state.params, reference, critic_state.params, reward_params,
-                                                prompt_tokens, prompt_mask, sample.response_tokens,
-                                                sample.response_mask, sample.ended_with_eos, kl_state.kl_coef)
-        if stage.offload_frozen:
-            reference, reward_params = move_to_memory((reference, reward_params), "pinned_host")
-        metrics = jax.device_get(metrics)
-        scored = time.perf_counter()
-        prompt_length = prompt_tokens.shape[1]
-        if prompt_length not in update_fns:
-            update_fns[prompt_length] = shard_train_step(functools.partial(
-                ppo.ppo_update_step, policy_config, critic_config, hyper, prompt_length), state_sharding, mesh)
-        update_fn = update_fns[prompt_length]
-        epochs_done, update_metrics = 0, []
-        for epoch_key in jax.random.split(shuffle_key, stage.ppo_epochs):
-            for minibatch in ppo.minibatches(experience, epoch_key, stage.mini_batch_size):
-                policy_state, critic_state, step_metrics = update_fn(policy_state, critic_state,
-                                                                     place_batch(minibatch, mesh))
-                update_metrics.append(jax.device_get(step_metrics))
-            epochs_done += 1
-            if stage.target_approx_kl is not None and update_metrics[-1]["policy/approx_kl"] > stage.target_approx_kl:
-                break
-        trained = time.perf_counter()
-        kl_state = controller.update(kl_state, metrics["kl/mean"], stage.rollout_batch_size)
-        iteration += 1
-        new_tokens = float(jnp.sum(sample.response_lengths))  # a global array across processes
-        metrics.update({name: float(np.mean([m[name] for m in update_metrics])) for name in update_metrics[0]})
-        metrics.update({
-            "policy/ratio_mean": float(np.mean([m["policy/ratio_mean"] for m in update_metrics])),
-            "ppo/epochs": float(epochs_done),
-            "time/generate": generated - start, "time/score": scored - generated, "time/train": trained - scored,
-            "throughput/generate_tokens_per_s": new_tokens / max(generated - start, 1e-9),
-            "throughput/tokens_per_s": new_tokens / max(trained - start, 1e-9),
-        })
-        check_finite_losses(metrics, iteration, stage.name)
-        if iteration % max(experiment.logging.every_steps, 1) == 0 or iteration == iterations:
-            last_metrics = logger.log(iteration, metrics)
-            shown = ", ".join(f"{k}={last_metrics[k]:.4g}" for k in ("reward/mean", "kl/mean", "policy/clipfrac"))
-            print(f"[{stage.name}] iteration {iteration}/{iterations}: {shown}", flush=True)
-        sample_every = experiment.logging.sample_every
-        if sample_every and (iteration % sample_every == 0 or iteration == 1):
-            rows = multihost_utils.process_allgather(  # collective: every process's rows, for process 0 to write
-                (prompt_tokens, prompt_mask, sample.response_tokens, sample.response_lengths, experience.scores),
-                tiled=True)
-            logger.log_samples(iteration, _samples(tokenizer, *rows, 4))
-        checkpointer.save(iteration, {"policy": policy_state, "critic": critic_state, "kl_coef": kl_state.kl_coef,
-                                      "rng": rng},
-                          {"data": iterator.get_state(), "iteration": iteration})
+    with training_loop():
+        while iteration < iterations:
+            batch = next(iterator)
+            rng, sample_key, shuffle_key = jax.random.split(rng, 3)
+            prompt_tokens, prompt_mask = place_batch((batch["prompt_tokens"], batch["prompt_mask"]), mesh)
+            start = time.perf_counter()
+            sample = jax.block_until_ready(
+                sampler(policy_state.params, prompt_tokens, prompt_mask, sample_key, settings))
+            generated = time.perf_counter()
+            if stage.offload_frozen:  # the frozen roles come back to the devices for the scoring pass only
+                reference, reward_params = move_to_memory((reference, reward_params), "device")
+            with use_mesh(mesh):
+                experience, metrics = experience_fn(policy_state.params, reference, critic_state.params, reward_params,
+                                                    prompt_tokens, prompt_mask, sample.response_tokens,
+                                                    sample.response_mask, sample.ended_with_eos, kl_state.kl_coef)
+            if stage.offload_frozen:
+                reference, reward_params = move_to_memory((reference, reward_params), "pinned_host")
+            metrics = jax.device_get(metrics)
+            scored = time.perf_counter()
+            prompt_length = prompt_tokens.shape[1]
+            if prompt_length not in update_fns:
+                update_fns[prompt_length] = shard_train_step(functools.partial(
+                    ppo.ppo_update_step, policy_config, critic_config, hyper, prompt_length), state_sharding, mesh)
+            update_fn = update_fns[prompt_length]
+            epochs_done, update_metrics = 0, []
+            for epoch_key in jax.random.split(shuffle_key, stage.ppo_epochs):
+                for minibatch in ppo.minibatches(experience, epoch_key, stage.mini_batch_size):
+                    policy_state, critic_state, step_metrics = update_fn(policy_state, critic_state,
+                                                                         place_batch(minibatch, mesh))
+                    update_metrics.append(jax.device_get(step_metrics))
+                epochs_done += 1
+                approx_kl = update_metrics[-1]["policy/approx_kl"]
+                if stage.target_approx_kl is not None and approx_kl > stage.target_approx_kl:
+                    break
+            trained = time.perf_counter()
+            kl_state = controller.update(kl_state, metrics["kl/mean"], stage.rollout_batch_size)
+            iteration += 1
+            new_tokens = float(jnp.sum(sample.response_lengths))  # a global array across processes
+            metrics.update({name: float(np.mean([m[name] for m in update_metrics])) for name in update_metrics[0]})
+            metrics.update({
+                "policy/ratio_mean": float(np.mean([m["policy/ratio_mean"] for m in update_metrics])),
+                "ppo/epochs": float(epochs_done),
+                "time/generate": generated - start, "time/score": scored - generated, "time/train": trained - scored,
+                "throughput/generate_tokens_per_s": new_tokens / max(generated - start, 1e-9),
+                "throughput/tokens_per_s": new_tokens / max(trained - start, 1e-9),
+            })
+            check_finite_losses(metrics, iteration, stage.name)
+            if iteration % max(experiment.logging.every_steps, 1) == 0 or iteration == iterations:
+                last_metrics = logger.log(iteration, metrics)
+                shown = ", ".join(f"{k}={last_metrics[k]:.4g}" for k in ("reward/mean", "kl/mean", "policy/clipfrac"))
+                print(f"[{stage.name}] iteration {iteration}/{iterations}: {shown}", flush=True)
+            sample_every = experiment.logging.sample_every
+            if sample_every and (iteration % sample_every == 0 or iteration == 1):
+                rows = multihost_utils.process_allgather(  # collective: every process's rows, for process 0 to write
+                    (prompt_tokens, prompt_mask, sample.response_tokens, sample.response_lengths, experience.scores),
+                    tiled=True)
+                logger.log_samples(iteration, _samples(tokenizer, *rows, 4))
+            state = {"policy": policy_state, "critic": critic_state, "kl_coef": kl_state.kl_coef, "rng": rng}
+            host = {"data": iterator.get_state(), "iteration": iteration}
+            if should_stop():
+                checkpointer.save(iteration, state, host, force=checkpointer.latest_step() != iteration)
+                checkpointer.close()
+                logger.close()
+                raise stopped(stage.name, iteration)
+            checkpointer.save(iteration, state, host)
     state = {"policy": policy_state, "critic": critic_state, "kl_coef": kl_state.kl_coef, "rng": rng}
     if checkpointer.latest_step() != iteration:
         checkpointer.save(iteration, state, {"data": iterator.get_state(), "iteration": iteration}, force=True)
