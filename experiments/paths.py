@@ -21,3 +21,12 @@ HH_STOP = ("\n\nHuman:",)
 def run_dir(name: str) -> str:
     """The default run directory of an experiment, relative to the working directory."""
     return f"runs/{name}"
+
+
+# Addition questions (rlhf_jax.tasks.arithmetic), written by
+#   python -m rlhf_jax.tasks.arithmetic write --split train --n 2000 --seed 0 experiments/data/arith_train.jsonl
+#   python -m rlhf_jax.tasks.arithmetic write --split test --n 200 --seed 0 experiments/data/arith_test.jsonl
+# (tests/test_task_arithmetic.py checks the files equal what those commands write).
+ARITH_DATA = REPO_ROOT / "experiments" / "data"
+ARITH_TRAIN = str(ARITH_DATA / "arith_train.jsonl")
+ARITH_TEST = str(ARITH_DATA / "arith_test.jsonl")

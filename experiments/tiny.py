@@ -9,6 +9,9 @@ from rlhf_jax.config import (
     DPOStage,
     ExperimentConfig,
     GenerateStage,
+    GRPOStage,
+    ReinforceStage,
+    RLOOStage,
     LoggingConfig,
     ModelSpec,
     OptimizerConfig,
@@ -67,4 +70,32 @@ def tiny_ppo() -> ExperimentConfig:
             name="ppo", reward_model="fn:length:0.1", critic="tiny:smollm2", learning_rate=1e-4, max_steps=6,
             rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=16,
         ),
+    ))
+
+
+@register_experiment("tiny_grpo", "GRPO on a tiny random Llama, 4 samples per prompt, a programmatic reward, 8 "
+                                  "iterations (smoke and exact-resume test)")
+def tiny_grpo() -> ExperimentConfig:
+    return _tiny("tiny_grpo", (
+        GRPOStage(
+            name="grpo", reward_model="fn:token_id_below:24576", learning_rate=3e-3, max_steps=8,
+            rollout_batch_size=4, group_size=4, mini_batch_size=8, ppo_epochs=2, max_new_tokens=16,
+        ),
+    ))
+
+
+@register_experiment("tiny_rloo", "RLOO on a tiny random Llama, 4 samples per prompt, a programmatic reward (smoke test)")
+def tiny_rloo() -> ExperimentConfig:
+    return _tiny("tiny_rloo", (
+        RLOOStage(name="rloo", reward_model="fn:token_id_below:24576", learning_rate=3e-3, max_steps=4,
+                  rollout_batch_size=4, group_size=4, mini_batch_size=8, ppo_epochs=2, max_new_tokens=16),
+    ))
+
+
+@register_experiment("tiny_reinforce", "REINFORCE (batch-mean baseline) on a tiny random Llama, a programmatic "
+                                       "reward (smoke test)")
+def tiny_reinforce() -> ExperimentConfig:
+    return _tiny("tiny_reinforce", (
+        ReinforceStage(name="reinforce", reward_model="fn:token_id_below:24576", learning_rate=3e-3, max_steps=4,
+                       rollout_batch_size=8, group_size=1, mini_batch_size=8, max_new_tokens=16),
     ))

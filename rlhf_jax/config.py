@@ -43,6 +43,8 @@ class StageKind(enum.StrEnum):
     PPO = "ppo"
     DPO = "dpo"
     GRPO = "grpo"
+    RLOO = "rloo"
+    REINFORCE = "reinforce"
     GENERATE = "generate"
     EVALUATE = "evaluate"
 
@@ -91,6 +93,7 @@ class SourceKind(enum.StrEnum):
     TINY = "tiny"  # tiny:llama | tiny:qwen2 | tiny:smollm2 (SmolLM2 tokenizer), tiny random-init models
     LLAMA2 = "llama2"  # llama2:7b | 13b | 70b, Llama-2 shapes with random init, for planning
     FUNCTION = "fn"  # fn:<name>[:<args>], a programmatic reward (rlhf_jax.rewards); reward_model fields only
+    TEXT = "text"  # text:<name>[:<args>], a reward over decoded text (rlhf_jax.rewards); reward_model fields only
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -99,7 +102,8 @@ LLAMA2_SIZES = ("7b", "13b", "70b")
 MAX_SEED = 2**32  # jax.random.key takes a uint32-range seed
 
 # Which stage outputs a model-source field may refer to.
-LANGUAGE_MODEL_KINDS = (StageKind.SFT, StageKind.PPO, StageKind.DPO, StageKind.GRPO)
+LANGUAGE_MODEL_KINDS = (StageKind.SFT, StageKind.PPO, StageKind.DPO, StageKind.GRPO, StageKind.RLOO,
+                        StageKind.REINFORCE)
 REWARD_MODEL_KINDS = (StageKind.REWARD,)
 _ROLE_KINDS = {
     "language_model": LANGUAGE_MODEL_KINDS,
@@ -306,16 +310,41 @@ class PPOStage(_RLStage):
 
 
 @_config
-class GRPOStage(_RLStage):
-    """Group-relative policy optimisation: no critic, advantages from groups of samples."""
+class _GroupRLStage(_RLStage):
+    """Critic-free RL: `group_size` samples per prompt, advantages from each prompt's group or the batch."""
 
-    kind: ClassVar[StageKind] = StageKind.GRPO
     group_size: int = 8  # samples per prompt
     mini_batch_size: int = 64  # sequences (not prompts) per optimizer step
     ppo_epochs: int = 1
+
+
+@_config
+class GRPOStage(_GroupRLStage):
+    """Group-relative policy optimisation (Shao et al. 2024): group-normalised advantages, KL in the loss."""
+
+    kind: ClassVar[StageKind] = StageKind.GRPO
     kl_estimator: KLEstimator = KLEstimator.K3
     kl_coef: float = 0.04  # DeepSeekMath, Shao et al. 2024
-    scale_rewards: bool = True  # divide by the group's standard deviation
+    scale_rewards: bool = True  # divide by the group's standard deviation (false: Dr. GRPO, Liu et al. 2025)
+
+
+@_config
+class RLOOStage(_GroupRLStage):
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): each sample's baseline is the mean of the other samples
+    of its prompt; the KL is in the reward."""
+
+    kind: ClassVar[StageKind] = StageKind.RLOO
+    group_size: int = 4
+
+
+@_config
+class ReinforceStage(_GroupRLStage):
+    """REINFORCE (Williams 1992) with the rollout batch's mean reward as the baseline (as in the RLHF overview),
+    or batch-whitened advantages (REINFORCE++, Hu 2025) with `whiten=true`; the KL is in the reward."""
+
+    kind: ClassVar[StageKind] = StageKind.REINFORCE
+    group_size: int = 1
+    whiten: bool = False  # REINFORCE++: (r − mean) / std over the batch
 
 
 @_config
@@ -346,7 +375,7 @@ class EvaluateStage(Stage):
 
     kind: ClassVar[StageKind] = StageKind.EVALUATE
     model: str | None = _source("language_model", default=None)  # None: model.source
-    reward_model: str = _source("reward_model")  # a reward stage / model, or fn:NAME[:ARG...]
+    reward_model: str = _source("reward_model")  # a reward stage / model, fn:NAME[:ARG...] or text:NAME[:ARG...]
     reference: str | None = _source("language_model", default=None)  # None: no KL column
     prompts: str = _path()  # a file of prompts (HH pairs give their prompts)
     prompts_format: DataFormat = DataFormat.HH
@@ -361,7 +390,8 @@ class EvaluateStage(Stage):
 
 
 STAGE_TYPES: dict[StageKind, type[Stage]] = {
-    cls.kind: cls for cls in (SFTStage, RewardStage, PPOStage, DPOStage, GRPOStage, GenerateStage, EvaluateStage)
+    cls.kind: cls for cls in (SFTStage, RewardStage, PPOStage, DPOStage, GRPOStage, RLOOStage, ReinforceStage,
+                              GenerateStage, EvaluateStage)
 }
 
 
@@ -464,6 +494,7 @@ def parse_source(source: str, key: str = "model.source") -> ModelSource:
         SourceKind.TINY: (rest in TINY_ARCHITECTURES, "tiny:" + " or tiny:".join(TINY_ARCHITECTURES)),
         SourceKind.LLAMA2: (rest in LLAMA2_SIZES, "llama2:" + "|".join(LLAMA2_SIZES)),
         SourceKind.FUNCTION: (bool(_REWARD_FUNCTION.fullmatch(rest)), "fn:<reward function>[:<args>], e.g. fn:length"),
+        SourceKind.TEXT: (bool(_REWARD_FUNCTION.fullmatch(rest)), "text:<text reward>[:<args>], e.g. text:arith_exact"),
     }
     ok, expected = valid[kind]
     if not ok:
@@ -1001,8 +1032,8 @@ def _check_experiment(config: ExperimentConfig) -> None:
     if source.kind is SourceKind.STAGE:
         raise _bad("model.source", config.model.source,
                    "a model, not a stage reference (only a stage's own fields may name an earlier stage)")
-    if source.kind is SourceKind.FUNCTION:
-        raise _bad("model.source", config.model.source, "a model (fn: reward functions are only for reward_model)")
+    if source.kind in (SourceKind.FUNCTION, SourceKind.TEXT):
+        raise _bad("model.source", config.model.source, "a model (fn:/text: rewards are only for reward_model)")
     data = config.data
     _check_range(data, "data.", {
         "max_prompt_length": _AT_LEAST_ONE, "max_length": (lambda v: v >= 2, "an integer >= 2"),
@@ -1049,8 +1080,8 @@ def _check_references(config: ExperimentConfig, stage: Stage, earlier: list[str]
             continue
         key = f"stages.{stage.name}.{field.name}"
         source = parse_source(value, key)
-        if source.kind is SourceKind.FUNCTION and role != "reward_model":
-            raise _bad(key, value, "a model (fn: reward functions are only for reward_model)")
+        if source.kind in (SourceKind.FUNCTION, SourceKind.TEXT) and role != "reward_model":
+            raise _bad(key, value, "a model (fn:/text: rewards are only for reward_model)")
         if source.kind is not SourceKind.STAGE:
             continue
         target = source.value
@@ -1148,9 +1179,12 @@ def _check_ppo(stage: PPOStage, prefix: str, config: ExperimentConfig) -> None:
              stage.rollout_batch_size, f"a multiple of {prefix}mini_batch_size ({stage.mini_batch_size})")
 
 
-def _check_grpo(stage: GRPOStage, prefix: str, config: ExperimentConfig) -> None:
+def _check_group_rl(stage: _GroupRLStage, prefix: str, config: ExperimentConfig) -> None:
     _check_rl(stage, prefix, config)
-    _check_range(stage, prefix, {"group_size": (lambda v: v >= 2, "an integer >= 2 (advantages need a group)")})
+    if isinstance(stage, ReinforceStage):  # the baseline is the batch's: one sample per prompt is fine
+        _check_range(stage, prefix, {"group_size": _AT_LEAST_ONE})
+    else:
+        _check_range(stage, prefix, {"group_size": (lambda v: v >= 2, "an integer >= 2 (advantages need a group)")})
     sequences = stage.rollout_batch_size * stage.group_size
     _require(sequences % stage.mini_batch_size == 0, prefix + "mini_batch_size", stage.mini_batch_size,
              f"a divisor of rollout_batch_size*group_size ({sequences})")
@@ -1188,7 +1222,9 @@ _CHECKS: dict[type, Callable[[Any, str, ExperimentConfig], None]] = {
     RewardStage: _check_reward,
     DPOStage: _check_dpo,
     PPOStage: _check_ppo,
-    GRPOStage: _check_grpo,
+    GRPOStage: _check_group_rl,
+    RLOOStage: _check_group_rl,
+    ReinforceStage: _check_group_rl,
     GenerateStage: _check_generate,
     EvaluateStage: _check_evaluate,
 }

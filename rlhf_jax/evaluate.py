@@ -259,7 +259,7 @@ def sequence_kl(policy_config, reference_config, policy, reference, prompt_token
     import jax.numpy as jnp
 
     from rlhf_jax.losses import kl_estimate
-    from rlhf_jax.trainers.ppo import response_logprobs
+    from rlhf_jax.trainers.rl import response_logprobs
 
     tokens, mask = _sequences(prompt_tokens, prompt_mask, response_tokens, response_mask)
     prompt_length = prompt_tokens.shape[1]

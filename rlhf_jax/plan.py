@@ -3,8 +3,8 @@
     python -m rlhf_jax.launch experiment=ppo_7b --plan [--devices 8] [--accelerator a100-80gb]
 
 Nothing is allocated: parameters are `jax.ShapeDtypeStruct`s (`llama2:*` sources give exactly that), states
-come from `jax.eval_shape`, and each program (SFT/RM/DPO train step; PPO update step, experience pass and
-sampler) is lowered with the stage's explicit shardings on the configured mesh and compiled. Per device:
+come from `jax.eval_shape`, and each program (SFT/RM/DPO train step; PPO update of a whole iteration, experience pass
+and sampler) is lowered with the stage's explicit shardings on the configured mesh and compiled. Per device:
 
 - trained params and optimizer state: exact, from each array's shard shape under its `NamedSharding`;
 - frozen roles (PPO reference and reward model, DPO reference) in the compute dtype (bf16 for large runs);
@@ -253,8 +253,9 @@ def _plan_dpo(experiment, stage, mesh, config, params, rows, length, plan: Stage
 def _plan_ppo(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
     from rlhf_jax.sampling.sampler import SamplingSettings, generate
     from rlhf_jax.sharding import batch_sharding, param_shardings, replicated, validate_mesh_for_model
-    from rlhf_jax.stages.ppo import hyperparameters
-    from rlhf_jax.trainers import ppo
+    from rlhf_jax.rewards import model_scores
+    from rlhf_jax.stages.rl import hyperparameters
+    from rlhf_jax.trainers import rl
 
     rep = replicated(mesh)
     policy_config, policy_params = _abstract_model(experiment, stage.policy)
@@ -291,22 +292,30 @@ def _plan_ppo(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
         (policy_shardings.params, rows_sharding, rows_sharding, rep), None, mesh)
     # the experience pass: log-probs of policy and reference, values, scores, GAE
     kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-    experience = functools.partial(ppo.make_experience, policy_config, critic_config, reward_config, hyper)
+    def experience(policy, reference, critic, reward_params, prompt_tokens, prompt_mask, response_tokens,
+                   response_mask, ended_with_eos, kl_coef):  # the reward model's scores, then the experience
+        scores = model_scores(reward_config, reward_params, prompt_tokens, prompt_mask, response_tokens, response_mask)
+        return rl.make_experience(policy_config, critic_config, hyper, policy, reference, critic, scores,
+                                  prompt_tokens, prompt_mask, response_tokens, response_mask, ended_with_eos, kl_coef)
+
     args = (policy_state.params, reference, critic_state.params, reward, *rollout_arrays(stage.rollout_batch_size),
             kl)
     in_shardings = (policy_shardings.params, param_shardings(reference, mesh), critic_shardings.params,
                     param_shardings(reward, mesh), *(rows_sharding,) * 5, rep)
     plan.programs["experience pass"] = _compile("experience", experience, args, in_shardings, None, mesh)
-    # the update step on one mini-batch
-    minibatch = jax.eval_shape(experience, *args)[0]
-    minibatch = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct((stage.mini_batch_size, *x.shape[1:]), x.dtype, sharding=rows_sharding),
-        minibatch)
-    update = functools.partial(ppo.ppo_update_step, policy_config, critic_config, hyper, prompt_length)
-    plan.programs["update step"] = _compile(
-        "update", update, (policy_state, critic_state, minibatch),
-        (policy_shardings, critic_shardings, jax.tree.map(lambda _: rows_sharding, minibatch)),
-        (policy_shardings, critic_shardings, rep), mesh, donate=(0, 1))
+    # the update: every epoch and mini-batch of an iteration, one program (what the stage runs)
+    rollout = jax.eval_shape(experience, *args)[0]
+    rollout = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows_sharding), rollout)
+
+    def update(key, kl_coef, policy_state, critic_state, batch):
+        (policy_state, critic_state), metrics = rl.rl_update(policy_config, critic_config, hyper, prompt_length, key,
+                                                             kl_coef, (policy_state, critic_state), batch)
+        return policy_state, critic_state, metrics
+
+    plan.programs["update (all mini-batches)"] = _compile(
+        "update", update, (key, kl, policy_state, critic_state, rollout),
+        (rep, rep, policy_shardings, critic_shardings, jax.tree.map(lambda _: rows_sharding, rollout)),
+        (policy_shardings, critic_shardings, rep), mesh, donate=(2, 3))
     plan.trained_params = device_bytes(policy_state.params) + device_bytes(critic_state.params)
     plan.optimizer_state = device_bytes(policy_state.opt_state) + device_bytes(critic_state.opt_state)
     plan.frozen_roles = device_bytes(reference) + device_bytes(reward)

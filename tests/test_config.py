@@ -55,7 +55,8 @@ def test_configs_are_frozen_and_keyword_only(instance):
 
 
 def test_each_stage_kind_has_one_class():
-    assert {kind.value for kind in C.STAGE_TYPES} == {"sft", "reward", "ppo", "dpo", "grpo", "generate", "evaluate"}
+    assert {kind.value for kind in C.STAGE_TYPES} == {"sft", "reward", "ppo", "dpo", "grpo", "rloo", "reinforce",
+                                                     "generate", "evaluate"}
     assert all(cls.kind == kind for kind, cls in C.STAGE_TYPES.items())
     assert "kind" not in {field.name for field in dataclasses.fields(C.PPOStage)}  # a ClassVar, not a field
 
@@ -233,7 +234,12 @@ def test_the_test_pipeline_and_every_experiment_are_valid():
     (["stages.ppo.reward_model=stage:rn"], "stages.ppo.reward_model: got 'stage:rn', expected a reference to an "
                                            "earlier stage: stage:sft or stage:rm (did you mean 'stage:rm'?)"),
     (["stages.ppo.policy=stage:rm"], "stages.ppo.policy: got 'stage:rm', expected a stage of kind sft or ppo or "
-                                     "dpo or grpo ('rm' is a reward stage)"),
+                                     "dpo or grpo or rloo or reinforce ('rm' is a reward stage)"),
+    (["stages.ppo.policy=text:arith_exact"], "stages.ppo.policy: got 'text:arith_exact', expected a model (fn:/text: "
+                                             "rewards are only for reward_model)"),
+    (["model.source=text:arith_exact"], "model.source: got 'text:arith_exact', expected a model (fn:/text: rewards "
+                                        "are only for reward_model)"),
+    (["stages.ppo.reward_model=text:"], "stages.ppo.reward_model: got 'text:', expected text:<text reward>[:<args>]"),
     (["stages.ppo.reward_model=stage:sft"], "stages.ppo.reward_model: got 'stage:sft', expected a stage of kind "
                                             "reward ('sft' is a sft stage)"),
 ])
@@ -414,13 +420,17 @@ def test_experiment_specifics():
 def test_runner_registry(tmp_path):
     assert stages.RUNNERS["generate"] == "rlhf_jax.stages.generate:run"
     assert set(stages.RUNNERS) >= {kind.value for kind in C.STAGE_TYPES}
-    for kind in ("sft", "reward", "ppo", "dpo", "generate"):
-        assert stages.is_available(kind)
-    for kind in ("grpo",):
-        assert not stages.is_available(kind)
-        with pytest.raises(stages.RunnerUnavailable, match=f"the {kind} trainer is not available in this version"):
-            stages.load_runner(kind)
+    for kind in C.STAGE_TYPES:
+        assert stages.is_available(kind), kind
+    assert stages.RUNNERS["grpo"] == stages.RUNNERS["rloo"] == stages.RUNNERS["reinforce"] == stages.RUNNERS["ppo"]
     assert issubclass(stages.RunnerUnavailable, UserError)
+
+
+def test_a_runner_whose_module_is_missing_is_reported_unavailable(monkeypatch):
+    monkeypatch.setitem(stages.RUNNERS, "grpo", "rlhf_jax.stages.no_such_module:run")
+    assert not stages.is_available("grpo")
+    with pytest.raises(stages.RunnerUnavailable, match="the grpo trainer is not available in this version"):
+        stages.load_runner("grpo")
 
 
 def test_resolver_turns_references_into_stage_directories(tmp_path):

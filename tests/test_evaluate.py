@@ -91,7 +91,8 @@ def test_bad_reward_specs_are_user_errors(spec, message):
 
 def test_registry_lists_every_function_with_its_usage():
     lines = rewards.describe_reward_functions().splitlines()
-    assert [line.split()[0] for line in lines] == ["fn:length[:SCALE]", "fn:target_token_fraction:TOKEN_ID"]
+    assert [line.split()[0] for line in lines] == ["fn:length[:SCALE]", "fn:target_token_fraction:TOKEN_ID",
+                                                  "fn:token_id_below:THRESHOLD"]
     assert rewards.is_reward_function_spec("fn:length") and not rewards.is_reward_function_spec("runs/x")
 
 

@@ -56,9 +56,12 @@ def test_bad_input_exits_2_with_one_line(args, fragments):
     assert_user_error(cli(*args), *fragments)
 
 
-def test_running_a_stage_without_a_trainer_exits_2(tmp_path):
-    result = cli("experiment=grpo_7b", f"run_dir={tmp_path / 'run'}")
-    assert_user_error(result, "the grpo trainer is not available in this version of rlhf_jax")
+def test_running_a_stage_without_a_trainer_exits_2(tmp_path, capsys, monkeypatch):
+    from rlhf_jax import stages
+
+    monkeypatch.setitem(stages.RUNNERS, "grpo", "rlhf_jax.stages.no_such_module:run")
+    status, _, err = run_main(capsys, "experiment=grpo_7b", f"run_dir={tmp_path / 'run'}")
+    assert status == 2 and "the grpo trainer is not available in this version of rlhf_jax" in err
     assert not list((tmp_path / "run").glob("*/DONE"))
 
 

@@ -14,7 +14,9 @@ import pathlib
 import socket
 import re
 import subprocess
+import signal
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -226,3 +228,38 @@ def test_two_process_sft_through_the_launcher_resumes_and_matches_one_process(tm
 
     again = _launch_two(double, "stages.sft.max_steps=4")
     assert "[p0] stage sft (sft): already done" in again.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step_and_the_relaunch_finishes(tmp_path):
+    """Only process 1 gets SIGTERM (as when a scheduler signals one task first): the stop flag is shared at
+    every step, so both processes save the same step together and exit 75; the relaunch logs each step once."""
+    run_dir = tmp_path / "run"
+    overrides = [*TINY_SFT, f"run_dir={run_dir}", "stages.sft.epochs=2", "stages.sft.max_steps=None",
+                 "checkpoint.every_steps=100"]
+    port = free_port()
+    processes = [subprocess.Popen([sys.executable, "-m", "rlhf_jax.launch", *overrides, "--coordinator",
+                                   f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(index)],
+                                  cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True) for index in (0, 1)]
+    metrics = run_dir / "sft" / "metrics.jsonl"
+    try:
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert all(process.poll() is None for process in processes), processes[0].communicate()[1][-3000:]
+            time.sleep(0.05)
+        processes[1].send_signal(signal.SIGTERM)
+        errors = [process.communicate(timeout=TIMEOUT)[1] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [75, 75], errors
+    lines = [error.strip().splitlines()[-1] for error in errors]
+    steps = {int(re.search(r"after step (\d+)", line).group(1)) for line in lines}
+    assert len(steps) == 1, lines  # the same step in both
+    assert all("stopped by" in line and "resume with" in line for line in lines), lines
+    (step,) = steps
+    assert step >= 3 and sorted(int(p.name) for p in (run_dir / "sft" / "checkpoints").iterdir()
+                                if p.name.isdigit())[-1] == step  # saved although no checkpoint was due
+    _launch_two(run_dir, *overrides[len(TINY_SFT) + 1:])  # the same command again: resumes and finishes
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) > step

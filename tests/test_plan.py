@@ -82,7 +82,7 @@ def test_plan_ppo_7b_on_8_devices_prints_the_tables_and_a_verdict():
     assert out.returncode in (0, 1), out.stderr[-3000:]
     for stage in ("sft", "rm", "ppo"):
         assert f"ppo_7b / {stage}" in out.stdout
-    for row in ("trained params", "optimizer state", "frozen roles", "temporaries: update step",
+    for row in ("trained params", "optimizer state", "frozen roles", "temporaries: update (all mini-batches)",
                 "temporaries: sampler (rollouts)", "usable on a100-80gb"):
         assert row in out.stdout, row
     assert out.stdout.count("verdict: ") == 3

@@ -1,4 +1,4 @@
-"""PPO pieces on tiny random models: guards, experience alignment, update, and a short loop that learns."""
+"""The RL engine on tiny random models: guards, experience alignment, update, and short loops that learn."""
 
 import dataclasses
 import functools
@@ -11,8 +11,9 @@ import pytest
 from rlhf_jax.losses import adaptive_kl_controller
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import tiny_config
+from rlhf_jax.rewards import model_scores
 from rlhf_jax.sampling.sampler import SamplingSettings, generate
-from rlhf_jax.trainers import ppo
+from rlhf_jax.trainers import rl
 from rlhf_jax.training.state import TrainState, make_optimizer
 
 CONFIG = tiny_config("llama")
@@ -31,11 +32,11 @@ def test_repeated_ngram_fraction_matches_python():
     lengths = rng.integers(0, 13, 16)
     mask = np.arange(12)[None] < lengths[:, None]
     for n in (1, 2, 3):
-        ours = np.asarray(ppo.repeated_ngram_fraction(jnp.asarray(tokens), jnp.asarray(mask), n))
+        ours = np.asarray(rl.repeated_ngram_fraction(jnp.asarray(tokens), jnp.asarray(mask), n))
         want = [_python_repeated_fraction(list(t), list(m), n) for t, m in zip(tokens, mask)]
         np.testing.assert_allclose(ours, want, atol=1e-7)
     # hand case: "a b a b a" has bigrams ab ba ab ba -> 2 of 4 repeat
-    hand = ppo.repeated_ngram_fraction(jnp.array([[5, 6, 5, 6, 5]]), jnp.ones((1, 5), bool), 2)
+    hand = rl.repeated_ngram_fraction(jnp.array([[5, 6, 5, 6, 5]]), jnp.ones((1, 5), bool), 2)
     np.testing.assert_allclose(hand, [0.5])
 
 
@@ -44,22 +45,29 @@ def test_shape_scores_each_guard_is_a_switch():
     tokens = jnp.array([[1, 1, 1, 1], [1, 2, 3, 4], [7, 7, 0, 0]])
     mask = jnp.array([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]], bool)
     eos = jnp.array([True, False, True])
-    base = ppo.PPOHyperparameters()
-    same, _ = ppo.shape_scores(scores, tokens, mask, eos, base)
+    base = rl.RLHyperparameters()
+    same, _ = rl.shape_scores(scores, tokens, mask, eos, base)
     np.testing.assert_allclose(same, scores)
-    out, _ = ppo.shape_scores(scores, tokens, mask, eos, dataclasses.replace(base, missing_eos_penalty=1.5))
+    out, _ = rl.shape_scores(scores, tokens, mask, eos, dataclasses.replace(base, missing_eos_penalty=1.5))
     np.testing.assert_allclose(out, [1.0, 0.5, 3.0])
-    out, _ = ppo.shape_scores(scores, tokens, mask, eos, dataclasses.replace(base, length_penalty=0.25))
+    out, _ = rl.shape_scores(scores, tokens, mask, eos, dataclasses.replace(base, length_penalty=0.25))
     np.testing.assert_allclose(out, [0.0, 1.0, 2.5])
-    out, _ = ppo.shape_scores(scores, tokens, mask, eos, dataclasses.replace(base, length_normalize=True))
+    out, _ = rl.shape_scores(scores, tokens, mask, eos, dataclasses.replace(base, length_normalize=True))
     np.testing.assert_allclose(out, [0.25, 0.5, 1.5])
     # unigram repeats: [1,1,1,1] -> 3/4, [1,2,3,4] -> 0, [7,7] -> 1/2
-    out, metrics = ppo.shape_scores(scores, tokens, mask, eos,
+    out, metrics = rl.shape_scores(scores, tokens, mask, eos,
                                     dataclasses.replace(base, ngram_size=1, ngram_penalty=2.0))
     np.testing.assert_allclose(out, [1.0 - 1.5, 2.0, 3.0 - 1.0])
     assert "response/repeated_ngram_fraction" in metrics
-    out, _ = ppo.shape_scores(scores, tokens, mask, eos, dataclasses.replace(base, reward_clip=1.5))
+    out, _ = rl.shape_scores(scores, tokens, mask, eos, dataclasses.replace(base, reward_clip=1.5))
     np.testing.assert_allclose(out, [1.0, 1.5, 1.5])
+
+
+def _scores(reward, reward_params, prompts, prompt_mask, sample):
+    """Raw scores of a rollout: a reward model's (`reward` its config) or a token function's."""
+    if callable(reward):
+        return reward(prompts, prompt_mask, sample.response_tokens, sample.response_mask)
+    return model_scores(reward, reward_params, prompts, prompt_mask, sample.response_tokens, sample.response_mask)
 
 
 def _rollout(policy, key, hyper, batch=4, prompt_length=6, max_new=5):
@@ -76,11 +84,11 @@ def test_experience_alignment_scores_and_zero_kl_for_identical_reference():
     policy = llama.init_params(CONFIG, jax.random.key(0))
     critic = llama.init_scalar_model(CONFIG, policy, jax.random.key(1))
     reward_model = llama.init_scalar_model(CONFIG, policy, jax.random.key(2))
-    hyper = ppo.PPOHyperparameters(temperature=0.7, whiten_advantages=False)
+    hyper = rl.RLHyperparameters(temperature=0.7, whiten_advantages=False)
     prompts, prompt_mask, sample = _rollout(policy, jax.random.key(3), hyper)
-    experience, metrics = ppo.make_experience(
-        CONFIG, CONFIG, CONFIG, hyper, policy, policy, critic, reward_model, prompts, prompt_mask,
-        sample.response_tokens, sample.response_mask, sample.ended_with_eos, jnp.float32(0.1))
+    experience, metrics = rl.make_experience(
+        CONFIG, CONFIG, hyper, policy, policy, critic, _scores(CONFIG, reward_model, prompts, prompt_mask, sample),
+        prompts, prompt_mask, sample.response_tokens, sample.response_mask, sample.ended_with_eos, jnp.float32(0.1))
     mask = np.asarray(sample.response_mask)
     # teacher-forced log-probs at the sampling temperature equal the sampler's (no top-k/top-p here)
     np.testing.assert_allclose(np.asarray(experience.old_logprobs)[mask], np.asarray(sample.response_logprobs)[mask],
@@ -107,27 +115,28 @@ def test_experience_alignment_scores_and_zero_kl_for_identical_reference():
 def test_update_step_microbatches_match_and_push_up_advantaged_tokens():
     policy = llama.init_params(CONFIG, jax.random.key(0))
     critic = llama.init_scalar_model(CONFIG, policy, jax.random.key(1))
-    hyper = ppo.PPOHyperparameters(whiten_advantages=False)
+    hyper = rl.RLHyperparameters(whiten_advantages=False)
     prompts, prompt_mask, sample = _rollout(policy, jax.random.key(3), hyper)
-    experience, _ = ppo.make_experience(CONFIG, CONFIG, CONFIG, hyper, policy, policy, critic, critic, prompts, prompt_mask,
-                                        sample.response_tokens, sample.response_mask, sample.ended_with_eos,
-                                        jnp.float32(0.0))
+    experience, _ = rl.make_experience(
+        CONFIG, CONFIG, hyper, policy, policy, critic, _scores(CONFIG, critic, prompts, prompt_mask, sample), prompts,
+        prompt_mask, sample.response_tokens, sample.response_mask, sample.ended_with_eos, jnp.float32(0.0))
     advantages = jnp.where(experience.response_mask, 1.0, 0.0)  # every sampled token was good
     experience = experience.replace(advantages=advantages)
     sgd = make_optimizer("sgd", 0.5, b1=0.0, grad_clip=None)
     prompt_length = prompts.shape[1]
     outs = []
     for micro in (1, 2):
-        step = jax.jit(functools.partial(ppo.ppo_update_step, CONFIG, CONFIG,
-                                         dataclasses.replace(hyper, num_microbatches=micro), prompt_length))
-        outs.append(step(TrainState.create(policy, sgd, jax.random.key(0)),
-                         TrainState.create(critic, sgd, jax.random.key(0)), experience))
+        step = jax.jit(functools.partial(rl.rl_update_step, CONFIG, CONFIG,
+                                         dataclasses.replace(hyper, num_microbatches=micro), prompt_length, 0.0))
+        states, metrics = step((TrainState.create(policy, sgd, jax.random.key(0)),
+                                TrainState.create(critic, sgd, jax.random.key(0))), experience)
+        outs.append((*states, metrics))
     (p1, c1, m1), (p2, c2, m2) = outs
     for before, a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(p1.params), jax.tree.leaves(p2.params)):
         np.testing.assert_allclose(a - before, b - before, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(m1["ppo/loss"], m2["ppo/loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["policy/clipfrac"], m2["policy/clipfrac"], atol=1e-6)
-    new_logprobs = ppo.response_logprobs(CONFIG, p1.params, experience.tokens, experience.attention_mask,
+    new_logprobs = rl.response_logprobs(CONFIG, p1.params, experience.tokens, experience.attention_mask,
                                          prompt_length, 1.0, 128)
     mask = np.asarray(experience.response_mask)
     assert np.mean(np.asarray(new_logprobs - experience.old_logprobs)[mask]) > 0
@@ -156,27 +165,28 @@ def test_short_ppo_loop_raises_the_reward_and_adapts_kl():
         probs = jax.nn.softmax(logits[rows, prompt_length + lengths - 2], axis=-1)
         return float(jnp.mean(probs @ table))
 
-    hyper = ppo.PPOHyperparameters(temperature=1.0)
+    hyper = rl.RLHyperparameters(temperature=1.0)
     policy_state = TrainState.create(policy, make_optimizer("adamw", 5e-3), jax.random.key(0))
     critic_state = TrainState.create(critic, make_optimizer("adamw", 5e-3), jax.random.key(0))
     controller = adaptive_kl_controller(0.05, target=1.0, horizon=100)
     kl_state = controller.init()
     prompt_length = 6
-    experience_fn = jax.jit(functools.partial(ppo.make_experience, CONFIG, CONFIG, CONFIG, hyper))
-    update_fn = jax.jit(functools.partial(ppo.ppo_update_step, CONFIG, CONFIG, hyper, prompt_length))
+    experience_fn = jax.jit(functools.partial(rl.make_experience, CONFIG, CONFIG, hyper))
+    update_fn = jax.jit(functools.partial(rl.rl_update, CONFIG, CONFIG,
+                                          dataclasses.replace(hyper, epochs=2, mini_batch_size=8), prompt_length))
     coefs, first_experience = [], None
     key = jax.random.key(42)
     for iteration in range(10):
         key, sample_key, shuffle_key = jax.random.split(key, 3)
         prompts, prompt_mask, sample = _rollout(policy_state.params, sample_key, hyper, batch=16)
-        experience, metrics = experience_fn(policy_state.params, reference, critic_state.params, reward_model,
-                                            prompts, prompt_mask, sample.response_tokens, sample.response_mask,
+        experience, metrics = experience_fn(policy_state.params, reference, critic_state.params,
+                                            _scores(CONFIG, reward_model, prompts, prompt_mask, sample), prompts,
+                                            prompt_mask, sample.response_tokens, sample.response_mask,
                                             sample.ended_with_eos, kl_state.kl_coef)
         first_experience = first_experience or experience
         coefs.append(float(kl_state.kl_coef))
-        for epoch_key in jax.random.split(shuffle_key, 2):
-            for minibatch in ppo.minibatches(experience, epoch_key, 8):
-                policy_state, critic_state, _ = update_fn(policy_state, critic_state, minibatch)
+        (policy_state, critic_state), _ = update_fn(shuffle_key, kl_state.kl_coef, (policy_state, critic_state),
+                                                    experience)
         kl_state = controller.update(kl_state, metrics["kl/mean"], 16)
     before = expected_final_reward(policy, first_experience)
     after = expected_final_reward(policy_state.params, first_experience)
@@ -200,23 +210,24 @@ def _ppo_with_programmatic_reward(kl_coef, iterations=10):
     reward = _low_token_fraction
     policy = llama.init_params(CONFIG, jax.random.key(0))
     critic = llama.init_scalar_model(CONFIG, policy, jax.random.key(1))
-    hyper = ppo.PPOHyperparameters(temperature=1.0, kl_estimator="k1")
+    hyper = rl.RLHyperparameters(temperature=1.0, kl_estimator="k1")
     policy_state = TrainState.create(policy, make_optimizer("adamw", 5e-3), jax.random.key(0))
     critic_state = TrainState.create(critic, make_optimizer("adamw", 5e-3), jax.random.key(0))
-    experience_fn = jax.jit(functools.partial(ppo.make_experience, CONFIG, CONFIG, reward, hyper))
-    update_fn = jax.jit(functools.partial(ppo.ppo_update_step, CONFIG, CONFIG, hyper, 6))
+    experience_fn = jax.jit(functools.partial(rl.make_experience, CONFIG, CONFIG, hyper))
+    update_fn = jax.jit(functools.partial(rl.rl_update, CONFIG, CONFIG,
+                                          dataclasses.replace(hyper, epochs=2, mini_batch_size=8), 6))
     history, key, first = [], jax.random.key(7), None
     for _ in range(iterations):
         key, sample_key, shuffle_key = jax.random.split(key, 3)
         prompts, prompt_mask, sample = _rollout(policy_state.params, sample_key, hyper, batch=16, max_new=8)
-        experience, metrics = experience_fn(policy_state.params, policy, critic_state.params, {}, prompts,
+        experience, metrics = experience_fn(policy_state.params, policy, critic_state.params,
+                                            _scores(reward, {}, prompts, prompt_mask, sample), prompts,
                                             prompt_mask, sample.response_tokens, sample.response_mask,
                                             sample.ended_with_eos, jnp.float32(kl_coef))
         first = first or experience
         history.append(jax.device_get(metrics))
-        for epoch_key in jax.random.split(shuffle_key, 2):
-            for minibatch in ppo.minibatches(experience, epoch_key, 8):
-                policy_state, critic_state, _ = update_fn(policy_state, critic_state, minibatch)
+        (policy_state, critic_state), _ = update_fn(shuffle_key, jnp.float32(kl_coef), (policy_state, critic_state),
+                                                    experience)
     return history, policy, policy_state.params, first
 
 
@@ -247,18 +258,18 @@ def test_update_loss_equals_the_loss_functions_applied_by_hand():
     """The step's loss on a hand-sized batch equals PPO's formulas evaluated in numpy on the model's outputs."""
     policy = llama.init_params(CONFIG, jax.random.key(0))
     critic = llama.init_scalar_model(CONFIG, policy, jax.random.key(1))
-    hyper = ppo.PPOHyperparameters(clip_eps=0.2, value_clip_eps=0.1, vf_coef=0.5, entropy_coef=0.01,
+    hyper = rl.RLHyperparameters(clip_eps=0.2, value_clip_eps=0.1, vf_coef=0.5, entropy_coef=0.01,
                                    whiten_advantages=False)
     prompts, prompt_mask, sample = _rollout(policy, jax.random.key(3), hyper, batch=2, prompt_length=4, max_new=3)
-    experience, _ = ppo.make_experience(CONFIG, CONFIG, CONFIG, hyper, policy, policy, critic, critic, prompts,
-                                        prompt_mask, sample.response_tokens, sample.response_mask,
-                                        sample.ended_with_eos, jnp.float32(0.1))
+    experience, _ = rl.make_experience(
+        CONFIG, CONFIG, hyper, policy, policy, critic, _scores(CONFIG, critic, prompts, prompt_mask, sample), prompts,
+        prompt_mask, sample.response_tokens, sample.response_mask, sample.ended_with_eos, jnp.float32(0.1))
     # pretend the rollout came from a slightly different policy, with hand-picked advantages and old values
     experience = experience.replace(
         old_logprobs=experience.old_logprobs + jnp.array([[0.3, -0.3, 0.05], [-0.1, 0.25, 0.0]]),
         advantages=jnp.array([[1.0, -2.0, 0.5], [-1.0, 0.5, 2.0]]),
         old_values=experience.old_values + 0.2)
-    loss_sum, (count, _) = ppo.ppo_loss_sum(CONFIG, CONFIG, hyper, 4, (policy, critic), experience)
+    loss_sum, (count, _) = rl.rl_loss_sum(CONFIG, CONFIG, hyper, 4, 0.0, (policy, critic), experience)
 
     logits = np.asarray(llama.forward(CONFIG, policy, experience.tokens, attention_mask=experience.attention_mask).logits,
                         np.float64)
@@ -283,3 +294,52 @@ def test_update_loss_equals_the_loss_functions_applied_by_hand():
             n += 1
     assert int(count) == n == mask.sum()
     np.testing.assert_allclose(float(loss_sum), total, rtol=1e-5)
+
+
+@pytest.mark.parametrize("estimator,kl_placement", [("grpo", "loss"), ("dr_grpo", "loss"), ("rloo", "reward"),
+                                                    ("reinforce", "reward"), ("reinforce_pp", "reward")])
+def test_critic_free_estimators_learn_the_programmatic_reward(estimator, kl_placement):
+    """GRPO, Dr. GRPO, RLOO, REINFORCE and REINFORCE++ through the same experience and scanned update, with
+    4 samples of each of 4 prompts (contiguous rows) and no critic, raise `_low_token_fraction`."""
+    policy = llama.init_params(CONFIG, jax.random.key(0))
+    hyper = rl.RLHyperparameters(advantage_estimator=estimator, group_size=4, kl_placement=kl_placement,
+                                 kl_estimator="k3" if kl_placement == "loss" else "k1", whiten_advantages=False,
+                                 epochs=2, mini_batch_size=8)
+    state = TrainState.create(policy, make_optimizer("adamw", 5e-3), jax.random.key(0))
+    experience_fn = jax.jit(functools.partial(rl.make_experience, CONFIG, None, hyper))
+    update_fn = jax.jit(functools.partial(rl.rl_update, CONFIG, None, hyper, 6))
+    key, history = jax.random.key(7), []
+    for _ in range(10):
+        key, sample_key, shuffle_key = jax.random.split(key, 3)
+        prompts, prompt_mask, _ = _rollout(state.params, sample_key, hyper, batch=4, max_new=8)
+        prompts, prompt_mask = jnp.repeat(prompts, 4, axis=0), jnp.repeat(prompt_mask, 4, axis=0)
+        sample = generate(CONFIG, state.params, prompts, prompt_mask, sample_key, SamplingSettings(max_new_tokens=8))
+        scores = _scores(_low_token_fraction, {}, prompts, prompt_mask, sample)
+        experience, metrics = experience_fn(state.params, policy, {}, scores, prompts, prompt_mask,
+                                            sample.response_tokens, sample.response_mask, sample.ended_with_eos,
+                                            jnp.float32(0.01))
+        assert "value/explained_var" not in metrics and not np.any(np.asarray(experience.old_values))
+        (state,), update_metrics = update_fn(shuffle_key, jnp.float32(0.01), (state,), experience)
+        assert "value/loss" not in update_metrics and float(update_metrics["ppo/epochs"]) == 2.0
+        history.append(float(metrics["reward/mean"]))
+    assert np.mean(history[-5:]) > np.mean(history[:2]) + 0.1, history
+
+
+def test_group_advantages_are_the_estimator_over_each_prompts_samples_broadcast_over_tokens():
+    from rlhf_jax.losses import get_advantage_estimator
+
+    policy = llama.init_params(CONFIG, jax.random.key(0))
+    hyper = rl.RLHyperparameters(advantage_estimator="rloo", group_size=2, kl_placement="reward",
+                                 whiten_advantages=False)
+    prompts, prompt_mask, sample = _rollout(policy, jax.random.key(3), hyper, batch=4)
+    reference = jax.tree.map(lambda x: x * 1.01, policy)
+    experience, _ = rl.make_experience(
+        CONFIG, None, hyper, policy, reference, {}, _scores(_low_token_fraction, {}, prompts, prompt_mask, sample),
+        prompts, prompt_mask, sample.response_tokens, sample.response_mask, sample.ended_with_eos, jnp.float32(0.5))
+    mask = np.asarray(experience.response_mask)
+    kl = np.where(mask, np.asarray(experience.old_logprobs - experience.ref_logprobs), 0).sum(1)
+    returns = np.asarray(_low_token_fraction(prompts, prompt_mask, sample.response_tokens, sample.response_mask)) \
+        - 0.5 * kl  # the KL in the reward: score − β·Σ_t KL_t (k1)
+    want = np.asarray(get_advantage_estimator("rloo")(jnp.asarray(returns), 2))
+    np.testing.assert_allclose(np.asarray(experience.advantages), np.where(mask, want[:, None], 0), rtol=1e-5,
+                               atol=1e-6)

@@ -231,7 +231,8 @@ def _device_checks() -> dict:
     """Everything that needs 8 devices; returns the JSON report the tests read."""
     import rlhf_jax.sharding as sharding
     from rlhf_jax.sampling.sampler import Sampler, SamplingSettings, generate
-    from rlhf_jax.trainers import dpo, ppo
+    from rlhf_jax.rewards import model_scores
+    from rlhf_jax.trainers import dpo, rl
     from rlhf_jax.trainers.reward import reward_train_step
     from rlhf_jax.trainers.sft import sft_train_step
 
@@ -245,24 +246,31 @@ def _device_checks() -> dict:
     report: dict = {"steps": {}, "layout": {}, "sampler": {}, "errors": {}}
 
     # PPO experience from the unsharded model (the update step is what is compared)
-    hyper = ppo.PPOHyperparameters(num_microbatches=2)
+    hyper = rl.RLHyperparameters(num_microbatches=2, epochs=1, mini_batch_size=8)
     momentum = lambda state: state.opt_state[1][0].trace  # noqa: E731  chain(clip, chain(trace, lr))
     prompt_tokens = rng.integers(3, CONFIG.vocab_size, (8, 6)).astype(np.int32)
     prompt_mask = np.arange(6)[None] >= rng.integers(0, 4, 8)[:, None]
     sample = generate(CONFIG, policy, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), jax.random.key(3),
                       SamplingSettings(max_new_tokens=5))
-    experience, _ = ppo.make_experience(CONFIG, CONFIG, CONFIG, hyper, policy, policy, scalar, scalar,
-                                        jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), sample.response_tokens,
-                                        sample.response_mask, sample.ended_with_eos, jnp.float32(0.1))
+    scores = model_scores(CONFIG, scalar, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), sample.response_tokens,
+                          sample.response_mask)
+    experience, _ = rl.make_experience(CONFIG, CONFIG, hyper, policy, policy, scalar, scores,
+                                       jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), sample.response_tokens,
+                                       sample.response_mask, sample.ended_with_eos, jnp.float32(0.1))
     experience = jax.tree.map(np.asarray, experience)
     dpo_batch = {**_pair_batch(rng), "reference_chosen_logps": rng.normal(-20, 1, 8).astype(np.float32),
                  "reference_rejected_logps": rng.normal(-20, 1, 8).astype(np.float32)}
+
+    def ppo_update(policy_state, critic_state, batch):  # an iteration (shuffle, one mini-batch), one program
+        states, metrics = rl.rl_update(CONFIG, CONFIG, hyper, 6, jax.random.key(9), jnp.float32(0.1),
+                                       (policy_state, critic_state), batch)
+        return (*states, metrics)
 
     # name -> (step(*states, batch), initial params of each state, numpy batch)
     cases = {
         "sft": (functools.partial(sft_train_step, CONFIG, 2), (policy,), _sft_batch(rng)),
         "reward": (functools.partial(reward_train_step, CONFIG, 0.01, 2), (scalar,), _pair_batch(rng)),
-        "ppo": (functools.partial(ppo.ppo_update_step, CONFIG, CONFIG, hyper, 6), (policy, scalar), experience),
+        "ppo": (ppo_update, (policy, scalar), experience),
         "dpo": (functools.partial(dpo.dpo_train_step, CONFIG, 0.1, "sigmoid", 0.0, 2), (policy,), dpo_batch),
     }
 

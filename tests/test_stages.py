@@ -39,6 +39,19 @@ def _killing_logger(at_step):
     return KillingLogger
 
 
+def _full_then_killed_and_resumed(experiment, name, tmp_path, monkeypatch, kill_after: int):
+    """Run stage `name` uninterrupted in `tmp_path/full`, then in `tmp_path/resumed` killed after logging step
+    `kill_after` (before its checkpoint) and relaunched; both end with the same params. Returns the stage dirs."""
+    full = _run_stage(experiment, name, tmp_path / "full")
+    monkeypatch.setattr(common, "MetricsLogger", _killing_logger(kill_after))
+    with pytest.raises(Killed):
+        _run_stage(experiment, name, tmp_path / "resumed")
+    monkeypatch.setattr(common, "MetricsLogger", MetricsLogger)
+    resumed = _run_stage(experiment, name, tmp_path / "resumed")
+    _assert_same_params(load_artifact(full / "model").params, load_artifact(resumed / "model").params)
+    return full, resumed
+
+
 def _run_stage(experiment, name, run_dir):
     stage = experiment.stage(name)
     stage_dir = Path(run_dir) / name
@@ -150,13 +163,7 @@ def test_ppo_killed_mid_run_resumes_exactly(tmp_path, monkeypatch):
         (tmp_path / name).mkdir()
         for stage in ("sft", "rm"):
             (tmp_path / name / stage).symlink_to(base / stage)
-    full = _run_stage(experiment, "ppo", tmp_path / "full")
-    monkeypatch.setattr("rlhf_jax.stages.ppo.MetricsLogger", _killing_logger(2))
-    with pytest.raises(Killed):
-        _run_stage(experiment, "ppo", tmp_path / "resumed")
-    monkeypatch.setattr("rlhf_jax.stages.ppo.MetricsLogger", MetricsLogger)
-    resumed = _run_stage(experiment, "ppo", tmp_path / "resumed")
-    _assert_same_params(load_artifact(full / "model").params, load_artifact(resumed / "model").params)
+    full, resumed = _full_then_killed_and_resumed(experiment, "ppo", tmp_path, monkeypatch, kill_after=2)
     full_records, resumed_records = read_metrics(full), read_metrics(resumed)
     for key in ("reward/mean", "kl/coef", "kl/mean", "policy/clipfrac"):
         assert resumed_records[-1][key] == full_records[-1][key], key
@@ -197,7 +204,8 @@ def test_ppo_refuses_a_reward_model_as_policy_and_a_language_model_as_reward_mod
                            tokenizer, "scalar")
     experiment = get_experiment("tiny_pipeline")
     for policy, reward_model, message in ((str(rm_dir), str(rm_dir), "policy: expected a language model"),
-                                          (str(lm_dir), str(lm_dir), "reward_model: expected a reward model")):
+                                          (str(lm_dir), str(lm_dir),
+                                           "reward_model: reward .*: a language model, expected a reward model")):
         stage = dataclasses.replace(experiment.stage("ppo"), policy=policy, reward_model=reward_model)
         runner = stage_registry.load_runner("ppo")
         with pytest.raises(UserError, match=message):
@@ -220,3 +228,34 @@ def test_reward_stage_with_a_frozen_backbone_trains_only_a_zero_initialised_head
     from rlhf_jax.training.checkpoint import Checkpointer
 
     assert Checkpointer(stage_dir / "checkpoints").latest_step() == 4
+
+
+@pytest.mark.slow
+def test_grpo_killed_mid_run_resumes_exactly(tmp_path, monkeypatch):
+    """GRPO (the same runner and `fit` loop as PPO, no critic, groups of 4) stopped after iteration 3 and
+    relaunched ends with the uninterrupted run's params and metrics, each iteration logged once."""
+    experiment = get_experiment("tiny_grpo")
+    stage = dataclasses.replace(experiment.stage("grpo"), max_steps=5)
+    experiment = dataclasses.replace(experiment, stages=(stage,),
+                                     checkpoint=dataclasses.replace(experiment.checkpoint, every_steps=1))
+    full, resumed = _full_then_killed_and_resumed(experiment, "grpo", tmp_path, monkeypatch, kill_after=3)
+    timing = ("time/", "throughput/")
+    strip = lambda records: [{k: v for k, v in r.items() if k != "time" and not k.startswith(timing)}  # noqa: E731
+                             for r in records]
+    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4, 5]
+    assert strip(read_metrics(resumed)) == strip(read_metrics(full))
+    assert "value/loss" not in read_metrics(full)[-1] and "policy/kl_loss" in read_metrics(full)[-1]
+    assert (full / "hf" / "config.json").is_file()  # exported like PPO's policy
+
+
+@pytest.mark.parametrize("name", ["tiny_rloo", "tiny_reinforce"])
+def test_rloo_and_reinforce_run_through_the_same_runner_without_a_critic(tmp_path, name):
+    experiment = get_experiment(name)
+    stage = experiment.stages[0]
+    stage_dir = _run_stage(experiment, stage.name, tmp_path)
+    records = read_metrics(stage_dir)
+    assert [r["step"] for r in records] == list(range(1, stage.max_steps + 1))
+    last = records[-1]
+    assert "value/loss" not in last and "policy/kl_loss" not in last  # no critic; the KL is in the reward
+    assert last["kl/coef"] == pytest.approx(stage.kl_coef) and np.isfinite(last["reward/token_id_below"])
+    assert (stage_dir / "hf" / "config.json").is_file() and (stage_dir / "model").is_dir()

@@ -226,3 +226,12 @@ def test_evaluate_arith_option_errors(capsys, argv, message):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("error: ") and message in captured.err
     assert captured.err.count("\n") == 1
+
+
+def test_the_shipped_question_files_are_what_the_generator_writes(tmp_path):
+    from experiments.paths import ARITH_TEST, ARITH_TRAIN
+
+    for split, n, path in (("train", 2000, ARITH_TRAIN), ("test", 200, ARITH_TEST)):
+        fresh = tmp_path / f"{split}.jsonl"
+        arithmetic.write_questions(fresh, split, n, 0)
+        assert fresh.read_text() == Path(path).read_text(), path

@@ -53,9 +53,11 @@ RUNNERS: dict[str, str] = {
     "evaluate": "rlhf_jax.stages.evaluate:run",
     "sft": "rlhf_jax.stages.sft:run",
     "reward": "rlhf_jax.stages.reward:run",
-    "ppo": "rlhf_jax.stages.ppo:run",
+    "ppo": "rlhf_jax.stages.rl:run",
     "dpo": "rlhf_jax.stages.dpo:run",
-    "grpo": "rlhf_jax.stages.grpo:run",
+    "grpo": "rlhf_jax.stages.rl:run",
+    "rloo": "rlhf_jax.stages.rl:run",
+    "reinforce": "rlhf_jax.stages.rl:run",
 }
 
 DRY_RUN_FUNCTION = "dry_run"

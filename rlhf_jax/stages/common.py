@@ -161,12 +161,14 @@ def fit(
     host_state: Callable[[], dict],
     restore_host_state: Callable[[dict], None],
     prepare: Callable[[dict], dict] = device_batch,
+    after_step: Callable[[int, MetricsLogger], None] | None = None,
 ) -> tuple[TrainState, list[dict]]:
     """Run `step_fn` until `total_steps`, resuming from the latest checkpoint under `stage_dir`.
 
     Checkpoints (every `checkpoint.every_steps` and at the end) hold the state and `host_state()` (the data
-    position...). Metrics go to `<stage_dir>/metrics.jsonl` (+ TensorBoard) every `logging.every_steps`.
-    Returns the final state and the logged metric records.
+    position...). Metrics go to `<stage_dir>/metrics.jsonl` (+ TensorBoard) every `logging.every_steps`;
+    `after_step(step, logger)` runs after each step (e.g. to log samples). `state` is any pytree with a
+    `step` (steps done). Returns the final state and the logged metric records.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -202,7 +204,9 @@ def fit(
                 shown = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in list(values.items())[:3])
                 progress.update(task, status=shown)
             progress.update(task, completed=step)
-            if should_stop():
+            if after_step is not None:
+                after_step(step, logger)
+            if should_stop(step):
                 checkpointer.save(step, state, host_state(), force=checkpointer.latest_step() != step)
                 checkpointer.close()
                 logger.close()

@@ -4,14 +4,14 @@ SLURM and Kubernetes send SIGTERM before they kill a job; Ctrl-C sends SIGINT. W
 installed (the launcher holds it for the whole run):
 
 - inside a training loop (`StopSignals.training()`), the first signal sets a flag; the loop reads it
-  with `should_stop()` after each step, saves a checkpoint of that step and raises `Preempted`; the
+  with `should_stop(step)` after each step, saves a checkpoint of that step and raises `Preempted`; the
   launcher prints one line saying how to resume and exits with `EXIT_PREEMPTED` (75, `EX_TEMPFAIL`:
   "try again later"), which a scheduler tells apart from success (0) and from a user error (2);
 - outside a loop (loading models, compiling, evaluating, writing outputs) nothing can be saved: the
   first signal exits at once with `EXIT_PREEMPTED` (the stage restarts from its last checkpoint);
 - a second signal exits at once with status 128 + signal number, without saving.
 
-In a multi-process run `should_stop()` is a collective: every process calls it after every step and all
+In a multi-process run `should_stop(step)` is a collective: every process calls it after every step and all
 get the same answer (any process signalled), so all save the same step.
 """
 
@@ -85,7 +85,9 @@ class StopSignals:
 
     @property
     def signal_name(self) -> str:
-        return signal.Signals(self.received).name if self.received is not None else "a signal on another process"
+        if self.received is not None:
+            return signal.Signals(self.received).name
+        return "a preemption notice (SIGTERM to one of the processes)"
 
 
 def _say(message: str) -> None:
@@ -103,8 +105,14 @@ def training_loop():
         yield
 
 
-def should_stop() -> bool:
-    """Whether a stop was requested here or (collective, multi-process) in any process of the run."""
+def should_stop(step: int) -> bool:
+    """Whether to stop after `step`: a signal here or, in a multi-process run, in any process (a collective:
+    every process calls it after every step and all get the same answer).
+
+    With several processes `jax.distributed` handles SIGTERM itself (its preemption notifier replaces Python's
+    handler and tells every process); `reached_preemption_sync_point(step)` is then true in all processes at
+    the same step, which is the step they save. SIGINT and signals Python sees are shared with an all-gather.
+    """
     import jax
 
     active = StopSignals._active
@@ -115,7 +123,7 @@ def should_stop() -> bool:
     from jax.experimental import multihost_utils
 
     flags = multihost_utils.process_allgather(np.array([int(local)], np.int32))
-    return bool(np.asarray(flags).any())
+    return bool(np.asarray(flags).any()) or bool(multihost_utils.reached_preemption_sync_point(step))
 
 
 def stopped(stage: str, step: int) -> Preempted:

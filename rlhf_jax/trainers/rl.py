@@ -1,0 +1,368 @@
+"""One RL engine for language models: PPO, GRPO, RLOO and REINFORCE over the same rollouts.
+
+PPO (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022) has four roles: policy (trained),
+reference (frozen), critic (trained, value head) and reward. The critic-free algorithms drop the critic and
+replace GAE by an estimator over groups of samples of the same prompt (`rlhf_jax.losses.advantages`):
+GRPO (Shao et al. 2024), Dr. GRPO (Liu et al. 2025), RLOO (Ahmadian et al. 2024), REINFORCE with a batch-mean
+baseline (Williams 1992) and REINFORCE++ (Hu 2025). They are settings of one `RLHyperparameters`:
+
+    advantage_estimator   "gae" (critic) | "grpo" | "dr_grpo" | "rloo" | "reinforce" | "reinforce_pp"
+    kl_placement          "reward": −β·KL_t in the per-token reward (PPO; the sequence sum for the
+                          critic-free estimators) | "loss": +β·KL_t in the loss (GRPO), with `kl_estimator`
+    clip_eps, clip_eps_high, dual_clip, loss_aggregation, entropy_coef, (value_clip_eps, vf_coef with a critic)
+
+One iteration:
+
+1. sample responses for a batch of left-padded prompts (`rlhf_jax.sampling`), `group_size` per prompt;
+2. `make_experience`: scores (+ reward-hacking guards), teacher-forced log-probs of policy and reference,
+   critic values, advantages, whitening;
+3. `rl_update`: `epochs` passes of shuffled mini-batches, one optimizer step each, as one program (nested
+   `lax.scan`, PureJaxRL's shape), stopping the remaining epochs once approx-KL exceeds a target;
+4. the KL controller updates β from the sequence-summed KL.
+
+Alignment: sequences are `[prompt (left-padded, P) | response (right-padded, N)]`. The log-prob of
+response token i sits at column P + i; the value of the state before it at column P + i − 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.losses import (
+    aggregate,
+    explained_variance,
+    gae,
+    get_advantage_estimator,
+    kl_estimate,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    needs_critic,
+    ppo_policy_loss_per_token,
+    sequence_to_token_advantages,
+    value_loss_per_token,
+)
+from rlhf_jax.models import llama
+from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.trainers.common import token_logprobs
+from rlhf_jax.training.accumulate import accumulate_gradients
+from rlhf_jax.training.state import TrainState
+
+
+KL_PLACEMENTS = ("reward", "loss")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLHyperparameters:
+    """The numbers of one RL iteration (static under jit). Defaults: PPO as in InstructGPT."""
+
+    advantage_estimator: str = "gae"  # "gae" needs a critic; the others work over groups of samples
+    group_size: int = 1  # samples per prompt, contiguous rows of the rollout batch
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None  # None: clip_eps (symmetric)
+    dual_clip: float | None = None
+    value_clip_eps: float | None = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_placement: str = "reward"
+    kl_estimator: str = "k1"
+    temperature: float = 1.0
+    loss_aggregation: str = "token-mean"
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    advantage_eps: float = 1e-4  # the group estimators' std floor
+    missing_eos_penalty: float | None = None
+    length_penalty: float = 0.0
+    length_normalize: bool = False
+    ngram_size: int = 3
+    ngram_penalty: float = 0.0
+    reward_clip: float | None = None
+    reward_mean: float = 0.0  # scores are normalised as (score - reward_mean) / reward_std first
+    reward_std: float = 1.0
+    num_microbatches: int = 1
+    seq_chunk: int = 128
+    # the update of one iteration
+    epochs: int = 1
+    mini_batch_size: int = 16  # sequences per optimizer step
+    target_approx_kl: float | None = None  # stop the remaining epochs once exceeded
+
+    def __post_init__(self):
+        assert self.kl_placement in KL_PLACEMENTS, self.kl_placement
+        needs_critic(self.advantage_estimator)  # raises ValueError for an unknown estimator
+
+    @property
+    def has_critic(self) -> bool:
+        return needs_critic(self.advantage_estimator)
+
+
+# ---- reward-hacking guards: pure functions of scores and responses --------------------------------
+
+
+def repeated_ngram_fraction(tokens: jax.Array, mask: jax.Array, n: int) -> jax.Array:
+    """Fraction of a response's n-grams that repeat an earlier n-gram of the same response.
+
+    tokens, mask: [B, N]. An n-gram counts when all its n tokens are in the mask. Returns [B] float32
+    in [0, 1) (0 for responses shorter than n). Computed by hashing n-grams (uint32; a collision, about
+    1 in 4e9 per pair, would count as a repeat) and sorting.
+    """
+    batch, length = tokens.shape
+    if length < n:
+        return jnp.zeros((batch,), jnp.float32)
+    windows = length - n + 1
+    hashes = jnp.zeros((batch, windows), jnp.uint32)
+    valid = jnp.ones((batch, windows), bool)
+    for offset in range(n):  # n is small and static
+        part = tokens[:, offset : offset + windows].astype(jnp.uint32)
+        hashes = hashes * jnp.uint32(1_000_003) + part + jnp.uint32(1)
+        valid &= mask[:, offset : offset + windows].astype(bool)
+    # Invalid windows sort last (as the largest uint32) and are excluded by the position test.
+    sorted_hash = jnp.sort(jnp.where(valid, hashes, jnp.array(0xFFFFFFFF, jnp.uint32)), axis=1)
+    num_valid = jnp.sum(valid, axis=1)
+    in_range = jnp.arange(windows)[None, 1:] < num_valid[:, None]
+    duplicate = (sorted_hash[:, 1:] == sorted_hash[:, :-1]) & in_range
+    return jnp.sum(duplicate, axis=1) / jnp.maximum(num_valid, 1).astype(jnp.float32)
+
+
+def shape_scores(scores, response_tokens, response_mask, ended_with_eos, hyper: RLHyperparameters):
+    """Normalise raw reward-model scores [B] and apply the reward-hacking guards (each a switch in `hyper`).
+
+    * normalisation: `(score − reward_mean) / reward_std` (statistics recorded by the reward stage);
+    * missing EOS: `score − missing_eos_penalty` for responses truncated at max_new_tokens;
+    * length: `score − length_penalty · length`; or `score / length` with `length_normalize`;
+    * repetition: `score − ngram_penalty · repeated_ngram_fraction(response, ngram_size)`;
+    * clipping: `clip(score, −reward_clip, reward_clip)`, applied last.
+    Returns (scores [B] float32, metrics).
+    """
+    scores = (scores.astype(jnp.float32) - hyper.reward_mean) / hyper.reward_std
+    lengths = jnp.sum(response_mask, axis=1).astype(jnp.float32)
+    metrics = {"reward/raw_score": jnp.mean(scores)}
+    if hyper.missing_eos_penalty is not None:
+        scores = jnp.where(ended_with_eos, scores, scores - hyper.missing_eos_penalty)
+    if hyper.length_normalize:
+        scores = scores / jnp.maximum(lengths, 1.0)
+    if hyper.length_penalty:
+        scores = scores - hyper.length_penalty * lengths
+    if hyper.ngram_penalty:
+        repeated = repeated_ngram_fraction(response_tokens, response_mask, hyper.ngram_size)
+        scores = scores - hyper.ngram_penalty * repeated
+        metrics["response/repeated_ngram_fraction"] = jnp.mean(repeated)
+    if hyper.reward_clip is not None:
+        scores = jnp.clip(scores, -hyper.reward_clip, hyper.reward_clip)
+    return scores, metrics
+
+
+# ---- experience --------------------------------------------------------------------------------
+
+
+class Experience(flax.struct.PyTreeNode):
+    """One batch of rollouts, everything the update needs. T = P + N, all float32 unless noted.
+
+    tokens, attention_mask: [B, T]; response_mask: [B, N] bool; old_logprobs, ref_logprobs, old_values,
+    rewards, advantages, returns: [B, N]; scores: [B] shaped scores.
+    """
+
+    tokens: jax.Array
+    attention_mask: jax.Array
+    response_mask: jax.Array
+    old_logprobs: jax.Array
+    ref_logprobs: jax.Array
+    old_values: jax.Array
+    rewards: jax.Array
+    advantages: jax.Array
+    returns: jax.Array
+    scores: jax.Array
+
+
+def _response_slice(per_position: jax.Array, prompt_length: int, shift: int = 0) -> jax.Array:
+    response_length = per_position.shape[1] - prompt_length
+    start = prompt_length + shift
+    return jax.lax.dynamic_slice_in_dim(per_position, start, response_length, axis=1)
+
+
+def response_logprobs(config: DecoderConfig, params, tokens, attention_mask, prompt_length: int,
+                      temperature: float, seq_chunk: int, with_entropy: bool = False):
+    """Teacher-forced log-probs [B, N] (and entropies) of the response tokens at `temperature`."""
+    batch = {"tokens": tokens, "attention_mask": attention_mask}
+    out = token_logprobs(config, params, batch, temperature=temperature, seq_chunk=seq_chunk,
+                         with_entropy=with_entropy)
+    if with_entropy:
+        return _response_slice(out[0], prompt_length), _response_slice(out[1], prompt_length)
+    return _response_slice(out, prompt_length)
+
+
+def response_values(config: DecoderConfig, critic, tokens, attention_mask, prompt_length: int) -> jax.Array:
+    """V(state before response token i) for i < N: critic values at columns P − 1 + i. Returns [B, N]."""
+    values = llama.values_forward(config, critic, tokens, attention_mask=attention_mask)
+    return _response_slice(values, prompt_length, shift=-1)
+
+
+def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig | None, hyper: RLHyperparameters,
+                    policy, reference, critic, raw_scores, prompt_tokens, prompt_mask, response_tokens,
+                    response_mask, ended_with_eos, kl_coef):
+    """Shape the scores, compute log-probs (and values), and the advantages. Returns (Experience, metrics).
+
+    raw_scores: [B], from the reward sources (`rlhf_jax.rewards`: a reward model, token or text functions,
+    their weighted sum); prompt_tokens, prompt_mask: [B, P] left-padded; response_tokens, response_mask:
+    [B, N]; ended_with_eos: [B]; kl_coef: [] (traced). Policy and reference share `policy_config`. Without a
+    critic (`critic_config` None, a critic-free `hyper.advantage_estimator`) `critic` is ignored and
+    values are 0.
+
+    Advantages: with "gae", per-token rewards `score at the last token − β·KL_t` (KL in the reward) and GAE;
+    otherwise the group estimator over the sequence scores (minus β·Σ_t KL_t when the KL is in the reward),
+    broadcast over the response tokens. With `kl_placement="loss"` the rewards carry no KL.
+    """
+    prompt_length = prompt_tokens.shape[1]
+    response_mask = response_mask.astype(bool)
+    tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1).astype(jnp.int32)
+    attention_mask = jnp.concatenate([prompt_mask.astype(bool), response_mask], axis=1)
+
+    old_logprobs = response_logprobs(policy_config, policy, tokens, attention_mask, prompt_length,
+                                     hyper.temperature, hyper.seq_chunk)
+    ref_logprobs = response_logprobs(policy_config, reference, tokens, attention_mask, prompt_length,
+                                     hyper.temperature, hyper.seq_chunk)
+    if hyper.has_critic:
+        old_values = jnp.where(response_mask, response_values(critic_config, critic, tokens, attention_mask,
+                                                              prompt_length), 0.0)
+    else:
+        old_values = jnp.zeros(response_mask.shape, jnp.float32)
+    scores, shaping_metrics = shape_scores(raw_scores, response_tokens, response_mask, ended_with_eos, hyper)
+    has_response = jnp.any(response_mask, axis=1)
+    if hyper.whiten_rewards:
+        scores = masked_whiten(scores, has_response, shift_mean=False)
+
+    in_reward = kl_coef if hyper.kl_placement == "reward" else 0.0
+    rewards, kl_metrics = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, response_mask, in_reward,
+                                               hyper.kl_estimator)
+    if hyper.has_critic:
+        advantages, returns = gae(rewards, old_values, response_mask, hyper.gamma, hyper.lam)
+    else:
+        sequence_returns = jnp.sum(jnp.where(response_mask, rewards, 0.0), axis=1)  # score − β·Σ KL_t
+        estimator = get_advantage_estimator(hyper.advantage_estimator)
+        advantages = sequence_to_token_advantages(
+            estimator(sequence_returns, hyper.group_size, hyper.advantage_eps), response_mask)
+        returns = jnp.where(response_mask, sequence_returns[:, None], 0.0)
+    if hyper.whiten_advantages:
+        advantages = masked_whiten(advantages, response_mask)
+    lengths = jnp.sum(response_mask, axis=1).astype(jnp.float32)
+    metrics = {
+        **shaping_metrics,
+        **kl_metrics,
+        "reward/mean": masked_mean(scores, has_response),
+        "reward/std": jnp.sqrt(masked_var(scores, has_response)),
+        "kl/mean": kl_metrics["kl/sequence_kl"],
+        "kl/coef": jnp.asarray(kl_coef, jnp.float32),
+        "response/length_mean": jnp.mean(lengths),
+        "response/eos_fraction": jnp.mean(ended_with_eos.astype(jnp.float32)),
+    }
+    if hyper.has_critic:
+        metrics["value/explained_var"] = explained_variance(old_values, returns, response_mask)
+    experience = Experience(tokens=tokens, attention_mask=attention_mask, response_mask=response_mask,
+                            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values,
+                            rewards=rewards, advantages=advantages, returns=returns, scores=scores)
+    return experience, metrics
+
+
+# ---- update ------------------------------------------------------------------------------------
+
+
+def rl_loss_sum(policy_config: DecoderConfig, critic_config: DecoderConfig | None, hyper: RLHyperparameters,
+                prompt_length: int, kl_coef, trainable, batch):
+    """(Σ policy + vf_coef·value + β·KL − entropy_coef·entropy losses, (count, summed metrics)) for one
+    micro-batch; the value term with a critic, the KL term with `kl_placement="loss"`.
+
+    trainable = (policy params,) or (policy params, critic params); batch: an `Experience` slice.
+    """
+    policy = trainable[0]
+    mask = batch.response_mask
+    normaliser = mask.shape[1]
+    logprobs, entropy = response_logprobs(policy_config, policy, batch.tokens, batch.attention_mask, prompt_length,
+                                          hyper.temperature, hyper.seq_chunk, with_entropy=True)
+    policy_per_token, policy_metrics = ppo_policy_loss_per_token(logprobs, batch.old_logprobs, batch.advantages,
+                                                                 mask, hyper.clip_eps, hyper.clip_eps_high,
+                                                                 hyper.dual_clip)
+    per_token = policy_per_token - hyper.entropy_coef * entropy
+    token_weighted = {**policy_metrics, "policy/entropy": masked_mean(entropy, mask)}
+    token_weighted.pop("policy/ratio_max")
+    sums = {"policy/loss": aggregate(policy_per_token, mask, hyper.loss_aggregation, normaliser=normaliser)[0]}
+    if hyper.has_critic:
+        values = response_values(critic_config, trainable[1], batch.tokens, batch.attention_mask, prompt_length)
+        value_per_token, value_metrics = value_loss_per_token(values, batch.old_values, batch.returns, mask,
+                                                              hyper.value_clip_eps)
+        per_token = per_token + hyper.vf_coef * value_per_token
+        token_weighted.update(value_metrics)
+        sums["value/loss"] = aggregate(value_per_token, mask, hyper.loss_aggregation, normaliser=normaliser)[0]
+    if hyper.kl_placement == "loss":
+        kl_per_token = jnp.where(mask, kl_estimate(logprobs, batch.ref_logprobs, hyper.kl_estimator), 0.0)
+        per_token = per_token + kl_coef * kl_per_token
+        token_weighted["policy/kl_loss"] = masked_mean(kl_per_token, mask)
+    loss_sum, count = aggregate(per_token, mask, hyper.loss_aggregation, normaliser=normaliser)
+    tokens = jnp.sum(mask).astype(jnp.float32)
+    # token-mean metrics are re-weighted by this micro-batch's token count; the step divides by the total
+    sums.update({name: value * tokens for name, value in token_weighted.items()})
+    return loss_sum, (count, {"tokens": tokens, **sums})
+
+
+def rl_update_step(policy_config: DecoderConfig, critic_config: DecoderConfig | None, hyper: RLHyperparameters,
+                   prompt_length: int, kl_coef, states: tuple, batch: Experience):
+    """One optimizer step for the policy (and critic) on a mini-batch. states: (policy,) or (policy, critic)
+    `TrainState`s. Returns (states, metrics)."""
+    loss_fn = functools.partial(rl_loss_sum, policy_config, critic_config, hyper, prompt_length, kl_coef)
+    loss, grads, sums = accumulate_gradients(loss_fn, tuple(state.params for state in states), batch,
+                                             hyper.num_microbatches)
+    # `accumulate_gradients` divided every sum by the loss count; rescale the token-weighted metrics.
+    count_over_tokens = 1.0 / jnp.maximum(sums.pop("tokens"), 1e-9)
+    metrics = {name: value if name in ("policy/loss", "value/loss") else value * count_over_tokens
+               for name, value in sums.items()}
+    metrics["ppo/loss"] = loss
+    return tuple(state.apply_gradients(g) for state, g in zip(states, grads)), metrics
+
+
+def rl_update(policy_config: DecoderConfig, critic_config: DecoderConfig | None, hyper: RLHyperparameters,
+              prompt_length: int, key: jax.Array, kl_coef, states: tuple, experience: Experience):
+    """All of an iteration's optimizer steps as one program: `epochs` × (B / mini_batch_size) mini-batches.
+
+    Each epoch shuffles the rollout batch with its own key (`jax.random.split(key, epochs)`) and scans the
+    mini-batches; once an epoch ends with the mini-batch approx-KL above `target_approx_kl` the remaining
+    epochs are skipped (`lax.cond`). Returns (states, metrics): means over the mini-batch steps taken, and
+    `ppo/epochs`, the number of epochs run.
+    """
+    batch = experience.tokens.shape[0]
+    per_epoch = batch // hyper.mini_batch_size
+    step = functools.partial(rl_update_step, policy_config, critic_config, hyper, prompt_length, kl_coef)
+
+    def shuffled(epoch_key):
+        order = jax.random.permutation(epoch_key, batch)
+        return jax.tree.map(lambda x: x[order].reshape(per_epoch, hyper.mini_batch_size, *x.shape[1:]), experience)
+
+    first = jax.tree.map(lambda x: x[: hyper.mini_batch_size], experience)
+    metrics_shape = jax.eval_shape(lambda: step(states, first)[1])
+
+    def epoch(carry, epoch_key):
+        states, stopped = carry
+
+        def run(states):
+            return jax.lax.scan(lambda s, minibatch: step(s, minibatch), states, shuffled(epoch_key))
+
+        def skip(states):
+            return states, jax.tree.map(lambda s: jnp.zeros((per_epoch, *s.shape), s.dtype), metrics_shape)
+
+        states, metrics = jax.lax.cond(stopped, skip, run, states)
+        ran = jnp.logical_not(stopped)
+        if hyper.target_approx_kl is not None:
+            stopped = stopped | (metrics["policy/approx_kl"][-1] > hyper.target_approx_kl)
+        return (states, stopped), (metrics, ran)
+
+    (states, _), (metrics, ran) = jax.lax.scan(epoch, (states, jnp.array(False)), jax.random.split(key, hyper.epochs))
+    epochs_run = jnp.sum(ran)
+    weights = ran.astype(jnp.float32)[:, None]
+    means = {name: jnp.sum(value * weights) / jnp.maximum(epochs_run * per_epoch, 1)
+             for name, value in metrics.items()}
+    return states, {**means, "ppo/epochs": epochs_run.astype(jnp.float32)}
