@@ -335,7 +335,8 @@ def plan(config: ExperimentConfig, num_devices: int, accelerator: str, argv: Seq
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a user error, reported as one line on stderr)."""
     try:
-        with StopSignals():  # SIGTERM/SIGINT: a training stage saves its step and exits 75
+        # SIGTERM/SIGINT: a training stage saves its step and exits 75 (the hint names the run once it is known)
+        with StopSignals("Resume with the same command."):
             return _main(argv)
     except UserError as error:
         message = " ".join(str(error).split("\n"))

@@ -127,7 +127,7 @@ def inject(scenario: str, workdir: Path, kills: int, seed: int = 0, log=print, t
                 f"{sent.name} at launch {counts['launches']}: exit status {process.returncode}, expected "
                 f"{expected_status}: {stderr[-3000:]}")
             if process.returncode == EXIT_PREEMPTED:
-                assert "--config" in stderr.splitlines()[-1], stderr[-2000:]  # says how to resume
+                assert "resume with" in stderr.splitlines()[-1].lower(), stderr[-2000:]  # says how to resume
             counts["kills"] += 1
             counts[sent.name] += 1
             logged = _records(run_dir / stage) if (run_dir / stage / "metrics.jsonl").is_file() else []
