@@ -119,10 +119,11 @@ def test_save_pretrained_round_trip(tokenizers, hh_conversations, tmp_path):
 
 
 def test_pre_tokenizer_splits_match_transformers():
-    """Our `tokenizer.ggml.pre` table is transformers' (where this transformers version has one)."""
+    """Our `tokenizer.ggml.pre` table is transformers' (the test extra pins a transformers that has one)."""
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+
     from rlhf_jax.models.tokenizer import GGUF_PRE_TOKENIZER_SPLITS
 
-    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
     assert GGUF_PRE_TOKENIZER_SPLITS == mapping.GGUF_PRE_TOKENIZER_SPLITS
 
 
