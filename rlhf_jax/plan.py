@@ -254,7 +254,6 @@ def _plan_ppo(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
     from rlhf_jax.sampling.sampler import SamplingSettings, generate
     from rlhf_jax.sharding import batch_sharding, param_shardings, replicated, validate_mesh_for_model
     from rlhf_jax.rewards import model_scores
-    from rlhf_jax.stages.rl import hyperparameters
     from rlhf_jax.trainers import rl
 
     rep = replicated(mesh)
@@ -270,10 +269,10 @@ def _plan_ppo(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
     reference = _with_shardings(reference, param_shardings(reference, mesh))
     policy_state, policy_shardings = _train_state(experiment, stage, policy_params, mesh)
     critic_state, critic_shardings = _train_state(experiment, stage, critic, mesh)
-    hyper = hyperparameters(stage, {}, experiment.optimizer.micro_batches)
+    algorithm = stage.algorithm
     prompt_length, new_tokens = data.max_prompt_length, stage.max_new_tokens
     _check_batch(stage.rollout_batch_size, f"stages.{stage.name}.rollout_batch_size", mesh)
-    _check_batch(stage.mini_batch_size, f"stages.{stage.name}.mini_batch_size", mesh)
+    _check_batch(algorithm.mini_batch_size, f"stages.{stage.name}.algorithm.mini_batch_size", mesh)
     rows_sharding = batch_sharding(mesh)
 
     def rollout_arrays(rows):
@@ -282,7 +281,7 @@ def _plan_ppo(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
         return tuple(jax.ShapeDtypeStruct(s, d, sharding=rows_sharding) for s, d in shapes)
 
     # the sampler: rollout_batch_size prompts, KV cache of prompt + new tokens
-    settings = SamplingSettings(max_new_tokens=new_tokens, temperature=stage.temperature, eos_token_ids=(2,),
+    settings = SamplingSettings(max_new_tokens=new_tokens, temperature=algorithm.temperature, eos_token_ids=(2,),
                                 pad_token_id=0)
     prompts = rollout_arrays(stage.rollout_batch_size)[:2]
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
@@ -295,7 +294,7 @@ def _plan_ppo(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
     def experience(policy, reference, critic, reward_params, prompt_tokens, prompt_mask, response_tokens,
                    response_mask, ended_with_eos, kl_coef):  # the reward model's scores, then the experience
         scores = model_scores(reward_config, reward_params, prompt_tokens, prompt_mask, response_tokens, response_mask)
-        return rl.make_experience(policy_config, critic_config, hyper, policy, reference, critic, scores,
+        return rl.make_experience(policy_config, critic_config, algorithm, policy, reference, critic, scores,
                                   prompt_tokens, prompt_mask, response_tokens, response_mask, ended_with_eos, kl_coef)
 
     args = (policy_state.params, reference, critic_state.params, reward, *rollout_arrays(stage.rollout_batch_size),
@@ -308,8 +307,9 @@ def _plan_ppo(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
     rollout = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows_sharding), rollout)
 
     def update(key, kl_coef, policy_state, critic_state, batch):
-        (policy_state, critic_state), metrics = rl.rl_update(policy_config, critic_config, hyper, prompt_length, key,
-                                                             kl_coef, (policy_state, critic_state), batch)
+        (policy_state, critic_state), metrics = rl.rl_update(
+            policy_config, critic_config, algorithm, prompt_length, key, kl_coef, (policy_state, critic_state), batch,
+            num_microbatches=experiment.optimizer.micro_batches)
         return policy_state, critic_state, metrics
 
     plan.programs["update (all mini-batches)"] = _compile(

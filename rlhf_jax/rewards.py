@@ -259,15 +259,23 @@ def model_scores(config, params, prompt_tokens, prompt_mask, response_tokens, re
 
 
 class ModelReward:
-    """A reward model `{"backbone", "head"}` as a reward source; compiled once per instance and batch shape."""
+    """A reward model `{"backbone", "head"}` as a reward source; compiled once per instance and batch shape.
 
-    def __init__(self, name: str, config, params):
+    Scores are normalised as `(score − mean) / std` with `normalisation` = (mean, std), the statistics its
+    reward stage recorded (`reward_mean`, `reward_std` in the artifact's metadata; (0, 1) when absent), so
+    sources of different scales can be weighted and summed.
+    """
+
+    def __init__(self, name: str, config, params, normalisation: tuple[float, float] = (0.0, 1.0)):
         self.name, self.config, self.params = name, config, params
+        self.normalisation = (float(normalisation[0]), float(normalisation[1]) or 1.0)
         self._score = jax.jit(functools.partial(model_scores, config))
 
     def __call__(self, batch: ScoringBatch) -> jax.Array:
-        return self._score(self.params, batch.prompt_tokens, batch.prompt_mask, batch.response_tokens,
-                           batch.response_mask)
+        mean, std = self.normalisation
+        scores = self._score(self.params, batch.prompt_tokens, batch.prompt_mask, batch.response_tokens,
+                             batch.response_mask)
+        return (scores - jnp.float32(mean)) / jnp.float32(std)
 
     def __repr__(self) -> str:
         return f"ModelReward({self.name!r})"
@@ -367,11 +375,12 @@ def check_reward_specs(specs: Sequence[str], has_tokenizer: bool = True) -> None
                                 f"and there is none")
 
 
-def build_reward_sources(specs: Sequence[str], load_model: Callable[[str], tuple[Any, Any, str]],
+def build_reward_sources(specs: Sequence[str], load_model: Callable[[str], tuple[Any, Any, str, dict]],
                          tokenizer=None) -> list[RewardSource]:
     """One reward source per spec, in order: `fn:...` a TokenReward, `text:...` a TextReward (needs
-    `tokenizer`), anything else a ModelReward from `load_model(spec) -> (config, params, kind)`, where kind
-    must be "scalar". Every `fn:`/`text:` spec is checked before any model is loaded.
+    `tokenizer`), anything else a ModelReward from `load_model(spec) -> (config, params, kind, metadata)`, where
+    kind must be "scalar" (metadata: the artifact's, for `reward_mean` / `reward_std`). Every `fn:`/`text:` spec
+    is checked before any model is loaded.
 
     Names: the function's name for `fn:`/`text:` (`arith_exact`), `rm` for a model; a repeated name gets
     `_2`, `_3`, ... in order.
@@ -388,7 +397,9 @@ def build_reward_sources(specs: Sequence[str], load_model: Callable[[str], tuple
         elif is_text_reward_spec(spec):
             sources.append(TextReward(name, get_text_reward(spec), tokenizer))
         else:
-            sources.append(ModelReward(name, *_reward_model(spec, load_model)))
+            config, params, metadata = _reward_model(spec, load_model)
+            sources.append(ModelReward(name, config, params, (metadata.get("reward_mean", 0.0),
+                                                              metadata.get("reward_std", 1.0))))
     return sources
 
 
@@ -400,9 +411,9 @@ def _source_name(spec: str) -> str:
     return "rm"
 
 
-def _reward_model(spec: str, load_model: Callable[[str], tuple[Any, Any, str]]) -> tuple[Any, Any]:
-    config, params, kind = load_model(spec)
+def _reward_model(spec: str, load_model: Callable[[str], tuple[Any, Any, str, dict]]) -> tuple[Any, Any, dict]:
+    config, params, kind, metadata = load_model(spec)
     if kind != "scalar":
         raise UserError(f"reward {spec!r}: {_MODEL_KINDS.get(kind, f'a model of kind {kind!r}')}, "
                         f"expected a reward model")
-    return config, params
+    return config, params, metadata or {}

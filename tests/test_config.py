@@ -28,7 +28,7 @@ def pipeline(**changes) -> C.ExperimentConfig:
             C.SFTStage(name="sft"),
             C.RewardStage(name="rm", model="stage:sft"),
             C.PPOStage(name="ppo", policy="stage:sft", reward_model="stage:rm", rollout_batch_size=16,
-                       mini_batch_size=8),
+                       algorithm=dataclasses.replace(C.PPO_ALGORITHM, mini_batch_size=8)),
             C.GenerateStage(name="samples", model="stage:ppo", prompts="dev.jsonl"),
         ),
     )
@@ -62,11 +62,16 @@ def test_each_stage_kind_has_one_class():
 
 
 def test_defaults_are_the_usual_ones():
-    ppo = C.PPOStage(name="ppo", reward_model="stage:rm")
-    assert (ppo.clip_eps, ppo.value_clip_eps, ppo.gamma, ppo.lam, ppo.ppo_epochs) == (0.2, 0.2, 1.0, 0.95, 4)
+    ppo = C.PPOStage(name="ppo", reward_model="stage:rm").algorithm
+    assert (ppo.clip_eps, ppo.value_clip_eps, ppo.gamma, ppo.lam, ppo.update_epochs) == (0.2, 0.2, 1.0, 0.95, 4)
     assert ppo.kl_estimator is C.KLEstimator.K1 and ppo.whiten_advantages and not ppo.whiten_rewards
-    grpo = C.GRPOStage(name="grpo", reward_model="stage:rm")
-    assert (grpo.kl_estimator, grpo.kl_coef, grpo.ppo_epochs) == (C.KLEstimator.K3, 0.04, 1)
+    assert ppo.advantage_estimator is C.AdvantageEstimator.GAE and ppo.kl_placement is C.KLPlacement.REWARD
+    grpo = C.GRPOStage(name="grpo", reward_model="stage:rm").algorithm
+    assert (grpo.kl_estimator, grpo.kl_coef, grpo.update_epochs) == (C.KLEstimator.K3, 0.04, 1)
+    assert grpo.advantage_estimator is C.AdvantageEstimator.GRPO and grpo.kl_placement is C.KLPlacement.LOSS
+    assert C.RLOOStage(name="r", reward_model="stage:rm").algorithm.advantage_estimator is C.AdvantageEstimator.RLOO
+    reinforce = C.ReinforceStage(name="r", reward_model="stage:rm").algorithm
+    assert (reinforce.advantage_estimator, reinforce.group_size) == (C.AdvantageEstimator.REINFORCE, 1)
     assert C.DPOStage(name="dpo").beta == 0.1
     assert C.OptimizerConfig().name is C.OptimizerName.ADAMW
     assert C.MeshConfig() == C.MeshConfig(data=-1, fsdp=1, tensor=1)
@@ -132,20 +137,26 @@ def test_format_then_parse_is_exact(value, tp):
 def test_overrides_set_nested_and_stage_keys_with_their_types():
     config = C.apply_overrides(pipeline(), [
         "seed=3", "model.dtype=bfloat16", "model.remat=yes", "optimizer.schedule=cosine",
-        "optimizer.grad_clip=None", "stages.sft.learning_rate=1e-5", "stages.ppo.kl_target=6",
-        "stages.ppo.kl_estimator=k3", "stages.samples.stop=(a,b)", "stages.sft.max_steps=1e3",
+        "optimizer.grad_clip=None", "stages.sft.learning_rate=1e-5", "stages.ppo.algorithm.kl_target=6",
+        "stages.ppo.algorithm.kl_estimator=k3", "stages.samples.stop=(a,b)", "stages.sft.max_steps=1e3",
+        "stages.ppo.algorithm.clip_eps_high=0.28", "stages.ppo.algorithm.loss_aggregation=sum-fixed",
     ])
     assert config.seed == 3 and config.model.dtype == "bfloat16" and config.model.remat is True
     assert config.optimizer.schedule is C.Schedule.COSINE and config.optimizer.grad_clip is None
     assert config.stage("sft").learning_rate == 1e-5 and config.stage("sft").max_steps == 1000
-    assert config.stage("ppo").kl_target == 6.0 and config.stage("ppo").kl_estimator is C.KLEstimator.K3
+    algorithm = config.stage("ppo").algorithm
+    assert algorithm.kl_target == 6.0 and algorithm.kl_estimator is C.KLEstimator.K3
+    assert algorithm.clip_eps_high == 0.28 and algorithm.loss_aggregation is C.LossAggregation.SUM_FIXED
     assert config.stage("samples").stop == ("a", "b")
     assert C.apply_overrides(pipeline(), ["seed=1", "seed=2"]).seed == 2  # the later one wins
 
 
 @pytest.mark.parametrize("override, message", [
     ("optimizer.learnig_rate=1", "unknown key 'optimizer.learnig_rate' (did you mean 'optimizer.learning_rate'?)"),
-    ("stages.ppo.kl_coeff=1", "unknown key 'stages.ppo.kl_coeff' (did you mean 'stages.ppo.kl_coef'?)"),
+    ("stages.ppo.algorithm.kl_coeff=1",
+     "unknown key 'stages.ppo.algorithm.kl_coeff' (did you mean 'stages.ppo.algorithm.kl_coef'?)"),
+    # a key of the stage's `algorithm` group, given on the stage
+    ("stages.ppo.kl_coef=1", "unknown key 'stages.ppo.kl_coef' (did you mean 'stages.ppo.algorithm.kl_coef'?)"),
     ("sede=1", "unknown key 'sede' (did you mean 'seed'?)"),
     ("stages.spt.epochs=2", "unknown stage 'stages.spt' (did you mean 'stages.sft'?)"),
     ("stages.sft=1", "stages.sft is a stage, not a value"),
@@ -155,7 +166,7 @@ def test_overrides_set_nested_and_stage_keys_with_their_types():
     ("stages.sft.name=first", "stages.sft.name cannot be overridden"),
     ("name=other", "name cannot be overridden"),
     ("seed", "expected key=value, got 'seed'"),
-    ("stages.ppo.gamma=high", "stages.ppo.gamma: got 'high', expected a number"),
+    ("stages.ppo.algorithm.gamma=high", "stages.ppo.algorithm.gamma: got 'high', expected a number"),
 ])
 def test_override_errors(override, message):
     with pytest.raises(ConfigError, match=None) as error:
@@ -194,15 +205,18 @@ def test_the_test_pipeline_and_every_experiment_are_valid():
     (["stages.sft.learning_rate=-1e-5"], "stages.sft.learning_rate: got -1e-05, expected a number > 0"),
     (["optimizer.b2=1"], "optimizer.b2: got 1.0, expected a number in [0, 1)"),
     (["optimizer.micro_batches=0"], "optimizer.micro_batches: got 0, expected an integer >= 1"),
-    (["stages.ppo.clip_eps=1.5"], "stages.ppo.clip_eps: got 1.5, expected a number in (0, 1)"),
-    (["stages.ppo.clip_eps=0"], "stages.ppo.clip_eps: got 0.0, expected a number in (0, 1)"),
-    (["stages.ppo.gamma=1.01"], "stages.ppo.gamma: got 1.01, expected a number in [0, 1]"),
-    (["stages.ppo.lam=-0.1"], "stages.ppo.lam: got -0.1, expected a number in [0, 1]"),
+    (["stages.ppo.algorithm.clip_eps=1.5"], "stages.ppo.algorithm.clip_eps: got 1.5, expected a number in (0, 1)"),
+    (["stages.ppo.algorithm.clip_eps=0"], "stages.ppo.algorithm.clip_eps: got 0.0, expected a number in (0, 1)"),
+    (["stages.ppo.algorithm.gamma=1.01"], "stages.ppo.algorithm.gamma: got 1.01, expected a number in [0, 1]"),
+    (["stages.ppo.algorithm.lam=-0.1"], "stages.ppo.algorithm.lam: got -0.1, expected a number in [0, 1]"),
     (["stages.ppo.top_p=0"], "stages.ppo.top_p: got 0.0, expected a number in (0, 1]"),
     (["stages.ppo.top_k=0"], "stages.ppo.top_k: got 0, expected an integer >= 1"),
-    (["stages.ppo.kl_target=-6"], "stages.ppo.kl_target: got -6.0, expected a number > 0"),
-    (["stages.ppo.mini_batch_size=6"], "stages.ppo.rollout_batch_size: got 16, expected a multiple of "
-                                        "stages.ppo.mini_batch_size (6)"),
+    (["stages.ppo.algorithm.kl_target=-6"], "stages.ppo.algorithm.kl_target: got -6.0, expected a number > 0"),
+    (["stages.ppo.algorithm.mini_batch_size=6"], "stages.ppo.algorithm.mini_batch_size: got 6, expected a divisor "
+                                                  "of rollout_batch_size*group_size (16)"),
+    (["stages.ppo.algorithm.advantage_estimator=grpo"], "stages.ppo.algorithm.advantage_estimator: got 'grpo', "
+                                                         "expected gae (a PPO stage trains a critic)"),
+    (["stages.ppo.algorithm.dual_clip=1"], "stages.ppo.algorithm.dual_clip: got 1.0, expected a number > 1"),
     (["data.batch_size=0"], "data.batch_size: got 0, expected an integer >= 1"),
     (["optimizer.micro_batches=3"], "data.batch_size: got 8, expected a multiple of optimizer.micro_batches (3)"),
     (["stages.sft.batch_size=6", "optimizer.micro_batches=4"],
@@ -265,8 +279,11 @@ def test_validation_errors(overrides, message):
     (lambda: pipeline(stages=(C.SFTStage(name="my.sft"),)), "stages.my.sft.name: got 'my.sft', expected a name of "
                                                             "letters, digits"),
     (lambda: pipeline(stages=(C.Stage(name="bare"),)), "stages[0]: got Stage, expected one of SFTStage"),
-    (lambda: pipeline(stages=(C.GRPOStage(name="g", reward_model="tiny:llama", group_size=1),)),
-     "stages.g.group_size: got 1, expected an integer >= 2"),
+    (lambda: pipeline(stages=(C.GRPOStage(name="g", reward_model="tiny:llama",
+                                          algorithm=dataclasses.replace(C.GRPO_ALGORITHM, group_size=1)),)),
+     "stages.g.algorithm.group_size: got 1, expected an integer >= 2 (grpo advantages need a group)"),
+    (lambda: pipeline(stages=(C.GRPOStage(name="g", reward_model="tiny:llama", algorithm=C.PPO_ALGORITHM),)),
+     "stages.g.algorithm.advantage_estimator: got 'gae', expected a critic-free estimator"),
     (lambda: pipeline(stages=(C.DPOStage(name="d", beta=0.0),)), "stages.d.beta: got 0.0, expected a number > 0"),
     (lambda: pipeline(stages=(C.GenerateStage(name="g", prompts="p", stop=("",)),)),
      "stages.g.stop: got ('',), expected non-empty stop strings"),
@@ -361,9 +378,9 @@ def test_load_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"stages\[1\].kind: got 'rlhf', expected one of sft, reward"):
         C.load_config(path)
     data = C.to_dict(pipeline())
-    data["stages"][2]["clip_eps"] = 2.0
+    data["stages"][2]["algorithm"]["clip_eps"] = 2.0
     path.write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match=r"stages.ppo.clip_eps: got 2.0"):
+    with pytest.raises(ConfigError, match=r"stages.ppo.algorithm.clip_eps: got 2.0"):
         C.load_config(path)
     with pytest.raises(UserError, match="no such config file"):
         C.load_config(tmp_path / "absent.json")

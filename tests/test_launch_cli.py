@@ -45,12 +45,12 @@ def test_list_prints_every_experiment_with_its_description():
 @pytest.mark.parametrize("args, fragments", [
     (["experiment=tiny_sf", "--print-config"],
      ["experiment=tiny_sf: unknown experiment (did you mean 'tiny_sft'?); run with --list"]),
-    (["experiment=tiny_pipeline", "stages.ppo.kl_coeff=0.1", "--print-config"],
-     ["unknown key 'stages.ppo.kl_coeff' (did you mean 'stages.ppo.kl_coef'?)"]),
+    (["experiment=tiny_pipeline", "stages.ppo.algorithm.kl_coeff=0.1", "--print-config"],
+     ["unknown key 'stages.ppo.algorithm.kl_coeff' (did you mean 'stages.ppo.algorithm.kl_coef'?)"]),
     (["experiment=tiny_sft", "optimizer.learning_rate=fast", "--dry-run"],
      ["optimizer.learning_rate: got 'fast', expected a number"]),
-    (["experiment=tiny_pipeline", "stages.ppo.clip_eps=1.5", "--dry-run"],
-     ["stages.ppo.clip_eps: got 1.5, expected a number in (0, 1)"]),
+    (["experiment=tiny_pipeline", "stages.ppo.algorithm.clip_eps=1.5", "--dry-run"],
+     ["stages.ppo.algorithm.clip_eps: got 1.5, expected a number in (0, 1)"]),
 ])
 def test_bad_input_exits_2_with_one_line(args, fragments):
     assert_user_error(cli(*args), *fragments)
@@ -66,7 +66,7 @@ def test_running_a_stage_without_a_trainer_exits_2(tmp_path, capsys, monkeypatch
 
 
 def test_print_config_round_trip_through_the_cli():
-    overrides = ["experiment=smollm2_hh_ppo", "seed=7", "stages.ppo.kl_coef=0.2", "optimizer.grad_clip=None",
+    overrides = ["experiment=smollm2_hh_ppo", "seed=7", "stages.ppo.algorithm.kl_coef=0.2", "optimizer.grad_clip=None",
                  "stages.samples.stop=(\"\\n\\nHuman:\",\"a,b\")", "description=a b\tc"]
     first = cli(*overrides, "--print-config")
     assert first.returncode == 0 and first.stderr == "", first.stderr
@@ -80,7 +80,7 @@ def test_print_config_round_trip_through_the_cli():
 
 def test_dry_run_writes_a_config_that_loads_back_equal(tmp_path):
     run_dir = tmp_path / "run"
-    args = ["experiment=tiny_pipeline", f"run_dir={run_dir}", "stages.ppo.kl_coef=0.1"]
+    args = ["experiment=tiny_pipeline", f"run_dir={run_dir}", "stages.ppo.algorithm.kl_coef=0.1"]
     result = cli(*args, "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "stage ppo (ppo): to run" in result.stdout and f"reward_model: {run_dir / 'rm'}" in result.stdout
@@ -203,19 +203,19 @@ def test_dry_run_calls_the_runners_dry_run(tmp_path, fake_runners, capsys):
 def test_relaunch_with_a_different_config_is_refused_unless_allowed(tmp_path, capsys, fake_runners):
     run_dir = tmp_path / "run"
     base = ["experiment=tiny_pipeline", f"run_dir={run_dir}", "--dry-run"]
-    assert run_main(capsys, *base, "stages.ppo.kl_coef=0.3")[0] == 0
+    assert run_main(capsys, *base, "stages.ppo.algorithm.kl_coef=0.3")[0] == 0
     # nothing has run yet (a run that failed before its first step): the corrected command takes the directory
     assert run_main(capsys, *base)[0] == 0
-    assert load_config(run_dir / "config.json").stage("ppo").kl_coef == 0.05
+    assert load_config(run_dir / "config.json").stage("ppo").algorithm.kl_coef == 0.05
     (run_dir / "sft").mkdir(exist_ok=True)
     (run_dir / "sft" / "DONE").write_text("{}\n")  # a stage has finished: a different config is refused
     assert run_main(capsys, *base, "seed=0")[0] == 0  # the same config (seed 0 is the default)
-    status, _, err = run_main(capsys, *base, "stages.ppo.kl_coef=0.2")
-    assert status == 2 and "holds a run of a different config (stages.ppo.kl_coef: 0.05 -> 0.2)" in err
-    status, _, _ = run_main(capsys, *base, "stages.ppo.kl_coef=0.2", "--allow-config-change")
+    status, _, err = run_main(capsys, *base, "stages.ppo.algorithm.kl_coef=0.2")
+    assert status == 2 and "holds a run of a different config (stages.ppo.algorithm.kl_coef: 0.05 -> 0.2)" in err
+    status, _, _ = run_main(capsys, *base, "stages.ppo.algorithm.kl_coef=0.2", "--allow-config-change")
     assert status == 0
-    assert load_config(run_dir / "config.json").stage("ppo").kl_coef == 0.2
-    assert load_config(run_dir / "config.previous.json").stage("ppo").kl_coef == 0.05
+    assert load_config(run_dir / "config.json").stage("ppo").algorithm.kl_coef == 0.2
+    assert load_config(run_dir / "config.previous.json").stage("ppo").algorithm.kl_coef == 0.05
 
 
 def test_relaunch_from_the_saved_files(tmp_path, capsys, fake_runners):

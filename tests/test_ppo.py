@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlhf_jax.config import RLAlgorithm
 from rlhf_jax.losses import adaptive_kl_controller
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import tiny_config
@@ -45,10 +46,10 @@ def test_shape_scores_each_guard_is_a_switch():
     tokens = jnp.array([[1, 1, 1, 1], [1, 2, 3, 4], [7, 7, 0, 0]])
     mask = jnp.array([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]], bool)
     eos = jnp.array([True, False, True])
-    base = rl.RLHyperparameters()
+    base = RLAlgorithm()
     same, _ = rl.shape_scores(scores, tokens, mask, eos, base)
     np.testing.assert_allclose(same, scores)
-    out, _ = rl.shape_scores(scores, tokens, mask, eos, dataclasses.replace(base, missing_eos_penalty=1.5))
+    out, _ = rl.shape_scores(scores, tokens, mask, eos, dataclasses.replace(base, eos_penalty=1.5))
     np.testing.assert_allclose(out, [1.0, 0.5, 3.0])
     out, _ = rl.shape_scores(scores, tokens, mask, eos, dataclasses.replace(base, length_penalty=0.25))
     np.testing.assert_allclose(out, [0.0, 1.0, 2.5])
@@ -84,7 +85,7 @@ def test_experience_alignment_scores_and_zero_kl_for_identical_reference():
     policy = llama.init_params(CONFIG, jax.random.key(0))
     critic = llama.init_scalar_model(CONFIG, policy, jax.random.key(1))
     reward_model = llama.init_scalar_model(CONFIG, policy, jax.random.key(2))
-    hyper = rl.RLHyperparameters(temperature=0.7, whiten_advantages=False)
+    hyper = RLAlgorithm(temperature=0.7, whiten_advantages=False)
     prompts, prompt_mask, sample = _rollout(policy, jax.random.key(3), hyper)
     experience, metrics = rl.make_experience(
         CONFIG, CONFIG, hyper, policy, policy, critic, _scores(CONFIG, reward_model, prompts, prompt_mask, sample),
@@ -115,7 +116,7 @@ def test_experience_alignment_scores_and_zero_kl_for_identical_reference():
 def test_update_step_microbatches_match_and_push_up_advantaged_tokens():
     policy = llama.init_params(CONFIG, jax.random.key(0))
     critic = llama.init_scalar_model(CONFIG, policy, jax.random.key(1))
-    hyper = rl.RLHyperparameters(whiten_advantages=False)
+    hyper = RLAlgorithm(whiten_advantages=False)
     prompts, prompt_mask, sample = _rollout(policy, jax.random.key(3), hyper)
     experience, _ = rl.make_experience(
         CONFIG, CONFIG, hyper, policy, policy, critic, _scores(CONFIG, critic, prompts, prompt_mask, sample), prompts,
@@ -126,8 +127,8 @@ def test_update_step_microbatches_match_and_push_up_advantaged_tokens():
     prompt_length = prompts.shape[1]
     outs = []
     for micro in (1, 2):
-        step = jax.jit(functools.partial(rl.rl_update_step, CONFIG, CONFIG,
-                                         dataclasses.replace(hyper, num_microbatches=micro), prompt_length, 0.0))
+        step = jax.jit(functools.partial(rl.rl_update_step, CONFIG, CONFIG, hyper, prompt_length, 0.0,
+                                         num_microbatches=micro))
         states, metrics = step((TrainState.create(policy, sgd, jax.random.key(0)),
                                 TrainState.create(critic, sgd, jax.random.key(0))), experience)
         outs.append((*states, metrics))
@@ -165,7 +166,7 @@ def test_short_ppo_loop_raises_the_reward_and_adapts_kl():
         probs = jax.nn.softmax(logits[rows, prompt_length + lengths - 2], axis=-1)
         return float(jnp.mean(probs @ table))
 
-    hyper = rl.RLHyperparameters(temperature=1.0)
+    hyper = RLAlgorithm(temperature=1.0)
     policy_state = TrainState.create(policy, make_optimizer("adamw", 5e-3), jax.random.key(0))
     critic_state = TrainState.create(critic, make_optimizer("adamw", 5e-3), jax.random.key(0))
     controller = adaptive_kl_controller(0.05, target=1.0, horizon=100)
@@ -173,7 +174,7 @@ def test_short_ppo_loop_raises_the_reward_and_adapts_kl():
     prompt_length = 6
     experience_fn = jax.jit(functools.partial(rl.make_experience, CONFIG, CONFIG, hyper))
     update_fn = jax.jit(functools.partial(rl.rl_update, CONFIG, CONFIG,
-                                          dataclasses.replace(hyper, epochs=2, mini_batch_size=8), prompt_length))
+                                          dataclasses.replace(hyper, update_epochs=2, mini_batch_size=8), prompt_length))
     coefs, first_experience = [], None
     key = jax.random.key(42)
     for iteration in range(10):
@@ -210,12 +211,12 @@ def _ppo_with_programmatic_reward(kl_coef, iterations=10):
     reward = _low_token_fraction
     policy = llama.init_params(CONFIG, jax.random.key(0))
     critic = llama.init_scalar_model(CONFIG, policy, jax.random.key(1))
-    hyper = rl.RLHyperparameters(temperature=1.0, kl_estimator="k1")
+    hyper = RLAlgorithm(temperature=1.0, kl_estimator="k1")
     policy_state = TrainState.create(policy, make_optimizer("adamw", 5e-3), jax.random.key(0))
     critic_state = TrainState.create(critic, make_optimizer("adamw", 5e-3), jax.random.key(0))
     experience_fn = jax.jit(functools.partial(rl.make_experience, CONFIG, CONFIG, hyper))
     update_fn = jax.jit(functools.partial(rl.rl_update, CONFIG, CONFIG,
-                                          dataclasses.replace(hyper, epochs=2, mini_batch_size=8), 6))
+                                          dataclasses.replace(hyper, update_epochs=2, mini_batch_size=8), 6))
     history, key, first = [], jax.random.key(7), None
     for _ in range(iterations):
         key, sample_key, shuffle_key = jax.random.split(key, 3)
@@ -258,7 +259,7 @@ def test_update_loss_equals_the_loss_functions_applied_by_hand():
     """The step's loss on a hand-sized batch equals PPO's formulas evaluated in numpy on the model's outputs."""
     policy = llama.init_params(CONFIG, jax.random.key(0))
     critic = llama.init_scalar_model(CONFIG, policy, jax.random.key(1))
-    hyper = rl.RLHyperparameters(clip_eps=0.2, value_clip_eps=0.1, vf_coef=0.5, entropy_coef=0.01,
+    hyper = RLAlgorithm(clip_eps=0.2, value_clip_eps=0.1, vf_coef=0.5, entropy_coef=0.01,
                                    whiten_advantages=False)
     prompts, prompt_mask, sample = _rollout(policy, jax.random.key(3), hyper, batch=2, prompt_length=4, max_new=3)
     experience, _ = rl.make_experience(
@@ -302,9 +303,9 @@ def test_critic_free_estimators_learn_the_programmatic_reward(estimator, kl_plac
     """GRPO, Dr. GRPO, RLOO, REINFORCE and REINFORCE++ through the same experience and scanned update, with
     4 samples of each of 4 prompts (contiguous rows) and no critic, raise `_low_token_fraction`."""
     policy = llama.init_params(CONFIG, jax.random.key(0))
-    hyper = rl.RLHyperparameters(advantage_estimator=estimator, group_size=4, kl_placement=kl_placement,
+    hyper = RLAlgorithm(advantage_estimator=estimator, group_size=4, kl_placement=kl_placement,
                                  kl_estimator="k3" if kl_placement == "loss" else "k1", whiten_advantages=False,
-                                 epochs=2, mini_batch_size=8)
+                                 update_epochs=2, mini_batch_size=8)
     state = TrainState.create(policy, make_optimizer("adamw", 5e-3), jax.random.key(0))
     experience_fn = jax.jit(functools.partial(rl.make_experience, CONFIG, None, hyper))
     update_fn = jax.jit(functools.partial(rl.rl_update, CONFIG, None, hyper, 6))
@@ -329,7 +330,7 @@ def test_group_advantages_are_the_estimator_over_each_prompts_samples_broadcast_
     from rlhf_jax.losses import get_advantage_estimator
 
     policy = llama.init_params(CONFIG, jax.random.key(0))
-    hyper = rl.RLHyperparameters(advantage_estimator="rloo", group_size=2, kl_placement="reward",
+    hyper = RLAlgorithm(advantage_estimator="rloo", group_size=2, kl_placement="reward",
                                  whiten_advantages=False)
     prompts, prompt_mask, sample = _rollout(policy, jax.random.key(3), hyper, batch=4)
     reference = jax.tree.map(lambda x: x * 1.01, policy)
@@ -343,3 +344,59 @@ def test_group_advantages_are_the_estimator_over_each_prompts_samples_broadcast_
     want = np.asarray(get_advantage_estimator("rloo")(jnp.asarray(returns), 2))
     np.testing.assert_allclose(np.asarray(experience.advantages), np.where(mask, want[:, None], 0), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_continuation_logprobs_are_the_teacher_forced_logprobs_of_those_columns():
+    """The LM head only at the positions that predict columns >= start gives the same numbers as the
+    full-sequence log-probs sliced there (entropies too)."""
+    from rlhf_jax.trainers.common import continuation_logprobs, token_logprobs
+
+    params = llama.init_params(CONFIG, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(3, CONFIG.vocab_size, (3, 11)), jnp.int32)
+    mask = jnp.asarray(np.arange(11)[None] >= np.array([[0], [2], [4]]))  # left padding
+    full, full_entropy = token_logprobs(CONFIG, params, {"tokens": tokens, "attention_mask": mask}, temperature=0.7,
+                                        seq_chunk=4, with_entropy=True)
+    for start in (1, 6, 10):
+        part, entropy = continuation_logprobs(CONFIG, params, tokens, mask, start, 0.7, 4, with_entropy=True)
+        np.testing.assert_allclose(np.asarray(part), np.asarray(full[:, start:]), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(entropy), np.asarray(full_entropy[:, start:]), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="start must be >= 1"):
+        continuation_logprobs(CONFIG, params, tokens, mask, 0)
+
+
+def test_without_kl_one_on_policy_step_skips_the_reference_and_old_logprob_passes_and_updates_the_same():
+    """β = 0 and one optimizer step over the whole rollout: the experience pass runs neither the reference
+    (none is given) nor the behaviour policy (the update takes its own log-probs, stop-gradient), reports no
+    KL, and the update equals the one that uses separately computed old log-probs (KL term × 0)."""
+    policy = llama.init_params(CONFIG, jax.random.key(0))
+    free = RLAlgorithm(advantage_estimator="grpo", group_size=4, kl_coef=0.0, kl_placement="loss",
+                       update_epochs=1, mini_batch_size=8, whiten_advantages=False)
+    paid = dataclasses.replace(free, kl_coef=0.04)  # needs the reference: old log-probs from the experience pass
+    assert rl.old_logprobs_from_update(free, 8) and not rl.old_logprobs_from_update(paid, 8)
+    assert not rl.old_logprobs_from_update(free, 16)  # two mini-batches: the second is off-policy
+    prompts, prompt_mask, _ = _rollout(policy, jax.random.key(3), free, batch=2)
+    prompts, prompt_mask = jnp.repeat(prompts, 4, axis=0), jnp.repeat(prompt_mask, 4, axis=0)
+    sample = generate(CONFIG, policy, prompts, prompt_mask, jax.random.key(4), SamplingSettings(max_new_tokens=6))
+    scores = _scores(_low_token_fraction, {}, prompts, prompt_mask, sample)
+    rollout = (prompts, prompt_mask, sample.response_tokens, sample.response_mask, sample.ended_with_eos)
+    out = {}
+    for name, algorithm, reference in (("free", free, {}), ("paid", paid, policy)):
+        experience, metrics = rl.make_experience(CONFIG, None, algorithm, policy, reference, {}, scores, *rollout,
+                                                 jnp.float32(0.0))
+        state = TrainState.create(policy, make_optimizer("sgd", 0.5, b1=0.0, grad_clip=None), jax.random.key(0))
+        (state,), update_metrics = rl.rl_update(CONFIG, None, algorithm, prompts.shape[1], jax.random.key(5),
+                                                jnp.float32(0.0), (state,), experience)
+        out[name] = (experience, metrics, state.params, update_metrics)
+    experience, metrics, free_params, free_update = out["free"]
+    assert not np.any(np.asarray(experience.old_logprobs)) and not np.any(np.asarray(experience.ref_logprobs))
+    assert not any(name.startswith("kl/") for name in metrics) and "policy/kl_loss" not in free_update
+    assert float(free_update["policy/ratio_mean"]) == 1.0  # exactly: the ratio of a forward to itself
+    paid_experience, paid_metrics, paid_params, _ = out["paid"]
+    assert "kl/mean" in paid_metrics and np.any(np.asarray(paid_experience.old_logprobs))
+    np.testing.assert_allclose(np.asarray(experience.advantages), np.asarray(paid_experience.advantages), rtol=1e-6)
+    moved = False
+    for before, a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(free_params), jax.tree.leaves(paid_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        moved |= bool(np.any(np.asarray(a) != np.asarray(before)))
+    assert moved

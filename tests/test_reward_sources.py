@@ -87,6 +87,9 @@ def test_model_reward_scores_the_concatenation_and_compiles_once(tiny, monkeypat
     assert len(traces) == 1  # same shapes: no retrace
     source(random_batch(2, prompt_lengths=[2, 5, 4], response_lengths=[1, 6, 3], response=8))
     assert len(traces) == 2  # a new response width compiles once more (the counter does count traces)
+    # with its reward stage's statistics, the source returns (score − mean) / std
+    normalised = ModelReward("rm", config, reward_params, normalisation=(0.25, 2.0))
+    np.testing.assert_allclose(np.asarray(normalised(batch)), (want - 0.25) / 2.0, rtol=1e-5, atol=1e-6)
 
 
 # ---- TokenReward ---------------------------------------------------------------------------------------------
@@ -239,7 +242,8 @@ def test_build_reward_sources_names_and_kinds(tiny):
 
     def load_model(spec):
         loaded.append(spec)
-        return config, reward_params, "scalar"
+        return config, reward_params, "scalar", {"reward_mean": 1.0, "reward_std": 4.0} if spec == "runs/b/reward" \
+            else {}
 
     specs = ["fn:length", "runs/a/reward", "text:arith_exact", "runs/b/reward", "fn:length:2", "runs/c/reward"]
     sources = rewards.build_reward_sources(specs, load_model, tokenizer)
@@ -249,8 +253,10 @@ def test_build_reward_sources_names_and_kinds(tiny):
     assert loaded == ["runs/a/reward", "runs/b/reward", "runs/c/reward"]
     batch = random_batch(6, prompt_lengths=[4, 2], response_lengths=[3, 6])
     np.testing.assert_allclose(np.asarray(sources[4](batch)), [6.0, 12.0])
-    np.testing.assert_allclose(np.asarray(sources[1](batch)),
-                               np.asarray(rewards.model_scores(config, reward_params, *batch[:4])), rtol=1e-6)
+    raw = np.asarray(rewards.model_scores(config, reward_params, *batch[:4]))
+    np.testing.assert_allclose(np.asarray(sources[1](batch)), raw, rtol=1e-6)
+    # each reward model is normalised by the statistics in its own metadata
+    np.testing.assert_allclose(np.asarray(sources[3](batch)), (raw - 1.0) / 4.0, rtol=1e-5, atol=1e-6)
 
 
 def never_load(spec):
@@ -279,4 +285,4 @@ def test_a_text_reward_needs_a_tokenizer():
 def test_a_language_model_is_not_a_reward_model(tiny):
     config, params, _, tokenizer = tiny
     with pytest.raises(UserError, match=re.escape("reward 'tiny:smollm2': a language model, expected a reward model")):
-        rewards.build_reward_sources(["tiny:smollm2"], lambda spec: (config, params, "lm"), tokenizer)
+        rewards.build_reward_sources(["tiny:smollm2"], lambda spec: (config, params, "lm", {}), tokenizer)

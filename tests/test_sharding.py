@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from rlhf_jax.config import MeshConfig
+from rlhf_jax.config import MeshConfig, RLAlgorithm
 from rlhf_jax.errors import ConfigError, UserError
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import llama2_config, tiny_config
@@ -246,7 +246,7 @@ def _device_checks() -> dict:
     report: dict = {"steps": {}, "layout": {}, "sampler": {}, "errors": {}}
 
     # PPO experience from the unsharded model (the update step is what is compared)
-    hyper = rl.RLHyperparameters(num_microbatches=2, epochs=1, mini_batch_size=8)
+    hyper = RLAlgorithm(update_epochs=1, mini_batch_size=8)
     momentum = lambda state: state.opt_state[1][0].trace  # noqa: E731  chain(clip, chain(trace, lr))
     prompt_tokens = rng.integers(3, CONFIG.vocab_size, (8, 6)).astype(np.int32)
     prompt_mask = np.arange(6)[None] >= rng.integers(0, 4, 8)[:, None]
@@ -263,7 +263,7 @@ def _device_checks() -> dict:
 
     def ppo_update(policy_state, critic_state, batch):  # an iteration (shuffle, one mini-batch), one program
         states, metrics = rl.rl_update(CONFIG, CONFIG, hyper, 6, jax.random.key(9), jnp.float32(0.1),
-                                       (policy_state, critic_state), batch)
+                                       (policy_state, critic_state), batch, num_microbatches=2)
         return (*states, metrics)
 
     # name -> (step(*states, batch), initial params of each state, numpy batch)

@@ -257,5 +257,36 @@ def test_rloo_and_reinforce_run_through_the_same_runner_without_a_critic(tmp_pat
     assert [r["step"] for r in records] == list(range(1, stage.max_steps + 1))
     last = records[-1]
     assert "value/loss" not in last and "policy/kl_loss" not in last  # no critic; the KL is in the reward
-    assert last["kl/coef"] == pytest.approx(stage.kl_coef) and np.isfinite(last["reward/token_id_below"])
+    assert last["kl/coef"] == pytest.approx(stage.algorithm.kl_coef) and np.isfinite(last["reward/token_id_below"])
     assert (stage_dir / "hf" / "config.json").is_file() and (stage_dir / "model").is_dir()
+
+
+def test_grpo_with_weighted_reward_sources_held_out_evaluation_and_no_reference(tmp_path, monkeypatch):
+    """One GRPO stage with two reward sources summed with weights (each logged on its own), β = 0 (no
+    reference is loaded or run: no kl/* metrics), held-out greedy evaluation before training, every 2
+    iterations and at the end (not the sampling temperature: greedy), and the stage's `algorithm` object
+    reaching the trainer as it is."""
+    from rlhf_jax.trainers import rl
+
+    experiment = get_experiment("tiny_grpo")
+    stage = experiment.stage("grpo")
+    stage = dataclasses.replace(
+        stage, max_steps=3, eval_every=2, extra_rewards=("fn:length:0.01",), reward_weights=(1.0, 0.5),
+        algorithm=dataclasses.replace(stage.algorithm, kl_coef=0.0, update_epochs=1, mini_batch_size=16))
+    experiment = dataclasses.replace(experiment, stages=(stage,),
+                                     data=dataclasses.replace(experiment.data, eval_fraction=0.1))
+    seen = []
+    real = rl.make_experience
+    monkeypatch.setattr(rl, "make_experience", lambda *args, **kwargs: (seen.append(args[2]), real(*args, **kwargs))[1])
+    records = read_metrics(_run_stage(experiment, "grpo", tmp_path))
+    assert seen and all(algorithm is stage.algorithm for algorithm in seen)
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert [r["step"] for r in records if "eval/reward_mean" in r] == [0, 2, 3]
+    for record in records:
+        if "eval/reward_mean" in record:
+            assert 0 <= record["eval/reward_mean"] <= 1 + 0.5 * 0.01 * 16 + 1e-6 and record["time/eval"] > 0, record
+    for record in records[1:]:
+        assert not any(name.startswith("kl/") for name in record)
+        np.testing.assert_allclose(record["reward/mean"],
+                                   record["reward/token_id_below"] + 0.5 * record["reward/length"], rtol=1e-5)
+

@@ -162,13 +162,17 @@ def fit(
     restore_host_state: Callable[[dict], None],
     prepare: Callable[[dict], dict] = device_batch,
     after_step: Callable[[int, MetricsLogger], None] | None = None,
+    evaluate: Callable[[TrainState], dict] | None = None,
+    eval_every: int | None = None,
 ) -> tuple[TrainState, list[dict]]:
     """Run `step_fn` until `total_steps`, resuming from the latest checkpoint under `stage_dir`.
 
     Checkpoints (every `checkpoint.every_steps` and at the end) hold the state and `host_state()` (the data
     position...). Metrics go to `<stage_dir>/metrics.jsonl` (+ TensorBoard) every `logging.every_steps`;
     `after_step(step, logger)` runs after each step (e.g. to log samples). `state` is any pytree with a
-    `step` (steps done). Returns the final state and the logged metric records.
+    `step` (steps done). With `evaluate(state) -> metrics`, held-out metrics are logged at step 0 (before
+    training; not again on a resume), every `eval_every` steps and after the last step, in that step's record.
+    Returns the final state and the logged metric records.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -185,7 +189,18 @@ def fit(
     columns = (TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[status]}"))
     step = start
+
+    def evaluation_due(step: int) -> bool:
+        return evaluate is not None and (step == total_steps or bool(eval_every) and step % eval_every == 0)
+
+    def timed_evaluation(state) -> dict:
+        evaluation_start = time.perf_counter()
+        metrics = dict(jax.device_get(evaluate(state)))
+        return {**metrics, "time/eval": time.perf_counter() - evaluation_start}
+
     with Progress(*columns, transient=False) as progress, training_loop():
+        if evaluate is not None and start == 0:
+            records.append({"step": 0, **logger.log(0, timed_evaluation(state))})
         task = progress.add_task(stage.name, total=total_steps, completed=start, status="")
         tick = time.perf_counter()
         while step < total_steps:
@@ -196,7 +211,11 @@ def fit(
             state, metrics = step_fn(state, prepare(batch))
             step += 1
             check_finite_losses(metrics, step, stage.name)
-            if step % every == 0 or step == total_steps:
+            evaluated = evaluation_due(step)
+            if evaluated:  # its time is reported as time/eval, not in time/step
+                metrics = {**metrics, **timed_evaluation(state)}
+                tick += metrics["time/eval"]
+            if step % every == 0 or step == total_steps or evaluated:
                 metrics = {**jax.device_get(metrics), "time/step": (time.perf_counter() - tick) / every}
                 tick = time.perf_counter()
                 values = logger.log(step, metrics)

@@ -3,7 +3,8 @@
 Roles: policy (from `policy`, trained), reference (frozen: `reference`, default the policy's starting
 weights), reward (a reward model or a programmatic `fn:` reward) and, for PPO, a critic (`critic`, default
 the reward model's weights; trained). Frozen roles hold params only: no optimizer state is ever allocated
-for them. PPO and GRPO are settings of one `rlhf_jax.trainers.rl.RLHyperparameters` (`hyperparameters`).
+for them. PPO, GRPO, RLOO and REINFORCE are presets of one `rlhf_jax.config.RLAlgorithm`, the stage's
+`algorithm` field, which reaches the trainer's functions as it is.
 
 Per iteration (one `fit` step): sample `group_size` responses per prompt (time/generate) -> experience
 (time/score) -> `rl_update`, all epochs × mini-batches in one program (time/train) -> KL controller update.
@@ -48,32 +49,6 @@ class RLState(flax.struct.PyTreeNode):
     rng: jax.Array
 
 
-def hyperparameters(stage, reward_metadata: dict, micro_batches: int) -> rl.RLHyperparameters:
-    """The stage's numbers for the engine: PPO (critic, GAE, KL in the reward), GRPO (group advantages, KL in
-    the loss), RLOO (leave-one-out, KL in the reward) or REINFORCE (batch-mean baseline or REINFORCE++)."""
-    common = dict(
-        clip_eps=stage.clip_eps, kl_estimator=str(stage.kl_estimator), temperature=stage.temperature,
-        whiten_rewards=stage.whiten_rewards, missing_eos_penalty=stage.eos_penalty,
-        length_penalty=stage.length_penalty, ngram_size=stage.ngram_size, ngram_penalty=stage.ngram_penalty,
-        reward_clip=stage.reward_clip, reward_mean=float(reward_metadata.get("reward_mean", 0.0)),
-        reward_std=float(reward_metadata.get("reward_std", 1.0)) or 1.0, num_microbatches=micro_batches,
-        epochs=stage.ppo_epochs, mini_batch_size=stage.mini_batch_size, target_approx_kl=stage.target_approx_kl,
-    )
-    kind = str(stage.kind)
-    if kind == "grpo":
-        return rl.RLHyperparameters(
-            advantage_estimator="grpo" if stage.scale_rewards else "dr_grpo", group_size=stage.group_size,
-            kl_placement="loss", whiten_advantages=False, **common)
-    if kind in ("rloo", "reinforce"):
-        estimator = "rloo" if kind == "rloo" else "reinforce_pp" if stage.whiten else "reinforce"
-        return rl.RLHyperparameters(advantage_estimator=estimator, group_size=stage.group_size,
-                                    kl_placement="reward", whiten_advantages=False, **common)
-    return rl.RLHyperparameters(
-        advantage_estimator="gae", value_clip_eps=stage.value_clip_eps, vf_coef=stage.vf_coef,
-        entropy_coef=stage.entropy_coef, gamma=stage.gamma, lam=stage.lam,
-        whiten_advantages=stage.whiten_advantages, **common)
-
-
 def check_same_tokenizer(policy_tokenizer, other_tokenizer, what: str) -> None:
     """Refuse a silent tokenizer mismatch between roles (scores of re-tokenized text are not supported)."""
     if other_tokenizer is None:
@@ -100,26 +75,32 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     if policy_role.kind != "lm":
         raise UserError(f"stages.{stage.name}.policy: expected a language model, got a reward/value model")
     critic_source = getattr(stage, "critic", None)
-    has_critic = str(stage.kind) == "ppo"
-    reward_role = None
+    algorithm = stage.algorithm
+    has_critic = algorithm.has_critic
+    reward_role = None  # the first reward model among the sources: the critic's default start
 
     def load_reward_model(spec: str):
         nonlocal reward_role
-        reward_role = load_role(experiment, spec, resolve)
-        if reward_role.kind == "scalar":
-            check_same_tokenizer(tokenizer, reward_role.tokenizer, f"stages.{stage.name}.reward_model")
-            reward_role = dataclasses.replace(reward_role, params=frozen_params(reward_role.params,
-                                                                                reward_role.config.dtype))
-        return reward_role.config, reward_role.params, reward_role.kind
+        role = load_role(experiment, spec, resolve)
+        if role.kind == "scalar":
+            check_same_tokenizer(tokenizer, role.tokenizer, f"stages.{stage.name}.reward_model")
+            role = dataclasses.replace(role, params=frozen_params(role.params, role.config.dtype))
+            reward_role = reward_role or role
+        return role.config, role.params, role.kind, role.metadata
 
     try:
-        (reward_source,) = build_reward_sources([stage.reward_model], load_reward_model, tokenizer)
+        reward_sources = build_reward_sources([stage.reward_model, *stage.extra_rewards], load_reward_model,
+                                              tokenizer)
     except UserError as error:
         raise UserError(f"stages.{stage.name}.reward_model: {error}") from None
+    reward_weights = stage.reward_weights or (1.0,) * len(reward_sources)
+    reward_models = [source for source in reward_sources if isinstance(source, ModelReward)]
     if has_critic and critic_source is None and reward_role is None:
         raise UserError(f"stages.{stage.name}.critic: a programmatic reward has no weights to start the critic "
                         "from; name a model (e.g. the policy's source)")
-    if stage.reference is None:
+    if not algorithm.use_reference:
+        reference_config, reference = policy_role.config, {}  # never read: no KL
+    elif stage.reference is None:
         reference_config, reference = policy_role.config, policy_role.params  # copied by frozen_params below
     else:
         reference_role = load_role(experiment, stage.reference, resolve, with_tokenizer=False)
@@ -129,19 +110,15 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     policy_config = policy_role.config
     if reference_config != policy_config:
         raise UserError(f"stages.{stage.name}.reference: architecture differs from the policy's")
-    hyper = hyperparameters(stage, {} if reward_role is None else reward_role.metadata,
-                            experiment.optimizer.micro_batches)
 
-    prompts, _, data = load_stage_dataset(experiment, stage, "prompt", tokenizer)
-    group_size = hyper.group_size
-    if (stage.rollout_batch_size * group_size) % stage.mini_batch_size:
-        raise UserError(f"stages.{stage.name}.rollout_batch_size={stage.rollout_batch_size} × group_size={group_size}"
-                        f" must be a multiple of mini_batch_size={stage.mini_batch_size}")
+    prompts, eval_prompts, data = load_stage_dataset(experiment, stage, "prompt", tokenizer)
+    group_size = algorithm.group_size
     iterator = training_iterator(prompts, batch_size=stage.rollout_batch_size,
                                  seed=data.shuffle_seed or experiment.seed, num_epochs=None)
     per_epoch = max(len(prompts) // stage.rollout_batch_size, 1)
     iterations = stage.max_steps if stage.max_steps is not None else per_epoch * stage.epochs
-    updates = iterations * stage.ppo_epochs * (stage.rollout_batch_size * group_size // stage.mini_batch_size)
+    updates = iterations * algorithm.update_epochs * (stage.rollout_batch_size * group_size
+                                                      // algorithm.mini_batch_size)
     states = [TrainState.create(policy_role.params, build_optimizer(experiment, stage, updates),
                                 jax.random.fold_in(key, 1))]
     critic_config = None
@@ -150,20 +127,20 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         critic = jax.tree.map(jnp.copy, _scalar_model(critic_role, jax.random.fold_in(key, 7)))
         critic_config = critic_role.config
         states.append(TrainState.create(critic, build_optimizer(experiment, stage, updates), jax.random.fold_in(key, 2)))
-    for config in [policy_config, critic_config] + ([reward_role.config] if reward_role is not None else []):
+    for config in [policy_config, critic_config] + [source.config for source in reward_models]:
         if config is not None:
             validate_mesh_for_model(config, mesh)
     state_sharding = tuple(state_shardings(state, mesh) for state in states)
     states = place_state(tuple(states), state_sharding)
     reference = frozen_params(reference, reference_config.dtype)  # frozen roles in the compute dtype
     reference = place_state(reference, param_shardings(reference, mesh))
-    if isinstance(reward_source, ModelReward):
-        reward_source.params = place_state(reward_source.params, param_shardings(reward_source.params, mesh))
-    if stage.kl_target is None:
-        controller = fixed_kl_controller(stage.kl_coef)
+    for source in reward_models:
+        source.params = place_state(source.params, param_shardings(source.params, mesh))
+    if algorithm.kl_target is None:
+        controller = fixed_kl_controller(algorithm.kl_coef)
     else:
-        controller = adaptive_kl_controller(stage.kl_coef, stage.kl_target, stage.kl_horizon)
-    settings = SamplingSettings(max_new_tokens=stage.max_new_tokens, temperature=stage.temperature,
+        controller = adaptive_kl_controller(algorithm.kl_coef, algorithm.kl_target, algorithm.kl_horizon)
+    settings = SamplingSettings(max_new_tokens=stage.max_new_tokens, temperature=algorithm.temperature,
                                 top_p=None if stage.top_p >= 1.0 else stage.top_p, top_k=stage.top_k or 0)
     sampler = Sampler(policy_config, mesh=mesh)
     # replicated over the mesh: checkpoints of several processes hold global arrays only
@@ -171,22 +148,22 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
                     kl_coef=place_state(controller.init().kl_coef, replicated(mesh)),
                     rng=place_state(jax.random.fold_in(key, 3), replicated(mesh)))
 
-    experience_fn = jax.jit(functools.partial(rl.make_experience, policy_config, critic_config, hyper))
+    experience_fn = jax.jit(functools.partial(rl.make_experience, policy_config, critic_config, algorithm))
     update_fns: dict[int, object] = {}
     rollouts: dict[str, object] = {}
 
     def move_frozen(memory: str) -> None:  # the frozen roles visit the devices for the scoring pass only
         nonlocal reference
-        if isinstance(reward_source, ModelReward):
-            reference, reward_source.params = move_to_memory((reference, reward_source.params), memory)
-        else:
-            reference = move_to_memory(reference, memory)
+        reference, parked = move_to_memory((reference, [source.params for source in reward_models]), memory)
+        for source, params in zip(reward_models, parked):
+            source.params = params
 
     def update_program(prompt_length: int):
         if prompt_length not in update_fns:
             def update(key, kl_coef, *states_and_experience):
-                new_states, metrics = rl.rl_update(policy_config, critic_config, hyper, prompt_length, key, kl_coef,
-                                                   states_and_experience[:-1], states_and_experience[-1])
+                new_states, metrics = rl.rl_update(policy_config, critic_config, algorithm, prompt_length, key,
+                                                   kl_coef, states_and_experience[:-1], states_and_experience[-1],
+                                                   num_microbatches=experiment.optimizer.micro_batches)
                 return (*new_states, metrics)
 
             update.__name__ = "rl_update"
@@ -208,7 +185,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
             move_frozen("device")
         scoring = ScoringBatch(prompt_tokens, prompt_mask, sample.response_tokens, sample.response_mask,
                                batch["references"])
-        raw_scores, source_metrics = combine([reward_source], [1.0], scoring)
+        raw_scores, source_metrics = combine(reward_sources, reward_weights, scoring)
         critic_params = state.states[1].params if has_critic else {}
         with use_mesh(mesh):
             experience, metrics = experience_fn(policy_params, reference, critic_params, raw_scores, prompt_tokens,
@@ -223,8 +200,8 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
                                                                          experience)
         update_metrics = jax.device_get(update_metrics)
         trained = time.perf_counter()
-        kl_coef = controller.update(KLControllerState(state.kl_coef), metrics["kl/mean"],
-                                    prompt_tokens.shape[0]).kl_coef
+        kl_coef = state.kl_coef if not algorithm.use_reference else controller.update(
+            KLControllerState(state.kl_coef), metrics["kl/mean"], prompt_tokens.shape[0]).kl_coef
         new_tokens = float(jnp.sum(sample.response_lengths))  # a global array across processes
         metrics.update(update_metrics)
         metrics.update({
@@ -235,6 +212,15 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         rollouts["last"] = (prompt_tokens, prompt_mask, sample.response_tokens, sample.response_lengths,
                             experience.scores)
         return RLState(step=state.step + 1, states=tuple(states), kl_coef=kl_coef, rng=rng), metrics
+
+    evaluate = None
+    if eval_prompts is not None:
+        greedy = dataclasses.replace(settings, greedy=True, temperature=1.0, top_p=None, top_k=0)
+        rows = stage.rollout_batch_size * group_size
+
+        def evaluate(state: RLState) -> dict:
+            return greedy_evaluation(sampler, state.states[0].params, eval_prompts, reward_sources, reward_weights,
+                                     greedy, rows, mesh)
 
     def log_samples(step: int, logger) -> None:
         sample_every = experiment.logging.sample_every
@@ -250,7 +236,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
             **dict(zip(("prompt_tokens", "prompt_mask"),
                        place_batch((batch["prompt_tokens"], batch["prompt_mask"]), mesh))),
             "references": tuple(prompts.examples[i].reference for i in np.asarray(batch["index"]))},
-        after_step=log_samples,
+        after_step=log_samples, evaluate=evaluate, eval_every=stage.eval_every,
     )
     policy_state = state.states[0]
     last_metrics = {k: v for k, v in records[-1].items() if k != "step"} if records else {}
@@ -264,6 +250,37 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         save_hf(stage_dir / "hf", policy_config, host_params, tokenizer)
     barrier(f"rlhf_jax.{stage.kind}.save_hf")
     write_summary(stage_dir, f"{str(stage.kind).upper()} stage '{stage.name}'", {"iterations": int(state.step), **last_metrics})
+
+
+def greedy_evaluation(sampler: Sampler, params, dataset, reward_sources, reward_weights, settings: SamplingSettings,
+                      rows: int, mesh=None) -> dict[str, float]:
+    """Greedy responses to every prompt of a held-out prompt `dataset`, scored by the stage's reward sources.
+
+    Returns `eval/reward_mean` (their weighted sum, as in training; for an exact-answer reward such as
+    `text:arith_exact` alone: the greedy exact-match accuracy), `eval/response_length_mean` (tokens, EOS included) and `eval/eos_fraction`. Batches of `rows`
+    prompts in dataset order; a short last batch repeats its last prompt (one shape) and the repeats are not
+    counted.
+    """
+    from rlhf_jax.data import DataIterator
+
+    batches = DataIterator(dataset, batch_size=min(rows, len(dataset)), shuffle=False, drop_remainder=False)
+    scores, lengths, ended = [], [], []
+    for batch in batches:
+        count = len(batch["index"])
+        fill = np.minimum(np.arange(batches.batch_size), count - 1)
+        prompt_tokens, prompt_mask = (place_batch((batch["prompt_tokens"][fill], batch["prompt_mask"][fill]), mesh)
+                                      if mesh is not None else (batch["prompt_tokens"][fill],
+                                                                batch["prompt_mask"][fill]))
+        sample = sampler(params, prompt_tokens, prompt_mask, jax.random.key(0), settings)
+        references = tuple(dataset.examples[int(batch["index"][row])].reference for row in fill)
+        raw, _ = combine(reward_sources, reward_weights, ScoringBatch(prompt_tokens, prompt_mask, sample.response_tokens,
+                                                              sample.response_mask, references))
+        scores.append(np.asarray(multihost_utils.process_allgather(raw, tiled=True))[:count])
+        lengths.append(np.asarray(multihost_utils.process_allgather(sample.response_lengths, tiled=True))[:count])
+        ended.append(np.asarray(multihost_utils.process_allgather(sample.ended_with_eos, tiled=True))[:count])
+    return {"eval/reward_mean": float(np.mean(np.concatenate(scores))),
+            "eval/response_length_mean": float(np.mean(np.concatenate(lengths))),
+            "eval/eos_fraction": float(np.mean(np.concatenate(ended)))}
 
 
 def _samples(tokenizer, prompt_tokens, prompt_mask, response_tokens, response_lengths, scores,

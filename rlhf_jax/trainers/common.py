@@ -28,6 +28,17 @@ def _shifted_targets(batch) -> tuple[jax.Array, jax.Array]:
     return targets, same_segment
 
 
+def _logprobs_at(config: DecoderConfig, params, hidden, targets, keep, temperature: float, seq_chunk: int | None,
+                 with_entropy: bool):
+    """Log-probs (and entropies) of `targets` [B, S] predicted from `hidden` [B, S, D]; 0 where not `keep`."""
+    unembedding = llama.unembedding(config, params)
+    if with_entropy:
+        logprobs, entropy = logprobs_and_entropy_from_hidden(hidden, unembedding, targets, temperature,
+                                                             seq_chunk=seq_chunk)
+        return jnp.where(keep, logprobs, 0.0), jnp.where(keep, entropy, 0.0)
+    return jnp.where(keep, logprobs_from_hidden(hidden, unembedding, targets, temperature, seq_chunk=seq_chunk), 0.0)
+
+
 def token_logprobs(config: DecoderConfig, params, batch, temperature: float = 1.0, seq_chunk: int | None = 128,
                    with_entropy: bool = False):
     """Teacher-forced log p(tokens[t] | tokens[<t]) aligned to t: [B, T] float32 (column 0 is 0).
@@ -39,17 +50,28 @@ def token_logprobs(config: DecoderConfig, params, batch, temperature: float = 1.
     out = llama.forward(config, params, batch["tokens"], batch.get("positions"), batch.get("attention_mask"),
                         batch.get("segment_ids"), compute_logits=False)
     targets, same_segment = _shifted_targets(batch)
-    hidden = out.hidden[:, :-1]
-    unembedding = llama.unembedding(config, params)
+    result = _logprobs_at(config, params, out.hidden[:, :-1], targets, same_segment, temperature, seq_chunk,
+                          with_entropy)
     pad = jnp.zeros((targets.shape[0], 1), jnp.float32)
     if with_entropy:
-        logprobs, entropy = logprobs_and_entropy_from_hidden(hidden, unembedding, targets, temperature,
-                                                             seq_chunk=seq_chunk)
-        logprobs = jnp.where(same_segment, logprobs, 0.0)
-        entropy = jnp.where(same_segment, entropy, 0.0)
-        return jnp.concatenate([pad, logprobs], axis=1), jnp.concatenate([pad, entropy], axis=1)
-    logprobs = logprobs_from_hidden(hidden, unembedding, targets, temperature, seq_chunk=seq_chunk)
-    return jnp.concatenate([pad, jnp.where(same_segment, logprobs, 0.0)], axis=1)
+        return tuple(jnp.concatenate([pad, x], axis=1) for x in result)
+    return jnp.concatenate([pad, result], axis=1)
+
+
+def continuation_logprobs(config: DecoderConfig, params, tokens, attention_mask, start: int, temperature: float = 1.0,
+                          seq_chunk: int | None = 128, with_entropy: bool = False):
+    """Teacher-forced log p(tokens[t] | tokens[<t]) for the columns t >= `start` (static, >= 1): [B, T - start].
+
+    The same numbers as `token_logprobs(...)[:, start:]`, but the LM head (the [D, V] unembedding and the
+    log-softmax over the vocabulary) runs only at the positions that predict those columns, not over the
+    prompt: for RL rollouts (`start` = the prompt length) that is most of the head's cost.
+    """
+    if start < 1:
+        raise ValueError(f"start must be >= 1 (column 0 has no prediction), got {start}")
+    out = llama.forward(config, params, tokens, None, attention_mask, None, compute_logits=False)
+    targets = tokens[:, start:]
+    return _logprobs_at(config, params, out.hidden[:, start - 1 : -1], targets, jnp.ones(targets.shape, bool),
+                        temperature, seq_chunk, with_entropy)
 
 
 def predicted_mask(batch) -> jax.Array:

@@ -4,7 +4,8 @@ PPO (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022) has four rol
 reference (frozen), critic (trained, value head) and reward. The critic-free algorithms drop the critic and
 replace GAE by an estimator over groups of samples of the same prompt (`rlhf_jax.losses.advantages`):
 GRPO (Shao et al. 2024), Dr. GRPO (Liu et al. 2025), RLOO (Ahmadian et al. 2024), REINFORCE with a batch-mean
-baseline (Williams 1992) and REINFORCE++ (Hu 2025). They are settings of one `RLHyperparameters`:
+baseline (Williams 1992) and REINFORCE++ (Hu 2025). They are settings of one `rlhf_jax.config.RLAlgorithm`,
+the RL stages' `algorithm` field, which every function here takes as it is:
 
     advantage_estimator   "gae" (critic) | "grpo" | "dr_grpo" | "rloo" | "reinforce" | "reinforce_pp"
     kl_placement          "reward": −β·KL_t in the per-token reward (PPO; the sequence sum for the
@@ -26,13 +27,13 @@ response token i sits at column P + i; the value of the state before it at colum
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.config import RLAlgorithm
 from rlhf_jax.losses import (
     aggregate,
     explained_variance,
@@ -43,64 +44,26 @@ from rlhf_jax.losses import (
     masked_mean,
     masked_var,
     masked_whiten,
-    needs_critic,
     ppo_policy_loss_per_token,
     sequence_to_token_advantages,
     value_loss_per_token,
 )
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import DecoderConfig
-from rlhf_jax.trainers.common import token_logprobs
+from rlhf_jax.trainers.common import continuation_logprobs
 from rlhf_jax.training.accumulate import accumulate_gradients
 from rlhf_jax.training.state import TrainState
 
 
-KL_PLACEMENTS = ("reward", "loss")
+SEQ_CHUNK = 128  # positions per chunk of the LM head in the log-prob passes
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RLHyperparameters:
-    """The numbers of one RL iteration (static under jit). Defaults: PPO as in InstructGPT."""
-
-    advantage_estimator: str = "gae"  # "gae" needs a critic; the others work over groups of samples
-    group_size: int = 1  # samples per prompt, contiguous rows of the rollout batch
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None  # None: clip_eps (symmetric)
-    dual_clip: float | None = None
-    value_clip_eps: float | None = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_placement: str = "reward"
-    kl_estimator: str = "k1"
-    temperature: float = 1.0
-    loss_aggregation: str = "token-mean"
-    whiten_rewards: bool = False
-    whiten_advantages: bool = True
-    advantage_eps: float = 1e-4  # the group estimators' std floor
-    missing_eos_penalty: float | None = None
-    length_penalty: float = 0.0
-    length_normalize: bool = False
-    ngram_size: int = 3
-    ngram_penalty: float = 0.0
-    reward_clip: float | None = None
-    reward_mean: float = 0.0  # scores are normalised as (score - reward_mean) / reward_std first
-    reward_std: float = 1.0
-    num_microbatches: int = 1
-    seq_chunk: int = 128
-    # the update of one iteration
-    epochs: int = 1
-    mini_batch_size: int = 16  # sequences per optimizer step
-    target_approx_kl: float | None = None  # stop the remaining epochs once exceeded
-
-    def __post_init__(self):
-        assert self.kl_placement in KL_PLACEMENTS, self.kl_placement
-        needs_critic(self.advantage_estimator)  # raises ValueError for an unknown estimator
-
-    @property
-    def has_critic(self) -> bool:
-        return needs_critic(self.advantage_estimator)
+def old_logprobs_from_update(algorithm: RLAlgorithm, rows: int) -> bool:
+    """True when the experience pass skips the behaviour policy's log-probs and the update takes them from its
+    own forward, stop-gradient: the update is one optimizer step over all `rows` rollouts (one epoch, one
+    mini-batch), so the policy it differentiates is the one that sampled (the ratio is exactly 1, as in TRL's
+    GRPO with one iteration), and no KL needs them (`algorithm.use_reference` False)."""
+    return algorithm.update_epochs == 1 and rows == algorithm.mini_batch_size and not algorithm.use_reference
 
 
 # ---- reward-hacking guards: pure functions of scores and responses --------------------------------
@@ -131,31 +94,31 @@ def repeated_ngram_fraction(tokens: jax.Array, mask: jax.Array, n: int) -> jax.A
     return jnp.sum(duplicate, axis=1) / jnp.maximum(num_valid, 1).astype(jnp.float32)
 
 
-def shape_scores(scores, response_tokens, response_mask, ended_with_eos, hyper: RLHyperparameters):
-    """Normalise raw reward-model scores [B] and apply the reward-hacking guards (each a switch in `hyper`).
+def shape_scores(scores, response_tokens, response_mask, ended_with_eos, algorithm: RLAlgorithm):
+    """Apply the reward-hacking guards to the scores [B] (each a switch in `algorithm`). The scores come from
+    the reward sources (`rlhf_jax.rewards.combine`; a reward model's already normalised by its statistics).
 
-    * normalisation: `(score − reward_mean) / reward_std` (statistics recorded by the reward stage);
-    * missing EOS: `score − missing_eos_penalty` for responses truncated at max_new_tokens;
+    * missing EOS: `score − eos_penalty` for responses truncated at max_new_tokens;
     * length: `score − length_penalty · length`; or `score / length` with `length_normalize`;
     * repetition: `score − ngram_penalty · repeated_ngram_fraction(response, ngram_size)`;
     * clipping: `clip(score, −reward_clip, reward_clip)`, applied last.
     Returns (scores [B] float32, metrics).
     """
-    scores = (scores.astype(jnp.float32) - hyper.reward_mean) / hyper.reward_std
+    scores = scores.astype(jnp.float32)
     lengths = jnp.sum(response_mask, axis=1).astype(jnp.float32)
     metrics = {"reward/raw_score": jnp.mean(scores)}
-    if hyper.missing_eos_penalty is not None:
-        scores = jnp.where(ended_with_eos, scores, scores - hyper.missing_eos_penalty)
-    if hyper.length_normalize:
+    if algorithm.eos_penalty is not None:
+        scores = jnp.where(ended_with_eos, scores, scores - algorithm.eos_penalty)
+    if algorithm.length_normalize:
         scores = scores / jnp.maximum(lengths, 1.0)
-    if hyper.length_penalty:
-        scores = scores - hyper.length_penalty * lengths
-    if hyper.ngram_penalty:
-        repeated = repeated_ngram_fraction(response_tokens, response_mask, hyper.ngram_size)
-        scores = scores - hyper.ngram_penalty * repeated
+    if algorithm.length_penalty:
+        scores = scores - algorithm.length_penalty * lengths
+    if algorithm.ngram_penalty:
+        repeated = repeated_ngram_fraction(response_tokens, response_mask, algorithm.ngram_size)
+        scores = scores - algorithm.ngram_penalty * repeated
         metrics["response/repeated_ngram_fraction"] = jnp.mean(repeated)
-    if hyper.reward_clip is not None:
-        scores = jnp.clip(scores, -hyper.reward_clip, hyper.reward_clip)
+    if algorithm.reward_clip is not None:
+        scores = jnp.clip(scores, -algorithm.reward_clip, algorithm.reward_clip)
     return scores, metrics
 
 
@@ -189,13 +152,10 @@ def _response_slice(per_position: jax.Array, prompt_length: int, shift: int = 0)
 
 def response_logprobs(config: DecoderConfig, params, tokens, attention_mask, prompt_length: int,
                       temperature: float, seq_chunk: int, with_entropy: bool = False):
-    """Teacher-forced log-probs [B, N] (and entropies) of the response tokens at `temperature`."""
-    batch = {"tokens": tokens, "attention_mask": attention_mask}
-    out = token_logprobs(config, params, batch, temperature=temperature, seq_chunk=seq_chunk,
-                         with_entropy=with_entropy)
-    if with_entropy:
-        return _response_slice(out[0], prompt_length), _response_slice(out[1], prompt_length)
-    return _response_slice(out, prompt_length)
+    """Teacher-forced log-probs [B, N] (and entropies) of the response tokens at `temperature`; the LM head
+    runs at the N positions that predict them only."""
+    return continuation_logprobs(config, params, tokens, attention_mask, prompt_length, temperature, seq_chunk,
+                                 with_entropy)
 
 
 def response_values(config: DecoderConfig, critic, tokens, attention_mask, prompt_length: int) -> jax.Array:
@@ -204,7 +164,7 @@ def response_values(config: DecoderConfig, critic, tokens, attention_mask, promp
     return _response_slice(values, prompt_length, shift=-1)
 
 
-def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig | None, hyper: RLHyperparameters,
+def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig | None, algorithm: RLAlgorithm,
                     policy, reference, critic, raw_scores, prompt_tokens, prompt_mask, response_tokens,
                     response_mask, ended_with_eos, kl_coef):
     """Shape the scores, compute log-probs (and values), and the advantages. Returns (Experience, metrics).
@@ -212,7 +172,7 @@ def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig |
     raw_scores: [B], from the reward sources (`rlhf_jax.rewards`: a reward model, token or text functions,
     their weighted sum); prompt_tokens, prompt_mask: [B, P] left-padded; response_tokens, response_mask:
     [B, N]; ended_with_eos: [B]; kl_coef: [] (traced). Policy and reference share `policy_config`. Without a
-    critic (`critic_config` None, a critic-free `hyper.advantage_estimator`) `critic` is ignored and
+    critic (`critic_config` None, a critic-free `algorithm.advantage_estimator`) `critic` is ignored and
     values are 0.
 
     Advantages: with "gae", per-token rewards `score at the last token − β·KL_t` (KL in the reward) and GAE;
@@ -224,32 +184,41 @@ def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig |
     tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1).astype(jnp.int32)
     attention_mask = jnp.concatenate([prompt_mask.astype(bool), response_mask], axis=1)
 
-    old_logprobs = response_logprobs(policy_config, policy, tokens, attention_mask, prompt_length,
-                                     hyper.temperature, hyper.seq_chunk)
-    ref_logprobs = response_logprobs(policy_config, reference, tokens, attention_mask, prompt_length,
-                                     hyper.temperature, hyper.seq_chunk)
-    if hyper.has_critic:
+    skipped = jnp.zeros(response_mask.shape, jnp.float32)  # what a pass nobody needs leaves (see below)
+    if old_logprobs_from_update(algorithm, tokens.shape[0]):
+        old_logprobs = skipped
+    else:
+        old_logprobs = response_logprobs(policy_config, policy, tokens, attention_mask, prompt_length,
+                                         algorithm.temperature, SEQ_CHUNK)
+    if algorithm.use_reference:
+        ref_logprobs = response_logprobs(policy_config, reference, tokens, attention_mask, prompt_length,
+                                         algorithm.temperature, SEQ_CHUNK)
+    else:
+        ref_logprobs = skipped
+    if algorithm.has_critic:
         old_values = jnp.where(response_mask, response_values(critic_config, critic, tokens, attention_mask,
                                                               prompt_length), 0.0)
     else:
         old_values = jnp.zeros(response_mask.shape, jnp.float32)
-    scores, shaping_metrics = shape_scores(raw_scores, response_tokens, response_mask, ended_with_eos, hyper)
+    scores, shaping_metrics = shape_scores(raw_scores, response_tokens, response_mask, ended_with_eos, algorithm)
     has_response = jnp.any(response_mask, axis=1)
-    if hyper.whiten_rewards:
+    if algorithm.whiten_rewards:
         scores = masked_whiten(scores, has_response, shift_mean=False)
 
-    in_reward = kl_coef if hyper.kl_placement == "reward" else 0.0
+    in_reward = kl_coef if algorithm.kl_placement == "reward" and algorithm.use_reference else 0.0
     rewards, kl_metrics = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, response_mask, in_reward,
-                                               hyper.kl_estimator)
-    if hyper.has_critic:
-        advantages, returns = gae(rewards, old_values, response_mask, hyper.gamma, hyper.lam)
+                                               algorithm.kl_estimator)
+    if not algorithm.use_reference:  # no KL was measured
+        kl_metrics = {name: value for name, value in kl_metrics.items() if not name.startswith("kl/")}
+    if algorithm.has_critic:
+        advantages, returns = gae(rewards, old_values, response_mask, algorithm.gamma, algorithm.lam)
     else:
         sequence_returns = jnp.sum(jnp.where(response_mask, rewards, 0.0), axis=1)  # score − β·Σ KL_t
-        estimator = get_advantage_estimator(hyper.advantage_estimator)
+        estimator = get_advantage_estimator(algorithm.advantage_estimator)
         advantages = sequence_to_token_advantages(
-            estimator(sequence_returns, hyper.group_size, hyper.advantage_eps), response_mask)
+            estimator(sequence_returns, algorithm.group_size, algorithm.advantage_eps), response_mask)
         returns = jnp.where(response_mask, sequence_returns[:, None], 0.0)
-    if hyper.whiten_advantages:
+    if algorithm.whiten_advantages:
         advantages = masked_whiten(advantages, response_mask)
     lengths = jnp.sum(response_mask, axis=1).astype(jnp.float32)
     metrics = {
@@ -257,12 +226,12 @@ def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig |
         **kl_metrics,
         "reward/mean": masked_mean(scores, has_response),
         "reward/std": jnp.sqrt(masked_var(scores, has_response)),
-        "kl/mean": kl_metrics["kl/sequence_kl"],
-        "kl/coef": jnp.asarray(kl_coef, jnp.float32),
+        **({"kl/mean": kl_metrics["kl/sequence_kl"], "kl/coef": jnp.asarray(kl_coef, jnp.float32)}
+           if algorithm.use_reference else {}),
         "response/length_mean": jnp.mean(lengths),
         "response/eos_fraction": jnp.mean(ended_with_eos.astype(jnp.float32)),
     }
-    if hyper.has_critic:
+    if algorithm.has_critic:
         metrics["value/explained_var"] = explained_variance(old_values, returns, response_mask)
     experience = Experience(tokens=tokens, attention_mask=attention_mask, response_mask=response_mask,
                             old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values,
@@ -273,50 +242,55 @@ def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig |
 # ---- update ------------------------------------------------------------------------------------
 
 
-def rl_loss_sum(policy_config: DecoderConfig, critic_config: DecoderConfig | None, hyper: RLHyperparameters,
-                prompt_length: int, kl_coef, trainable, batch):
+def rl_loss_sum(policy_config: DecoderConfig, critic_config: DecoderConfig | None, algorithm: RLAlgorithm,
+                prompt_length: int, kl_coef, trainable, batch, *, old_logprobs_from_update: bool = False):
     """(Σ policy + vf_coef·value + β·KL − entropy_coef·entropy losses, (count, summed metrics)) for one
-    micro-batch; the value term with a critic, the KL term with `kl_placement="loss"`.
+    micro-batch; the value term with a critic, the KL term with `kl_placement="loss"` (and a reference).
 
-    trainable = (policy params,) or (policy params, critic params); batch: an `Experience` slice.
+    trainable = (policy params,) or (policy params, critic params); batch: an `Experience` slice. With
+    `old_logprobs_from_update` (`old_logprobs_from_update(algorithm, rows)`) the ratio's denominator is
+    this forward's own log-probs, stop-gradient, instead of `batch.old_logprobs`.
     """
     policy = trainable[0]
     mask = batch.response_mask
     normaliser = mask.shape[1]
     logprobs, entropy = response_logprobs(policy_config, policy, batch.tokens, batch.attention_mask, prompt_length,
-                                          hyper.temperature, hyper.seq_chunk, with_entropy=True)
-    policy_per_token, policy_metrics = ppo_policy_loss_per_token(logprobs, batch.old_logprobs, batch.advantages,
-                                                                 mask, hyper.clip_eps, hyper.clip_eps_high,
-                                                                 hyper.dual_clip)
-    per_token = policy_per_token - hyper.entropy_coef * entropy
+                                          algorithm.temperature, SEQ_CHUNK, with_entropy=True)
+    old_logprobs = jax.lax.stop_gradient(logprobs) if old_logprobs_from_update else batch.old_logprobs
+    policy_per_token, policy_metrics = ppo_policy_loss_per_token(logprobs, old_logprobs, batch.advantages,
+                                                                 mask, algorithm.clip_eps, algorithm.clip_eps_high,
+                                                                 algorithm.dual_clip)
+    per_token = policy_per_token - algorithm.entropy_coef * entropy
     token_weighted = {**policy_metrics, "policy/entropy": masked_mean(entropy, mask)}
     token_weighted.pop("policy/ratio_max")
-    sums = {"policy/loss": aggregate(policy_per_token, mask, hyper.loss_aggregation, normaliser=normaliser)[0]}
-    if hyper.has_critic:
+    sums = {"policy/loss": aggregate(policy_per_token, mask, algorithm.loss_aggregation, normaliser=normaliser)[0]}
+    if algorithm.has_critic:
         values = response_values(critic_config, trainable[1], batch.tokens, batch.attention_mask, prompt_length)
         value_per_token, value_metrics = value_loss_per_token(values, batch.old_values, batch.returns, mask,
-                                                              hyper.value_clip_eps)
-        per_token = per_token + hyper.vf_coef * value_per_token
+                                                              algorithm.value_clip_eps)
+        per_token = per_token + algorithm.vf_coef * value_per_token
         token_weighted.update(value_metrics)
-        sums["value/loss"] = aggregate(value_per_token, mask, hyper.loss_aggregation, normaliser=normaliser)[0]
-    if hyper.kl_placement == "loss":
-        kl_per_token = jnp.where(mask, kl_estimate(logprobs, batch.ref_logprobs, hyper.kl_estimator), 0.0)
+        sums["value/loss"] = aggregate(value_per_token, mask, algorithm.loss_aggregation, normaliser=normaliser)[0]
+    if algorithm.kl_placement == "loss" and algorithm.use_reference:
+        kl_per_token = jnp.where(mask, kl_estimate(logprobs, batch.ref_logprobs, algorithm.kl_estimator), 0.0)
         per_token = per_token + kl_coef * kl_per_token
         token_weighted["policy/kl_loss"] = masked_mean(kl_per_token, mask)
-    loss_sum, count = aggregate(per_token, mask, hyper.loss_aggregation, normaliser=normaliser)
+    loss_sum, count = aggregate(per_token, mask, algorithm.loss_aggregation, normaliser=normaliser)
     tokens = jnp.sum(mask).astype(jnp.float32)
     # token-mean metrics are re-weighted by this micro-batch's token count; the step divides by the total
     sums.update({name: value * tokens for name, value in token_weighted.items()})
     return loss_sum, (count, {"tokens": tokens, **sums})
 
 
-def rl_update_step(policy_config: DecoderConfig, critic_config: DecoderConfig | None, hyper: RLHyperparameters,
-                   prompt_length: int, kl_coef, states: tuple, batch: Experience):
-    """One optimizer step for the policy (and critic) on a mini-batch. states: (policy,) or (policy, critic)
-    `TrainState`s. Returns (states, metrics)."""
-    loss_fn = functools.partial(rl_loss_sum, policy_config, critic_config, hyper, prompt_length, kl_coef)
+def rl_update_step(policy_config: DecoderConfig, critic_config: DecoderConfig | None, algorithm: RLAlgorithm,
+                   prompt_length: int, kl_coef, states: tuple, batch: Experience, *,
+                   old_logprobs_from_update: bool = False, num_microbatches: int = 1):
+    """One optimizer step for the policy (and critic) on a mini-batch, accumulated over `num_microbatches`.
+    states: (policy,) or (policy, critic) `TrainState`s. Returns (states, metrics)."""
+    loss_fn = functools.partial(rl_loss_sum, policy_config, critic_config, algorithm, prompt_length, kl_coef,
+                                old_logprobs_from_update=old_logprobs_from_update)
     loss, grads, sums = accumulate_gradients(loss_fn, tuple(state.params for state in states), batch,
-                                             hyper.num_microbatches)
+                                             num_microbatches)
     # `accumulate_gradients` divided every sum by the loss count; rescale the token-weighted metrics.
     count_over_tokens = 1.0 / jnp.maximum(sums.pop("tokens"), 1e-9)
     metrics = {name: value if name in ("policy/loss", "value/loss") else value * count_over_tokens
@@ -325,8 +299,9 @@ def rl_update_step(policy_config: DecoderConfig, critic_config: DecoderConfig | 
     return tuple(state.apply_gradients(g) for state, g in zip(states, grads)), metrics
 
 
-def rl_update(policy_config: DecoderConfig, critic_config: DecoderConfig | None, hyper: RLHyperparameters,
-              prompt_length: int, key: jax.Array, kl_coef, states: tuple, experience: Experience):
+def rl_update(policy_config: DecoderConfig, critic_config: DecoderConfig | None, algorithm: RLAlgorithm,
+              prompt_length: int, key: jax.Array, kl_coef, states: tuple, experience: Experience,
+              num_microbatches: int = 1):
     """All of an iteration's optimizer steps as one program: `epochs` × (B / mini_batch_size) mini-batches.
 
     Each epoch shuffles the rollout batch with its own key (`jax.random.split(key, epochs)`) and scans the
@@ -335,14 +310,16 @@ def rl_update(policy_config: DecoderConfig, critic_config: DecoderConfig | None,
     `ppo/epochs`, the number of epochs run.
     """
     batch = experience.tokens.shape[0]
-    per_epoch = batch // hyper.mini_batch_size
-    step = functools.partial(rl_update_step, policy_config, critic_config, hyper, prompt_length, kl_coef)
+    per_epoch = batch // algorithm.mini_batch_size
+    step = functools.partial(rl_update_step, policy_config, critic_config, algorithm, prompt_length, kl_coef,
+                             old_logprobs_from_update=old_logprobs_from_update(algorithm, batch),
+                             num_microbatches=num_microbatches)
 
     def shuffled(epoch_key):
         order = jax.random.permutation(epoch_key, batch)
-        return jax.tree.map(lambda x: x[order].reshape(per_epoch, hyper.mini_batch_size, *x.shape[1:]), experience)
+        return jax.tree.map(lambda x: x[order].reshape(per_epoch, algorithm.mini_batch_size, *x.shape[1:]), experience)
 
-    first = jax.tree.map(lambda x: x[: hyper.mini_batch_size], experience)
+    first = jax.tree.map(lambda x: x[: algorithm.mini_batch_size], experience)
     metrics_shape = jax.eval_shape(lambda: step(states, first)[1])
 
     def epoch(carry, epoch_key):
@@ -356,11 +333,11 @@ def rl_update(policy_config: DecoderConfig, critic_config: DecoderConfig | None,
 
         states, metrics = jax.lax.cond(stopped, skip, run, states)
         ran = jnp.logical_not(stopped)
-        if hyper.target_approx_kl is not None:
-            stopped = stopped | (metrics["policy/approx_kl"][-1] > hyper.target_approx_kl)
+        if algorithm.target_approx_kl is not None:
+            stopped = stopped | (metrics["policy/approx_kl"][-1] > algorithm.target_approx_kl)
         return (states, stopped), (metrics, ran)
 
-    (states, _), (metrics, ran) = jax.lax.scan(epoch, (states, jnp.array(False)), jax.random.split(key, hyper.epochs))
+    (states, _), (metrics, ran) = jax.lax.scan(epoch, (states, jnp.array(False)), jax.random.split(key, algorithm.update_epochs))
     epochs_run = jnp.sum(ran)
     weights = ran.astype(jnp.float32)[:, None]
     means = {name: jnp.sum(value * weights) / jnp.maximum(epochs_run * per_epoch, 1)
