@@ -55,7 +55,7 @@ def _arith(name: str, stage) -> ExperimentConfig:
 def smollm2_arith_grpo() -> ExperimentConfig:
     return _arith("smollm2_arith_grpo", GRPOStage(
         name="grpo", algorithm=replace(GRPO_ALGORITHM, group_size=8, mini_batch_size=64, **_SHARED),
-        **{**_ROLLOUT, "max_steps": 60}))
+        **_ROLLOUT))
 
 
 @register_experiment("smollm2_arith_rloo", "RLOO: SmolLM2-135M-Instruct learns addition (8 prompts x 4 samples)")
@@ -73,8 +73,8 @@ def smollm2_arith_reinforce() -> ExperimentConfig:
 
 
 @register_experiment("smollm2_arith_ppo", "PPO with a critic started from the policy: SmolLM2-135M-Instruct learns "
-                                          "addition (32 prompts)")
+                                          "addition (16 prompts, 2 epochs)")
 def smollm2_arith_ppo() -> ExperimentConfig:
     return _arith("smollm2_arith_ppo", PPOStage(
         name="ppo", critic=SMOLLM2, algorithm=replace(PPO_ALGORITHM, mini_batch_size=16, update_epochs=2, **_SHARED),
-        **{**_ROLLOUT, "rollout_batch_size": 32}))
+        **{**_ROLLOUT, "rollout_batch_size": 16, "max_steps": 30}))

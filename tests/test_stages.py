@@ -290,3 +290,36 @@ def test_grpo_with_weighted_reward_sources_held_out_evaluation_and_no_reference(
         np.testing.assert_allclose(record["reward/mean"],
                                    record["reward/token_id_below"] + 0.5 * record["reward/length"], rtol=1e-5)
 
+
+
+def test_rl_iterations_after_the_first_compile_nothing(tmp_path, monkeypatch):
+    """Every program of an iteration (sampler, rewards, experience, update) and of the held-out evaluation is
+    compiled in the first iteration; iterations 2..5 (with checkpoints and evaluations) compile nothing."""
+    from jax import monitoring
+
+    experiment = get_experiment("tiny_grpo")
+    stage = dataclasses.replace(experiment.stage("grpo"), max_steps=5, eval_every=2)
+    experiment = dataclasses.replace(experiment, stages=(stage,),
+                                     data=dataclasses.replace(experiment.data, eval_fraction=0.05),
+                                     checkpoint=dataclasses.replace(experiment.checkpoint, every_steps=1))
+    compiles_at_log: dict[int, int] = {}
+    compiles = []
+
+    def count(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    class CountingLogger(MetricsLogger):
+        def log(self, step, metrics):
+            compiles_at_log[step] = len(compiles)
+            return super().log(step, metrics)
+
+    monitoring.register_event_duration_secs_listener(count)
+    monkeypatch.setattr(common, "MetricsLogger", CountingLogger)
+    try:
+        _run_stage(experiment, "grpo", tmp_path)
+    finally:
+        monitoring.unregister_event_duration_listener(count)
+    assert sorted(compiles_at_log) == [0, 1, 2, 3, 4, 5]
+    assert compiles_at_log[1] > compiles_at_log[0] > 0  # the counter does count compilations
+    assert compiles_at_log[5] == compiles_at_log[1], compiles_at_log
