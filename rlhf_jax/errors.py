@@ -4,6 +4,7 @@ Command-line entry points catch it and print its message as one line (exit statu
 configuration errors); internal invariants use ``assert``/chex and may show tracebacks.
 """
 
+import argparse
 import importlib
 import types
 
@@ -17,6 +18,16 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A bad experiment name, override key, value type or range."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The command lines' parser: a bad argument raises `error_type` (a `UserError`) with argparse's message,
+    which the entry point prints as one line (exit 2), instead of argparse's usage dump and exit."""
+
+    error_type: type[UserError] = UserError
+
+    def error(self, message: str):
+        raise self.error_type(message)
 
 
 def require(module: str, needed_for: str) -> types.ModuleType:

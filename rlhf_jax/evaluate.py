@@ -29,7 +29,6 @@ exits with status 2. `--json` prints one JSON object; otherwise rich tables.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -39,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import ArgumentParser, UserError
 
 EXIT_USER_ERROR = 2
 KIND_NAMES = {"lm": "a language model", "scalar": "a reward model"}
@@ -49,13 +48,9 @@ LOAD_SPEC_PREFIXES = ("tiny", "gguf", "llama2")  # `rlhf_jax.models.load` specs 
 # ---- command line ------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2 via main, not argparse's usage dump
-        raise UserError(message)
 
-
-def _parser() -> _Parser:
-    parser = _Parser(prog="python -m rlhf_jax.evaluate", description="Evaluate a reward model or a policy.")
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m rlhf_jax.evaluate", description="Evaluate a reward model or a policy.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{rm,policy,arith}")
 
     rm = commands.add_parser("rm", help="pairwise accuracy and reward statistics on preference pairs")

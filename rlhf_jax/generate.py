@@ -13,23 +13,18 @@ bad file, bad option) prints one line on stderr and exits with status 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Sequence
 
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import ArgumentParser, UserError
 
 EXIT_USER_ERROR = 2
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2 via main, not argparse's usage dump
-        raise UserError(message)
 
-
-def _parser() -> _Parser:
-    parser = _Parser(prog="python -m rlhf_jax.generate", description="Sample completions from a model.")
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m rlhf_jax.generate", description="Sample completions from a model.")
     parser.add_argument("model", metavar="MODEL", help="gguf:NAME, a .gguf file, a Hugging Face directory, tiny:llama")
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", metavar="F.jsonl", help='JSON lines with "prompt" or "messages"')

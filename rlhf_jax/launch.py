@@ -20,7 +20,6 @@ With several processes (`rlhf_jax.distributed`) every process runs the stages; p
 and writes the run's files.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -40,7 +39,7 @@ from rlhf_jax.config import (
     to_overrides,
     validate,
 )
-from rlhf_jax.errors import ConfigError, UserError
+from rlhf_jax.errors import ArgumentParser, ConfigError, UserError
 from rlhf_jax.run_lock import RunLock
 from rlhf_jax.training.preemption import EXIT_PREEMPTED, Preempted, StopSignals
 
@@ -55,9 +54,8 @@ DONE_FILE = "DONE"
 _INHERITS_MODEL_SOURCE = ("model", "policy")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2 via main, not argparse's usage dump
-        raise ConfigError(message)
+class _Parser(ArgumentParser):
+    error_type = ConfigError
 
     def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
         # @FILE: one override per line (values may contain spaces); blank lines and # comments skipped.
@@ -204,7 +202,10 @@ def dry_run(config: ExperimentConfig, run_dir: pathlib.Path) -> None:
             value = getattr(stage, field.name)
             if not field.metadata.get("source"):
                 continue
-            if value is not None:
+            if isinstance(value, tuple):  # several sources (extra_rewards)
+                if value:
+                    print(f"  {field.name}: {', '.join(resolve(item) for item in value)}")
+            elif value is not None:
                 print(f"  {field.name}: {resolve(value)}")
             elif field.name in _INHERITS_MODEL_SOURCE:
                 print(f"  {field.name}: {config.model.source} (model.source)")

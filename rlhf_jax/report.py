@@ -60,6 +60,8 @@ CURVES = (
     Curve("value_loss", "Value loss", "squared error (reward² units)", ("value/loss",)),
     Curve("reward", "Reward of the rollouts", "reward (score units per response)",
           ("reward/mean", "reward/total")),
+    Curve("held_out_reward", "Held-out reward, greedy (for an exact-answer reward: accuracy)",
+          "mean reward per held-out prompt", ("eval/reward_mean",)),
     Curve("kl", "KL to the reference", "KL (nats per response)", ("kl/mean",)),
     Curve("kl_coef", "KL coefficient", "β (reward units per nat)", ("kl/coef",)),
     Curve("policy_stats", "Policy update statistics", "fraction of tokens / nats per token",

@@ -228,3 +228,17 @@ def test_relaunch_from_the_saved_files(tmp_path, capsys, fake_runners):
     status, out, _ = run_main(capsys, "--config", str(run_dir / "config.json"), "seed=5", "--print-config")
     assert status == 0 and "seed=5" in out.splitlines()
     assert load_config(run_dir / "config.json") == expected
+
+
+def test_extra_reward_sources_are_checked_and_shown_one_by_one(tmp_path):
+    base = ["experiment=tiny_grpo", f"run_dir={tmp_path / 'run'}"]
+    result = cli(*base, 'stages.grpo.extra_rewards=("fn:length:0.01","text:arith_exact")',
+                 "stages.grpo.reward_weights=(1,0.5,2)", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "  extra_rewards: fn:length:0.01, text:arith_exact" in result.stdout
+    assert_user_error(cli(*base, 'stages.grpo.extra_rewards=("stage:nope",)', "--dry-run"),
+                      "stages.grpo.extra_rewards[0]: got 'stage:nope', expected")
+    assert_user_error(cli(*base, 'stages.grpo.extra_rewards=("fn:length",)', "stages.grpo.reward_weights=(1,)",
+                          "--dry-run"),
+                      "stages.grpo.reward_weights: got (1.0,), expected one weight per reward source (2: "
+                      "reward_model, then extra_rewards)")

@@ -16,17 +16,13 @@ from rlhf_jax.data.formats import FORMATS
 from rlhf_jax.data.records import KINDS
 from rlhf_jax.data.sources import read_records
 from rlhf_jax.data.tokenize import TokenizeConfig, load_tokenizer, token_ids, truncate, validate_tokenize_config
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import ArgumentParser, UserError
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not the usage block
-        raise UserError(message)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m rlhf_jax.data", description="Check a data file before training on it.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = ArgumentParser(prog="python -m rlhf_jax.data", description="Check a data file before training on it.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     check = commands.add_parser("check", help="validate a data file and report its records")
     check.add_argument("path", help="data file or directory")
     check.add_argument("--type", dest="kind", choices=KINDS, default="preference", help="record type")

@@ -17,7 +17,6 @@ The answer of a response is its last stated result ("= 42", "is 42"), else its l
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -28,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import ArgumentParser, UserError
 
 OPERAND_MIN, OPERAND_MAX = 1, 60
 SPLITS = ("train", "test")
@@ -206,13 +205,9 @@ def _plain(value: Fraction) -> int | float:
 # ---- command line --------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2 via main, not argparse's usage dump
-        raise UserError(message)
 
-
-def _parser() -> _Parser:
-    parser = _Parser(prog="python -m rlhf_jax.tasks.arithmetic", description="Addition questions.")
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m rlhf_jax.tasks.arithmetic", description="Addition questions.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{write}")
     write = commands.add_parser("write", help="write questions as a JSON-lines prompt file")
     write.add_argument("out", metavar="OUT.jsonl")
