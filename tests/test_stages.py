@@ -231,20 +231,22 @@ def test_reward_stage_with_a_frozen_backbone_trains_only_a_zero_initialised_head
 
 
 @pytest.mark.slow
-def test_grpo_killed_mid_run_resumes_exactly(tmp_path, monkeypatch):
-    """GRPO (the same runner and `fit` loop as PPO, no critic, groups of 4) stopped after iteration 3 and
-    relaunched ends with the uninterrupted run's params and metrics, each iteration logged once."""
-    experiment = get_experiment("tiny_grpo")
-    stage = dataclasses.replace(experiment.stage("grpo"), max_steps=5)
+@pytest.mark.parametrize("name", ["tiny_grpo", "tiny_rloo", "tiny_reinforce"])
+def test_critic_free_rl_killed_mid_run_resumes_exactly(tmp_path, monkeypatch, name):
+    """GRPO, RLOO and REINFORCE (the same runner and `fit` loop as PPO, no critic) stopped after iteration 3
+    and relaunched end with the uninterrupted run's params and metrics, each iteration logged once."""
+    experiment = get_experiment(name)
+    stage = dataclasses.replace(experiment.stages[0], max_steps=5)
     experiment = dataclasses.replace(experiment, stages=(stage,),
                                      checkpoint=dataclasses.replace(experiment.checkpoint, every_steps=1))
-    full, resumed = _full_then_killed_and_resumed(experiment, "grpo", tmp_path, monkeypatch, kill_after=3)
+    full, resumed = _full_then_killed_and_resumed(experiment, stage.name, tmp_path, monkeypatch, kill_after=3)
     timing = ("time/", "throughput/")
     strip = lambda records: [{k: v for k, v in r.items() if k != "time" and not k.startswith(timing)}  # noqa: E731
                              for r in records]
     assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4, 5]
     assert strip(read_metrics(resumed)) == strip(read_metrics(full))
-    assert "value/loss" not in read_metrics(full)[-1] and "policy/kl_loss" in read_metrics(full)[-1]
+    in_loss = stage.algorithm.kl_placement == "loss"  # GRPO; RLOO and REINFORCE put the KL in the reward
+    assert "value/loss" not in read_metrics(full)[-1] and ("policy/kl_loss" in read_metrics(full)[-1]) == in_loss
     assert (full / "hf" / "config.json").is_file()  # exported like PPO's policy
 
 
@@ -292,13 +294,14 @@ def test_grpo_with_weighted_reward_sources_held_out_evaluation_and_no_reference(
 
 
 
-def test_rl_iterations_after_the_first_compile_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["tiny_ppo", "tiny_grpo", "tiny_rloo", "tiny_reinforce"])
+def test_rl_iterations_after_the_first_compile_nothing(tmp_path, monkeypatch, name):
     """Every program of an iteration (sampler, rewards, experience, update) and of the held-out evaluation is
     compiled in the first iteration; iterations 2..5 (with checkpoints and evaluations) compile nothing."""
     from jax import monitoring
 
-    experiment = get_experiment("tiny_grpo")
-    stage = dataclasses.replace(experiment.stage("grpo"), max_steps=5, eval_every=2)
+    experiment = get_experiment(name)
+    stage = dataclasses.replace(experiment.stages[0], max_steps=5, eval_every=2)
     experiment = dataclasses.replace(experiment, stages=(stage,),
                                      data=dataclasses.replace(experiment.data, eval_fraction=0.05),
                                      checkpoint=dataclasses.replace(experiment.checkpoint, every_steps=1))
@@ -317,7 +320,7 @@ def test_rl_iterations_after_the_first_compile_nothing(tmp_path, monkeypatch):
     monitoring.register_event_duration_secs_listener(count)
     monkeypatch.setattr(common, "MetricsLogger", CountingLogger)
     try:
-        _run_stage(experiment, "grpo", tmp_path)
+        _run_stage(experiment, stage.name, tmp_path)
     finally:
         monitoring.unregister_event_duration_listener(count)
     assert sorted(compiles_at_log) == [0, 1, 2, 3, 4, 5]
