@@ -362,6 +362,7 @@ class _RLStage(_TrainingStage):
     extra_rewards: tuple[str, ...] = _source("reward_model", default=())
     reward_weights: tuple[float, ...] = ()  # one per source, reward_model first; (): every weight 1
     rollout_batch_size: int = 64  # prompts sampled per iteration (each `algorithm.group_size` times)
+    generation_batch_size: int | None = None  # sequences the sampler generates at once; None: the whole rollout
     # Sampling (the temperature is `algorithm.temperature`: the log-probs use it too).
     max_new_tokens: int = 128
     top_p: float = 1.0
@@ -1243,7 +1244,7 @@ def _check_rl(stage: _RLStage, prefix: str, config: ExperimentConfig) -> None:
     _check_training(stage, prefix, config)
     _check_range(stage, prefix, {
         "rollout_batch_size": _AT_LEAST_ONE, "max_new_tokens": _AT_LEAST_ONE, "top_p": _PROBABILITY_MASS,
-        "top_k": _AT_LEAST_ONE, "eval_every": _AT_LEAST_ONE,
+        "top_k": _AT_LEAST_ONE, "eval_every": _AT_LEAST_ONE, "generation_batch_size": _AT_LEAST_ONE,
     })
     sources = 1 + len(stage.extra_rewards)
     _require(len(stage.reward_weights) in (0, sources), prefix + "reward_weights", stage.reward_weights,
@@ -1273,6 +1274,9 @@ def _check_rl(stage: _RLStage, prefix: str, config: ExperimentConfig) -> None:
     else:
         _check_range(algorithm, where, {"group_size": _AT_LEAST_ONE})
     sequences = stage.rollout_batch_size * algorithm.group_size
+    if stage.generation_batch_size is not None:  # equal chunks: one compiled sampler
+        _require(sequences % stage.generation_batch_size == 0, prefix + "generation_batch_size",
+                 stage.generation_batch_size, f"a divisor of rollout_batch_size*group_size ({sequences})")
     _require(sequences % algorithm.mini_batch_size == 0, where + "mini_batch_size", algorithm.mini_batch_size,
              f"a divisor of rollout_batch_size*group_size ({sequences})")
 

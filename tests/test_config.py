@@ -217,6 +217,8 @@ def test_the_test_pipeline_and_every_experiment_are_valid():
     (["stages.ppo.algorithm.advantage_estimator=grpo"], "stages.ppo.algorithm.advantage_estimator: got 'grpo', "
                                                          "expected gae (a PPO stage trains a critic)"),
     (["stages.ppo.algorithm.dual_clip=1"], "stages.ppo.algorithm.dual_clip: got 1.0, expected a number > 1"),
+    (["stages.ppo.generation_batch_size=3"], "stages.ppo.generation_batch_size: got 3, expected a divisor of "
+                                             "rollout_batch_size*group_size (16)"),
     (["data.batch_size=0"], "data.batch_size: got 0, expected an integer >= 1"),
     (["optimizer.micro_batches=3"], "data.batch_size: got 8, expected a multiple of optimizer.micro_batches (3)"),
     (["stages.sft.batch_size=6", "optimizer.micro_batches=4"],

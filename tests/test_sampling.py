@@ -281,3 +281,24 @@ def hh_dev_dialogues_prompts(dialogues, count: int = 8) -> list[list[dict]]:
         if len(prompts) == count:
             break
     return prompts
+
+
+def test_chunked_generation_is_each_chunk_generated_alone_with_its_own_key(params):
+    """`chunk_rows`: the rows are generated a chunk at a time (chunk c with fold_in(key, c)); each chunk's
+    outputs equal a call on that chunk alone, and equal chunks compile one program."""
+    sampler = Sampler(CONFIG)
+    settings = SamplingSettings(temperature=0.9, max_new_tokens=5, eos_token_ids=())
+    key = jax.random.key(3)
+    prompts = [[5, 6, 7], list(range(9, 19)), [3, 4, 5, 6, 7, 8], [11, 12], [4] * 7, [8, 9, 10, 11]]
+    tokens, mask = left_pad(prompts, pad_id=2)
+    chunked = sampler(params, tokens, mask, key, settings, chunk_rows=2)
+    assert chunked.response_tokens.shape == (6, 5) and all(len(array) == 6 for array in chunked)
+    assert sampler.num_compilations == 1  # three chunks of two rows: one program
+    for index, start in enumerate(range(0, 6, 2)):
+        alone = sampler(params, tokens[start:start + 2], mask[start:start + 2], jax.random.fold_in(key, index),
+                        settings)
+        for got, want in zip(chunked, alone):
+            np.testing.assert_array_equal(np.asarray(got[start:start + 2]), np.asarray(want))
+    whole = sampler(params, tokens, mask, key, settings, chunk_rows=6)  # one chunk: the plain call
+    np.testing.assert_array_equal(np.asarray(whole.response_tokens),
+                                  np.asarray(sampler(params, tokens, mask, key, settings).response_tokens))

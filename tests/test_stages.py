@@ -301,7 +301,8 @@ def test_rl_iterations_after_the_first_compile_nothing(tmp_path, monkeypatch, na
     from jax import monitoring
 
     experiment = get_experiment(name)
-    stage = dataclasses.replace(experiment.stages[0], max_steps=5, eval_every=2)
+    # the rollout generated 4 sequences at a time: the chunks share one program too
+    stage = dataclasses.replace(experiment.stages[0], max_steps=5, eval_every=2, generation_batch_size=4)
     experiment = dataclasses.replace(experiment, stages=(stage,),
                                      data=dataclasses.replace(experiment.data, eval_fraction=0.05),
                                      checkpoint=dataclasses.replace(experiment.checkpoint, every_steps=1))

@@ -364,7 +364,15 @@ class Sampler:
         self.num_compilations = 0
 
     def __call__(self, params: Params, prompt_tokens, prompt_mask, key: jax.Array,
-                 settings: SamplingSettings) -> SamplerOutput:
+                 settings: SamplingSettings, chunk_rows: int | None = None) -> SamplerOutput:
+        """With `chunk_rows`, the rows are generated `chunk_rows` at a time (chunk c with `fold_in(key, c)`)
+        and the outputs concatenated: the KV cache holds one chunk, not the whole batch."""
+        if chunk_rows is not None and chunk_rows < np.shape(prompt_tokens)[0]:
+            tokens, mask = _whole_on_host(prompt_tokens, np.int32), _whole_on_host(prompt_mask, bool)
+            parts = [self(params, tokens[start:start + chunk_rows], mask[start:start + chunk_rows],
+                          jax.random.fold_in(key, index), settings)
+                     for index, start in enumerate(range(0, len(tokens), chunk_rows))]
+            return SamplerOutput(*(jnp.concatenate(field, axis=0) for field in zip(*parts)))
         validate_settings(settings, self.config.vocab_size)
         prompt_tokens = _whole_on_host(prompt_tokens, np.int32)
         prompt_mask = _whole_on_host(prompt_mask, bool)

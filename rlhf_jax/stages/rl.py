@@ -179,7 +179,8 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
             batch = {**batch, "references": tuple(r for r in batch["references"] for _ in range(group_size))}
         start = time.perf_counter()
         policy_params = state.states[0].params
-        sample = jax.block_until_ready(sampler(policy_params, prompt_tokens, prompt_mask, sample_key, settings))
+        sample = jax.block_until_ready(sampler(policy_params, prompt_tokens, prompt_mask, sample_key, settings,
+                                               chunk_rows=stage.generation_batch_size))
         generated = time.perf_counter()
         if stage.offload_frozen:
             move_frozen("device")
@@ -216,7 +217,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     evaluate = None
     if eval_prompts is not None:
         greedy = dataclasses.replace(settings, greedy=True, temperature=1.0, top_p=None, top_k=0)
-        rows = stage.rollout_batch_size * group_size
+        rows = stage.generation_batch_size or stage.rollout_batch_size * group_size
 
         def evaluate(state: RLState) -> dict:
             return greedy_evaluation(sampler, state.states[0].params, eval_prompts, reward_sources, reward_weights,
