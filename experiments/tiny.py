@@ -58,7 +58,8 @@ def tiny_pipeline() -> ExperimentConfig:
         RewardStage(name="rm", model="stage:sft", max_steps=8),
         PPOStage(
             name="ppo", policy="stage:sft", reward_model="stage:rm", learning_rate=1e-4, max_steps=2,
-            rollout_batch_size=8, max_new_tokens=16, algorithm=replace(PPO_ALGORITHM, mini_batch_size=4, update_epochs=2),
+            rollout_batch_size=8, max_new_tokens=16,
+            algorithm=replace(PPO_ALGORITHM, mini_batch_size=4, update_epochs=2),
         ),
         GenerateStage(
             name="samples", model="stage:ppo", prompts=HH_HARMLESS_DEV, num_prompts=4, max_new_tokens=16,
@@ -73,7 +74,8 @@ def tiny_ppo() -> ExperimentConfig:
     return _tiny("tiny_ppo", (
         PPOStage(
             name="ppo", reward_model="fn:length:0.1", critic="tiny:smollm2", learning_rate=1e-4, max_steps=6,
-            rollout_batch_size=8, max_new_tokens=16, algorithm=replace(PPO_ALGORITHM, mini_batch_size=4, update_epochs=2),
+            rollout_batch_size=8, max_new_tokens=16,
+            algorithm=replace(PPO_ALGORITHM, mini_batch_size=4, update_epochs=2),
         ),
     ))
 
@@ -104,5 +106,6 @@ def tiny_rloo() -> ExperimentConfig:
 def tiny_reinforce() -> ExperimentConfig:
     return _tiny("tiny_reinforce", (
         ReinforceStage(name="reinforce", reward_model="fn:token_id_below:24576", learning_rate=3e-3, max_steps=4,
-                       rollout_batch_size=8, max_new_tokens=16, algorithm=replace(REINFORCE_ALGORITHM, mini_batch_size=8)),
+                       rollout_batch_size=8, max_new_tokens=16,
+                       algorithm=replace(REINFORCE_ALGORITHM, mini_batch_size=8)),
     ))

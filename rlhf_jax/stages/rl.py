@@ -253,14 +253,14 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     write_summary(stage_dir, f"{str(stage.kind).upper()} stage '{stage.name}'", {"iterations": int(state.step), **last_metrics})
 
 
-def greedy_evaluation(sampler: Sampler, params, dataset, reward_sources, reward_weights, settings: SamplingSettings,
-                      rows: int, mesh=None) -> dict[str, float]:
+def greedy_evaluation(sampler: Sampler, params, dataset, reward_sources, reward_weights,
+                      settings: SamplingSettings, rows: int, mesh) -> dict[str, float]:
     """Greedy responses to every prompt of a held-out prompt `dataset`, scored by the stage's reward sources.
 
     Returns `eval/reward_mean` (their weighted sum, as in training; for an exact-answer reward such as
-    `text:arith_exact` alone: the greedy exact-match accuracy), `eval/response_length_mean` (tokens, EOS included) and `eval/eos_fraction`. Batches of `rows`
-    prompts in dataset order; a short last batch repeats its last prompt (one shape) and the repeats are not
-    counted.
+    `text:arith_exact` alone: the greedy exact-match accuracy), `eval/response_length_mean` (tokens, EOS
+    included) and `eval/eos_fraction`. Batches of `rows` prompts in dataset order; a short last batch
+    repeats its last prompt (one shape) and the repeats are not counted.
     """
     from rlhf_jax.data import DataIterator
 
@@ -269,13 +269,11 @@ def greedy_evaluation(sampler: Sampler, params, dataset, reward_sources, reward_
     for batch in batches:
         count = len(batch["index"])
         fill = np.minimum(np.arange(batches.batch_size), count - 1)
-        prompt_tokens, prompt_mask = (place_batch((batch["prompt_tokens"][fill], batch["prompt_mask"][fill]), mesh)
-                                      if mesh is not None else (batch["prompt_tokens"][fill],
-                                                                batch["prompt_mask"][fill]))
+        prompt_tokens, prompt_mask = place_batch((batch["prompt_tokens"][fill], batch["prompt_mask"][fill]), mesh)
         sample = sampler(params, prompt_tokens, prompt_mask, jax.random.key(0), settings)
         references = tuple(dataset.examples[int(batch["index"][row])].reference for row in fill)
-        raw, _ = combine(reward_sources, reward_weights, ScoringBatch(prompt_tokens, prompt_mask, sample.response_tokens,
-                                                              sample.response_mask, references))
+        scoring = ScoringBatch(prompt_tokens, prompt_mask, sample.response_tokens, sample.response_mask, references)
+        raw, _ = combine(reward_sources, reward_weights, scoring)
         scores.append(np.asarray(multihost_utils.process_allgather(raw, tiled=True))[:count])
         lengths.append(np.asarray(multihost_utils.process_allgather(sample.response_lengths, tiled=True))[:count])
         ended.append(np.asarray(multihost_utils.process_allgather(sample.ended_with_eos, tiled=True))[:count])

@@ -317,7 +317,8 @@ def rl_update(policy_config: DecoderConfig, critic_config: DecoderConfig | None,
 
     def shuffled(epoch_key):
         order = jax.random.permutation(epoch_key, batch)
-        return jax.tree.map(lambda x: x[order].reshape(per_epoch, algorithm.mini_batch_size, *x.shape[1:]), experience)
+        size = algorithm.mini_batch_size
+        return jax.tree.map(lambda x: x[order].reshape(per_epoch, size, *x.shape[1:]), experience)
 
     first = jax.tree.map(lambda x: x[: algorithm.mini_batch_size], experience)
     metrics_shape = jax.eval_shape(lambda: step(states, first)[1])
@@ -337,7 +338,8 @@ def rl_update(policy_config: DecoderConfig, critic_config: DecoderConfig | None,
             stopped = stopped | (metrics["policy/approx_kl"][-1] > algorithm.target_approx_kl)
         return (states, stopped), (metrics, ran)
 
-    (states, _), (metrics, ran) = jax.lax.scan(epoch, (states, jnp.array(False)), jax.random.split(key, algorithm.update_epochs))
+    epoch_keys = jax.random.split(key, algorithm.update_epochs)
+    (states, _), (metrics, ran) = jax.lax.scan(epoch, (states, jnp.array(False)), epoch_keys)
     epochs_run = jnp.sum(ran)
     weights = ran.astype(jnp.float32)[:, None]
     means = {name: jnp.sum(value * weights) / jnp.maximum(epochs_run * per_epoch, 1)
