@@ -287,6 +287,13 @@ def test_grpo_with_weighted_reward_sources_held_out_evaluation_and_no_reference(
     for record in records:
         if "eval/reward_mean" in record:
             assert 0 <= record["eval/reward_mean"] <= 1 + 0.5 * 0.01 * 16 + 1e-6 and record["time/eval"] > 0, record
+    # the run's report draws the held-out curve
+    from rlhf_jax.config import save_config
+    from rlhf_jax.report import build_report
+
+    save_config(experiment, tmp_path / "config.json")
+    build_report(tmp_path)
+    assert (tmp_path / "report" / "grpo_held_out_reward.png").stat().st_size > 0
     for record in records[1:]:
         assert not any(name.startswith("kl/") for name in record)
         np.testing.assert_allclose(record["reward/mean"],
