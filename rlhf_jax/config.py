@@ -336,6 +336,7 @@ class RewardStage(_TrainingStage):
     batch_size: int | None = None  # pairs per step; None: data.batch_size
     center_rewards_coef: float = 0.0  # penalty on (r_chosen + r_rejected)^2, keeps scores near 0
     freeze_backbone: bool = False  # train the reward head only: a linear probe on frozen features (cheap on CPU)
+    lora: LoRAConfig = LoRAConfig()  # lora.rank > 0: train adapters and the head only, write the merged model
 
 
 @_config
@@ -349,6 +350,7 @@ class DPOStage(_TrainingStage):
     beta: float = 0.1
     loss: DPOLoss = DPOLoss.SIGMOID
     label_smoothing: float = 0.0  # conservative DPO; in [0, 0.5)
+    lora: LoRAConfig = LoRAConfig()  # lora.rank > 0: train adapters only; the reference is the base itself
 
 
 @_config
@@ -371,6 +373,9 @@ class _RLStage(_TrainingStage):
     # Held-out greedy evaluation by the stage's reward on the data's eval prompts (data.eval_path or
     # data.eval_fraction), logged as eval/* before training, every `eval_every` iterations and at the end.
     eval_every: int | None = None  # None: before and after training only (when there are eval prompts)
+    # lora.rank > 0: adapters on the policy (and the critic, with its head); the reference is the policy's
+    # base weights with the adapters off; checkpoints hold adapters and their optimizer state only
+    lora: LoRAConfig = LoRAConfig()
     algorithm: RLAlgorithm = PPO_ALGORITHM
 
 
@@ -1229,10 +1234,14 @@ def _check_sft(stage: SFTStage, prefix: str, config: ExperimentConfig) -> None:
 def _check_reward(stage: RewardStage, prefix: str, config: ExperimentConfig) -> None:
     _check_supervised(stage, prefix, config)
     _check_range(stage, prefix, {"center_rewards_coef": _NON_NEGATIVE})
+    _check_lora(stage.lora, prefix + "lora.")
+    _require(not (stage.freeze_backbone and stage.lora.rank > 0), prefix + "lora.rank", stage.lora.rank,
+             "0 with freeze_backbone=true (a frozen backbone takes no adapters)")
 
 
 def _check_dpo(stage: DPOStage, prefix: str, config: ExperimentConfig) -> None:
     _check_supervised(stage, prefix, config)
+    _check_lora(stage.lora, prefix + "lora.")
     _check_range(stage, prefix, {
         "beta": _POSITIVE, "label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
     })
@@ -1241,6 +1250,7 @@ def _check_dpo(stage: DPOStage, prefix: str, config: ExperimentConfig) -> None:
 
 
 def _check_rl(stage: _RLStage, prefix: str, config: ExperimentConfig) -> None:
+    _check_lora(stage.lora, prefix + "lora.")
     _check_training(stage, prefix, config)
     _check_range(stage, prefix, {
         "rollout_batch_size": _AT_LEAST_ONE, "max_new_tokens": _AT_LEAST_ONE, "top_p": _PROBABILITY_MASS,

@@ -13,13 +13,18 @@ from rlhf_jax.models import llama, load_hf, save_hf
 from rlhf_jax.models.config import tiny_config
 from rlhf_jax.models.lora import (LoRAConfig, adapter_paths, apply_lora, init_lora, lora_scale, merge, nbytes,
                                   num_params)
-from rlhf_jax.trainers.lora import adapter_loss_sum, lora_sft_train_step, policy_and_reference
+from rlhf_jax.trainers.lora import adapter_loss_sum, policy_and_reference
 from rlhf_jax.trainers.sft import sft_loss_sum, sft_train_step
 from rlhf_jax.training.state import TrainState, make_optimizer
 
 CONFIG = tiny_config("llama")
 QV = LoRAConfig(rank=4, alpha=8.0, targets=("self_attn/(q|v)_proj",))
 ALL = LoRAConfig(rank=2, alpha=4.0, targets=("self_attn", "mlp"))
+
+
+def lora_sft_train_step(config, lora_config, num_microbatches, base, state, batch):
+    """The SFT step with LoRA, the frozen base given first (as the stage binds it)."""
+    return sft_train_step(config, num_microbatches, state, batch, base=base, lora=lora_config)
 
 
 def _sft_batch(seed=0, batch=4, length=12):

@@ -21,6 +21,15 @@ Two ways to run the adapted model:
   loads (`save_hf`, artifacts). Untargeted leaves are the same arrays, not copies.
 
 The frozen reference of PPO/DPO under LoRA is the base params: no second copy of the backbone.
+
+Every stage trains through one pair of functions, whether LoRA is on or off:
+
+- `trainable_params(params, config, key, keep)`: what the train state holds. Off (rank 0): `params`. On:
+  the adapters, plus the whole top-level subtrees named in `keep` (a scalar model's fresh `head`), in one
+  sparse mirror of the params.
+- `full_params(base, trainable, config)`: the model the loss runs. Off: `trainable` itself (`base` is `{}`,
+  see `frozen_base`). On: `base` with the kept subtrees replaced and the adapters applied.
+- `merged_params(base, trainable, config)`: the same model as plain params, for export.
 """
 
 from __future__ import annotations
@@ -38,8 +47,8 @@ from rlhf_jax.errors import ConfigError
 Params = Any
 Path = tuple[str, ...]
 
-__all__ = ["LoRAConfig", "adapter_paths", "apply_lora", "init_lora", "lora_scale", "merge", "nbytes",
-           "num_params", "projection_paths"]
+__all__ = ["LoRAConfig", "adapter_paths", "apply_lora", "frozen_base", "full_params", "init_lora", "lora_scale",
+           "merge", "merged_params", "nbytes", "num_params", "projection_paths", "trainable_params"]
 
 
 def lora_scale(config: LoRAConfig) -> float:
@@ -165,3 +174,37 @@ def num_params(tree: Params) -> int:
 def nbytes(tree: Params) -> int:
     """Bytes held by a pytree of arrays or `jax.ShapeDtypeStruct`s (from shapes and dtypes)."""
     return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
+
+
+def _kept(trainable: Params) -> dict:
+    """The whole subtrees a LoRA train state holds beside the adapters (top-level keys without adapters)."""
+    return {name: value for name, value in trainable.items() if not _adapted_modules({name: value})}
+
+
+def trainable_params(params: Params, config: LoRAConfig, key: jax.Array, keep: tuple[str, ...] = ()) -> Params:
+    """What a stage trains (and checkpoints): `params` when `config.rank == 0`; otherwise the adapters of
+    `init_lora` plus `params[name]` for each top-level `name` in `keep` that `params` has (e.g. "head")."""
+    if config.rank == 0:
+        return params
+    return {**init_lora(params, config, key), **{name: params[name] for name in keep if name in params}}
+
+
+def frozen_base(params: Params, config: LoRAConfig) -> Params:
+    """The frozen input of the steps: the base weights under LoRA, `{}` (nothing) without."""
+    return params if config.rank > 0 else {}
+
+
+def full_params(base: Params, trainable: Params, config: LoRAConfig) -> Params:
+    """The params the forward runs: `trainable` without LoRA; with it, `base` whose subtrees the train state
+    keeps whole are replaced by its own, and whose targeted projections get the adapters (`apply_lora`).
+    Differentiable w.r.t. `trainable`; `base` is never differentiated."""
+    if config.rank == 0:
+        return trainable
+    return apply_lora({**base, **_kept(trainable)}, trainable, config)
+
+
+def merged_params(base: Params, trainable: Params, config: LoRAConfig) -> Params:
+    """`full_params` as plain params (adapters merged into the kernels, `merge`), for export and evaluation."""
+    if config.rank == 0:
+        return trainable
+    return merge({**base, **_kept(trainable)}, trainable, config)

@@ -70,6 +70,47 @@ def require_tokenizer(role: Role, what: str):
     return role.tokenizer
 
 
+def adapted_training(stage: Stage, params, dtype, key: jax.Array, keep: tuple[str, ...] = ()) -> tuple[Any, tuple]:
+    """(what the stage's train state holds, the frozen inputs of its step) under `stage.lora`.
+
+    LoRA off: (params, ()). On: (the adapters, plus the top-level subtrees named in `keep`, e.g. a scalar
+    model's "head"; (the base params in the compute dtype,)): the forward casts weights to that dtype anyway,
+    so a bf16 run holds the frozen backbone in half the bytes. A bad `lora.targets` names the stage's key.
+    """
+    from rlhf_jax.errors import ConfigError
+    from rlhf_jax.models.lora import trainable_params
+
+    lora = stage.lora
+    if lora.rank == 0:
+        return params, ()
+    try:
+        trainable = trainable_params(params, lora, key, keep)
+    except ConfigError as error:  # "stages.sft.lora.targets: ..."
+        raise ConfigError(f"stages.{stage.name}.{error}") from None
+    return trainable, (jax.tree.map(lambda x: x.astype(dtype), params),)  # never donated: no copy needed
+
+
+def frozen_params(params, dtype):
+    """A frozen role's own copy of `params` in the compute dtype: the forward casts weights to it anyway, so
+    the outputs are unchanged while bf16 runs hold half the bytes (and never alias a donated train state)."""
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.dtype(dtype), copy=True), params)
+
+
+def bind_base(step: Callable, lora) -> Callable:
+    """`step(state, batch, base=, lora=)` as `step(base, state, batch)` under LoRA (the frozen base first, as
+    `place_for_training` passes frozen inputs); the step itself without."""
+    if lora.rank == 0:
+        return step
+
+    def adapted(base, state, batch):
+        return step(state, batch, base=base, lora=lora)
+
+    adapted.__name__ = getattr(step, "__name__", getattr(getattr(step, "func", None), "__name__", "train_step"))
+    return adapted
+
+
 def build_optimizer(experiment: ExperimentConfig, stage: Stage, total_steps: int, trainable=None):
     opt = stage_optimizer(experiment, stage)
     return make_optimizer(

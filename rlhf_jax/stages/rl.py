@@ -57,12 +57,6 @@ def check_same_tokenizer(policy_tokenizer, other_tokenizer, what: str) -> None:
         raise UserError(f"{what}: its tokenizer differs from the policy's; the RL stages need roles that share one")
 
 
-def frozen_params(params, dtype):
-    """A frozen role's own copy of `params` in the compute dtype: the forward casts weights to it anyway, so
-    the outputs are unchanged while bf16 runs hold half the bytes (and never alias the donated policy)."""
-    return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.dtype(dtype), copy=True), params)
-
-
 def _scalar_model(role, key):
     return role.params if role.kind == "scalar" else llama.init_scalar_model(role.config, role.params, key)
 

@@ -11,12 +11,10 @@ import jax
 import numpy as np
 
 from rlhf_jax.data import DataIterator
-from rlhf_jax.errors import ConfigError
-from rlhf_jax.models.lora import adapter_paths, init_lora, merge, num_params
-from rlhf_jax.stages.common import (build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
+from rlhf_jax.models.lora import adapter_paths, merged_params, num_params
+from rlhf_jax.stages.common import (adapted_training, bind_base, build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
                                     load_stage_dataset, require_language_model, require_tokenizer,
                                     training_iterator, whole_set_evaluator, write_summary)
-from rlhf_jax.trainers.lora import lora_sft_train_step
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
                                shard_train_step, state_shardings, validate_mesh_for_model)
 from rlhf_jax.trainers.sft import sft_eval_step, sft_train_step
@@ -63,22 +61,16 @@ def _setup(experiment, stage, resolve, source):
     total_steps = _total_steps(stage, iterator)
     tx = build_optimizer(experiment, stage, total_steps)
     key = jax.random.key(experiment.seed)
-    if stage.lora.rank > 0:  # the state is the adapters; the base model is a frozen first argument
-        try:
-            adapters = init_lora(role.params, stage.lora, jax.random.fold_in(key, 1))
-        except ConfigError as error:  # name the stage's key: "stages.sft.lora.targets: ..."
-            raise ConfigError(f"stages.{stage.name}.{error}") from None
-        state = TrainState.create(adapters, tx, key)
-        step = functools.partial(lora_sft_train_step, role.config, stage.lora, experiment.optimizer.micro_batches)
-        return role, tokenizer, eval_dataset, data, iterator, total_steps, state, step, (role.params,)
-    state = TrainState.create(role.params, tx, key)
-    step = functools.partial(sft_train_step, role.config, experiment.optimizer.micro_batches)
-    return role, tokenizer, eval_dataset, data, iterator, total_steps, state, step, ()
+    # LoRA: the state is the adapters; the base model is a frozen first argument of the step
+    trainable, frozen = adapted_training(stage, role.params, role.config.dtype, jax.random.fold_in(key, 1))
+    state = TrainState.create(trainable, tx, key)
+    step = bind_base(functools.partial(sft_train_step, role.config, experiment.optimizer.micro_batches), stage.lora)
+    return role, tokenizer, eval_dataset, data, iterator, total_steps, state, step, frozen
 
 
-def _trained_params(stage, role, state):
+def _trained_params(stage, base, state):
     """The model the stage writes: its params, or with LoRA the base with the adapters merged in."""
-    return merge(role.params, state.params, stage.lora) if stage.lora.rank > 0 else state.params
+    return merged_params(base, state.params, stage.lora)
 
 
 def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
@@ -105,7 +97,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     validate_mesh_for_model(role.config, mesh)
     if frozen:  # LoRA: the base on the mesh, for the step and for the final merge (multi-process safe)
         frozen = place_state(frozen, tuple(param_shardings(params, mesh) for params in frozen))
-        role = dataclasses.replace(role, params=frozen[0])
+    base = frozen[0] if frozen else {}
     (state,), step_fn = place_for_training(step, (state,), mesh, frozen)
     state, records = fit(
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
@@ -116,7 +108,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     summary = {"steps": int(state.step)}
     if records:
         summary["train/loss"] = records[-1]["sft/loss"]
-    params = _trained_params(stage, role, state)
+    params = _trained_params(stage, base, state)
     if eval_dataset is not None:
         summary.update(evaluate(role.config, params, eval_dataset, data.batch_size, mesh))
     save_artifact(stage_dir / "model", role.config, params, tokenizer, "lm", {"stage": stage.name, **summary})

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 
 from rlhf_jax.losses import dpo_loss
 from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.models.lora import LoRAConfig
+from rlhf_jax.trainers.lora import adapter_loss_sum
 from rlhf_jax.trainers.common import predicted_mask, token_logprobs
 from rlhf_jax.training.accumulate import accumulate_gradients
 from rlhf_jax.training.state import TrainState
@@ -77,8 +79,9 @@ def dpo_loss_sum(config: DecoderConfig, beta: float, loss_type: str, label_smoot
 
 
 def dpo_train_step(config: DecoderConfig, beta: float, loss_type: str, label_smoothing: float,
-                   num_microbatches: int, state: TrainState, batch):
+                   num_microbatches: int, state: TrainState, batch, *, base=None, lora: LoRAConfig | None = None):
     """One optimizer step over `batch` split into `num_microbatches`. Returns (state, metrics).
+    With `lora` (rank > 0) `state.params` is the adapters and `base` the frozen weights (`trainers.lora`).
 
     batch: the preference arrays (`PAIR_KEYS`) and the reference's `REFERENCE_KEYS` [B] (from
     :func:`reference_logprobs`). The loss is the mean over the global batch's pairs (exact under
@@ -89,7 +92,8 @@ def dpo_train_step(config: DecoderConfig, beta: float, loss_type: str, label_smo
         reference = (microbatch["reference_chosen_logps"], microbatch["reference_rejected_logps"])
         return dpo_loss_sum(config, beta, loss_type, label_smoothing, params, reference, microbatch)
 
-    loss, grads, metrics = accumulate_gradients(loss_sum, state.params, batch, num_microbatches)
+    loss, grads, metrics = accumulate_gradients(adapter_loss_sum(loss_sum, lora, base), state.params, batch,
+                                                num_microbatches)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
     state = state.apply_gradients(grads)
     return state, {"dpo/loss": loss, **metrics, "optim/grad_norm": grad_norm}

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from rlhf_jax.losses import bradley_terry_loss
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.models.lora import LoRAConfig
+from rlhf_jax.trainers.lora import adapter_loss_sum
 from rlhf_jax.training.accumulate import accumulate_gradients
 from rlhf_jax.training.state import TrainState
 
@@ -54,9 +56,11 @@ def _finish_metrics(loss, metrics):
 
 
 def reward_train_step(config: DecoderConfig, center_coef: float, num_microbatches: int, state: TrainState, batch,
-                      freeze_backbone: bool = False):
-    """One optimizer step of Bradley-Terry training. Returns (state, metrics)."""
-    loss_sum = functools.partial(reward_loss_sum, config, center_coef, freeze_backbone=freeze_backbone)
+                      freeze_backbone: bool = False, *, base=None, lora: LoRAConfig | None = None):
+    """One optimizer step of Bradley-Terry training. Returns (state, metrics). With `lora` (rank > 0)
+    `state.params` holds the adapters and the head, `base` the frozen scalar model (`trainers.lora`)."""
+    loss_sum = adapter_loss_sum(functools.partial(reward_loss_sum, config, center_coef,
+                                                  freeze_backbone=freeze_backbone), lora, base)
     loss, grads, metrics = accumulate_gradients(loss_sum, state.params, batch, num_microbatches)
     state = state.apply_gradients(grads)
     return state, _finish_metrics(loss, metrics)

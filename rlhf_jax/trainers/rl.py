@@ -50,6 +50,7 @@ from rlhf_jax.losses import (
 )
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.models.lora import LoRAConfig, full_params
 from rlhf_jax.trainers.common import continuation_logprobs
 from rlhf_jax.training.accumulate import accumulate_gradients
 from rlhf_jax.training.state import TrainState
@@ -284,11 +285,23 @@ def rl_loss_sum(policy_config: DecoderConfig, critic_config: DecoderConfig | Non
 
 def rl_update_step(policy_config: DecoderConfig, critic_config: DecoderConfig | None, algorithm: RLAlgorithm,
                    prompt_length: int, kl_coef, states: tuple, batch: Experience, *,
-                   old_logprobs_from_update: bool = False, num_microbatches: int = 1):
+                   old_logprobs_from_update: bool = False, num_microbatches: int = 1, bases: tuple = (),
+                   lora: LoRAConfig | None = None):
     """One optimizer step for the policy (and critic) on a mini-batch, accumulated over `num_microbatches`.
-    states: (policy,) or (policy, critic) `TrainState`s. Returns (states, metrics)."""
+    states: (policy,) or (policy, critic) `TrainState`s. Returns (states, metrics).
+
+    With `lora` (rank > 0) each state's params are its trainable tree (`models.lora.trainable_params`) and
+    `bases` holds the frozen weights of each, in the same order; the loss runs `full_params(base, trainable)`.
+    """
     loss_fn = functools.partial(rl_loss_sum, policy_config, critic_config, algorithm, prompt_length, kl_coef,
                                 old_logprobs_from_update=old_logprobs_from_update)
+    if lora is not None and lora.rank > 0:
+        trained_loss = loss_fn
+
+        def loss_fn(trainables, microbatch):
+            return trained_loss(tuple(full_params(base, trainable, lora)
+                                      for base, trainable in zip(bases, trainables)), microbatch)
+
     loss, grads, sums = accumulate_gradients(loss_fn, tuple(state.params for state in states), batch,
                                              num_microbatches)
     # `accumulate_gradients` divided every sum by the loss count; rescale the token-weighted metrics.
@@ -301,19 +314,19 @@ def rl_update_step(policy_config: DecoderConfig, critic_config: DecoderConfig | 
 
 def rl_update(policy_config: DecoderConfig, critic_config: DecoderConfig | None, algorithm: RLAlgorithm,
               prompt_length: int, key: jax.Array, kl_coef, states: tuple, experience: Experience,
-              num_microbatches: int = 1):
+              num_microbatches: int = 1, bases: tuple = (), lora: LoRAConfig | None = None):
     """All of an iteration's optimizer steps as one program: `epochs` × (B / mini_batch_size) mini-batches.
 
     Each epoch shuffles the rollout batch with its own key (`jax.random.split(key, epochs)`) and scans the
     mini-batches; once an epoch ends with the mini-batch approx-KL above `target_approx_kl` the remaining
     epochs are skipped (`lax.cond`). Returns (states, metrics): means over the mini-batch steps taken, and
-    `ppo/epochs`, the number of epochs run.
+    `ppo/epochs`, the number of epochs run. `bases`, `lora`: as in `rl_update_step`.
     """
     batch = experience.tokens.shape[0]
     per_epoch = batch // algorithm.mini_batch_size
     step = functools.partial(rl_update_step, policy_config, critic_config, algorithm, prompt_length, kl_coef,
                              old_logprobs_from_update=old_logprobs_from_update(algorithm, batch),
-                             num_microbatches=num_microbatches)
+                             num_microbatches=num_microbatches, bases=bases, lora=lora)
 
     def shuffled(epoch_key):
         order = jax.random.permutation(epoch_key, batch)

@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.models.lora import LoRAConfig
 from rlhf_jax.trainers.common import predicted_mask, token_logprobs
+from rlhf_jax.trainers.lora import adapter_loss_sum
 from rlhf_jax.training.accumulate import accumulate_gradients
 from rlhf_jax.training.state import TrainState
 
@@ -25,10 +27,14 @@ def sft_loss_sum(config: DecoderConfig, params, batch):
     return loss_sum, (jnp.sum(mask).astype(jnp.float32), {})
 
 
-def sft_train_step(config: DecoderConfig, num_microbatches: int, state: TrainState, batch):
-    """One optimizer step over `batch` split into `num_microbatches`. Returns (state, metrics)."""
-    loss, grads, _ = accumulate_gradients(functools.partial(sft_loss_sum, config), state.params, batch,
-                                          num_microbatches)
+def sft_train_step(config: DecoderConfig, num_microbatches: int, state: TrainState, batch, *, base=None,
+                   lora: LoRAConfig | None = None):
+    """One optimizer step over `batch` split into `num_microbatches`. Returns (state, metrics).
+
+    With `lora` (rank > 0) `state.params` is the trainable tree and `base` the frozen weights (`trainers.lora`).
+    """
+    loss_fn = adapter_loss_sum(functools.partial(sft_loss_sum, config), lora, base)
+    loss, grads, _ = accumulate_gradients(loss_fn, state.params, batch, num_microbatches)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
     state = state.apply_gradients(grads)
     return state, {"sft/loss": loss, "sft/perplexity": jnp.exp(loss), "optim/grad_norm": grad_norm}
