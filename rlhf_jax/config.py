@@ -45,6 +45,9 @@ class StageKind(enum.StrEnum):
     GRPO = "grpo"
     RLOO = "rloo"
     REINFORCE = "reinforce"
+    RAFT = "raft"
+    REST = "rest"
+    BEST_OF_N = "best_of_n"
     GENERATE = "generate"
     EVALUATE = "evaluate"
 
@@ -127,7 +130,7 @@ MAX_SEED = 2**32  # jax.random.key takes a uint32-range seed
 
 # Which stage outputs a model-source field may refer to.
 LANGUAGE_MODEL_KINDS = (StageKind.SFT, StageKind.PPO, StageKind.DPO, StageKind.GRPO, StageKind.RLOO,
-                        StageKind.REINFORCE)
+                        StageKind.REINFORCE, StageKind.RAFT, StageKind.REST)
 REWARD_MODEL_KINDS = (StageKind.REWARD,)
 _ROLE_KINDS = {
     "language_model": LANGUAGE_MODEL_KINDS,
@@ -354,29 +357,108 @@ class DPOStage(_TrainingStage):
 
 
 @_config
-class _RLStage(_TrainingStage):
-    """Fields shared by the on-policy RL stages: roles, rollouts, evaluation; the maths is `algorithm`."""
+class _SamplingStage(_TrainingStage):
+    """Fields shared by the stages that sample the policy on prompts and score the samples: roles, rollouts,
+    rewards, held-out evaluation, LoRA (the RL stages, RAFT, ReST)."""
 
     policy: str | None = _source("language_model", default=None)  # None: model.source
-    reference: str | None = _source("language_model", default=None)  # None: the policy's start
     reward_model: str = _source("reward_model")
     # more reward sources (reward models, fn:, text:), each logged as reward/<name>; the score is the weighted sum
     extra_rewards: tuple[str, ...] = _source("reward_model", default=())
     reward_weights: tuple[float, ...] = ()  # one per source, reward_model first; (): every weight 1
-    rollout_batch_size: int = 64  # prompts sampled per iteration (each `algorithm.group_size` times)
+    rollout_batch_size: int = 64  # prompts sampled per iteration (each group_size / num_samples times)
     generation_batch_size: int | None = None  # sequences the sampler generates at once; None: the whole rollout
-    # Sampling (the temperature is `algorithm.temperature`: the log-probs use it too).
     max_new_tokens: int = 128
     top_p: float = 1.0
     top_k: int | None = None  # None: off
-    offload_frozen: bool = False  # park the reference and reward model in host memory outside the scoring pass
     # Held-out greedy evaluation by the stage's reward on the data's eval prompts (data.eval_path or
     # data.eval_fraction), logged as eval/* before training, every `eval_every` iterations and at the end.
     eval_every: int | None = None  # None: before and after training only (when there are eval prompts)
     # lora.rank > 0: adapters on the policy (and the critic, with its head); the reference is the policy's
     # base weights with the adapters off; checkpoints hold adapters and their optimizer state only
     lora: LoRAConfig = LoRAConfig()
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.algorithm.group_size if hasattr(self, "algorithm") else self.num_samples
+
+    @property
+    def sampling_temperature(self) -> float:
+        return self.algorithm.temperature if hasattr(self, "algorithm") else self.temperature
+
+
+@_config
+class _RLStage(_SamplingStage):
+    """The on-policy RL stages: a reference, the scoring pass, the scanned update; the maths is `algorithm`
+    (the sampling temperature is `algorithm.temperature`: the log-probs use it too)."""
+
+    reference: str | None = _source("language_model", default=None)  # None: the policy's start
+    offload_frozen: bool = False  # park the reference and reward model in host memory outside the scoring pass
     algorithm: RLAlgorithm = PPO_ALGORITHM
+
+
+@_config
+class _FilterStage(_SamplingStage):
+    """Sample `num_samples` responses per prompt, score them, keep some, fine-tune on the kept ones (SFT loss
+    on the response tokens): RAFT and ReST."""
+
+    num_samples: int = 8  # responses sampled per prompt
+    temperature: float = 1.0
+    sft_batch_size: int = 16  # kept sequences per optimizer step
+    sft_epochs: int = 1  # passes over the kept sequences per improve step
+
+
+@_config
+class RAFTStage(_FilterStage):
+    """RAFT (Dong et al. 2023, reward-ranked fine-tuning): per iteration, sample `num_samples` responses for
+    each of `rollout_batch_size` prompts, keep the best of each prompt (when its reward is at least
+    `min_reward`), fine-tune on the kept ones."""
+
+    kind: ClassVar[StageKind] = StageKind.RAFT
+    min_reward: float | None = None  # None: keep every prompt's best
+
+
+@_config
+class ReSTStage(_FilterStage):
+    """ReST (Gulcehre et al. 2023, reinforced self-training): per iteration (a Grow step) sample a dataset of
+    `num_samples` responses for each of `rollout_batch_size` prompts with the current policy and score it;
+    then one Improve step per threshold (rising): keep the samples whose reward is at least the threshold and
+    fine-tune on them."""
+
+    kind: ClassVar[StageKind] = StageKind.REST
+    thresholds: tuple[float, ...] = (0.0, 0.5, 0.8)  # one Improve step each, non-decreasing
+
+
+@_config
+class BestOfNStage(Stage):
+    """Best-of-n (rejection sampling): `num_samples` responses per prompt, scored; writes the best of each to
+    ``<run_dir>/<name>/best_of_n.jsonl`` (a prompt/response dataset an SFT stage reads) and reports the
+    reward of the selected answers beside that of single samples."""
+
+    kind: ClassVar[StageKind] = StageKind.BEST_OF_N
+    lora: ClassVar[LoRAConfig] = LoRAConfig()  # the policy is sampled as it is
+    policy: str | None = _source("language_model", default=None)  # None: model.source
+    reward_model: str = _source("reward_model")
+    extra_rewards: tuple[str, ...] = _source("reward_model", default=())
+    reward_weights: tuple[float, ...] = ()
+    data_path: str | None = _path(default=None)  # None: data.path
+    split: str = "eval"  # "eval": the data's held-out prompts (data.eval_path / eval_fraction); "train": the rest
+    num_prompts: int | None = None  # None: every prompt of the split
+    num_samples: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    max_new_tokens: int = 128
+    rollout_batch_size: int = 8  # prompts per batch (each sampled num_samples times)
+    generation_batch_size: int | None = None  # sequences the sampler generates at once; None: the whole batch
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.num_samples
+
+    @property
+    def sampling_temperature(self) -> float:
+        return self.temperature
 
 
 @_config
@@ -1249,18 +1331,59 @@ def _check_dpo(stage: DPOStage, prefix: str, config: ExperimentConfig) -> None:
              stage.label_smoothing, f"0 with loss={stage.loss} (label smoothing is for the sigmoid loss only)")
 
 
-def _check_rl(stage: _RLStage, prefix: str, config: ExperimentConfig) -> None:
+def _check_rewards(stage: Any, prefix: str) -> None:
+    sources = 1 + len(stage.extra_rewards)
+    _require(len(stage.reward_weights) in (0, sources), prefix + "reward_weights", stage.reward_weights,
+             f"one weight per reward source ({sources}: reward_model, then extra_rewards), or () for all 1")
+    _require(all(math.isfinite(weight) for weight in stage.reward_weights), prefix + "reward_weights",
+             stage.reward_weights, "finite weights")
+
+
+def _check_sampling(stage: _SamplingStage, prefix: str, config: ExperimentConfig) -> None:
     _check_lora(stage.lora, prefix + "lora.")
     _check_training(stage, prefix, config)
     _check_range(stage, prefix, {
         "rollout_batch_size": _AT_LEAST_ONE, "max_new_tokens": _AT_LEAST_ONE, "top_p": _PROBABILITY_MASS,
         "top_k": _AT_LEAST_ONE, "eval_every": _AT_LEAST_ONE, "generation_batch_size": _AT_LEAST_ONE,
     })
-    sources = 1 + len(stage.extra_rewards)
-    _require(len(stage.reward_weights) in (0, sources), prefix + "reward_weights", stage.reward_weights,
-             f"one weight per reward source ({sources}: reward_model, then extra_rewards), or () for all 1")
-    _require(all(math.isfinite(weight) for weight in stage.reward_weights), prefix + "reward_weights",
-             stage.reward_weights, "finite weights")
+    _check_rewards(stage, prefix)
+    sequences = stage.rollout_batch_size * stage.samples_per_prompt
+    if stage.generation_batch_size is not None:  # equal chunks: one compiled sampler
+        per_prompt = "group_size" if isinstance(stage, _RLStage) else "num_samples"
+        _require(sequences % stage.generation_batch_size == 0, prefix + "generation_batch_size",
+                 stage.generation_batch_size, f"a divisor of rollout_batch_size*{per_prompt} ({sequences})")
+
+
+def _check_filter(stage: _FilterStage, prefix: str, config: ExperimentConfig) -> None:
+    _check_range(stage, prefix, {"num_samples": _AT_LEAST_ONE, "temperature": _POSITIVE,
+                                 "sft_batch_size": _AT_LEAST_ONE, "sft_epochs": _AT_LEAST_ONE})
+    _check_sampling(stage, prefix, config)
+    _check_batch(stage.sft_batch_size, prefix + "sft_batch_size", config, "batch")
+    if isinstance(stage, RAFTStage):
+        _check_range(stage, prefix, {"min_reward": _FINITE})
+    else:
+        _require(bool(stage.thresholds) and all(math.isfinite(t) for t in stage.thresholds), prefix + "thresholds",
+                 stage.thresholds, "one finite threshold or more")
+        _require(all(a <= b for a, b in zip(stage.thresholds, stage.thresholds[1:])), prefix + "thresholds",
+                 stage.thresholds, "non-decreasing thresholds (ReST raises the bar at each Improve step)")
+
+
+def _check_best_of_n(stage: BestOfNStage, prefix: str, config: ExperimentConfig) -> None:
+    _check_range(stage, prefix, {
+        "num_prompts": _AT_LEAST_ONE, "num_samples": _AT_LEAST_ONE, "temperature": _POSITIVE,
+        "top_p": _PROBABILITY_MASS, "top_k": _AT_LEAST_ONE, "max_new_tokens": _AT_LEAST_ONE,
+        "rollout_batch_size": _AT_LEAST_ONE, "generation_batch_size": _AT_LEAST_ONE,
+    })
+    _check_rewards(stage, prefix)
+    sequences = stage.rollout_batch_size * stage.num_samples
+    if stage.generation_batch_size is not None:
+        _require(sequences % stage.generation_batch_size == 0, prefix + "generation_batch_size",
+                 stage.generation_batch_size, f"a divisor of rollout_batch_size*num_samples ({sequences})")
+    _require(stage.split in ("train", "eval"), prefix + "split", stage.split, "'train' or 'eval'")
+
+
+def _check_rl(stage: _RLStage, prefix: str, config: ExperimentConfig) -> None:
+    _check_sampling(stage, prefix, config)
     algorithm, where = stage.algorithm, prefix + "algorithm."
     _check_range(algorithm, where, {
         "update_epochs": _AT_LEAST_ONE, "mini_batch_size": _AT_LEAST_ONE, "target_approx_kl": _POSITIVE,
@@ -1284,9 +1407,6 @@ def _check_rl(stage: _RLStage, prefix: str, config: ExperimentConfig) -> None:
     else:
         _check_range(algorithm, where, {"group_size": _AT_LEAST_ONE})
     sequences = stage.rollout_batch_size * algorithm.group_size
-    if stage.generation_batch_size is not None:  # equal chunks: one compiled sampler
-        _require(sequences % stage.generation_batch_size == 0, prefix + "generation_batch_size",
-                 stage.generation_batch_size, f"a divisor of rollout_batch_size*group_size ({sequences})")
     _require(sequences % algorithm.mini_batch_size == 0, where + "mini_batch_size", algorithm.mini_batch_size,
              f"a divisor of rollout_batch_size*group_size ({sequences})")
 
@@ -1326,6 +1446,9 @@ _CHECKS: dict[type, Callable[[Any, str, ExperimentConfig], None]] = {
     GRPOStage: _check_rl,
     RLOOStage: _check_rl,
     ReinforceStage: _check_rl,
+    RAFTStage: _check_filter,
+    ReSTStage: _check_filter,
+    BestOfNStage: _check_best_of_n,
     GenerateStage: _check_generate,
     EvaluateStage: _check_evaluate,
 }

@@ -250,7 +250,7 @@ def test_the_test_pipeline_and_every_experiment_are_valid():
     (["stages.ppo.reward_model=stage:rn"], "stages.ppo.reward_model: got 'stage:rn', expected a reference to an "
                                            "earlier stage: stage:sft or stage:rm (did you mean 'stage:rm'?)"),
     (["stages.ppo.policy=stage:rm"], "stages.ppo.policy: got 'stage:rm', expected a stage of kind sft or ppo or "
-                                     "dpo or grpo or rloo or reinforce ('rm' is a reward stage)"),
+                                     "dpo or grpo or rloo or reinforce or raft or rest ('rm' is a reward stage)"),
     (["stages.ppo.policy=text:arith_exact"], "stages.ppo.policy: got 'text:arith_exact', expected a model (fn:/text: "
                                              "rewards are only for reward_model)"),
     (["model.source=text:arith_exact"], "model.source: got 'text:arith_exact', expected a model (fn:/text: rewards "

@@ -334,3 +334,105 @@ def test_rl_iterations_after_the_first_compile_nothing(tmp_path, monkeypatch, na
     assert sorted(compiles_at_log) == [0, 1, 2, 3, 4, 5]
     assert compiles_at_log[1] > compiles_at_log[0] > 0  # the counter does count compilations
     assert compiles_at_log[5] == compiles_at_log[1], compiles_at_log
+
+
+def _lora_stage(name: str, **changes):
+    """A tiny RL experiment whose stage trains rank-4 adapters on every attention and MLP projection."""
+    from rlhf_jax.config import LoRAConfig
+
+    experiment = get_experiment(name)
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=("self_attn", "mlp"))
+    stage = dataclasses.replace(experiment.stages[0], lora=lora, **changes)
+    return dataclasses.replace(experiment, stages=(stage,)), stage
+
+
+@pytest.mark.parametrize("name", ["tiny_grpo", "tiny_ppo"])
+def test_lora_rl_trains_adapters_only_and_the_reference_is_the_base(tmp_path, monkeypatch, name):
+    """LoRA in an RL stage: the base weights are bit-identical after training; the train state holds
+    adapters (and, for PPO's critic, its head) and their optimizer state only; the reference is the very
+    arrays of the policy's base (no bytes of its own); the exported model is the base with the adapters merged,
+    and it differs from the base (the adapters learned)."""
+    from rlhf_jax.models.lora import merged_params, nbytes
+    from rlhf_jax.stages import rl as rl_stage
+
+    experiment, stage = _lora_stage(name, max_steps=3)
+    if name == "tiny_grpo":  # a KL term: the reference is run
+        stage = dataclasses.replace(stage, algorithm=dataclasses.replace(stage.algorithm, kl_coef=0.05))
+        experiment = dataclasses.replace(experiment, stages=(stage,))
+    seen = {}
+    real_load, real_reference = rl_stage.load_rollouts, rl_stage._reference
+    monkeypatch.setattr(rl_stage, "load_rollouts", lambda *a: seen.setdefault("rollouts", real_load(*a)))
+    monkeypatch.setattr(rl_stage, "_reference", lambda *a: seen.setdefault("reference", real_reference(*a)))
+    real_fit = rl_stage.fit
+    monkeypatch.setattr(rl_stage, "fit", lambda **kw: seen.setdefault("fit", real_fit(**kw)))
+    stage_dir = _run_stage(experiment, stage.name, tmp_path)
+    rollouts, reference, (state, _) = seen["rollouts"], seen["reference"], seen["fit"]
+    fresh = common.load_role(experiment, stage.policy, lambda source: source)
+    _assert_same_params(fresh.params, rollouts.base)  # the base never moved
+    assert jax.tree.leaves(reference)[0] is jax.tree.leaves(rollouts.base)[0]  # the reference is the base
+    assert {id(x) for x in jax.tree.leaves(reference)} <= {id(x) for x in jax.tree.leaves(rollouts.base)}
+    policy_state = state.states[0]
+    names = {str(path[-1].key) for path, _ in jax.tree_util.tree_flatten_with_path(policy_state.params)[0]}
+    assert names == {"lora_a", "lora_b"}
+    base_bytes = nbytes(rollouts.base)
+    assert nbytes(policy_state.params) < 0.2 * base_bytes
+    # Adam: two moments per adapter scalar, nothing for the base
+    assert nbytes(policy_state.opt_state) < 2 * nbytes(policy_state.params) + 4096
+    if name == "tiny_ppo":
+        critic_names = {str(path[0].key) for path, _ in jax.tree_util.tree_flatten_with_path(state.states[1].params)[0]}
+        assert critic_names == {"backbone", "head"}  # adapters under the backbone, the whole head
+        assert nbytes(state.states[1].params) < 0.2 * base_bytes
+    exported = load_artifact(stage_dir / "model").params
+    _assert_same_params(merged_params(rollouts.base, policy_state.params, stage.lora), exported)
+    kernel = lambda params: np.asarray(params["layers"]["self_attn"]["q_proj"]["kernel"])  # noqa: E731
+    assert np.abs(kernel(exported) - kernel(fresh.params)).max() > 0
+    assert read_metrics(stage_dir)[-1]["step"] == 3
+
+
+@pytest.mark.slow
+def test_lora_grpo_killed_mid_run_resumes_exactly(tmp_path, monkeypatch):
+    """A LoRA GRPO stage stopped after iteration 2 and relaunched ends with the uninterrupted run's merged
+    model and metrics; its checkpoints hold the adapters, not the base."""
+    from rlhf_jax.training.checkpoint import Checkpointer
+
+    experiment, stage = _lora_stage("tiny_grpo", max_steps=4)
+    experiment = dataclasses.replace(experiment, checkpoint=dataclasses.replace(experiment.checkpoint, every_steps=1))
+    full, resumed = _full_then_killed_and_resumed(experiment, stage.name, tmp_path, monkeypatch, kill_after=2)
+    strip = lambda records: [{k: v for k, v in r.items() if k != "time" and not k.startswith(("time/", "throughput/"))}  # noqa: E731
+                             for r in records]
+    assert strip(read_metrics(resumed)) == strip(read_metrics(full))
+    checkpoints = Checkpointer(full / "checkpoints")
+    saved = sum(f.stat().st_size for f in (full / "checkpoints").rglob("*") if f.is_file())
+    model = sum(f.stat().st_size for f in (full / "model").rglob("*") if f.is_file())
+    assert checkpoints.latest_step() == 4 and saved < model  # adapters and their moments, not the base
+
+
+@pytest.mark.parametrize("kind", ["rm", "dpo"])
+def test_lora_reward_and_dpo_stages_train_adapters_and_write_the_merged_model(tmp_path, kind):
+    """RM and DPO with LoRA: only the targeted kernels change in the written model (merged adapters), the
+    untargeted weights (embeddings, norms, un-targeted projections) are the source's, bit for bit; RM's head
+    trains whole."""
+    from rlhf_jax.config import LoRAConfig
+
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=("self_attn/q_proj", "self_attn/v_proj"))
+    if kind == "rm":
+        experiment = get_experiment("tiny_pipeline")
+        stage = dataclasses.replace(experiment.stage("rm"), model="tiny:smollm2", learning_rate=1e-2, max_steps=4,
+                                    lora=lora)
+    else:
+        experiment = get_experiment("tiny_dpo")
+        stage = dataclasses.replace(experiment.stages[0], learning_rate=1e-2, max_steps=4, lora=lora)
+    experiment = dataclasses.replace(experiment, stages=(stage,))
+    stage_dir = _run_stage(experiment, stage.name, tmp_path)
+    _, lm_params, _ = load("tiny:smollm2")
+    model = load_artifact(stage_dir / "model", with_tokenizer=False).params
+    trained = model["backbone"] if kind == "rm" else model
+    for module in ("k_proj", "o_proj"):  # not targeted: untouched
+        _assert_same_params(lm_params["layers"]["self_attn"][module], trained["layers"]["self_attn"][module])
+    _assert_same_params(lm_params["embed_tokens"], trained["embed_tokens"])
+    for module in ("q_proj", "v_proj"):  # targeted: W + s a b, and b learned
+        assert np.abs(np.asarray(trained["layers"]["self_attn"][module]["kernel"])
+                      - np.asarray(lm_params["layers"]["self_attn"][module]["kernel"])).max() > 0
+    if kind == "rm":
+        assert np.any(np.asarray(model["head"]["kernel"]) != 0)
+    assert np.isfinite(read_metrics(stage_dir)[-1]["rm/loss" if kind == "rm" else "dpo/loss"])

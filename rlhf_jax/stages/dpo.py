@@ -19,7 +19,8 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.losses import dpo_loss
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
                                shard_train_step, state_shardings, use_mesh, validate_mesh_for_model)
-from rlhf_jax.stages.common import (build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
+from rlhf_jax.models.lora import merged_params
+from rlhf_jax.stages.common import (adapted_training, bind_base, build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
                                     load_stage_dataset, require_language_model, require_tokenizer,
                                     training_iterator, pair_outputs_over, write_summary)
 from rlhf_jax.trainers.dpo import PAIR_KEYS, dpo_eval_step, dpo_train_step, make_reference_fn
@@ -56,7 +57,11 @@ def _setup(experiment, stage, resolve, source, reference_source):
     role = load_role(experiment, source, resolve)
     require_language_model(role, f"stages.{stage.name}.model")
     tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
-    if reference_source is None:
+    key = jax.random.key(experiment.seed)
+    trainable, frozen = adapted_training(stage, role.params, role.config.dtype, jax.random.fold_in(key, 1))
+    if reference_source is None and frozen:  # LoRA: the reference is the base itself, adapters off
+        reference_config, reference = role.config, frozen[0]
+    elif reference_source is None:
         # a copy: the policy's buffers are donated to the train step
         reference_config, reference = role.config, jax.tree.map(jnp.copy, role.params)
     else:
@@ -71,12 +76,11 @@ def _setup(experiment, stage, resolve, source, reference_source):
     per_epoch = iterator.steps_per_epoch
     total_steps = per_epoch * stage.epochs if stage.max_steps is None else min(stage.max_steps,
                                                                                per_epoch * stage.epochs)
-    state = TrainState.create(role.params, build_optimizer(experiment, stage, total_steps),
-                              jax.random.key(experiment.seed))
-    step = functools.partial(dpo_train_step, role.config, stage.beta, str(stage.loss), stage.label_smoothing,
-                             experiment.optimizer.micro_batches)
+    state = TrainState.create(trainable, build_optimizer(experiment, stage, total_steps), key)
+    step = bind_base(functools.partial(dpo_train_step, role.config, stage.beta, str(stage.loss),
+                                       stage.label_smoothing, experiment.optimizer.micro_batches), stage.lora)
     return role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step, (
-        reference_config, reference)
+        reference_config, reference), frozen
 
 
 def _reference_preparer(reference_config, reference, mesh):
@@ -99,23 +103,29 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     source = dry_run_source(experiment, stage.model, resolve)
     reference_source = dry_run_source(experiment, stage.reference, resolve)
     mesh = make_mesh(experiment.mesh)
-    role, _, dataset, _, _, iterator, total_steps, state, step, (reference_config, reference) = _setup(
+    role, _, dataset, _, _, iterator, total_steps, state, step, (reference_config, reference), frozen = _setup(
         experiment, stage, resolve, source, reference_source)
     validate_mesh_for_model(role.config, mesh)
     _, prepare = _reference_preparer(reference_config, reference, mesh)
     batch = prepare(next(iterator))
     print(f"  model {source or experiment.model.source}: {role.config.num_params():,} params; {len(dataset)} pairs, "
           f"up to {total_steps} steps, first batch {tuple(batch['chosen_tokens'].shape)} per side")
-    compile_report("dpo train step", shard_train_step(step, state_shardings(state, mesh), mesh), state, batch)
+    frozen_shardings = tuple(param_shardings(params, mesh) for params in frozen)
+    compile_report("dpo train step", shard_train_step(step, state_shardings(state, mesh), mesh,
+                                                      frozen_shardings=frozen_shardings), *frozen, state, batch)
 
 
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
     mesh = make_mesh(experiment.mesh)  # a bad mesh fails before the models load
     role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step, (
-        reference_config, reference) = _setup(experiment, stage, resolve, stage.model, stage.reference)
+        reference_config, reference), frozen = _setup(experiment, stage, resolve, stage.model, stage.reference)
     validate_mesh_for_model(role.config, mesh)
+    reference_is_base = bool(frozen) and stage.reference is None
     reference, prepare = _reference_preparer(reference_config, reference, mesh)
-    (state,), step_fn = place_for_training(step, (state,), mesh)
+    frozen = (reference,) if reference_is_base else place_state(
+        frozen, tuple(param_shardings(params, mesh) for params in frozen))  # one copy of the base on the mesh
+    base = frozen[0] if frozen else {}
+    (state,), step_fn = place_for_training(step, (state,), mesh, frozen)
     state, records = fit(
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
         total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},
@@ -127,9 +137,10 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
                         if k.split("/")[0] in ("dpo", "rewards", "logps")})
     pairs = eval_dataset if eval_dataset is not None else dataset
     prefix = "eval" if eval_dataset is not None else "train_set"
-    policy_logps = sequence_logprobs_over(role.config, state.params, pairs, data.batch_size, mesh)
+    policy = merged_params(base, state.params, stage.lora)
+    policy_logps = sequence_logprobs_over(role.config, policy, pairs, data.batch_size, mesh)
     reference_logps = sequence_logprobs_over(reference_config, reference, pairs, data.batch_size, mesh)
     summary.update(evaluation_metrics(policy_logps, reference_logps, stage.beta, str(stage.loss),
                                       stage.label_smoothing, prefix))
-    save_artifact(stage_dir / "model", role.config, state.params, tokenizer, "lm", {"stage": stage.name, **summary})
+    save_artifact(stage_dir / "model", role.config, policy, tokenizer, "lm", {"stage": stage.name, **summary})
     write_summary(stage_dir, f"DPO stage '{stage.name}'", summary)

@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models import llama
-from rlhf_jax.stages.common import (build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
+from rlhf_jax.models.lora import merged_params
+from rlhf_jax.stages.common import (adapted_training, bind_base, build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
                                     load_stage_dataset, require_tokenizer, training_iterator,
                                     pair_outputs_over, write_summary)
-from rlhf_jax.sharding import (make_mesh, place_batch, place_for_training, shard_train_step, state_shardings,
-                               validate_mesh_for_model)
+from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
+                               shard_train_step, state_shardings, validate_mesh_for_model)
 from rlhf_jax.trainers.reward import reward_eval_step, reward_train_step
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.state import TrainState
@@ -72,31 +73,39 @@ def _setup(experiment, stage, resolve, source):
     if stage.freeze_backbone:  # no optimizer state for the frozen backbone
         trainable = lambda params: {"backbone": jax.tree.map(lambda _: False, params["backbone"]),  # noqa: E731
                                     "head": jax.tree.map(lambda _: True, params["head"])}
+    # LoRA: the state is the backbone's adapters and the whole head; the scalar model is the frozen base
+    model, frozen = adapted_training(stage, model, role.config.dtype,
+                                     jax.random.fold_in(jax.random.key(experiment.seed), 2), keep=("head",))
     state = TrainState.create(model, build_optimizer(experiment, stage, total_steps, trainable),
                               jax.random.key(experiment.seed))
-    step = functools.partial(reward_train_step, role.config, stage.center_rewards_coef,
-                             experiment.optimizer.micro_batches, freeze_backbone=stage.freeze_backbone)
-    return role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step
+    step = bind_base(functools.partial(reward_train_step, role.config, stage.center_rewards_coef,
+                                       experiment.optimizer.micro_batches, freeze_backbone=stage.freeze_backbone),
+                     stage.lora)
+    return role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step, frozen
 
 
 def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     """Load the model and pairs, build the first batch and compile the train step; nothing is trained."""
     source = dry_run_source(experiment, stage.model, resolve)
-    role, _, dataset, _, _, iterator, total_steps, state, step = _setup(experiment, stage, resolve, source)
+    role, _, dataset, _, _, iterator, total_steps, state, step, frozen = _setup(experiment, stage, resolve, source)
     batch = device_batch(next(iterator), PAIR_KEYS)
     print(f"  model {source or experiment.model.source}: {len(dataset)} pairs, up to {total_steps} steps, first "
           f"batch {tuple(batch['chosen_tokens'].shape)} per side")
     mesh = make_mesh(experiment.mesh)
     validate_mesh_for_model(role.config, mesh)
-    compile_report("reward train step", shard_train_step(step, state_shardings(state, mesh), mesh), state, batch)
+    frozen_shardings = tuple(param_shardings(params, mesh) for params in frozen)
+    compile_report("reward train step", shard_train_step(step, state_shardings(state, mesh), mesh,
+                                                         frozen_shardings=frozen_shardings), *frozen, state, batch)
 
 
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
     mesh = make_mesh(experiment.mesh)  # a bad mesh fails before the model loads
-    role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step = _setup(
+    role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step, frozen = _setup(
         experiment, stage, resolve, stage.model)
     validate_mesh_for_model(role.config, mesh)
-    (state,), step_fn = place_for_training(step, (state,), mesh)
+    frozen = place_state(frozen, tuple(param_shardings(params, mesh) for params in frozen))
+    base = frozen[0] if frozen else {}
+    (state,), step_fn = place_for_training(step, (state,), mesh, frozen)
     state, records = fit(
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
         total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},
@@ -106,12 +115,13 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     summary = {"steps": int(state.step)}
     if records:
         summary.update({k: v for k, v in records[-1].items() if k.startswith("rm/")})
+    model = merged_params(base, state.params, stage.lora)
     reference = eval_dataset if eval_dataset is not None else dataset
-    chosen, rejected = pair_rewards(role.config, state.params, reference, data.batch_size, mesh)
+    chosen, rejected = pair_rewards(role.config, model, reference, data.batch_size, mesh)
     prefix = "eval" if eval_dataset is not None else "train_set"
     metrics = evaluation_metrics(chosen, rejected, prefix)
     summary.update(metrics)
     normalisation = {"reward_mean": metrics[f"{prefix}/reward_mean"], "reward_std": metrics[f"{prefix}/reward_std"]}
-    save_artifact(stage_dir / "model", role.config, state.params, tokenizer, "scalar",
+    save_artifact(stage_dir / "model", role.config, model, tokenizer, "scalar",
                   {"stage": stage.name, **normalisation, **summary})
     write_summary(stage_dir, f"Reward-model stage '{stage.name}'", summary)
