@@ -5,6 +5,7 @@ from dataclasses import replace
 
 from experiments.paths import HH_HARMLESS_DEV, HH_HARMLESS_TRAIN, HH_STOP, run_dir
 from rlhf_jax.config import (
+    BestOfNStage,
     CheckpointConfig,
     DataConfig,
     DPOStage,
@@ -20,7 +21,9 @@ from rlhf_jax.config import (
     OptimizerConfig,
     PPO_ALGORITHM,
     PPOStage,
+    RAFTStage,
     REINFORCE_ALGORITHM,
+    ReSTStage,
     RewardStage,
     Schedule,
     SFTStage,
@@ -109,3 +112,30 @@ def tiny_reinforce() -> ExperimentConfig:
                        rollout_batch_size=8, max_new_tokens=16,
                        algorithm=replace(REINFORCE_ALGORITHM, mini_batch_size=8)),
     ))
+
+
+@register_experiment("tiny_raft", "RAFT on a tiny random Llama: best of 4 samples per prompt, then SFT on the winners, "
+                                  "4 iterations (smoke and exact-resume test)")
+def tiny_raft() -> ExperimentConfig:
+    return _tiny("tiny_raft", (
+        RAFTStage(name="raft", reward_model="fn:token_id_below:24576", learning_rate=3e-3, max_steps=4,
+                  rollout_batch_size=4, num_samples=4, max_new_tokens=16, sft_batch_size=4, sft_epochs=2),
+    ))
+
+
+@register_experiment("tiny_rest", "ReST on a tiny random Llama: Grow 4 x 4 samples, Improve at rising thresholds, "
+                                  "3 iterations (smoke and exact-resume test)")
+def tiny_rest() -> ExperimentConfig:
+    return _tiny("tiny_rest", (
+        ReSTStage(name="rest", reward_model="fn:token_id_below:24576", learning_rate=3e-3, max_steps=3,
+                  rollout_batch_size=4, num_samples=4, max_new_tokens=16, sft_batch_size=4,
+                  thresholds=(0.3, 0.5, 0.6)),
+    ))
+
+
+@register_experiment("tiny_best_of_n", "Best-of-4 on 8 held-out HH prompts with a tiny random Llama (smoke test)")
+def tiny_best_of_n() -> ExperimentConfig:
+    return _tiny("tiny_best_of_n", (
+        BestOfNStage(name="best_of_n", reward_model="fn:token_id_below:24576", num_prompts=8, num_samples=4,
+                     rollout_batch_size=4, max_new_tokens=16),
+    ), data=replace(_TINY_DATA, eval_fraction=0.25))

@@ -58,6 +58,9 @@ RUNNERS: dict[str, str] = {
     "grpo": "rlhf_jax.stages.rl:run",
     "rloo": "rlhf_jax.stages.rl:run",
     "reinforce": "rlhf_jax.stages.rl:run",
+    "raft": "rlhf_jax.stages.filtered:run",
+    "rest": "rlhf_jax.stages.filtered:run",
+    "best_of_n": "rlhf_jax.stages.filtered:run_best_of_n",
 }
 
 DRY_RUN_FUNCTION = "dry_run"
