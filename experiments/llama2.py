@@ -2,6 +2,15 @@
 
 ``llama2:<size>`` builds the architecture without weights; point ``model.source`` at a checkpoint
 directory to train for real.
+
+Defaults sized to the RLHF overview's table (docs/scale.md): PPO 7B on 4 A100-80GB, 13B on 8, 70B on 32; SFT
+and RM 7B on 1, 13B on 2, 70B on 8. Every stage but DPO trains LoRA adapters (`LORA`: rank 16 on every
+projection of the decoder layers) on a bf16 frozen base, so the reference is the policy's base and PPO's
+critic is adapters + head on the reward model's own weights; the RL stages sample 64 sequences at a time
+(`generation_batch_size`); remat on, 8 micro-batches (70B: 16, and the 70B reward model takes 32 pairs a
+step), so on 1 / 2 / 8 devices SFT runs micro-batches of 8 sequences (70B: 4), the reward model of 8 pairs
+(70B: 2).
+`stages.<name>.lora.rank=0` trains fully.
 """
 
 from dataclasses import replace
@@ -13,6 +22,7 @@ from rlhf_jax.config import (
     ExperimentConfig,
     GRPO_ALGORITHM,
     GRPOStage,
+    LoRAConfig,
     MeshConfig,
     ModelSpec,
     OptimizerConfig,
@@ -26,7 +36,7 @@ from rlhf_jax.config import (
 from rlhf_jax.registry import register_experiment
 
 
-def _llama2(name: str, size: str, stages: tuple[Stage, ...], *, tensor: int = 1, micro_batches: int = 4):
+def _llama2(name: str, size: str, stages: tuple[Stage, ...], *, tensor: int = 1, micro_batches: int = 8):
     return ExperimentConfig(
         name=name,
         run_dir=run_dir(name),
@@ -40,13 +50,25 @@ def _llama2(name: str, size: str, stages: tuple[Stage, ...], *, tensor: int = 1,
     )
 
 
-def _ppo_stages() -> tuple[Stage, ...]:
+# Adapters on the attention and MLP projections of every layer (QLoRA's choice; Dettmers et al. 2023).
+LORA = LoRAConfig(rank=16, alpha=32.0, targets=("self_attn", "mlp"))
+# Sequences the RL samplers generate at once: the KV cache holds 64 rows, not the whole rollout.
+GENERATION_BATCH = 64
+
+
+def _sft_and_rm(rm_batch_size: int | None = None) -> tuple[Stage, ...]:
     return (
-        SFTStage(name="sft", learning_rate=2e-5),
-        RewardStage(name="rm", model="stage:sft", learning_rate=9e-6),
+        SFTStage(name="sft", learning_rate=2e-4, lora=LORA),
+        RewardStage(name="rm", model="stage:sft", learning_rate=1e-4, lora=LORA, batch_size=rm_batch_size),
+    )
+
+
+def _ppo_stages(rm_batch_size: int | None = None) -> tuple[Stage, ...]:
+    return (
+        *_sft_and_rm(rm_batch_size),
         PPOStage(
-            name="ppo", policy="stage:sft", reward_model="stage:rm", learning_rate=1e-6,
-            rollout_batch_size=512, max_new_tokens=256,
+            name="ppo", policy="stage:sft", reward_model="stage:rm", learning_rate=1e-5,
+            rollout_batch_size=512, generation_batch_size=GENERATION_BATCH, max_new_tokens=256, lora=LORA,
             algorithm=replace(PPO_ALGORITHM, mini_batch_size=64, kl_target=6.0),
         ),
     )
@@ -64,13 +86,13 @@ def ppo_13b() -> ExperimentConfig:
 
 @register_experiment("ppo_70b", "SFT -> reward model -> PPO with Llama-2-70B shapes, 8-way tensor parallel (planning)")
 def ppo_70b() -> ExperimentConfig:
-    return _llama2("ppo_70b", "70b", _ppo_stages(), tensor=8, micro_batches=8)
+    return _llama2("ppo_70b", "70b", _ppo_stages(rm_batch_size=32), tensor=8, micro_batches=16)
 
 
 @register_experiment("dpo_7b", "SFT -> DPO with Llama-2-7B shapes on HH-RLHF (planning)")
 def dpo_7b() -> ExperimentConfig:
     return _llama2("dpo_7b", "7b", (
-        SFTStage(name="sft", learning_rate=2e-5),
+        _sft_and_rm()[0],
         DPOStage(name="dpo", model="stage:sft", reference="stage:sft", learning_rate=5e-7, beta=0.1),
     ))
 
@@ -78,10 +100,10 @@ def dpo_7b() -> ExperimentConfig:
 @register_experiment("grpo_7b", "SFT -> reward model -> GRPO with Llama-2-7B shapes on HH-RLHF (planning)")
 def grpo_7b() -> ExperimentConfig:
     return _llama2("grpo_7b", "7b", (
-        SFTStage(name="sft", learning_rate=2e-5),
-        RewardStage(name="rm", model="stage:sft", learning_rate=9e-6),
+        *_sft_and_rm(),
         GRPOStage(
-            name="grpo", policy="stage:sft", reward_model="stage:rm", learning_rate=1e-6,
-            rollout_batch_size=64, max_new_tokens=256, algorithm=replace(GRPO_ALGORITHM, group_size=8),
+            name="grpo", policy="stage:sft", reward_model="stage:rm", learning_rate=1e-5,
+            rollout_batch_size=64, generation_batch_size=GENERATION_BATCH, max_new_tokens=256, lora=LORA,
+            algorithm=replace(GRPO_ALGORITHM, group_size=8),
         ),
     ))

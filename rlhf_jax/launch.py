@@ -85,6 +85,8 @@ def _parser() -> _Parser:
                           help="devices to plan for (default 8; faked on a CPU)")
     planning.add_argument("--accelerator", default="a100-80gb", metavar="NAME",
                           help="a100-40gb, a100-80gb (default), h100-80gb, h200-141gb")
+    planning.add_argument("--stage", action="append", metavar="NAME",
+                          help="plan only this stage (repeatable; default: every stage)")
     parser.add_argument("--config", metavar="PATH", help="start from a config.json written by an earlier run")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="continue a run_dir whose config.json differs (the old one is kept as "
@@ -278,7 +280,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print("\n".join(to_overrides(config)))
         return 0
     if args.plan:
-        return plan(config, args.devices, args.accelerator, argv)
+        return plan(config, args.devices, args.accelerator, argv, args.stage)
     validate(config, check_paths=True)
     joined = distributed.initialize(
         distributed.DistributedConfig(args.coordinator, args.num_processes, args.process_id, args.local_device_ids),
@@ -306,7 +308,8 @@ def _main(argv: Sequence[str] | None) -> int:
     return 0
 
 
-def plan(config: ExperimentConfig, num_devices: int, accelerator: str, argv: Sequence[str] | None) -> int:
+def plan(config: ExperimentConfig, num_devices: int, accelerator: str, argv: Sequence[str] | None,
+         stage_names: Sequence[str] | None = None) -> int:
     """``--plan``: per-device memory of every stage for ``num_devices`` accelerators (see `rlhf_jax.plan`).
 
     On a host with fewer devices than asked (a CPU), re-runs itself with ``num_devices`` fake CPU devices
@@ -321,6 +324,8 @@ def plan(config: ExperimentConfig, num_devices: int, accelerator: str, argv: Seq
     from rlhf_jax.sharding import mesh_shape
 
     mesh_shape(config.mesh, num_devices)  # a mesh that cannot use these devices fails here, before JAX starts
+    for name in stage_names or ():
+        config.stage(name)  # an unknown stage too
     flag = f"--xla_force_host_platform_device_count={num_devices}"
     if flag not in os.environ.get("XLA_FLAGS", ""):
         import subprocess
@@ -329,7 +334,7 @@ def plan(config: ExperimentConfig, num_devices: int, accelerator: str, argv: Seq
                "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
         command = [sys.executable, "-m", "rlhf_jax.launch", *(sys.argv[1:] if argv is None else argv)]
         return subprocess.run(command, env=env).returncode
-    plans = planning.plan_experiment(config, num_devices)
+    plans = planning.plan_experiment(config, num_devices, tuple(stage_names or ()))
     return 0 if planning.print_plans(config, plans, accelerator, num_devices) else 1
 
 

@@ -1,15 +1,20 @@
 """Memory plans: compile each stage's real steps ahead of time on abstract arrays and report per-device bytes.
 
-    python -m rlhf_jax.launch experiment=ppo_7b --plan [--devices 8] [--accelerator a100-80gb]
+    python -m rlhf_jax.launch experiment=ppo_7b --plan [--devices 8] [--accelerator a100-80gb] [--stage NAME]
 
 Nothing is allocated: parameters are `jax.ShapeDtypeStruct`s (`llama2:*` sources give exactly that), states
-come from `jax.eval_shape`, and each program (SFT/RM/DPO train step; PPO update of a whole iteration, experience pass
-and sampler) is lowered with the stage's explicit shardings on the configured mesh and compiled. Per device:
+come from `jax.eval_shape`, and each program (SFT/RM/DPO train step; for PPO, GRPO, RLOO and REINFORCE the
+update of a whole iteration, the experience pass and the sampler) is lowered with the stage's explicit
+shardings on the configured mesh and compiled. Per device:
 
-- trained params and optimizer state: exact, from each array's shard shape under its `NamedSharding`;
-- frozen roles (PPO reference and reward model, DPO reference) in the compute dtype (bf16 for large runs);
+- trained params and optimizer state: exact, from each array's shard shape under its `NamedSharding`; under
+  LoRA (`stages.<name>.lora`) the adapters (and a scalar model's head) only;
+- frozen bases: under LoRA, the base weights every program reads, in the compute dtype (bf16 for large
+  runs); the reference *is* the policy's base and a PPO critic's base *is* the reward model, counted once;
+- frozen roles (reference and reward model, DPO reference) in the compute dtype, when they are not a base;
 - temporaries: the largest `temp_size_in_bytes` of the stage's compiled programs (activations, gradients,
-  the KV cache), from XLA's memory analysis on this backend (a CPU estimate of the accelerator's figure).
+  the KV cache of one `generation_batch_size` chunk), from XLA's memory analysis on this backend (a CPU
+  estimate of the accelerator's figure).
 
 On a CPU the device count is faked (``--xla_force_host_platform_device_count``) so the mesh is the real one.
 """
@@ -50,7 +55,8 @@ class StagePlan:
     mesh: dict[str, int]
     trained_params: int = 0
     optimizer_state: int = 0
-    frozen_roles: int = 0
+    frozen_roles: int = 0  # reference, reward model: what `offload_frozen` parks in host memory
+    frozen_bases: int = 0  # LoRA's frozen base weights: read by every program, always on the devices
     programs: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)
     note: str = ""
     frozen_offloaded: bool = False  # frozen roles on the devices only during `FROZEN_PROGRAM`
@@ -63,7 +69,7 @@ class StagePlan:
 
     @property
     def total(self) -> int:
-        states = self.trained_params + self.optimizer_state
+        states = self.trained_params + self.optimizer_state + self.frozen_bases
         if not self.frozen_offloaded:
             return states + self.frozen_roles + self.temporaries
         peaks = [temp + (self.frozen_roles if name == self.FROZEN_PROGRAM else 0)
@@ -164,20 +170,75 @@ def _train_state(experiment, stage, params, mesh, trainable=None):
     return _with_shardings(state, shardings), shardings
 
 
+def _placed_frozen(params, dtype, mesh):
+    """A frozen tree in the compute dtype with its `param_shardings`: (structs, shardings)."""
+    from rlhf_jax.sharding import param_shardings
+
+    frozen = _frozen(params, dtype)
+    shardings = param_shardings(frozen, mesh)
+    return _with_shardings(frozen, shardings), shardings
+
+
+@dataclasses.dataclass
+class _Trained:
+    """A trained role as its stage holds it (`stages.common.adapted_training`): the train state of what it
+    trains and, under LoRA, the frozen base in the compute dtype (`bases`: () or (base,))."""
+
+    state: Any
+    shardings: Any
+    bases: tuple
+    base_shardings: tuple
+
+
+def _trained(experiment, stage, params, dtype, mesh, keep: tuple[str, ...] = (), trainable=None) -> _Trained:
+    from rlhf_jax.models.lora import trainable_params
+
+    lora = stage.lora
+    if lora.rank == 0:
+        state, shardings = _train_state(experiment, stage, params, mesh, trainable)
+        return _Trained(state, shardings, (), ())
+    adapters = jax.eval_shape(lambda p: trainable_params(p, lora, jax.random.key(0), keep), params)
+    state, shardings = _train_state(experiment, stage, adapters, mesh)
+    base, base_shardings = _placed_frozen(params, dtype, mesh)
+    return _Trained(state, shardings, (base,), (base_shardings,))
+
+
+def _full(lora, bases: tuple, trainable):
+    """The params a forward runs: `trainable`, or under LoRA the base with the adapters (`full_params`)."""
+    from rlhf_jax.models.lora import full_params
+
+    return full_params(bases[0], trainable, lora) if bases else trainable
+
+
 def _check_batch(rows: int, what: str, mesh) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if rows % shards:
         raise UserError(f"{what}={rows} is not divisible by mesh data*fsdp={shards}; choose a multiple of {shards}")
 
 
+def _compile_train_step(name: str, step, trained: _Trained, batch, mesh) -> tuple:
+    """`step(*bases, state, batch) -> (state, metrics)` compiled as `shard_train_step` compiles it."""
+    from rlhf_jax.sharding import replicated
+
+    return _compile(name, step, (*trained.bases, trained.state, batch),
+                    (*trained.base_shardings, trained.shardings, batch_sharding_of(batch)),
+                    (trained.shardings, replicated(mesh)), mesh, donate=(len(trained.bases),))
+
+
+def _account_trained(plan: "StagePlan", *roles: _Trained) -> None:
+    plan.trained_params = sum(device_bytes(role.state.params) for role in roles)
+    plan.optimizer_state = sum(device_bytes(role.state.opt_state) for role in roles)
+    plan.frozen_bases = sum(device_bytes(role.bases) for role in roles)
+
+
 def plan_stage(experiment: ExperimentConfig, stage, mesh) -> StagePlan:
     """Compile the stage's programs for `mesh` on abstract arrays and account its per-device bytes."""
-    from rlhf_jax.sharding import replicated, validate_mesh_for_model
+    from rlhf_jax.sharding import validate_mesh_for_model
+    from rlhf_jax.stages.common import bind_base
 
     plan = StagePlan(stage=stage.name, kind=str(stage.kind), mesh=dict(mesh.shape))
     data = stage_data(experiment, stage) if hasattr(stage, "data_path") else experiment.data
     micro = experiment.optimizer.micro_batches
-    rep = replicated(mesh)
     if stage.kind in (StageKind.SFT, StageKind.REWARD, StageKind.DPO):
         config, params = _abstract_model(experiment, stage.model)
         validate_mesh_for_model(config, mesh)
@@ -186,12 +247,11 @@ def plan_stage(experiment: ExperimentConfig, stage, mesh) -> StagePlan:
         if stage.kind is StageKind.SFT:
             from rlhf_jax.trainers.sft import sft_train_step
 
-            state, shardings = _train_state(experiment, stage, params, mesh)
+            trained = _trained(experiment, stage, params, config.dtype, mesh)
             batch = _batch_struct({k: ((rows, length), dt) for k, dt in (
                 ("tokens", jnp.int32), ("attention_mask", jnp.bool_), ("loss_mask", jnp.bool_))}, mesh)
-            step = functools.partial(sft_train_step, config, micro)
-            plan.programs["sft train step"] = _compile("sft", step, (state, batch), (shardings, batch_sharding_of(
-                batch)), (shardings, rep), mesh, donate=(0,))
+            step = bind_base(functools.partial(sft_train_step, config, micro), stage.lora)
+            plan.programs["sft train step"] = _compile_train_step("sft", step, trained, batch, mesh)
         elif stage.kind is StageKind.REWARD:
             from rlhf_jax.trainers.reward import reward_train_step
 
@@ -200,21 +260,18 @@ def plan_stage(experiment: ExperimentConfig, stage, mesh) -> StagePlan:
             if stage.freeze_backbone:
                 trainable = lambda p: {"backbone": jax.tree.map(lambda _: False, p["backbone"]),  # noqa: E731
                                        "head": jax.tree.map(lambda _: True, p["head"])}
-            state, shardings = _train_state(experiment, stage, model, mesh, trainable)
+            trained = _trained(experiment, stage, model, config.dtype, mesh, keep=("head",), trainable=trainable)
             batch = _batch_struct({f"{side}_{k}": ((rows, length), dt) for side in ("chosen", "rejected")
                                    for k, dt in (("tokens", jnp.int32), ("attention_mask", jnp.bool_))}, mesh)
-            step = functools.partial(reward_train_step, config, stage.center_rewards_coef, micro,
-                                     freeze_backbone=stage.freeze_backbone)
-            plan.programs["reward train step"] = _compile("rm", step, (state, batch), (shardings, batch_sharding_of(
-                batch)), (shardings, rep), mesh, donate=(0,))
+            step = bind_base(functools.partial(reward_train_step, config, stage.center_rewards_coef, micro,
+                                               freeze_backbone=stage.freeze_backbone), stage.lora)
+            plan.programs["reward train step"] = _compile_train_step("rm", step, trained, batch, mesh)
         else:
-            _plan_dpo(experiment, stage, mesh, config, params, rows, length, plan)
-            return plan
-        plan.trained_params = device_bytes(state.params)
-        plan.optimizer_state = device_bytes(state.opt_state)
+            trained = _plan_dpo(experiment, stage, mesh, config, params, rows, length, plan)
+        _account_trained(plan, trained)
         return plan
-    if stage.kind is StageKind.PPO:
-        return _plan_ppo(experiment, stage, mesh, data, plan)
+    if stage.kind in (StageKind.PPO, StageKind.GRPO, StageKind.RLOO, StageKind.REINFORCE):
+        return _plan_rl(experiment, stage, mesh, data, plan)
     plan.note = f"no memory plan for {stage.kind} stages in this version"
     return plan
 
@@ -223,16 +280,19 @@ def batch_sharding_of(batch):
     return jax.tree.map(lambda leaf: leaf.sharding, batch)
 
 
-def _plan_dpo(experiment, stage, mesh, config, params, rows, length, plan: StagePlan) -> None:
-    """DPO: the frozen reference's log-prob pass, then the train step on the batch plus reference log-probs."""
-    from rlhf_jax.sharding import param_shardings, replicated
+def _plan_dpo(experiment, stage, mesh, config, params, rows, length, plan: StagePlan) -> _Trained:
+    """DPO: the frozen reference's log-prob pass, then the train step on the batch plus reference log-probs.
+    Under LoRA the reference is the base itself (no bytes of its own) unless `reference` names other weights."""
+    from rlhf_jax.stages.common import bind_base
     from rlhf_jax.trainers import dpo
 
-    rep = replicated(mesh)
-    state, shardings = _train_state(experiment, stage, params, mesh)
-    reference = _frozen(params, config.dtype)
-    reference_shardings = param_shardings(reference, mesh)
-    reference = _with_shardings(reference, reference_shardings)
+    trained = _trained(experiment, stage, params, config.dtype, mesh)
+    if trained.bases and stage.reference in (None, stage.model):
+        reference, reference_shardings = trained.bases[0], trained.base_shardings[0]
+    else:
+        _, reference_params = _abstract_model(experiment, stage.reference or stage.model)
+        reference, reference_shardings = _placed_frozen(reference_params, config.dtype, mesh)
+        plan.frozen_roles = device_bytes(reference)
     batch = _batch_struct({f"{side}_{k}": ((rows, length), dt) for side in ("chosen", "rejected")
                            for k, dt in (("tokens", jnp.int32), ("attention_mask", jnp.bool_),
                                          ("loss_mask", jnp.bool_))}, mesh)
@@ -241,106 +301,154 @@ def _plan_dpo(experiment, stage, mesh, config, params, rows, length, plan: Stage
                                                     (reference_shardings, batch_sharding_of(batch)), None, mesh)
     logps = jax.eval_shape(reference_pass, reference, batch)
     full = {**batch, **_batch_struct({k: (v.shape, v.dtype) for k, v in logps.items()}, mesh)}
-    step = functools.partial(dpo.dpo_train_step, config, stage.beta, str(stage.loss), stage.label_smoothing,
-                             experiment.optimizer.micro_batches)
-    plan.programs["dpo train step"] = _compile("dpo", step, (state, full), (shardings, batch_sharding_of(full)),
-                                               (shardings, rep), mesh, donate=(0,))
-    plan.trained_params = device_bytes(state.params)
-    plan.optimizer_state = device_bytes(state.opt_state)
-    plan.frozen_roles = device_bytes(reference)
+    step = bind_base(functools.partial(dpo.dpo_train_step, config, stage.beta, str(stage.loss), stage.label_smoothing,
+                                       experiment.optimizer.micro_batches), stage.lora)
+    plan.programs["dpo train step"] = _compile_train_step("dpo", step, trained, full, mesh)
+    return trained
 
 
-def _plan_ppo(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
-    from rlhf_jax.sampling.sampler import SamplingSettings, generate
-    from rlhf_jax.sharding import batch_sharding, param_shardings, replicated, validate_mesh_for_model
+def _reward_is_model(source: str) -> bool:
+    return parse_source(source, "source").kind not in (SourceKind.FUNCTION, SourceKind.TEXT)
+
+
+def _plan_rl(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
+    """PPO, GRPO, RLOO, REINFORCE: the sampler (one chunk of `generation_batch_size` sequences), the experience
+    pass (log-probs, values, reward model scores, advantages) and the update of a whole iteration.
+
+    Roles, as `stages.rl` holds them: the policy's train state (under LoRA its adapters, the base frozen in
+    the compute dtype); the reference (none when `algorithm.use_reference` is false; under LoRA with no
+    `reference` of its own, the policy's base: no bytes of its own; else a frozen copy); the reward model
+    (frozen, when `reward_model` is a model); PPO's critic (trained; under LoRA adapters + head on the critic's
+    base, which is the reward model's very weights when `critic` is None). Bases every program reads stay on
+    the devices (`frozen_bases`); the reference and reward model, when no base, are what `offload_frozen` parks.
+    """
     from rlhf_jax.rewards import model_scores
+    from rlhf_jax.sampling.sampler import SamplingSettings, batch_bucket, generate
+    from rlhf_jax.sharding import batch_sharding, replicated, validate_mesh_for_model
     from rlhf_jax.trainers import rl
 
     rep = replicated(mesh)
+    lora, algorithm = stage.lora, stage.algorithm
     policy_config, policy_params = _abstract_model(experiment, stage.policy)
     validate_mesh_for_model(policy_config, mesh)
-    critic_source = stage.critic if stage.critic is not None else stage.reward_model
-    critic_config, critic_lm = _abstract_model(experiment, critic_source)
-    critic = _abstract_scalar_model(critic_config, critic_lm)
-    reward_config = critic_config
-    reward = _frozen(critic, reward_config.dtype)
-    reference = _frozen(policy_params, policy_config.dtype)
-    reward = _with_shardings(reward, param_shardings(reward, mesh))
-    reference = _with_shardings(reference, param_shardings(reference, mesh))
-    policy_state, policy_shardings = _train_state(experiment, stage, policy_params, mesh)
-    critic_state, critic_shardings = _train_state(experiment, stage, critic, mesh)
-    algorithm = stage.algorithm
-    prompt_length, new_tokens = data.max_prompt_length, stage.max_new_tokens
-    _check_batch(stage.rollout_batch_size, f"stages.{stage.name}.rollout_batch_size", mesh)
+    policy = _trained(experiment, stage, policy_params, policy_config.dtype, mesh)
+    frozen, frozen_shardings = {}, {}  # the offloadable roles: reference, reward model
+    if algorithm.use_reference and not (policy.bases and stage.reference is None):
+        _, reference_params = _abstract_model(experiment, stage.reference or stage.policy)
+        frozen["reference"], frozen_shardings["reference"] = _placed_frozen(reference_params, policy_config.dtype,
+                                                                            mesh)
+    reward_config = None
+    if _reward_is_model(stage.reward_model):
+        reward_config, reward_lm = _abstract_model(experiment, stage.reward_model)
+        validate_mesh_for_model(reward_config, mesh)
+        frozen["reward"], frozen_shardings["reward"] = _placed_frozen(
+            _abstract_scalar_model(reward_config, reward_lm), reward_config.dtype, mesh)
+    critic, critic_config, critic_is_reward = None, None, False
+    if algorithm.has_critic:
+        critic_source = stage.critic if stage.critic is not None else stage.reward_model
+        critic_config, critic_lm = _abstract_model(experiment, critic_source)
+        critic = _trained(experiment, stage, _abstract_scalar_model(critic_config, critic_lm), critic_config.dtype,
+                          mesh, keep=("head",))
+        if critic.bases and stage.critic is None and "reward" in frozen:
+            # the critic's base is the reward model's own arrays: resident for the update, counted once
+            critic_is_reward = True
+            critic.bases, critic.base_shardings = (frozen.pop("reward"),), (frozen_shardings.pop("reward"),)
+    roles = (policy,) if critic is None else (policy, critic)
+    sequences = stage.rollout_batch_size * algorithm.group_size
+    _check_batch(sequences, f"stages.{stage.name}.rollout_batch_size*group_size", mesh)
     _check_batch(algorithm.mini_batch_size, f"stages.{stage.name}.algorithm.mini_batch_size", mesh)
     rows_sharding = batch_sharding(mesh)
+    prompt_length, new_tokens = data.max_prompt_length, stage.max_new_tokens
 
     def rollout_arrays(rows):
         shapes = ((rows, prompt_length), jnp.int32), ((rows, prompt_length), jnp.bool_), \
                  ((rows, new_tokens), jnp.int32), ((rows, new_tokens), jnp.bool_), ((rows,), jnp.bool_)
         return tuple(jax.ShapeDtypeStruct(s, d, sharding=rows_sharding) for s, d in shapes)
 
-    # the sampler: rollout_batch_size prompts, KV cache of prompt + new tokens
+    # the sampler: one chunk of generation_batch_size sequences (padded as `Sampler` pads), its KV cache
+    chunk = stage.generation_batch_size or sequences
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    chunk_rows = shards * math.ceil(batch_bucket(chunk) / shards)
     settings = SamplingSettings(max_new_tokens=new_tokens, temperature=algorithm.temperature, eos_token_ids=(2,),
                                 pad_token_id=0)
-    prompts = rollout_arrays(stage.rollout_batch_size)[:2]
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
-    sample = functools.partial(generate, policy_config, settings=settings)
-    plan.programs["sampler (rollouts)"] = _compile(
-        "sampler", lambda p, t, m, k: sample(p, t, m, k), (policy_state.params, *prompts, key),
-        (policy_shardings.params, rows_sharding, rows_sharding, rep), None, mesh)
-    # the experience pass: log-probs of policy and reference, values, scores, GAE
-    kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-    def experience(policy, reference, critic, reward_params, prompt_tokens, prompt_mask, response_tokens,
-                   response_mask, ended_with_eos, kl_coef):  # the reward model's scores, then the experience
-        scores = model_scores(reward_config, reward_params, prompt_tokens, prompt_mask, response_tokens, response_mask)
-        return rl.make_experience(policy_config, critic_config, algorithm, policy, reference, critic, scores,
-                                  prompt_tokens, prompt_mask, response_tokens, response_mask, ended_with_eos, kl_coef)
 
-    args = (policy_state.params, reference, critic_state.params, reward, *rollout_arrays(stage.rollout_batch_size),
-            kl)
-    in_shardings = (policy_shardings.params, param_shardings(reference, mesh), critic_shardings.params,
-                    param_shardings(reward, mesh), *(rows_sharding,) * 5, rep)
-    plan.programs["experience pass"] = _compile("experience", experience, args, in_shardings, None, mesh)
+    def sample(bases, trainable, prompt_tokens, prompt_mask, key):
+        return generate(policy_config, _full(lora, bases, trainable), prompt_tokens, prompt_mask, key, settings)
+
+    plan.programs[f"sampler ({chunk_rows} sequences at once)"] = _compile(
+        "sampler", sample, (policy.bases, policy.state.params, *rollout_arrays(chunk_rows)[:2], key),
+        (policy.base_shardings, policy.shardings.params, rows_sharding, rows_sharding, rep), None, mesh)
+
+    # the experience pass: log-probs of policy and reference, values, scores, advantages
+    kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+    critic_bases = critic.bases if critic is not None else ()
+    critic_trainable = critic.state.params if critic is not None else {}
+
+    def experience(policy_bases, policy_trainable, critic_bases, critic_trainable, frozen, prompt_tokens,
+                   prompt_mask, response_tokens, response_mask, ended_with_eos, kl_coef):
+        reward_params = critic_bases[0] if critic_is_reward else frozen.get("reward")
+        if reward_params is None:  # a programmatic reward: scores come from the host
+            scores = jnp.zeros(prompt_tokens.shape[:1], jnp.float32)
+        else:
+            scores = model_scores(reward_config, reward_params, prompt_tokens, prompt_mask, response_tokens,
+                                  response_mask)
+        reference = frozen.get("reference", policy_bases[0] if policy_bases and algorithm.use_reference else {})
+        critic_params = _full(lora, critic_bases, critic_trainable) if critic is not None else {}
+        return rl.make_experience(policy_config, critic_config, algorithm, _full(lora, policy_bases,
+                                  policy_trainable), reference, critic_params, scores, prompt_tokens, prompt_mask,
+                                  response_tokens, response_mask, ended_with_eos, kl_coef)
+
+    args = (policy.bases, policy.state.params, critic_bases, critic_trainable, frozen,
+            *rollout_arrays(sequences), kl)
+    in_shardings = (policy.base_shardings, policy.shardings.params,
+                    critic.base_shardings if critic is not None else (),
+                    critic.shardings.params if critic is not None else {}, frozen_shardings,
+                    *(rows_sharding,) * 5, rep)
+    plan.programs[StagePlan.FROZEN_PROGRAM] = _compile("experience", experience, args, in_shardings, None, mesh)
+
     # the update: every epoch and mini-batch of an iteration, one program (what the stage runs)
     rollout = jax.eval_shape(experience, *args)[0]
     rollout = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows_sharding), rollout)
+    bases = tuple(role.bases[0] for role in roles) if lora.rank > 0 else ()
 
-    def update(key, kl_coef, policy_state, critic_state, batch):
-        (policy_state, critic_state), metrics = rl.rl_update(
-            policy_config, critic_config, algorithm, prompt_length, key, kl_coef, (policy_state, critic_state), batch,
-            num_microbatches=experiment.optimizer.micro_batches)
-        return policy_state, critic_state, metrics
+    def update(bases, key, kl_coef, states, batch):
+        states, metrics = rl.rl_update(policy_config, critic_config, algorithm, prompt_length, key, kl_coef, states,
+                                       batch, num_microbatches=experiment.optimizer.micro_batches, bases=bases,
+                                       lora=lora)
+        return states, metrics
 
+    states = tuple(role.state for role in roles)
+    state_shardings = tuple(role.shardings for role in roles)
     plan.programs["update (all mini-batches)"] = _compile(
-        "update", update, (key, kl, policy_state, critic_state, rollout),
-        (rep, rep, policy_shardings, critic_shardings, jax.tree.map(lambda _: rows_sharding, rollout)),
-        (policy_shardings, critic_shardings, rep), mesh, donate=(2, 3))
-    plan.trained_params = device_bytes(policy_state.params) + device_bytes(critic_state.params)
-    plan.optimizer_state = device_bytes(policy_state.opt_state) + device_bytes(critic_state.opt_state)
-    plan.frozen_roles = device_bytes(reference) + device_bytes(reward)
-    plan.frozen_offloaded = stage.offload_frozen
+        "update", update, (bases, key, kl, states, rollout),
+        (tuple(role.base_shardings[0] for role in roles) if bases else (), rep, rep, state_shardings,
+         jax.tree.map(lambda _: rows_sharding, rollout)),
+        (state_shardings, rep), mesh, donate=(3,))
+    _account_trained(plan, *roles)
+    plan.frozen_roles = device_bytes(frozen)
+    plan.frozen_offloaded = stage.offload_frozen and bool(frozen)
     return plan
 
 
 def levers(plan: StagePlan) -> list[str]:
     """Memory levers for a stage that does not fit, with their estimated per-device saving."""
     out = []
-    states = plan.trained_params + plan.optimizer_state
+    states = plan.trained_params + plan.optimizer_state + plan.frozen_bases
     fsdp = plan.mesh.get("fsdp", 1)
     largest = max(plan.programs, key=lambda name: plan.programs[name][0], default="")
     temp = plan.temporaries / GIB
     if largest.startswith("sampler"):
-        out.append(f"a smaller stages.{plan.stage}.rollout_batch_size: the sampler's KV cache for the whole rollout "
-                   f"batch dominates ({temp:.1f} GiB; it scales with the rollout batch and the sequence length)")
+        out.append(f"a smaller stages.{plan.stage}.generation_batch_size: the sampler's KV cache dominates "
+                   f"({temp:.1f} GiB; it scales with the sequences sampled at once and the sequence length)")
     elif largest:
         out.append(f"more micro-batches (optimizer.micro_batches), a smaller mini-batch, or model.remat=true: "
                    f"the {largest} needs {temp:.1f} GiB of temporaries")
-    if plan.optimizer_state:
+    if plan.optimizer_state and not plan.frozen_bases:
         out.append(f"LoRA (adapters trained, the base frozen in bf16): about "
                    f"-{(plan.optimizer_state + plan.trained_params // 2) / GIB:.1f} GiB of optimizer state and fp32 "
                    "master weights")
-    if plan.frozen_roles and not plan.frozen_offloaded and plan.kind == "ppo":
+    if plan.frozen_roles and not plan.frozen_offloaded and plan.kind in ("ppo", "grpo", "rloo", "reinforce"):
         out.append(f"stages.{plan.stage}.offload_frozen=true: the reference and reward model "
                    f"({plan.frozen_roles / GIB:.1f} GiB) wait in host memory outside the experience pass")
     out.append(f"twice the devices on the fsdp axis: -{(states + plan.frozen_roles) / 2 / GIB:.1f} GiB of states "
@@ -348,8 +456,12 @@ def levers(plan: StagePlan) -> list[str]:
     return out
 
 
-def plan_experiment(experiment: ExperimentConfig, num_devices: int) -> list[StagePlan]:
+def plan_experiment(experiment: ExperimentConfig, num_devices: int,
+                    stages: tuple[str, ...] | None = None) -> list[StagePlan]:
+    """Plans of the experiment's stages (only those named in `stages`, when given) on `num_devices` devices."""
     from rlhf_jax.sharding import make_mesh
+
+    chosen = [experiment.stage(name) for name in stages] if stages else experiment.stages  # unknown: one line
 
     devices = jax.devices()
     if len(devices) < num_devices:
@@ -357,7 +469,7 @@ def plan_experiment(experiment: ExperimentConfig, num_devices: int) -> list[Stag
                         "fakes them with XLA_FLAGS=--xla_force_host_platform_device_count)")
     mesh = make_mesh(experiment.mesh, devices[:num_devices])
     plans = []
-    for stage in experiment.stages:
+    for stage in chosen:
         if stage.kind in (StageKind.GENERATE, StageKind.EVALUATE):
             continue
         plans.append(plan_stage(experiment, stage, mesh))
@@ -385,14 +497,14 @@ def print_plans(experiment: ExperimentConfig, plans: list[StagePlan], accelerato
         frozen = "frozen roles (compute dtype" + (", in host memory outside the experience pass)"
                                                   if plan.frozen_offloaded else ")")
         rows = [("trained params", plan.trained_params), ("optimizer state", plan.optimizer_state),
-                (frozen, plan.frozen_roles)]
+                ("frozen bases (LoRA, compute dtype)", plan.frozen_bases), (frozen, plan.frozen_roles)]
         rows += [(f"temporaries: {name} (compiled in {seconds:.0f} s)", temp)
                  for name, (temp, seconds) in plan.programs.items()]
         for name, value in rows:
             table.add_row(name, f"{value / GIB:.2f}")
-        table.add_row("total (params + state + frozen + largest temporaries)" if not plan.frozen_offloaded else
-                      "total (params + state + the largest program's temporaries, frozen roles with the experience "
-                      "pass)", f"{plan.total / GIB:.2f}")
+        table.add_row("total (params + state + bases + frozen + largest temporaries)" if not plan.frozen_offloaded
+                      else "total (params + state + bases + the largest program's temporaries, frozen roles with "
+                      "the experience pass)", f"{plan.total / GIB:.2f}")
         table.add_row(f"usable on {accelerator} ({USABLE_FRACTION:.0%})", f"{usable / GIB:.2f}")
         console.print(table)
         fits = plan.total <= usable
@@ -408,7 +520,8 @@ def print_plans(experiment: ExperimentConfig, plans: list[StagePlan], accelerato
 def plan_summary(plans: list[StagePlan]) -> list[dict]:
     """JSON-friendly rows (bytes) for tests and docs."""
     return [{"stage": p.stage, "kind": p.kind, "mesh": p.mesh, "trained_params": p.trained_params,
-             "optimizer_state": p.optimizer_state, "frozen_roles": p.frozen_roles, "temporaries": p.temporaries,
+             "optimizer_state": p.optimizer_state, "frozen_roles": p.frozen_roles,
+             "frozen_bases": p.frozen_bases, "temporaries": p.temporaries,
              "total": p.total, "programs": {k: v[0] for k, v in p.programs.items()}, "note": p.note}
             for p in plans]
 

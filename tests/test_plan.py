@@ -82,8 +82,9 @@ def test_plan_ppo_7b_on_8_devices_prints_the_tables_and_a_verdict():
     assert out.returncode in (0, 1), out.stderr[-3000:]
     for stage in ("sft", "rm", "ppo"):
         assert f"ppo_7b / {stage}" in out.stdout
-    for row in ("trained params", "optimizer state", "frozen roles", "temporaries: update (all mini-batches)",
-                "temporaries: sampler (rollouts)", "usable on a100-80gb"):
+    for row in ("trained params", "optimizer state", "frozen bases", "frozen roles",
+                "temporaries: update (all mini-batches)", "temporaries: sampler (64 sequences at once)",
+                "usable on a100-80gb"):
         assert row in out.stdout, row
     assert out.stdout.count("verdict: ") == 3
 
@@ -102,3 +103,105 @@ def test_offloaded_frozen_roles_count_only_with_the_experience_pass():
     plan.programs["experience pass"] = (28 * GIB, 1.0)
     assert plan.total == (10 + 20 + 28 + 6) * GIB
     assert not any("offload_frozen" in lever for lever in levers(plan))
+
+
+def _plan_one(experiment, stage_name: str):
+    from rlhf_jax.plan import plan_experiment
+
+    (plan,) = plan_experiment(experiment, 1, (stage_name,))
+    return plan
+
+
+def _tiny(name: str, *overrides: str):
+    from rlhf_jax.config import apply_overrides, validate
+    from rlhf_jax.registry import get_experiment
+
+    experiment = apply_overrides(get_experiment(name), list(overrides))
+    validate(experiment)
+    return experiment
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_sft_plan_matches_the_stage_s_own_train_state_and_compiled_step(tmp_path, rank):
+    """On one CPU device: the plan's params, optimizer state and LoRA base are the bytes of the state the SFT
+    stage builds (exact), and its temporaries are XLA's figure for the step the stage compiles."""
+    import jax
+
+    from rlhf_jax import stages as stage_registry
+    from rlhf_jax.models.lora import nbytes
+    from rlhf_jax.sharding import make_mesh, param_shardings, shard_train_step, state_shardings
+    from rlhf_jax.stages import sft
+    from rlhf_jax.stages.common import device_batch
+
+    experiment = _tiny("tiny_sft", f"run_dir={tmp_path}", f"stages.sft.lora.rank={rank}", "mesh.data=1")
+    stage = experiment.stage("sft")
+    plan = _plan_one(experiment, "sft")
+    resolve = stage_registry.make_resolver(experiment, tmp_path)
+    role, _, _, _, iterator, _, state, step, frozen = sft._setup(experiment, stage, resolve, None)
+    assert plan.trained_params == nbytes(state.params)
+    assert plan.optimizer_state == nbytes(state.opt_state)
+    assert plan.frozen_bases == nbytes(frozen) and (plan.frozen_bases > 0) == (rank > 0)
+    if rank:  # adapters only: a small fraction of the model
+        assert plan.trained_params < nbytes(role.params) / 20
+    batch = device_batch(next(iterator), sft.SFT_KEYS)
+    assert {k: v.shape for k, v in batch.items()} == {k: (4, 96) for k in ("tokens", "attention_mask", "loss_mask")}
+    mesh = make_mesh(experiment.mesh, jax.devices()[:1])
+    compiled = shard_train_step(step, state_shardings(state, mesh), mesh, frozen_shardings=tuple(
+        param_shardings(params, mesh) for params in frozen)).lower(*frozen, state, batch).compile()
+    assert plan.programs["sft train step"][0] == compiled.memory_analysis().temp_size_in_bytes > 0
+
+
+def test_lora_rl_plans_count_adapters_as_trained_and_no_reference_bytes():
+    """PPO under LoRA: adapters (+ the critic's head) trained; the reference is the policy's base and the
+    critic's base is the reward model, so the frozen bytes are two bases and no offloadable role."""
+    import jax
+
+    from rlhf_jax.models import llama, load
+    from rlhf_jax.models.lora import nbytes, trainable_params
+
+    experiment = _tiny("tiny_pipeline", "stages.ppo.lora.rank=4", "stages.ppo.generation_batch_size=4",
+                       "mesh.data=1")
+    stage = experiment.stage("ppo")
+    plan = _plan_one(experiment, "ppo")
+    config, params, _ = load("tiny:smollm2")
+    scalar = jax.eval_shape(lambda p: llama.init_scalar_model(config, p, jax.random.key(0)), params)
+    adapters = jax.eval_shape(lambda p: trainable_params(p, stage.lora, jax.random.key(0)), params)
+    critic = jax.eval_shape(lambda p: trainable_params(p, stage.lora, jax.random.key(0), ("head",)), scalar)
+    assert plan.trained_params == nbytes(adapters) + nbytes(critic)
+    assert plan.frozen_roles == 0 and not plan.frozen_offloaded
+    assert plan.frozen_bases == nbytes(params) + nbytes(scalar)  # tiny models compute in float32
+    assert "sampler (4 sequences at once)" in plan.programs
+
+
+@pytest.mark.parametrize("overrides, reference", [
+    ((), True),  # GRPO's default β = 0.04: a frozen copy of the policy's start
+    (("stages.grpo.algorithm.kl_coef=0.0",), False),  # β = 0 and no kl_target: no reference role at all
+    (("stages.grpo.lora.rank=4",), False),  # LoRA: the reference is the base, counted once
+])
+def test_grpo_plan_has_no_critic_and_a_reference_only_when_the_kl_needs_one(overrides, reference):
+    from rlhf_jax.models import load
+    from rlhf_jax.models.lora import nbytes
+
+    experiment = _tiny("tiny_grpo", "mesh.data=1", *overrides)
+    plan = _plan_one(experiment, "grpo")
+    _, params, _ = load("tiny:smollm2")
+    lora = experiment.stage("grpo").lora.rank > 0
+    assert plan.kind == "grpo" and not plan.note
+    # no critic, a programmatic reward: the policy is the only model, once as a state (or base), once as reference
+    if lora:
+        assert 0 < plan.trained_params < nbytes(params) / 20
+    else:
+        assert plan.trained_params == nbytes(params)
+    assert plan.frozen_bases == (nbytes(params) if lora else 0)
+    assert plan.frozen_roles == (nbytes(params) if reference else 0)
+    assert set(plan.programs) == {"sampler (16 sequences at once)", "experience pass", "update (all mini-batches)"}
+
+
+def test_plan_of_one_stage_through_the_launcher():
+    out = _launch("experiment=tiny_pipeline", "--plan", "--devices", "1", "mesh.data=1", "--stage", "sft",
+                  timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tiny_pipeline / sft" in out.stdout and out.stdout.count("verdict: FITS") == 1
+    assert "tiny_pipeline / rm" not in out.stdout and "tiny_pipeline / ppo" not in out.stdout
+    out = _launch("experiment=ppo_7b", "--plan", "--stage", "rn", timeout=120)
+    assert out.returncode == 2 and out.stderr == "error: stages.rn: no such stage\n"
