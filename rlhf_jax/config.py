@@ -357,9 +357,9 @@ class DPOStage(_TrainingStage):
 
 
 @_config
-class _SamplingStage(_TrainingStage):
-    """Fields shared by the stages that sample the policy on prompts and score the samples: roles, rollouts,
-    rewards, held-out evaluation, LoRA (the RL stages, RAFT, ReST)."""
+class _ScoredStage(Stage):
+    """Fields of every stage that samples its policy on prompts and scores the samples (the RL stages, RAFT,
+    ReST, best-of-n): the policy, the weighted reward sources and the sampler's settings."""
 
     policy: str | None = _source("language_model", default=None)  # None: model.source
     reward_model: str = _source("reward_model")
@@ -371,12 +371,6 @@ class _SamplingStage(_TrainingStage):
     max_new_tokens: int = 128
     top_p: float = 1.0
     top_k: int | None = None  # None: off
-    # Held-out greedy evaluation by the stage's reward on the data's eval prompts (data.eval_path or
-    # data.eval_fraction), logged as eval/* before training, every `eval_every` iterations and at the end.
-    eval_every: int | None = None  # None: before and after training only (when there are eval prompts)
-    # lora.rank > 0: adapters on the policy (and the critic, with its head); the reference is the policy's
-    # base weights with the adapters off; checkpoints hold adapters and their optimizer state only
-    lora: LoRAConfig = LoRAConfig()
 
     @property
     def samples_per_prompt(self) -> int:
@@ -385,6 +379,18 @@ class _SamplingStage(_TrainingStage):
     @property
     def sampling_temperature(self) -> float:
         return self.algorithm.temperature if hasattr(self, "algorithm") else self.temperature
+
+
+@_config
+class _SamplingStage(_TrainingStage, _ScoredStage):
+    """The training stages that sample: the RL stages, RAFT and ReST."""
+
+    # Held-out greedy evaluation by the stage's reward on the data's eval prompts (data.eval_path or
+    # data.eval_fraction), logged as eval/* before training, every `eval_every` iterations and at the end.
+    eval_every: int | None = None  # None: before and after training only (when there are eval prompts)
+    # lora.rank > 0: adapters on the policy (and the critic, with its head); the reference is the policy's
+    # base weights with the adapters off; checkpoints hold adapters and their optimizer state only
+    lora: LoRAConfig = LoRAConfig()
 
 
 @_config
@@ -430,35 +436,19 @@ class ReSTStage(_FilterStage):
 
 
 @_config
-class BestOfNStage(Stage):
+class BestOfNStage(_ScoredStage):
     """Best-of-n (rejection sampling): `num_samples` responses per prompt, scored; writes the best of each to
     ``<run_dir>/<name>/best_of_n.jsonl`` (a prompt/response dataset an SFT stage reads) and reports the
     reward of the selected answers beside that of single samples."""
 
     kind: ClassVar[StageKind] = StageKind.BEST_OF_N
     lora: ClassVar[LoRAConfig] = LoRAConfig()  # the policy is sampled as it is
-    policy: str | None = _source("language_model", default=None)  # None: model.source
-    reward_model: str = _source("reward_model")
-    extra_rewards: tuple[str, ...] = _source("reward_model", default=())
-    reward_weights: tuple[float, ...] = ()
     data_path: str | None = _path(default=None)  # None: data.path
     split: str = "eval"  # "eval": the data's held-out prompts (data.eval_path / eval_fraction); "train": the rest
     num_prompts: int | None = None  # None: every prompt of the split
     num_samples: int = 8
     temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    max_new_tokens: int = 128
     rollout_batch_size: int = 8  # prompts per batch (each sampled num_samples times)
-    generation_batch_size: int | None = None  # sequences the sampler generates at once; None: the whole batch
-
-    @property
-    def samples_per_prompt(self) -> int:
-        return self.num_samples
-
-    @property
-    def sampling_temperature(self) -> float:
-        return self.temperature
 
 
 @_config
@@ -541,7 +531,7 @@ class EvaluateStage(Stage):
 
 STAGE_TYPES: dict[StageKind, type[Stage]] = {
     cls.kind: cls for cls in (SFTStage, RewardStage, PPOStage, DPOStage, GRPOStage, RLOOStage, ReinforceStage,
-                              GenerateStage, EvaluateStage)
+                              RAFTStage, ReSTStage, BestOfNStage, GenerateStage, EvaluateStage)
 }
 
 
@@ -1339,12 +1329,10 @@ def _check_rewards(stage: Any, prefix: str) -> None:
              stage.reward_weights, "finite weights")
 
 
-def _check_sampling(stage: _SamplingStage, prefix: str, config: ExperimentConfig) -> None:
-    _check_lora(stage.lora, prefix + "lora.")
-    _check_training(stage, prefix, config)
+def _check_scored(stage: _ScoredStage, prefix: str) -> None:
     _check_range(stage, prefix, {
         "rollout_batch_size": _AT_LEAST_ONE, "max_new_tokens": _AT_LEAST_ONE, "top_p": _PROBABILITY_MASS,
-        "top_k": _AT_LEAST_ONE, "eval_every": _AT_LEAST_ONE, "generation_batch_size": _AT_LEAST_ONE,
+        "top_k": _AT_LEAST_ONE, "generation_batch_size": _AT_LEAST_ONE,
     })
     _check_rewards(stage, prefix)
     sequences = stage.rollout_batch_size * stage.samples_per_prompt
@@ -1352,6 +1340,13 @@ def _check_sampling(stage: _SamplingStage, prefix: str, config: ExperimentConfig
         per_prompt = "group_size" if isinstance(stage, _RLStage) else "num_samples"
         _require(sequences % stage.generation_batch_size == 0, prefix + "generation_batch_size",
                  stage.generation_batch_size, f"a divisor of rollout_batch_size*{per_prompt} ({sequences})")
+
+
+def _check_sampling(stage: _SamplingStage, prefix: str, config: ExperimentConfig) -> None:
+    _check_lora(stage.lora, prefix + "lora.")
+    _check_training(stage, prefix, config)
+    _check_range(stage, prefix, {"eval_every": _AT_LEAST_ONE})
+    _check_scored(stage, prefix)
 
 
 def _check_filter(stage: _FilterStage, prefix: str, config: ExperimentConfig) -> None:
@@ -1369,16 +1364,9 @@ def _check_filter(stage: _FilterStage, prefix: str, config: ExperimentConfig) ->
 
 
 def _check_best_of_n(stage: BestOfNStage, prefix: str, config: ExperimentConfig) -> None:
-    _check_range(stage, prefix, {
-        "num_prompts": _AT_LEAST_ONE, "num_samples": _AT_LEAST_ONE, "temperature": _POSITIVE,
-        "top_p": _PROBABILITY_MASS, "top_k": _AT_LEAST_ONE, "max_new_tokens": _AT_LEAST_ONE,
-        "rollout_batch_size": _AT_LEAST_ONE, "generation_batch_size": _AT_LEAST_ONE,
-    })
-    _check_rewards(stage, prefix)
-    sequences = stage.rollout_batch_size * stage.num_samples
-    if stage.generation_batch_size is not None:
-        _require(sequences % stage.generation_batch_size == 0, prefix + "generation_batch_size",
-                 stage.generation_batch_size, f"a divisor of rollout_batch_size*num_samples ({sequences})")
+    _check_range(stage, prefix, {"num_prompts": _AT_LEAST_ONE, "num_samples": _AT_LEAST_ONE,
+                                 "temperature": _POSITIVE})
+    _check_scored(stage, prefix)
     _require(stage.split in ("train", "eval"), prefix + "split", stage.split, "'train' or 'eval'")
 
 

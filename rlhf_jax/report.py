@@ -30,7 +30,7 @@ from typing import NamedTuple, Sequence
 from rlhf_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
-RL_KINDS = ("ppo", "grpo", "rloo", "reinforce")  # stages whose x axis is an iteration (one rollout batch), not an optimizer step
+RL_KINDS = ("ppo", "grpo", "rloo", "reinforce", "raft", "rest")  # x axis: iterations (one rollout batch each), not optimizer steps
 SAMPLE_ROWS = 4  # per table (per end of a PPO stage)
 PROMPT_CHARS = 400  # prompts keep their last characters: the latest turns
 

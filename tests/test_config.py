@@ -56,7 +56,8 @@ def test_configs_are_frozen_and_keyword_only(instance):
 
 def test_each_stage_kind_has_one_class():
     assert {kind.value for kind in C.STAGE_TYPES} == {"sft", "reward", "ppo", "dpo", "grpo", "rloo", "reinforce",
-                                                     "generate", "evaluate"}
+                                                     "raft", "rest", "best_of_n", "generate", "evaluate"}
+    assert set(C.STAGE_TYPES) == set(C.StageKind)
     assert all(cls.kind == kind for kind, cls in C.STAGE_TYPES.items())
     assert "kind" not in {field.name for field in dataclasses.fields(C.PPOStage)}  # a ClassVar, not a field
 
@@ -289,6 +290,22 @@ def test_validation_errors(overrides, message):
     (lambda: pipeline(stages=(C.DPOStage(name="d", beta=0.0),)), "stages.d.beta: got 0.0, expected a number > 0"),
     (lambda: pipeline(stages=(C.GenerateStage(name="g", prompts="p", stop=("",)),)),
      "stages.g.stop: got ('',), expected non-empty stop strings"),
+    (lambda: pipeline(stages=(C.ReSTStage(name="rest", reward_model="fn:length", thresholds=(0.8, 0.5)),)),
+     "stages.rest.thresholds: got (0.8, 0.5), expected non-decreasing thresholds"),
+    (lambda: pipeline(stages=(C.ReSTStage(name="rest", reward_model="fn:length", thresholds=()),)),
+     "stages.rest.thresholds: got (), expected one finite threshold or more"),
+    (lambda: pipeline(stages=(C.RAFTStage(name="raft", reward_model="fn:length", num_samples=0),)),
+     "stages.raft.num_samples: got 0, expected an integer >= 1"),
+    (lambda: pipeline(stages=(C.RAFTStage(name="raft", reward_model="fn:length", rollout_batch_size=4,
+                                          num_samples=3, generation_batch_size=5),)),
+     "stages.raft.generation_batch_size: got 5, expected a divisor of rollout_batch_size*num_samples (12)"),
+    (lambda: pipeline(stages=(C.RAFTStage(name="raft", reward_model="fn:length",
+                                          lora=C.LoRAConfig(rank=-1)),)),
+     "stages.raft.lora.rank: got -1, expected an integer >= 0"),
+    (lambda: pipeline(stages=(C.BestOfNStage(name="bon", reward_model="fn:length", split="test"),)),
+     "stages.bon.split: got 'test', expected 'train' or 'eval'"),
+    (lambda: pipeline(stages=(C.RewardStage(name="rm", freeze_backbone=True, lora=C.LoRAConfig(rank=4)),)),
+     "stages.rm.lora.rank: got 4, expected 0 with freeze_backbone=true"),
 ])
 def test_validation_errors_from_python(make, message):
     with pytest.raises(ConfigError) as error:

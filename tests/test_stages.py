@@ -287,6 +287,9 @@ def test_grpo_with_weighted_reward_sources_held_out_evaluation_and_no_reference(
     for record in records:
         if "eval/reward_mean" in record:
             assert 0 <= record["eval/reward_mean"] <= 1 + 0.5 * 0.01 * 16 + 1e-6 and record["time/eval"] > 0, record
+            # each source's held-out mean on its own, and the weighted sum of them
+            np.testing.assert_allclose(record["eval/reward_mean"], record["eval/reward/token_id_below"]
+                                       + 0.5 * record["eval/reward/length"], rtol=1e-5)
     # the run's report draws the held-out curve
     from rlhf_jax.config import save_config
     from rlhf_jax.report import build_report

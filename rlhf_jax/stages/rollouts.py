@@ -169,14 +169,15 @@ def greedy_evaluation(sampler: Sampler, params, dataset, reward_sources, reward_
     """Greedy responses to every prompt of a held-out prompt `dataset`, scored by the stage's reward sources.
 
     Returns `eval/reward_mean` (their weighted sum, as in training; for an exact-answer reward such as
-    `text:arith_exact` alone: the greedy exact-match accuracy), `eval/response_length_mean` (tokens, EOS
-    included) and `eval/eos_fraction`. Batches of `rows` prompts in dataset order; a short last batch
+    `text:arith_exact` alone: the greedy exact-match accuracy), with several sources each one's mean raw
+    score as `eval/reward/<name>`, `eval/response_length_mean` (tokens, EOS included) and `eval/eos_fraction`. Batches of `rows` prompts in dataset order; a short last batch
     repeats its last prompt (one shape) and the repeats are not counted.
     """
     from rlhf_jax.data import DataIterator
 
     batches = DataIterator(dataset, batch_size=min(rows, len(dataset)), shuffle=False, drop_remainder=False)
     scores, lengths, ended = [], [], []
+    by_source: dict[str, list] = {source.name: [] for source in reward_sources}
     for batch in batches:
         count = len(batch["index"])
         fill = np.minimum(np.arange(batches.batch_size), count - 1)
@@ -184,13 +185,23 @@ def greedy_evaluation(sampler: Sampler, params, dataset, reward_sources, reward_
         sample = sampler(params, prompt_tokens, prompt_mask, jax.random.key(0), settings)
         references = tuple(dataset.examples[int(batch["index"][row])].reference for row in fill)
         scoring = ScoringBatch(prompt_tokens, prompt_mask, sample.response_tokens, sample.response_mask, references)
-        raw, _ = combine(reward_sources, reward_weights, scoring)
-        scores.append(np.asarray(multihost_utils.process_allgather(raw, tiled=True))[:count])
+        total = None
+        for source, weight in zip(reward_sources, reward_weights):  # the weighted sum, as `combine` forms it
+            raw = jnp.asarray(source(scoring), jnp.float32)
+            by_source[source.name].append(np.asarray(multihost_utils.process_allgather(raw, tiled=True))[:count])
+            if weight != 0:
+                total = weight * raw if total is None else total + weight * raw
+        total = jnp.zeros(count, jnp.float32) if total is None else total
+        scores.append(np.asarray(multihost_utils.process_allgather(total, tiled=True))[:count])
         lengths.append(np.asarray(multihost_utils.process_allgather(sample.response_lengths, tiled=True))[:count])
         ended.append(np.asarray(multihost_utils.process_allgather(sample.ended_with_eos, tiled=True))[:count])
-    return {"eval/reward_mean": float(np.mean(np.concatenate(scores))),
-            "eval/response_length_mean": float(np.mean(np.concatenate(lengths))),
-            "eval/eos_fraction": float(np.mean(np.concatenate(ended)))}
+    metrics = {"eval/reward_mean": float(np.mean(np.concatenate(scores))),
+               "eval/response_length_mean": float(np.mean(np.concatenate(lengths))),
+               "eval/eos_fraction": float(np.mean(np.concatenate(ended)))}
+    if len(reward_sources) > 1:  # each objective on its own too, e.g. the accuracy beside a length penalty
+        metrics.update({f"eval/reward/{name}": float(np.mean(np.concatenate(values)))
+                        for name, values in by_source.items()})
+    return metrics
 
 
 def decoded_samples(tokenizer, prompt_tokens, prompt_mask, response_tokens, response_lengths, scores,
