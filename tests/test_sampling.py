@@ -302,3 +302,28 @@ def test_chunked_generation_is_each_chunk_generated_alone_with_its_own_key(param
     whole = sampler(params, tokens, mask, key, settings, chunk_rows=6)  # one chunk: the plain call
     np.testing.assert_array_equal(np.asarray(whole.response_tokens),
                                   np.asarray(sampler(params, tokens, mask, key, settings).response_tokens))
+
+
+def test_lora_params_sample_the_adapted_model(params, sampler):
+    """Params with LoRA adapters (`apply_lora`: `lora_a`, `lora_b` beside the kernels, as the RL stages sample
+    their policy) decode the adapted model at every step, prefill and KV-cache decode alike: the sampler's
+    log-probs equal the teacher-forced forward of the adapted params, and its tokens those of the merged
+    model. (A decode step that ignored the adapters once sampled a mix of the adapted prompt and the base.)"""
+    from rlhf_jax.models.lora import LoRAConfig, apply_lora, init_lora, merge
+
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=("self_attn", "mlp"))
+    adapters = init_lora(params, lora, jax.random.key(3))
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    adapters = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) * 0.3 for k, x in zip(keys, leaves)])
+    adapted, merged = apply_lora(params, adapters, lora), merge(params, adapters, lora)
+    tokens, mask = left_pad(PROMPTS, pad_id=2)
+    out = sampler(adapted, tokens, mask, jax.random.key(1), SAMPLED)
+    logits = teacher_forced(CONFIG, adapted, jnp.asarray(tokens), jnp.asarray(mask), out)
+    expected = jnp.where(out.response_mask, token_logprobs(logits, out.response_tokens, SAMPLED), 0.0)
+    np.testing.assert_allclose(np.asarray(out.response_logprobs), np.asarray(expected), atol=1e-4)
+    greedy = sampler(adapted, tokens, mask, jax.random.key(1), GREEDY)
+    np.testing.assert_array_equal(np.asarray(greedy.response_tokens),
+                                  np.asarray(sampler(merged, tokens, mask, jax.random.key(1), GREEDY).response_tokens))
+    base = sampler(params, tokens, mask, jax.random.key(1), GREEDY)
+    assert np.any(np.asarray(base.response_tokens) != np.asarray(greedy.response_tokens))  # the adapters matter

@@ -66,10 +66,13 @@ def unstack_layers(params: Params) -> list[Params]:
 
 
 def _dense(x: jax.Array, layer: Params, dtype) -> jax.Array:
-    # flax.linen.Dense: promote inputs and params to the compute dtype, dot, add bias.
+    # `llama.Dense`: promote inputs and params to the compute dtype, dot, add bias, and the low-rank update
+    # (x a) b of LoRA params (`models.lora.apply_lora`) when the layer holds one.
     out = jnp.dot(x.astype(dtype), layer["kernel"].astype(dtype))
     if "bias" in layer:
         out = out + layer["bias"].astype(dtype)
+    if "lora_a" in layer:
+        out = out + (x.astype(dtype) @ layer["lora_a"].astype(dtype)) @ layer["lora_b"].astype(dtype)
     return out
 
 
