@@ -374,11 +374,12 @@ class _ScoredStage(Stage):
 
     @property
     def samples_per_prompt(self) -> int:
-        return self.algorithm.group_size if hasattr(self, "algorithm") else self.num_samples
+        """Responses sampled per prompt: `num_samples` (RAFT, ReST, best-of-n; the RL stages override it)."""
+        return self.num_samples
 
     @property
     def sampling_temperature(self) -> float:
-        return self.algorithm.temperature if hasattr(self, "algorithm") else self.temperature
+        return self.temperature
 
 
 @_config
@@ -401,6 +402,14 @@ class _RLStage(_SamplingStage):
     reference: str | None = _source("language_model", default=None)  # None: the policy's start
     offload_frozen: bool = False  # park the reference and reward model in host memory outside the scoring pass
     algorithm: RLAlgorithm = PPO_ALGORITHM
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.algorithm.group_size
+
+    @property
+    def sampling_temperature(self) -> float:
+        return self.algorithm.temperature
 
 
 @_config

@@ -329,14 +329,11 @@ class TextReward:
         return f"TextReward({self.name!r})"
 
 
-def combine(sources: Sequence[RewardSource], weights: Sequence[float],
-            batch: ScoringBatch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted sum of reward sources: `total = Σ_i w_i · score_i` [B] float32, and the metrics.
-
-    metrics: `reward/<name>` = mean raw score of each source over the batch (each objective logged on its
-    own, before weighting). A source of weight 0 is scored and logged but left out of the sum (so a NaN it
-    returns cannot reach the total: 0 · NaN = NaN).
-    """
+def source_scores(sources: Sequence[RewardSource], weights: Sequence[float],
+                  batch: ScoringBatch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Each source's raw scores and their weighted sum: `(total [B] float32, {name: scores [B]})`, with
+    `total = Σ_i w_i · score_i`. A source of weight 0 is scored but left out of the sum (so a NaN it returns
+    cannot reach the total: 0 · NaN = NaN)."""
     if len(weights) != len(sources):
         raise UserError(f"{len(weights)} reward weights for {len(sources)} reward sources "
                         f"({', '.join(source.name for source in sources)})")
@@ -345,14 +342,22 @@ def combine(sources: Sequence[RewardSource], weights: Sequence[float],
         raise ValueError(f"expected one or more reward sources with distinct names, got {names}")
     batch_size = batch.response_tokens.shape[0]
     total = jnp.zeros((batch_size,), jnp.float32)
-    metrics = {}
+    by_source = {}
     for source, weight in zip(sources, weights):
         scores = jnp.asarray(source(batch), jnp.float32)
         assert scores.shape == (batch_size,), (source.name, scores.shape)
-        metrics[f"reward/{source.name}"] = jnp.mean(scores)
+        by_source[source.name] = scores
         if weight != 0:
             total = total + jnp.float32(weight) * scores
-    return total, metrics
+    return total, by_source
+
+
+def combine(sources: Sequence[RewardSource], weights: Sequence[float],
+            batch: ScoringBatch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted sum of reward sources (`source_scores`) and the metrics: `reward/<name>` = mean raw score of
+    each source over the batch (each objective logged on its own, before weighting)."""
+    total, by_source = source_scores(sources, weights, batch)
+    return total, {f"reward/{name}": jnp.mean(scores) for name, scores in by_source.items()}
 
 
 # ---- sources from specs --------------------------------------------------------------------------------------

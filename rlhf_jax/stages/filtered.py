@@ -26,6 +26,7 @@ one sample).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -39,6 +40,7 @@ from jax.experimental import multihost_utils
 
 from rlhf_jax.data import DataIterator
 from rlhf_jax.distributed import is_main_process
+from rlhf_jax.errors import UserError
 from rlhf_jax.sharding import param_shardings, place_batch, place_state, replicated, shard_train_step, state_shardings
 from rlhf_jax.stages.common import bind_base, build_optimizer, fit, training_iterator, write_summary
 from rlhf_jax.stages.rollouts import decoded_samples, load_rollouts
@@ -184,8 +186,6 @@ def _sft_record(prompt, response: str) -> dict:
     """A row an SFT stage reads: {"prompt", "response"} for a text prompt, {"messages"} for a chat one."""
     if isinstance(prompt, str):
         return {"prompt": prompt, "response": response}
-    import dataclasses
-
     return {"messages": [dataclasses.asdict(m) for m in prompt] + [{"role": "assistant", "content": response}]}
 
 
@@ -194,13 +194,9 @@ def run_best_of_n(experiment, stage, stage_dir: Path, resolve) -> None:
     rollouts = load_rollouts(experiment, stage, resolve, jax.random.key(experiment.seed))
     prompts = rollouts.eval_prompts if stage.split == "eval" else rollouts.prompts
     if prompts is None:
-        from rlhf_jax.errors import UserError
-
         raise UserError(f"stages.{stage.name}.split: 'eval' but the data has no held-out prompts (set "
                         "data.eval_path or data.eval_fraction, or split='train')")
     if stage.num_prompts is not None:
-        import dataclasses
-
         prompts = dataclasses.replace(prompts, examples=prompts.examples[: stage.num_prompts])
     raw = _raw_prompts(rollouts.data, stage.split)
     batches = DataIterator(prompts, batch_size=min(stage.rollout_batch_size, len(prompts)), shuffle=False,

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.lora import full_params, merged_params
-from rlhf_jax.rewards import ModelReward, ScoringBatch, build_reward_sources, combine
+from rlhf_jax.rewards import ModelReward, ScoringBatch, build_reward_sources, combine, source_scores
 from rlhf_jax.sampling.sampler import Sampler, SamplingSettings
 from rlhf_jax.sharding import make_mesh, param_shardings, place_batch, place_state, validate_mesh_for_model
 from rlhf_jax.stages.common import (Role, adapted_training, frozen_params, load_role, load_stage_dataset,
@@ -185,13 +185,9 @@ def greedy_evaluation(sampler: Sampler, params, dataset, reward_sources, reward_
         sample = sampler(params, prompt_tokens, prompt_mask, jax.random.key(0), settings)
         references = tuple(dataset.examples[int(batch["index"][row])].reference for row in fill)
         scoring = ScoringBatch(prompt_tokens, prompt_mask, sample.response_tokens, sample.response_mask, references)
-        total = None
-        for source, weight in zip(reward_sources, reward_weights):  # the weighted sum, as `combine` forms it
-            raw = jnp.asarray(source(scoring), jnp.float32)
-            by_source[source.name].append(np.asarray(multihost_utils.process_allgather(raw, tiled=True))[:count])
-            if weight != 0:
-                total = weight * raw if total is None else total + weight * raw
-        total = jnp.zeros(count, jnp.float32) if total is None else total
+        total, raw = source_scores(reward_sources, reward_weights, scoring)
+        for name, values in raw.items():
+            by_source[name].append(np.asarray(multihost_utils.process_allgather(values, tiled=True))[:count])
         scores.append(np.asarray(multihost_utils.process_allgather(total, tiled=True))[:count])
         lengths.append(np.asarray(multihost_utils.process_allgather(sample.response_lengths, tiled=True))[:count])
         ended.append(np.asarray(multihost_utils.process_allgather(sample.ended_with_eos, tiled=True))[:count])
