@@ -164,6 +164,7 @@ class ModelSpec:
     param_dtype: str = "float32"  # stored parameter dtype
     remat: bool = False  # recompute activations in the backward pass (saves memory)
     remat_policy: RematPolicy = RematPolicy.NOTHING  # what each block keeps for the backward pass when remat=true
+    scan_unroll: int | None = None  # layers per iteration of the scan over layers; None: all on a CPU, else 1
 
 
 @_config
@@ -354,6 +355,9 @@ class DPOStage(_TrainingStage):
     loss: DPOLoss = DPOLoss.SIGMOID
     label_smoothing: float = 0.0  # conservative DPO; in [0, 0.5)
     lora: LoRAConfig = LoRAConfig()  # lora.rank > 0: train adapters only; the reference is the base itself
+    # the reference's log-probs of every training pair in one pass before the first step, then looked up
+    # (TRL's precompute_ref_log_probs): each step skips the reference forward; False: computed per batch
+    precompute_reference: bool = False
 
 
 @_config
@@ -1229,6 +1233,8 @@ def _check_model(model: ModelSpec, prefix: str) -> None:
     for name in ("dtype", "param_dtype"):
         value = getattr(model, name)
         _require(value in DTYPES, prefix + name, value, "one of " + ", ".join(DTYPES))
+    if model.scan_unroll is not None:
+        _require(model.scan_unroll >= 1, prefix + "scan_unroll", model.scan_unroll, "a positive integer or null")
 
 
 def _sources_of(stage: Stage) -> Iterator[tuple[str, str, str]]:

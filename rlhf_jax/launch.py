@@ -282,6 +282,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.plan:
         return plan(config, args.devices, args.accelerator, argv, args.stage)
     validate(config, check_paths=True)
+    enable_compilation_cache()
     joined = distributed.initialize(
         distributed.DistributedConfig(args.coordinator, args.num_processes, args.process_id, args.local_device_ids),
         use_cluster=args.distributed)
@@ -306,6 +307,36 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"{stop}; resume with: {resume} (exit status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
     return 0
+
+
+COMPILATION_CACHE_ENV = "RLHF_JAX_COMPILATION_CACHE"
+DEFAULT_COMPILATION_CACHE = "~/.cache/rlhf_jax/xla"
+COMPILATION_CACHE_BYTES = 4 * 2**30  # least recently used programs are evicted beyond this
+
+
+def enable_compilation_cache() -> pathlib.Path | None:
+    """Keep compiled programs on disk (JAX's persistent compilation cache), so a relaunched or resumed run
+    loads its steps instead of compiling them again.
+
+    The directory is ``$RLHF_JAX_COMPILATION_CACHE`` (``off`` disables it), by default
+    ``~/.cache/rlhf_jax/xla``; programs are keyed by their HLO, the JAX version and the devices, so runs of
+    different experiments share it safely. Every program that took at least 0.5 s to compile is kept.
+    """
+    import jax
+
+    setting = os.environ.get(COMPILATION_CACHE_ENV, DEFAULT_COMPILATION_CACHE).strip()
+    if setting.lower() in ("", "off", "0", "none"):
+        return None
+    directory = pathlib.Path(setting).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{COMPILATION_CACHE_ENV}={setting}: cannot create the compilation cache directory "
+                        f"({error.strerror}); set it to a writable directory or to 'off'") from error
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+    return directory
 
 
 def plan(config: ExperimentConfig, num_devices: int, accelerator: str, argv: Sequence[str] | None,

@@ -111,7 +111,9 @@ def _abstract_model(experiment: ExperimentConfig, source: str | None):
 
     spec = model_for(experiment, _root_source(experiment, source))
     config, params, _ = load(spec.source, dtype=spec.dtype, param_dtype=spec.param_dtype, with_tokenizer=False)
-    config = dataclasses.replace(config, remat=spec.remat, remat_policy=str(spec.remat_policy))
+    # the program an accelerator runs: by default one layer per scan iteration (`llama.layer_unroll`)
+    config = dataclasses.replace(config, remat=spec.remat, remat_policy=str(spec.remat_policy),
+                                 scan_unroll=spec.scan_unroll or 1)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     return config, params
 

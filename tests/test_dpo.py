@@ -399,6 +399,21 @@ def test_dpo_killed_mid_run_resumes_exactly(tmp_path, monkeypatch):
     assert [r["dpo/loss"] for r in read_metrics(resumed)][-2:] == [r["dpo/loss"] for r in read_metrics(full)][-2:]
 
 
+def test_precomputed_reference_trains_as_the_per_batch_reference(tmp_path):
+    experiment = get_experiment("tiny_dpo")
+    stage = dataclasses.replace(experiment.stage("dpo"), max_steps=4)
+    runs = {}
+    for precompute in (False, True):
+        experiment = dataclasses.replace(
+            experiment, stages=(dataclasses.replace(stage, precompute_reference=precompute),),
+            optimizer=dataclasses.replace(experiment.optimizer, micro_batches=2))
+        runs[precompute] = read_metrics(_run_stage(experiment, "dpo", tmp_path / str(precompute)))
+    assert len(runs[True]) == len(runs[False]) == 4
+    for per_batch, looked_up in zip(runs[False], runs[True]):
+        for name in ("dpo/loss", "rewards/chosen", "rewards/margins", "logps/rejected"):
+            np.testing.assert_allclose(looked_up[name], per_batch[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # SmolLM2 on real HH pairs.
 

@@ -1,6 +1,7 @@
 """The launcher, through the real command line (subprocesses) and through ``main`` in-process."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -242,3 +243,31 @@ def test_extra_reward_sources_are_checked_and_shown_one_by_one(tmp_path):
                           "--dry-run"),
                       "stages.grpo.reward_weights: got (1.0,), expected one weight per reward source (2: "
                       "reward_model, then extra_rewards)")
+
+
+def test_a_relaunch_loads_its_compiled_programs_from_the_cache(tmp_path):
+    cache = tmp_path / "xla"
+    env = {**os.environ, "RLHF_JAX_COMPILATION_CACHE": str(cache)}
+
+    def launch(run_dir):
+        result = subprocess.run([sys.executable, "-m", "rlhf_jax.launch", "experiment=tiny_sft", f"run_dir={run_dir}"],
+                                cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr
+        return {path.name for path in cache.iterdir()}
+
+    first = launch(tmp_path / "a")
+    assert any(not name.endswith("-atime") for name in first), first  # the train step at least was kept
+    assert launch(tmp_path / "b") == first  # the same programs again: every one loaded, none compiled anew
+
+
+def test_the_compilation_cache_can_be_switched_off_and_names_a_bad_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for setting, code in ((str(blocker / "sub"), 2), ("off", 0)):
+        result = subprocess.run([sys.executable, "-m", "rlhf_jax.launch", "experiment=tiny_sft",
+                                 f"run_dir={tmp_path / setting.replace('/', '_')}", "stages.sft.max_steps=1"],
+                                cwd=REPO, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "RLHF_JAX_COMPILATION_CACHE": setting})
+        assert result.returncode == code, result.stderr
+        if code:
+            assert "RLHF_JAX_COMPILATION_CACHE" in result.stderr and "cannot create" in result.stderr

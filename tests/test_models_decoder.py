@@ -145,3 +145,22 @@ def test_remat_policies_give_the_same_loss_and_gradients(policy):
     np.testing.assert_allclose(checkpointed[0], plain[0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(checkpointed[1]), jax.tree.leaves(plain[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_unrolled_layers_compute_what_the_scan_computes():
+    from rlhf_jax.models.llama import layer_unroll
+
+    config = tiny_config("llama")
+    params = init_params(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, config.vocab_size)
+    outputs = {}
+    for unroll in (1, config.num_layers):
+        variant = dataclasses.replace(config, scan_unroll=unroll)
+        assert layer_unroll(variant) == unroll
+        loss = lambda p, c=variant: jnp.sum(forward(c, p, tokens).logits ** 2)  # noqa: E731
+        outputs[unroll] = (forward(variant, params, tokens).logits, jax.grad(loss)(params))
+    np.testing.assert_allclose(outputs[config.num_layers][0], outputs[1][0], rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), outputs[config.num_layers][1],
+                 outputs[1][1])
+    assert layer_unroll(dataclasses.replace(config, scan_unroll=None)) == (
+        config.num_layers if jax.default_backend() == "cpu" else 1)

@@ -133,7 +133,9 @@ def test_sft_plan_matches_the_stage_s_own_train_state_and_compiled_step(tmp_path
     from rlhf_jax.stages import sft
     from rlhf_jax.stages.common import device_batch
 
-    experiment = _tiny("tiny_sft", f"run_dir={tmp_path}", f"stages.sft.lora.rank={rank}", "mesh.data=1")
+    # model.scan_unroll=1: the program the plan models (an accelerator's); a CPU run unrolls by default
+    experiment = _tiny("tiny_sft", f"run_dir={tmp_path}", f"stages.sft.lora.rank={rank}", "mesh.data=1",
+                       "model.scan_unroll=1")
     stage = experiment.stage("sft")
     plan = _plan_one(experiment, "sft")
     resolve = stage_registry.make_resolver(experiment, tmp_path)

@@ -62,6 +62,7 @@ class DecoderConfig:
     param_dtype: str = "float32"
     remat: bool = False
     remat_policy: str = "nothing_saveable"  # a `jax.checkpoint_policies` name, used when remat is on
+    scan_unroll: int | None = None  # layers per scan iteration; None: all of them on a CPU, 1 elsewhere
 
     @property
     def num_query_groups(self) -> int:

@@ -262,6 +262,16 @@ def default_positions(attention_mask: jax.Array, segment_ids: jax.Array | None, 
     return jnp.maximum(positions, 0).astype(jnp.int32)
 
 
+def layer_unroll(config: DecoderConfig) -> int:
+    """Layers per iteration of the scan over layers: `config.scan_unroll`, or by default every layer on a CPU
+    (XLA's CPU backend spends about half of a training step copying the scan's stacked residuals and
+    gradients; unrolled, the step takes half the time and compiles no slower for small models) and one
+    elsewhere (the accelerators' compile time grows with the unrolled program; `docs/performance.md`)."""
+    if config.scan_unroll is not None:
+        return max(1, min(config.scan_unroll, config.num_layers))
+    return config.num_layers if jax.default_backend() == "cpu" else 1
+
+
 class Decoder(nn.Module):
     """The Llama-family causal LM.
 
@@ -287,6 +297,7 @@ class Decoder(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_layers,
+            unroll=layer_unroll(c),
         )(c)
         self.norm = RMSNorm(c.rms_norm_eps, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype))
         if not c.tie_word_embeddings:

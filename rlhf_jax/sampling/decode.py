@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.config import DecoderConfig
-from rlhf_jax.models.llama import _MASKED, Decoder, KVCache, apply_rope, rope_tables
+from rlhf_jax.models.llama import _MASKED, Decoder, KVCache, apply_rope, layer_unroll, rope_tables
 
 Params = Any
 
@@ -193,7 +193,8 @@ def packed_prefill(config: DecoderConfig, params: Params, prompt_tokens: jax.Arr
         hidden, keys, values = _layer(c, layer, hidden, cos, sin, lambda k, v: (k, v, allowed[None]))
         return hidden, (keys[0], values[0])  # [Hkv, T, hd]
 
-    hidden, (keys, values) = jax.lax.scan(layer_step, _embed(c, params, tokens), params["layers"])
+    hidden, (keys, values) = jax.lax.scan(layer_step, _embed(c, params, tokens), params["layers"],
+                                          unroll=layer_unroll(c))
     last = jnp.take(hidden[0], jnp.clip(offsets + lengths - 1, 0, packed_length - 1), axis=0)  # [B, D]
 
     def unpack(stacked):  # [L, Hkv, T, hd] -> L x [B, Hkv, capacity, hd], prompt slots left-padded

@@ -45,14 +45,16 @@ def load_role(experiment: ExperimentConfig, source: str | None, resolve: Callabl
     if is_artifact(resolved):
         artifact = load_artifact(resolved, with_tokenizer)
         config = dataclasses.replace(artifact.config, dtype=spec.dtype, param_dtype=spec.param_dtype,
-                                     remat=spec.remat, remat_policy=str(spec.remat_policy))
+                                     remat=spec.remat, remat_policy=str(spec.remat_policy),
+                                     scan_unroll=spec.scan_unroll)
         params = jax.tree.map(lambda x: x.astype(config.param_dtype), artifact.params)
         return Role(config, params, artifact.tokenizer, artifact.kind, artifact.metadata)
     from rlhf_jax.models import load
 
     config, params, tokenizer = load(resolved, dtype=spec.dtype, param_dtype=spec.param_dtype,
                                      with_tokenizer=with_tokenizer)
-    return Role(dataclasses.replace(config, remat=spec.remat, remat_policy=str(spec.remat_policy)), params, tokenizer,
+    return Role(dataclasses.replace(config, remat=spec.remat, remat_policy=str(spec.remat_policy),
+                                    scan_unroll=spec.scan_unroll), params, tokenizer,
                 "lm", {})
 
 
@@ -149,6 +151,19 @@ def device_batch(batch: dict, keys: tuple[str, ...] | None = None) -> dict:
     return {k: v for k, v in batch.items() if k != "index" and (keys is None or k in keys)}
 
 
+def loss_batch(batch: dict, keys: tuple[str, ...], num_microbatches: int = 1, whole: bool = False) -> dict:
+    """`device_batch` plus the positions that carry a loss (`trainers.common.with_loss_index`), so the steps run
+    the LM head there only. The index refers to the global batch: it is added in a single process, or when
+    every process holds the whole batch (`whole`, the whole-set evaluations); otherwise the step computes
+    every position, the same numbers."""
+    from rlhf_jax.trainers.common import with_loss_index
+
+    batch = device_batch(batch, keys)
+    if whole or jax.process_count() == 1:
+        batch = with_loss_index(batch, num_microbatches)
+    return batch
+
+
 def training_iterator(dataset, **settings):
     """The training `DataIterator`: in a multi-process run each process yields its rows of every global
     batch (`batch_size` stays the global batch size; `place_batch` assembles the global arrays)."""
@@ -184,7 +199,7 @@ def pair_outputs_over(eval_step: Callable, params, dataset, batch_size: int, key
     step, place = whole_set_evaluator(eval_step, mesh)
     chosen, rejected = [], []
     for batch in iterator:
-        c, r = jax.device_get(step(params, place(device_batch(batch, keys))))
+        c, r = jax.device_get(step(params, place(loss_batch(batch, keys, whole=True))))
         chosen.append(c)
         rejected.append(r)
     return np.concatenate(chosen), np.concatenate(rejected)

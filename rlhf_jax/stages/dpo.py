@@ -20,7 +20,7 @@ from rlhf_jax.losses import dpo_loss
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
                                shard_train_step, state_shardings, use_mesh, validate_mesh_for_model)
 from rlhf_jax.models.lora import merged_params
-from rlhf_jax.stages.common import (adapted_training, bind_base, build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
+from rlhf_jax.stages.common import (adapted_training, bind_base, build_optimizer, compile_report, dry_run_source, fit, load_role, loss_batch,
                                     load_stage_dataset, require_language_model, require_tokenizer,
                                     training_iterator, pair_outputs_over, write_summary)
 from rlhf_jax.trainers.dpo import PAIR_KEYS, dpo_eval_step, dpo_train_step, make_reference_fn
@@ -83,14 +83,29 @@ def _setup(experiment, stage, resolve, source, reference_source):
         reference_config, reference), frozen
 
 
-def _reference_preparer(reference_config, reference, mesh):
-    """Host batch -> the step's batch on the mesh, with the frozen reference's log-probs of its pairs."""
+def _reference_preparer(reference_config, reference, mesh, num_microbatches: int, precompute=None):
+    """Host batch -> the step's batch on the mesh, with the frozen reference's log-probs of its pairs.
+
+    precompute: None (the reference runs on each batch), or `(dataset, batch_size)`: the reference's
+    log-probs of every pair of the training set are computed once, here, and each batch looks its rows up
+    by their example `index`.
+    """
     validate_mesh_for_model(reference_config, mesh)
     reference = place_state(reference, param_shardings(reference, mesh))
-    reference_fn = make_reference_fn(reference_config)
+    if precompute is not None:
+        dataset, batch_size = precompute
+        table = sequence_logprobs_over(reference_config, reference, dataset, batch_size, mesh)
+
+        def prepare(batch):
+            rows = np.asarray(batch["index"])
+            logps = {"reference_chosen_logps": table[0][rows], "reference_rejected_logps": table[1][rows]}
+            return place_batch({**loss_batch(batch, PAIR_KEYS, num_microbatches), **logps}, mesh)
+
+        return reference, prepare
+    reference_fn = make_reference_fn(reference_config, num_microbatches)
 
     def prepare(batch):
-        batch = place_batch(device_batch(batch, PAIR_KEYS), mesh)
+        batch = place_batch(loss_batch(batch, PAIR_KEYS, num_microbatches), mesh)
         with use_mesh(mesh):
             logps = reference_fn(reference, batch)
         return place_batch({**batch, **logps}, mesh)
@@ -106,7 +121,7 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     role, _, dataset, _, _, iterator, total_steps, state, step, (reference_config, reference), frozen = _setup(
         experiment, stage, resolve, source, reference_source)
     validate_mesh_for_model(role.config, mesh)
-    _, prepare = _reference_preparer(reference_config, reference, mesh)
+    _, prepare = _reference_preparer(reference_config, reference, mesh, experiment.optimizer.micro_batches)
     batch = prepare(next(iterator))
     print(f"  model {source or experiment.model.source}: {role.config.num_params():,} params; {len(dataset)} pairs, "
           f"up to {total_steps} steps, first batch {tuple(batch['chosen_tokens'].shape)} per side")
@@ -121,7 +136,9 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         reference_config, reference), frozen = _setup(experiment, stage, resolve, stage.model, stage.reference)
     validate_mesh_for_model(role.config, mesh)
     reference_is_base = bool(frozen) and stage.reference is None
-    reference, prepare = _reference_preparer(reference_config, reference, mesh)
+    reference, prepare = _reference_preparer(
+        reference_config, reference, mesh, experiment.optimizer.micro_batches,
+        (dataset, data.batch_size) if stage.precompute_reference else None)
     frozen = (reference,) if reference_is_base else place_state(
         frozen, tuple(param_shardings(params, mesh) for params in frozen))  # one copy of the base on the mesh
     base = frozen[0] if frozen else {}

@@ -12,7 +12,7 @@ import numpy as np
 
 from rlhf_jax.data import DataIterator
 from rlhf_jax.models.lora import adapter_paths, merged_params, num_params
-from rlhf_jax.stages.common import (adapted_training, bind_base, build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
+from rlhf_jax.stages.common import (adapted_training, bind_base, build_optimizer, compile_report, dry_run_source, fit, load_role, loss_batch,
                                     load_stage_dataset, require_language_model, require_tokenizer,
                                     training_iterator, whole_set_evaluator, write_summary)
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
@@ -43,7 +43,7 @@ def evaluate(config, params, dataset, batch_size: int, mesh=None) -> dict[str, f
     eval_fn, place = whole_set_evaluator(functools.partial(sft_eval_step, config), mesh)
     total, count = 0.0, 0.0
     for batch in iterator:
-        loss_sum, tokens = eval_fn(params, place(device_batch(batch, SFT_KEYS)))
+        loss_sum, tokens = eval_fn(params, place(loss_batch(batch, SFT_KEYS, whole=True)))
         total, count = total + float(loss_sum), count + float(tokens)
     loss = total / max(count, 1.0)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": count}
@@ -77,7 +77,7 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     """Load the model and data, build the first batch and compile the train step; nothing is trained."""
     source = dry_run_source(experiment, stage.model, resolve)
     role, _, _, _, iterator, total_steps, state, step, frozen = _setup(experiment, stage, resolve, source)
-    batch = device_batch(next(iterator), SFT_KEYS)
+    batch = loss_batch(next(iterator), SFT_KEYS, experiment.optimizer.micro_batches)
     print(f"  model {source or experiment.model.source}: {role.config.num_params():,} params; "
           f"{len(iterator.dataset)} examples, {total_steps} steps, first batch tokens {tuple(batch['tokens'].shape)}")
     if stage.lora.rank > 0:
@@ -103,7 +103,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
         total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},
         restore_host_state=lambda saved: iterator.set_state(saved["data"]),
-        prepare=lambda batch: place_batch(device_batch(batch, SFT_KEYS), mesh),
+        prepare=lambda batch: place_batch(loss_batch(batch, SFT_KEYS, experiment.optimizer.micro_batches), mesh),
     )
     summary = {"steps": int(state.step)}
     if records:

@@ -4,12 +4,22 @@ Batch convention (see docs/data.md): right- or left-padded `tokens [B, T]`, `att
 `loss_mask [B, T]` marking tokens to predict at their own positions; optional `segment_ids`,
 `positions` for packed rows. Log-probs are aligned to the predicted token: `logprobs[:, t]` is
 log p(tokens[:, t] | tokens[:, :t]) and `logprobs[:, 0] = 0`.
+
+The LM head (the [D, V] unembedding and the log-softmax over the vocabulary) is most of a small model's
+cost per position, and a completion-only SFT or DPO batch predicts a minority of its positions. A batch may
+therefore carry `loss_index` (`pair_loss_index` for preference batches), the positions that carry a loss,
+written on the host by :func:`with_loss_index`: the head then runs at those positions only, and every other
+position's log-prob is 0. Its shape is bucketed so that few programs are compiled, and laid out so that the
+strided micro-batch split (`training.accumulate.split_microbatches`) hands each micro-batch its own list.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.losses import logprobs_and_entropy_from_hidden, logprobs_from_hidden
 from rlhf_jax.models import llama
@@ -40,22 +50,107 @@ def _logprobs_at(config: DecoderConfig, params, hidden, targets, keep, temperatu
 
 
 def token_logprobs(config: DecoderConfig, params, batch, temperature: float = 1.0, seq_chunk: int | None = 128,
-                   with_entropy: bool = False):
+                   with_entropy: bool = False, index=None):
     """Teacher-forced log p(tokens[t] | tokens[<t]) aligned to t: [B, T] float32 (column 0 is 0).
 
     Never materialises [B, T, V] logits: the unembedding runs chunk by chunk over T. With
     `with_entropy`, also returns the per-position entropy of the predictive distribution, aligned the
     same way. Positions where t starts a new packed segment get 0.
+
+    index: None, or the positions to compute (a `loss_index` [B', k] from :func:`with_loss_index`, flattened
+    to row-major positions of this [B, T] batch; entries >= B·T are padding). The head then runs at those
+    positions only and every other position gives 0.
     """
     out = llama.forward(config, params, batch["tokens"], batch.get("positions"), batch.get("attention_mask"),
                         batch.get("segment_ids"), compute_logits=False)
     targets, same_segment = _shifted_targets(batch)
+    if index is not None:
+        if with_entropy:
+            raise ValueError("token_logprobs: with_entropy needs every position (index must be None)")
+        return _logprobs_at_index(config, params, out.hidden, batch["tokens"], index, temperature)
     result = _logprobs_at(config, params, out.hidden[:, :-1], targets, same_segment, temperature, seq_chunk,
                           with_entropy)
     pad = jnp.zeros((targets.shape[0], 1), jnp.float32)
     if with_entropy:
         return tuple(jnp.concatenate([pad, x], axis=1) for x in result)
     return jnp.concatenate([pad, result], axis=1)
+
+
+def _logprobs_at_index(config: DecoderConfig, params, hidden, tokens, index, temperature: float):
+    """[B, T] log-probs, computed at the flat positions `index` only (0 elsewhere)."""
+    rows, length = tokens.shape
+    flat = index.reshape(-1).astype(jnp.int32)
+    valid = flat < rows * length
+    # a position p predicts tokens[p] from hidden[p - 1] (same row: column 0 is never in an index)
+    at = jnp.where(valid, flat, 1)
+    selected_hidden = hidden.reshape(rows * length, -1)[at - 1]
+    selected_tokens = tokens.reshape(-1)[at]
+    # K · V float32 logits per chunk: one chunk up to 2^26 values (256 MiB), no recomputation below that
+    chunk = max(128, 2**26 // config.vocab_size)
+    values = _logprobs_at(config, params, selected_hidden[None], selected_tokens[None], valid[None], temperature,
+                          chunk, False)[0]
+    return jnp.zeros(rows * length, jnp.float32).at[flat].set(values, mode="drop").reshape(rows, length)
+
+
+def _predicted_mask_host(loss_mask: np.ndarray, segment_ids: np.ndarray | None) -> np.ndarray:
+    """`predicted_mask` on host arrays."""
+    mask = np.asarray(loss_mask).astype(bool).copy()
+    mask[:, 0] = False
+    if segment_ids is not None:
+        mask[:, 1:] &= np.asarray(segment_ids)[:, 1:] == np.asarray(segment_ids)[:, :-1]
+    return mask
+
+
+def index_bucket(count: int, limit: int) -> int:
+    """Entries of a position index holding `count` positions: the next of 64, 96, 128, 192, 256, ... (two
+    sizes per octave, at most 50% padding and a handful of compiled programs), never above `limit`."""
+    if count <= 64:
+        return min(64, limit)
+    octave = 2 ** math.floor(math.log2(count))
+    size = octave if count <= octave else (octave * 3 // 2 if count <= octave * 3 // 2 else octave * 2)
+    return min(size, limit)
+
+
+def position_index(masks: list[np.ndarray], carriers: int) -> np.ndarray:
+    """Flat positions of each micro-batch's True entries, laid out as the strided micro-batch split expects.
+
+    masks: one [r, T] bool array per micro-batch m (its rows in order). Returns [M·b, k] int32 where, after
+    `split_microbatches`, micro-batch m's [b, k] block flattens to its positions (row-major in [r, T]),
+    padded with r·T. b = `carriers` is the number of rows a micro-batch of the batch carrying the index has.
+    """
+    rows, length = masks[0].shape
+    count = max(int(mask.sum()) for mask in masks)
+    size = index_bucket(count, rows * length)
+    per_row = -(-size // carriers)
+    blocks = np.full((len(masks), carriers * per_row), rows * length, np.int32)
+    for m, mask in enumerate(masks):
+        positions = np.flatnonzero(mask)
+        blocks[m, : positions.size] = positions
+    # row j·M + m of the result is block m's j-th slice (micro-batch m holds rows m, m + M, ...)
+    return blocks.reshape(len(masks), carriers, per_row).transpose(1, 0, 2).reshape(-1, per_row)
+
+
+def with_loss_index(batch: dict, num_microbatches: int = 1) -> dict:
+    """The batch plus the positions that carry a loss, so the LM head runs there only (host numpy).
+
+    SFT batches (`loss_mask`) get `loss_index`; preference batches (`chosen_loss_mask`, `rejected_loss_mask`)
+    get `pair_loss_index`, indexing each micro-batch's [chosen rows; rejected rows] stack as
+    `trainers.dpo.pair_logprobs` forms it. Steps read the index when present, so a batch without it computes
+    the same numbers at every position; a batch with neither mask is returned as it is.
+    """
+    def split(array):
+        return [np.asarray(array)[m::num_microbatches] for m in range(num_microbatches)]
+
+    if "chosen_loss_mask" in batch:
+        masks = [np.concatenate([chosen, rejected]) for chosen, rejected in zip(
+            split(_predicted_mask_host(batch["chosen_loss_mask"], None)),
+            split(_predicted_mask_host(batch["rejected_loss_mask"], None)))]
+        # the stack has 2b rows per micro-batch; the index travels in the b rows of the pair batch
+        return {**batch, "pair_loss_index": position_index(masks, masks[0].shape[0] // 2)}
+    if "loss_mask" not in batch:
+        return batch
+    masks = split(_predicted_mask_host(batch["loss_mask"], batch.get("segment_ids")))
+    return {**batch, "loss_index": position_index(masks, masks[0].shape[0])}
 
 
 def continuation_logprobs(config: DecoderConfig, params, tokens, attention_mask, start: int, temperature: float = 1.0,

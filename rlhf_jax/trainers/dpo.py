@@ -24,7 +24,7 @@ from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.lora import LoRAConfig
 from rlhf_jax.trainers.lora import adapter_loss_sum
 from rlhf_jax.trainers.common import predicted_mask, token_logprobs
-from rlhf_jax.training.accumulate import accumulate_gradients
+from rlhf_jax.training.accumulate import accumulate_gradients, split_microbatches
 from rlhf_jax.training.state import TrainState
 
 PAIR_KEYS = ("chosen_tokens", "chosen_attention_mask", "chosen_loss_mask", "rejected_tokens",
@@ -32,14 +32,15 @@ PAIR_KEYS = ("chosen_tokens", "chosen_attention_mask", "chosen_loss_mask", "reje
 REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 
 
-def sequence_logprobs(config: DecoderConfig, params, tokens, attention_mask, loss_mask):
+def sequence_logprobs(config: DecoderConfig, params, tokens, attention_mask, loss_mask, index=None):
     """Σ_t log p(tokens[t] | tokens[<t]) over the response tokens of each row: [B] float32.
 
     tokens, attention_mask, loss_mask: [B, T] (right-padded; loss_mask marks the response tokens at their own
-    positions, as the preference collator writes it).
+    positions, as the preference collator writes it). index: None or the flat positions carrying a loss
+    (`trainers.common.with_loss_index`), where alone the LM head then runs.
     """
     batch = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
-    logprobs = token_logprobs(config, params, batch)
+    logprobs = token_logprobs(config, params, batch, index=index)
     return jnp.sum(jnp.where(predicted_mask(batch), logprobs, 0.0), axis=-1)
 
 
@@ -48,19 +49,27 @@ def pair_logprobs(config: DecoderConfig, params, batch):
     tokens, attention_mask, loss_mask = (
         jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
         for key in ("tokens", "attention_mask", "loss_mask"))
-    logps = sequence_logprobs(config, params, tokens, attention_mask, loss_mask)
+    logps = sequence_logprobs(config, params, tokens, attention_mask, loss_mask, batch.get("pair_loss_index"))
     half = batch["chosen_tokens"].shape[0]
     return logps[:half], logps[half:]
 
 
-def reference_logprobs(config: DecoderConfig, reference_params, batch) -> dict:
+def reference_logprobs(config: DecoderConfig, reference_params, batch, num_microbatches: int = 1) -> dict:
     """The frozen reference's sequence log-probs, keyed as the train step reads them from the batch.
 
-    Jit it on its own (`jax.jit(functools.partial(reference_logprobs, config))`) and merge the result into the
-    batch: ``{**batch, **reference_logprobs(config, reference_params, batch)}``.
+    Jit it on its own (`make_reference_fn`) and merge the result into the batch:
+    ``{**batch, **reference_logprobs(config, reference_params, batch, M)}``. It goes through the batch in the
+    train step's `num_microbatches` (the same activation memory, and a `pair_loss_index` laid out for them).
     """
-    chosen, rejected = pair_logprobs(config, jax.lax.stop_gradient(reference_params), batch)
-    return {"reference_chosen_logps": chosen, "reference_rejected_logps": rejected}
+    reference_params = jax.lax.stop_gradient(reference_params)
+    microbatches = split_microbatches(batch, num_microbatches)
+    chosen, rejected = jax.lax.map(lambda microbatch: pair_logprobs(config, reference_params, microbatch),
+                                   microbatches)
+
+    def unsplit(x):  # [M, B/M] -> [B]: micro-batch m holds rows m, m + M, ...
+        return jnp.swapaxes(x, 0, 1).reshape(-1)
+
+    return {"reference_chosen_logps": unsplit(chosen), "reference_rejected_logps": unsplit(rejected)}
 
 
 def dpo_loss_sum(config: DecoderConfig, beta: float, loss_type: str, label_smoothing: float, params,
@@ -104,6 +113,6 @@ def dpo_eval_step(config: DecoderConfig, params, batch):
     return pair_logprobs(config, params, batch)
 
 
-def make_reference_fn(config: DecoderConfig):
+def make_reference_fn(config: DecoderConfig, num_microbatches: int = 1):
     """`reference_logprobs` jitted for `config`: (reference_params, batch) -> {REFERENCE_KEYS: [B]}."""
-    return jax.jit(functools.partial(reference_logprobs, config))
+    return jax.jit(functools.partial(reference_logprobs, config, num_microbatches=num_microbatches))

@@ -21,7 +21,7 @@ from rlhf_jax.training.state import TrainState
 
 def sft_loss_sum(config: DecoderConfig, params, batch):
     """(Σ NLL over predicted response tokens, (count, {})) for one micro-batch."""
-    logprobs = token_logprobs(config, params, batch)
+    logprobs = token_logprobs(config, params, batch, index=batch.get("loss_index"))
     mask = predicted_mask(batch)
     loss_sum = jnp.sum(jnp.where(mask, -logprobs, 0.0))
     return loss_sum, (jnp.sum(mask).astype(jnp.float32), {})
