@@ -271,8 +271,14 @@ def test_smollm2_adapters_on_q_and_v_start_at_the_base_model(smollm2, left_padde
     sequences = [tokenizer.encode(text) for text in ("The capital of France is", "LoRA adds low-rank adapters")]
     tokens, mask = left_padded(sequences, pad_id=config.pad_token_id)
     batch = {"tokens": jnp.asarray(tokens), "attention_mask": jnp.asarray(mask)}
-    np.testing.assert_allclose(_logits(config, apply_lora(params, adapters, lora_config), batch),
-                               _logits(config, params, batch), rtol=1e-6, atol=1e-5)
+    # b = 0: the update (x a) b is exactly zero in every adapted layer
+    adapted = apply_lora(params, adapters, lora_config)
+    for name in ("q_proj", "v_proj"):
+        module = adapted["layers"]["self_attn"][name]
+        assert not np.any(np.asarray(module["lora_b"])) and module["kernel"] is params["layers"]["self_attn"][name]["kernel"]
+    # so the logits are the base model's up to float32 rounding: the adapted program is compiled apart
+    # (XLA fuses and tiles its projections differently), and 30 layers of fp32 differ by ~1e-5 relative
+    np.testing.assert_allclose(_logits(config, adapted, batch), _logits(config, params, batch), rtol=2e-5, atol=2e-4)
     # rank * (in + out) per layer for q [576 -> 576] and v [576 -> 192], 30 layers: 460,800 of 134.5M params
     q_out, v_out = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     expected = config.num_layers * 8 * ((config.hidden_size + q_out) + (config.hidden_size + v_out))
