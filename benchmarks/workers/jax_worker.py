@@ -1,0 +1,246 @@
+"""The rlhf_jax side of the suite: runs one workload at a time the way the stage runners do, on request.
+
+Started by `benchmarks/suite.py`, which talks to it in JSON lines (`protocol.serve`). The model is loaded by
+the stages' `load_role` (the model spec's dtypes and layer settings), and every training step is built as in
+`rlhf_jax/stages/{sft,reward,dpo}.py` `run`: the stage's train step bound with
+`functools.partial`, a `TrainState` with the stage's optimizer (`build_optimizer`), the state donated and
+placed by `place_for_training` on the default mesh, and each host batch made a device batch by the stage's
+own `prepare` (for DPO: the jitted reference forward first). A timed step is `prepare` + the step + fetching
+its metrics (which waits for the step to finish). The GRPO workload runs a whole RL stage through the
+launcher and reads the per-phase times the stage logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.monitoring
+import jax.numpy as jnp
+import numpy as np
+
+from protocol import npz_batches, serve_workloads
+from rlhf_jax.config import (GRPO_ALGORITHM, CheckpointConfig, DataConfig, DPOStage, ExperimentConfig, GRPOStage,
+                             LoggingConfig, MeshConfig, ModelSpec, OptimizerConfig, OptimizerName, RewardStage,
+                             Schedule, SFTStage, validate)
+from rlhf_jax.models import llama
+from rlhf_jax.sampling import Sampler, SamplingSettings
+from rlhf_jax.sharding import make_mesh, param_shardings, place_batch, place_for_training, place_state, use_mesh
+from rlhf_jax.stages.common import bind_base, build_optimizer, device_batch, load_role, loss_batch
+from rlhf_jax.stages.reward import PAIR_KEYS as REWARD_KEYS
+from rlhf_jax.stages.sft import SFT_KEYS
+from rlhf_jax.trainers.dpo import PAIR_KEYS as DPO_KEYS
+from rlhf_jax.trainers.dpo import dpo_train_step, make_reference_fn
+from rlhf_jax.trainers.reward import reward_train_step
+from rlhf_jax.trainers.sft import sft_eval_step, sft_train_step
+from rlhf_jax.training.state import TrainState
+
+SEED = 0
+
+
+class CompileCounter:
+    """Backend compilations (and their seconds) since the last `take()`: a timed step that compiled is
+    reported as such, and left out of the steady-state median by the coordinator."""
+
+    def __init__(self):
+        self.count, self.seconds = 0, 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+
+    def _record(self, event: str, duration: float, **_) -> None:
+        if event.endswith("backend_compile_duration"):
+            self.count += 1
+            self.seconds += duration
+
+    def take(self) -> dict:
+        taken = {"compiles": self.count, "compile_seconds": self.seconds}
+        self.count, self.seconds = 0, 0.0
+        return taken
+
+
+def experiment(spec: dict, stage) -> ExperimentConfig:
+    """The experiment config a stage run of this workload would have (model, data, optimizer)."""
+    return ExperimentConfig(
+        name="benchmark", run_dir=spec.get("run_dir", "runs/benchmark"), model=ModelSpec(source=spec["model"]),
+        data=DataConfig(path=spec["data_path"], max_prompt_length=spec["max_prompt_length"],
+                        max_length=spec["max_length"], batch_size=spec["batch_size"]),
+        optimizer=OptimizerConfig(**{**spec["optimizer"], "name": OptimizerName(spec["optimizer"]["name"]),
+                                     "schedule": Schedule(spec["optimizer"]["schedule"])}),
+        stages=(stage,),
+    )
+
+
+class Workload:
+    """A stage's train step with its state and batches: `step(i)` runs batch i and returns its numbers."""
+
+    def __init__(self, spec: dict, compiles: CompileCounter):
+        self.spec = spec
+        self.compiles = compiles
+        self.inputs = np.load(spec["inputs"])
+        # the stage's loader: the model spec's dtypes, remat and layer-scan settings
+        role = load_role(experiment(spec, SFTStage(name="load")), None, lambda source: source, with_tokenizer=False)
+        self.config, self.params = role.config, role.params
+        self.mesh = make_mesh(MeshConfig())
+        self.micro_batches = spec["optimizer"]["micro_batches"]
+        self.total_steps = spec["steps"]
+        name = spec["workload"]
+        self.state, self.step_fn, self.prepare, self.host_batches = getattr(self, f"_build_{name}")()
+        del self.params  # in the train state now (or donated to it)
+
+    # -- builders: (state, jitted step, prepare, host batches), as the stage's run() wires them --------------
+
+    def _train(self, stage, step, params):
+        tx = build_optimizer(experiment(self.spec, stage), stage, self.total_steps)
+        state = TrainState.create(params, tx, jax.random.key(SEED))
+        (state,), step_fn = place_for_training(bind_base(step, stage.lora), (state,), self.mesh, ())
+        return state, step_fn
+
+    def _build_sft(self, prefix: str = ""):
+        stage = SFTStage(name="sft")
+        state, step_fn = self._train(stage, functools.partial(sft_train_step, self.config, self.micro_batches),
+                                     self.params)
+        mesh, micro_batches = self.mesh, self.micro_batches
+        prepare = lambda batch: place_batch(loss_batch(batch, SFT_KEYS, micro_batches), mesh)  # noqa: E731
+        return state, step_fn, prepare, npz_batches(self.inputs, prefix)
+
+    def _build_sft_packed(self):
+        return self._build_sft(prefix="packed/")
+
+    def _build_rm(self):
+        stage = RewardStage(name="rm")
+        key = jax.random.fold_in(jax.random.key(SEED), 1)
+        model = llama.init_scalar_model(self.config, self.params, key)
+        # the suite gave the TRL model this head: check it is the one the stage draws
+        np.testing.assert_array_equal(np.asarray(model["head"]["kernel"]), self.inputs["head_kernel"])
+        state, step_fn = self._train(stage, functools.partial(
+            reward_train_step, self.config, stage.center_rewards_coef, self.micro_batches,
+            freeze_backbone=stage.freeze_backbone), model)
+        mesh = self.mesh
+        prepare = lambda batch: place_batch(device_batch(batch, REWARD_KEYS), mesh)  # noqa: E731
+        return state, step_fn, prepare, npz_batches(self.inputs)
+
+    def _build_dpo(self):
+        stage = DPOStage(name="dpo", beta=self.spec["beta"])
+        # a copy: the policy's buffers are donated to the train step
+        reference = jax.tree.map(jnp.copy, self.params)
+        reference = place_state(reference, param_shardings(reference, self.mesh))
+        state, step_fn = self._train(stage, functools.partial(
+            dpo_train_step, self.config, stage.beta, str(stage.loss), stage.label_smoothing, self.micro_batches),
+            self.params)
+        reference_fn = make_reference_fn(self.config, self.micro_batches)
+        mesh, micro_batches = self.mesh, self.micro_batches
+
+        def prepare(batch):
+            batch = place_batch(loss_batch(batch, DPO_KEYS, micro_batches), mesh)
+            with use_mesh(mesh):
+                logps = reference_fn(reference, batch)
+            return place_batch({**batch, **logps}, mesh)
+
+        return state, step_fn, prepare, npz_batches(self.inputs)
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    def step(self, index: int) -> dict:
+        """One optimizer step on batch `index` (sft_packed: one pass over all its packed batches)."""
+        self.compiles.take()
+        todo = self.host_batches if self.spec["workload"] == "sft_packed" else [
+            self.host_batches[index % len(self.host_batches)]]
+        losses = []
+        start = time.perf_counter()
+        for host_batch in todo:
+            self.state, metrics = self.step_fn(self.state, self.prepare(host_batch))
+            losses.append(jax.device_get(metrics))
+        seconds = time.perf_counter() - start
+        first = {name: float(value) for name, value in losses[0].items()}
+        loss_key = next(name for name in first if name.endswith("/loss"))
+        return {"seconds": seconds, "loss": first[loss_key], "metrics": first,
+                "losses": [float(m[loss_key]) for m in losses], **self.compiles.take()}
+
+    def check(self) -> dict:
+        """sft_packed: Σ NLL and token count over every packed batch with the current (initial) weights."""
+        eval_fn = jax.jit(functools.partial(sft_eval_step, self.config))
+        total, count = 0.0, 0.0
+        for host_batch in self.host_batches:
+            with use_mesh(self.mesh):
+                loss_sum, tokens = eval_fn(self.state.params, self.prepare(host_batch))
+            total, count = total + float(loss_sum), count + float(tokens)
+        return {"loss_sum": total, "count": count}
+
+
+class SamplerWorkload:
+    """`rlhf_jax.sampling.Sampler`, greedy, EOS ignored: every row gets `max_new_tokens` tokens."""
+
+    def __init__(self, spec: dict, compiles: CompileCounter):
+        self.compiles = compiles
+        inputs = np.load(spec["inputs"])
+        role = load_role(experiment(spec, SFTStage(name="load")), None, lambda source: source, with_tokenizer=False)
+        self.config, self.params = role.config, role.params
+        self.tokens, self.mask = inputs["prompt_tokens"], inputs["prompt_mask"]
+        self.sampler = Sampler(self.config)
+        self.settings = SamplingSettings(greedy=True, max_new_tokens=spec["new_tokens"], eos_token_ids=())
+        self.key = jax.random.key(SEED)
+
+    def step(self, index: int) -> dict:
+        self.compiles.take()
+        start = time.perf_counter()
+        out = jax.block_until_ready(self.sampler(self.params, self.tokens, self.mask, self.key, self.settings))
+        seconds = time.perf_counter() - start
+        assert int(np.asarray(out.response_mask).sum()) == self.tokens.shape[0] * self.settings.max_new_tokens
+        reply = {"seconds": seconds, **self.compiles.take()}
+        if index == 0:
+            reply["tokens"] = np.asarray(out.response_tokens).tolist()
+        return reply
+
+
+def grpo(spec: dict) -> dict:
+    """One GRPO stage of `warmup + steps` iterations through the launcher; the per-phase seconds it logs."""
+    from rlhf_jax import launch
+
+    with tempfile.TemporaryDirectory(prefix="grpo-", dir=spec.get("work_dir")) as run_dir:
+        stage = GRPOStage(
+            name="grpo", reward_model=spec["reward"], max_steps=spec["iterations"],
+            rollout_batch_size=spec["prompts"], max_new_tokens=spec["new_tokens"],
+            algorithm=dataclasses.replace(GRPO_ALGORITHM, group_size=spec["group_size"],
+                                          mini_batch_size=spec["mini_batch_size"],
+                                          update_epochs=spec["update_epochs"]),
+        )
+        config = dataclasses.replace(experiment({**spec, "run_dir": run_dir}, stage),
+                                     checkpoint=CheckpointConfig(every_steps=10**6, keep_last=1),
+                                     logging=LoggingConfig(every_steps=1, sample_every=None))
+        validate(config, check_paths=True)
+        launch.run(config, launch.prepare_run_dir(config))
+        records = [json.loads(line) for line in (Path(run_dir) / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    keys = ("time/generate", "time/score", "time/train", "time/step")
+    return {"iterations": [{key: record[key] for key in keys if key in record} for record in records
+                           if "time/generate" in record]}
+
+
+def square_matmul(size: int):
+    a = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(2), (size, size), jnp.float32)
+    matmul = jax.jit(jnp.dot)
+    return lambda: matmul(a, b).block_until_ready()
+
+
+def main() -> None:
+    compiles = CompileCounter()
+
+    def build(spec: dict):
+        kind = SamplerWorkload if spec["workload"].startswith("sampler") else Workload
+        return kind(spec, compiles), {"jax": jax.__version__, "backend": jax.default_backend(),
+                                      "devices": jax.device_count()}
+
+    def free() -> None:
+        gc.collect()
+        jax.clear_caches()
+
+    serve_workloads(build, free, square_matmul, grpo=lambda request: grpo(request["spec"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""benchmarks/suite.py end to end on a tiny model: every workload runs on both sides, and the two agree."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = REPO / "benchmarks" / "suite.py"
+
+
+def run_suite(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SUITE), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_unknown_workload_is_refused_in_one_line():
+    done = run_suite("--workloads", "sft,ppo", timeout=120)
+    assert done.returncode == 2
+    assert "unknown workload(s) ppo" in done.stderr
+
+
+@pytest.mark.slow  # one to two minutes on 2 cores: two worker processes, seven workloads
+def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
+    out = tmp_path / "tiny"
+    done = run_suite("--tiny", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    results = report["results"]
+    samplers = sorted(name for name in results if name.startswith("sampler_"))
+    assert len(samplers) == 2
+    assert set(results) == {"sft", "sft_packed", "rm", "dpo", "grpo", *samplers}
+    for name, result in results.items():
+        assert "error" not in result, (name, result.get("error"))
+        assert len(result["load_average"]["before"]) == 3
+        if name == "grpo":
+            assert all(result["median_s"][phase] > 0 for phase in ("generate", "score", "train"))
+            continue
+        for side in ("ours", "theirs"):
+            numbers = result[side]
+            assert numbers["tokens_per_s_real"] > 0 and numbers["tokens_per_s_padded"] >= numbers["tokens_per_s_real"]
+            assert 0 < numbers["mfu"] < 1 and numbers["first_call_s"] > 0
+            assert len(numbers["matmul_gflops"]) == 2 and min(numbers["matmul_gflops"]) > 0
+        assert result["ratio"] > 0
+        if name in samplers:
+            assert result["token_check"]["passed"], result["token_check"]
+        else:
+            check = result["loss_check"]
+            assert check["passed"] and check["rel_diff"] <= 1e-3, check
+            assert check["ours"] > 0 and check["theirs"] > 0
+    assert results["dpo"]["loss_check"]["extra"]["logps/chosen"]["rel_diff"] <= 1e-3
+    table = out.with_suffix(".md").read_text()
+    assert "| sft |" in table and "FAILED" not in table
