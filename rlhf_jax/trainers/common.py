@@ -92,15 +92,6 @@ def _logprobs_at_index(config: DecoderConfig, params, hidden, tokens, index, tem
     return jnp.zeros(rows * length, jnp.float32).at[flat].set(values, mode="drop").reshape(rows, length)
 
 
-def _predicted_mask_host(loss_mask: np.ndarray, segment_ids: np.ndarray | None) -> np.ndarray:
-    """`predicted_mask` on host arrays."""
-    mask = np.asarray(loss_mask).astype(bool).copy()
-    mask[:, 0] = False
-    if segment_ids is not None:
-        mask[:, 1:] &= np.asarray(segment_ids)[:, 1:] == np.asarray(segment_ids)[:, :-1]
-    return mask
-
-
 def index_bucket(count: int, limit: int) -> int:
     """Entries of a position index holding `count` positions: the next of 64, 96, 128, 192, 256, ... (two
     sizes per octave, at most 50% padding and a handful of compiled programs), never above `limit`."""
@@ -143,13 +134,13 @@ def with_loss_index(batch: dict, num_microbatches: int = 1) -> dict:
 
     if "chosen_loss_mask" in batch:
         masks = [np.concatenate([chosen, rejected]) for chosen, rejected in zip(
-            split(_predicted_mask_host(batch["chosen_loss_mask"], None)),
-            split(_predicted_mask_host(batch["rejected_loss_mask"], None)))]
+            split(predicted_mask({"tokens": batch["chosen_tokens"], "loss_mask": batch["chosen_loss_mask"]})),
+            split(predicted_mask({"tokens": batch["rejected_tokens"], "loss_mask": batch["rejected_loss_mask"]})))]
         # the stack has 2b rows per micro-batch; the index travels in the b rows of the pair batch
         return {**batch, "pair_loss_index": position_index(masks, masks[0].shape[0] // 2)}
     if "loss_mask" not in batch:
         return batch
-    masks = split(_predicted_mask_host(batch["loss_mask"], batch.get("segment_ids")))
+    masks = split(predicted_mask(batch))
     return {**batch, "loss_index": position_index(masks, masks[0].shape[0])}
 
 
