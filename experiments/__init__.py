@@ -3,4 +3,4 @@
 Run one with ``python -m rlhf_jax.launch experiment=NAME``; list them with ``--list``.
 """
 
-from experiments import arithmetic, llama2, smollm2, tiny  # noqa: F401  (imported to register)
+from experiments import arithmetic, feedback, llama2, preference, smollm2, tiny  # noqa: F401  (imported to register)

@@ -19,6 +19,7 @@ from experiments.paths import HH_HARMLESS_DEV, HH_HARMLESS_TRAIN, run_dir
 from rlhf_jax.config import (
     DataConfig,
     DPOStage,
+    PreferenceLoss,
     ExperimentConfig,
     GRPO_ALGORITHM,
     GRPOStage,
@@ -93,7 +94,7 @@ def ppo_70b() -> ExperimentConfig:
 def dpo_7b() -> ExperimentConfig:
     return _llama2("dpo_7b", "7b", (
         _sft_and_rm()[0],
-        DPOStage(name="dpo", model="stage:sft", reference="stage:sft", learning_rate=5e-7, beta=0.1),
+        DPOStage(name="dpo", model="stage:sft", reference="stage:sft", learning_rate=5e-7, loss=PreferenceLoss(beta=0.1)),
     ))
 
 

@@ -9,6 +9,7 @@ from rlhf_jax.config import (
     CheckpointConfig,
     DataConfig,
     DPOStage,
+    PreferenceLoss,
     ExperimentConfig,
     GenerateStage,
     GRPO_ALGORITHM,
@@ -50,7 +51,7 @@ def tiny_sft() -> ExperimentConfig:
 
 @register_experiment("tiny_dpo", "DPO of a tiny random Llama on HH-RLHF pairs for 8 steps, 16 held out (smoke test)")
 def tiny_dpo() -> ExperimentConfig:
-    return _tiny("tiny_dpo", (DPOStage(name="dpo", max_steps=8, beta=0.1),),
+    return _tiny("tiny_dpo", (DPOStage(name="dpo", max_steps=8, loss=PreferenceLoss(beta=0.1)),),
                  data=dataclasses.replace(_TINY_DATA, max_examples=80, eval_fraction=0.2))
 
 

@@ -51,7 +51,7 @@ OVERRIDES_FILE = "config.overrides"
 PREVIOUS_CONFIG_FILE = "config.previous.json"
 DONE_FILE = "DONE"
 # Source fields for which None means the shared model.source (reference and critic default to other roles).
-_INHERITS_MODEL_SOURCE = ("model", "policy")
+_INHERITS_MODEL_SOURCE = ("model", "policy", "judge")
 
 
 class _Parser(ArgumentParser):
@@ -211,6 +211,14 @@ def dry_run(config: ExperimentConfig, run_dir: pathlib.Path) -> None:
                 print(f"  {field.name}: {resolve(value)}")
             elif field.name in _INHERITS_MODEL_SOURCE:
                 print(f"  {field.name}: {config.model.source} (model.source)")
+        checked = stage
+        if getattr(stage, "data_path", None) is not None:
+            from rlhf_jax.stages.common import dry_run_data_path
+
+            data_path = dry_run_data_path(config, stage, resolve)
+            unwritten = "" if data_path == stage.data_path else f" (not written yet: checked with {data_path})"
+            print(f"  data_path: {stage.data_path}{unwritten}")
+            checked = dataclasses.replace(stage, data_path=data_path)
         try:
             check = stages.load_dry_run(stage.kind)
         except stages.RunnerUnavailable as error:
@@ -218,7 +226,7 @@ def dry_run(config: ExperimentConfig, run_dir: pathlib.Path) -> None:
             continue
         if check is not None:
             stage_dir.mkdir(exist_ok=True)
-            check(config, stage, stage_dir, resolve)
+            check(config, checked, stage_dir, resolve)
     print("dry run: nothing was trained")
 
 

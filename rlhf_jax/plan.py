@@ -3,7 +3,7 @@
     python -m rlhf_jax.launch experiment=ppo_7b --plan [--devices 8] [--accelerator a100-80gb] [--stage NAME]
 
 Nothing is allocated: parameters are `jax.ShapeDtypeStruct`s (`llama2:*` sources give exactly that), states
-come from `jax.eval_shape`, and each program (SFT/RM/DPO train step; for PPO, GRPO, RLOO and REINFORCE the
+come from `jax.eval_shape`, and each program (SFT/RM/DPO/KTO train step; for PPO, GRPO, RLOO and REINFORCE the
 update of a whole iteration, the experience pass and the sampler) is lowered with the stage's explicit
 shardings on the configured mesh and compiled. Per device:
 
@@ -241,7 +241,7 @@ def plan_stage(experiment: ExperimentConfig, stage, mesh) -> StagePlan:
     plan = StagePlan(stage=stage.name, kind=str(stage.kind), mesh=dict(mesh.shape))
     data = stage_data(experiment, stage) if hasattr(stage, "data_path") else experiment.data
     micro = experiment.optimizer.micro_batches
-    if stage.kind in (StageKind.SFT, StageKind.REWARD, StageKind.DPO):
+    if stage.kind in (StageKind.SFT, StageKind.REWARD, StageKind.DPO, StageKind.KTO):
         config, params = _abstract_model(experiment, stage.model)
         validate_mesh_for_model(config, mesh)
         rows, length = data.batch_size, data.max_length
@@ -268,6 +268,8 @@ def plan_stage(experiment: ExperimentConfig, stage, mesh) -> StagePlan:
             step = bind_base(functools.partial(reward_train_step, config, stage.center_rewards_coef, micro,
                                                freeze_backbone=stage.freeze_backbone), stage.lora)
             plan.programs["reward train step"] = _compile_train_step("rm", step, trained, batch, mesh)
+        elif stage.kind is StageKind.KTO:
+            trained = _plan_kto(experiment, stage, mesh, config, params, rows, length, plan)
         else:
             trained = _plan_dpo(experiment, stage, mesh, config, params, rows, length, plan)
         _account_trained(plan, trained)
@@ -284,28 +286,61 @@ def batch_sharding_of(batch):
 
 def _plan_dpo(experiment, stage, mesh, config, params, rows, length, plan: StagePlan) -> _Trained:
     """DPO: the frozen reference's log-prob pass, then the train step on the batch plus reference log-probs.
-    Under LoRA the reference is the base itself (no bytes of its own) unless `reference` names other weights."""
+    Under LoRA the reference is the base itself (no bytes of its own) unless `reference` names other weights.
+    A reference-free loss (SimPO, CPO, ORPO): the train step alone."""
     from rlhf_jax.stages.common import bind_base
     from rlhf_jax.trainers import dpo
 
     trained = _trained(experiment, stage, params, config.dtype, mesh)
+    batch = _batch_struct({f"{side}_{k}": ((rows, length), dt) for side in ("chosen", "rejected")
+                           for k, dt in (("tokens", jnp.int32), ("attention_mask", jnp.bool_),
+                                         ("loss_mask", jnp.bool_))}, mesh)
+    step = bind_base(functools.partial(dpo.preference_train_step, config, stage.loss,
+                                       experiment.optimizer.micro_batches), stage.lora)
+    if not dpo.needs_reference(stage.loss):  # SimPO, CPO, ORPO: no reference at all
+        plan.programs["dpo train step"] = _compile_train_step("dpo", step, trained, batch, mesh)
+        return trained
+    full = _with_reference_program(experiment, stage, config, trained, mesh, plan,
+                                   functools.partial(dpo.reference_logprobs, config), batch)
+    plan.programs["dpo train step"] = _compile_train_step("dpo", step, trained, full, mesh)
+    return trained
+
+
+def _with_reference_program(experiment, stage, config, trained: _Trained, mesh, plan: StagePlan, reference_pass,
+                            batch) -> dict:
+    """A DPO or KTO stage's frozen reference and its log-prob program: under LoRA with no `reference` of its own
+    the policy's base (no bytes of its own), else a frozen copy of `reference` (or the model). Compiles
+    `reference_pass(reference, batch)` as "reference log-probs" and returns `batch` plus its outputs' structs
+    (the train step's batch)."""
     if trained.bases and stage.reference in (None, stage.model):
         reference, reference_shardings = trained.bases[0], trained.base_shardings[0]
     else:
         _, reference_params = _abstract_model(experiment, stage.reference or stage.model)
         reference, reference_shardings = _placed_frozen(reference_params, config.dtype, mesh)
         plan.frozen_roles = device_bytes(reference)
-    batch = _batch_struct({f"{side}_{k}": ((rows, length), dt) for side in ("chosen", "rejected")
-                           for k, dt in (("tokens", jnp.int32), ("attention_mask", jnp.bool_),
-                                         ("loss_mask", jnp.bool_))}, mesh)
-    reference_pass = functools.partial(dpo.reference_logprobs, config)
     plan.programs["reference log-probs"] = _compile("reference", reference_pass, (reference, batch),
                                                     (reference_shardings, batch_sharding_of(batch)), None, mesh)
     logps = jax.eval_shape(reference_pass, reference, batch)
-    full = {**batch, **_batch_struct({k: (v.shape, v.dtype) for k, v in logps.items()}, mesh)}
-    step = bind_base(functools.partial(dpo.dpo_train_step, config, stage.beta, str(stage.loss), stage.label_smoothing,
-                                       experiment.optimizer.micro_batches), stage.lora)
-    plan.programs["dpo train step"] = _compile_train_step("dpo", step, trained, full, mesh)
+    return {**batch, **_batch_struct({k: (v.shape, v.dtype) for k, v in logps.items()}, mesh)}
+
+
+def _plan_kto(experiment, stage, mesh, config, params, rows, length, plan: StagePlan) -> _Trained:
+    """KTO: the frozen reference's log-prob pass over the matched and the mismatched rows, then the train step
+    (the policy's forward-only pass over the mismatched rows, then the micro-batched backward pass) on a batch
+    of both kinds of rows plus the reference's log-probs. Under LoRA the reference is the base itself (no bytes
+    of its own) unless `reference` names other weights."""
+    from rlhf_jax.stages.common import bind_base
+    from rlhf_jax.trainers import kto
+
+    trained = _trained(experiment, stage, params, config.dtype, mesh)
+    batch = _batch_struct({f"{kind}{k}": ((rows, length), dt) for kind in (kto.MATCHED, kto.MISMATCHED)
+                           for k, dt in (("tokens", jnp.int32), ("attention_mask", jnp.bool_),
+                                         ("loss_mask", jnp.bool_))} | {"labels": ((rows,), jnp.bool_)}, mesh)
+    full = _with_reference_program(experiment, stage, config, trained, mesh, plan, functools.partial(
+        kto.reference_logprobs, config, num_microbatches=experiment.optimizer.micro_batches), batch)
+    step = bind_base(functools.partial(kto.kto_train_step, config, stage.loss, experiment.optimizer.micro_batches),
+                     stage.lora)
+    plan.programs["kto train step"] = _compile_train_step("kto", step, trained, full, mesh)
     return trained
 
 

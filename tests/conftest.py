@@ -5,10 +5,16 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
+
+# In-process launches (`launch.main`) would switch on JAX's persistent compilation cache for the rest of the
+# worker process, shared with the other workers and with the user's own runs; the tests of the cache run
+# the launcher in a subprocess with their own directory.
+os.environ.setdefault("RLHF_JAX_COMPILATION_CACHE", "off")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 HH_HARMLESS = SHARED / "data" / "hh-rlhf-harmless"

@@ -56,7 +56,8 @@ def test_configs_are_frozen_and_keyword_only(instance):
 
 def test_each_stage_kind_has_one_class():
     assert {kind.value for kind in C.STAGE_TYPES} == {"sft", "reward", "ppo", "dpo", "grpo", "rloo", "reinforce",
-                                                     "raft", "rest", "best_of_n", "generate", "evaluate"}
+                                                     "raft", "rest", "best_of_n", "generate", "evaluate", "kto",
+                                                     "label"}
     assert set(C.STAGE_TYPES) == set(C.StageKind)
     assert all(cls.kind == kind for kind, cls in C.STAGE_TYPES.items())
     assert "kind" not in {field.name for field in dataclasses.fields(C.PPOStage)}  # a ClassVar, not a field
@@ -73,7 +74,7 @@ def test_defaults_are_the_usual_ones():
     assert C.RLOOStage(name="r", reward_model="stage:rm").algorithm.advantage_estimator is C.AdvantageEstimator.RLOO
     reinforce = C.ReinforceStage(name="r", reward_model="stage:rm").algorithm
     assert (reinforce.advantage_estimator, reinforce.group_size) == (C.AdvantageEstimator.REINFORCE, 1)
-    assert C.DPOStage(name="dpo").beta == 0.1
+    assert C.DPOStage(name="dpo").loss.beta == 0.1
     assert C.OptimizerConfig().name is C.OptimizerName.ADAMW
     assert C.MeshConfig() == C.MeshConfig(data=-1, fsdp=1, tensor=1)
 
@@ -287,7 +288,8 @@ def test_validation_errors(overrides, message):
      "stages.g.algorithm.group_size: got 1, expected an integer >= 2 (grpo advantages need a group)"),
     (lambda: pipeline(stages=(C.GRPOStage(name="g", reward_model="tiny:llama", algorithm=C.PPO_ALGORITHM),)),
      "stages.g.algorithm.advantage_estimator: got 'gae', expected a critic-free estimator"),
-    (lambda: pipeline(stages=(C.DPOStage(name="d", beta=0.0),)), "stages.d.beta: got 0.0, expected a number > 0"),
+    (lambda: pipeline(stages=(C.DPOStage(name="d", loss=C.PreferenceLoss(beta=0.0)),)),
+     "stages.d.loss.beta: got 0.0, expected a number > 0"),
     (lambda: pipeline(stages=(C.GenerateStage(name="g", prompts="p", stop=("",)),)),
      "stages.g.stop: got ('',), expected non-empty stop strings"),
     (lambda: pipeline(stages=(C.ReSTStage(name="rest", reward_model="fn:length", thresholds=(0.8, 0.5)),)),

@@ -19,11 +19,13 @@ from jax.test_util import check_grads
 
 from rlhf_jax import launch
 from rlhf_jax import stages as stage_registry
-from rlhf_jax.losses import aggregate, dpo_loss, dpo_per_pair
+from rlhf_jax.config import PreferenceLoss
+from rlhf_jax.losses import PairLogps, SequenceLogps, aggregate, preference_loss, preference_per_pair
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import tiny_config
 from rlhf_jax.registry import get_experiment
-from rlhf_jax.trainers.dpo import dpo_loss_sum, dpo_train_step, pair_logprobs, reference_logprobs
+from rlhf_jax.trainers.dpo import (loss_keywords, pair_logprobs, preference_loss_sum, preference_train_step,
+                                   reference_logprobs)
 from rlhf_jax.training.artifacts import load_artifact
 from rlhf_jax.stages import common
 from rlhf_jax.training.logs import MetricsLogger, read_metrics
@@ -36,6 +38,27 @@ METRICS = ("dpo/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies
            "logps/chosen", "logps/rejected")
 CASES = [("sigmoid", 0.0), ("sigmoid", 0.1), ("sigmoid", 0.3), ("ipo", 0.0), ("hinge", 0.0)]
 CONFIG = tiny_config("llama")
+
+
+def _records(*totals):
+    return PairLogps(*(SequenceLogps(t, jnp.ones(jnp.shape(t))) for t in totals))
+
+
+def _per_pair_dpo(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, loss_type="sigmoid",
+                  label_smoothing=0.0, pair_mask=None):
+    """The table's DPO-family losses on summed log-probs, as (per-pair [B], metrics)."""
+    return preference_per_pair(loss_type, _records(policy_chosen, policy_rejected),
+                               _records(reference_chosen, reference_rejected), pair_mask=pair_mask, beta=beta,
+                               label_smoothing=label_smoothing)
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, loss_type="sigmoid",
+             label_smoothing=0.0, pair_mask=None):
+    """`preference_loss` of a DPO-family type, with the stage's name for the loss (`dpo/loss`)."""
+    loss, metrics = preference_loss(loss_type, _records(policy_chosen, policy_rejected),
+                                    _records(reference_chosen, reference_rejected), pair_mask=pair_mask, beta=beta,
+                                    label_smoothing=label_smoothing)
+    return loss, {("dpo/loss" if name == "loss" else name): value for name, value in metrics.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +108,7 @@ def test_matches_float64_numpy(loss_type, label_smoothing, seed, size, density):
         np.testing.assert_allclose(float(loss), expected["dpo/loss"], rtol=2e-5, atol=1e-5)
         for name in METRICS:
             np.testing.assert_allclose(float(metrics[name]), expected[name], rtol=2e-5, atol=1e-5, err_msg=name)
-        per_pair = dpo_per_pair(*logps, beta, loss_type, label_smoothing, pair_mask)
+        per_pair, _ = _per_pair_dpo(*logps, beta, loss_type, label_smoothing, pair_mask)
         total, count = aggregate(per_pair, pair_mask)
         assert float(count) == pair_mask.sum()
         np.testing.assert_allclose(float(total) / max(float(count), 1), expected["dpo/loss"], rtol=2e-5, atol=1e-5)
@@ -171,20 +194,22 @@ def test_jit_equals_eager_and_masked_pairs_do_not_leak():
     assert np.isfinite(np.asarray(grads)).all() and not np.asarray(grads)[~pair_mask].any()
 
 
-def test_bad_loss_type_and_smoothing_outside_sigmoid_are_refused():
+def test_bad_loss_type_and_a_field_the_loss_does_not_read_are_refused():
     logps, _ = random_logps(0, 3)
     with pytest.raises(ValueError, match="expected one of"):
         dpo_loss(*logps, 0.1, "robust")
-    with pytest.raises(ValueError, match="sigmoid DPO loss only"):
-        dpo_loss(*logps, 0.1, "ipo", 0.1)
+    with pytest.raises(ValueError, match="loss.label_smoothing=0.1 is not read by the 'ipo' loss"):
+        loss_keywords(PreferenceLoss(type="ipo", label_smoothing=0.1))
+    assert loss_keywords(PreferenceLoss(type="simpo", beta=2.0)) == {"beta": 2.0, "gamma": 0.5, "label_smoothing": 0.0}
 
 
 def test_label_smoothing_with_ipo_is_a_config_error(capsys):
-    status = launch.main(["experiment=tiny_dpo", "stages.dpo.loss=ipo", "stages.dpo.label_smoothing=0.1",
+    status = launch.main(["experiment=tiny_dpo", "stages.dpo.loss.type=ipo", "stages.dpo.loss.label_smoothing=0.1",
                           "--print-config"])
     out, err = capsys.readouterr()
     assert status == 2 and out == "" and len(err.splitlines()) == 1
-    assert "stages.dpo.label_smoothing: got 0.1, expected 0 with loss=ipo" in err
+    assert ("stages.dpo.loss.label_smoothing: got 0.1, expected 0.0 with type=ipo (only sigmoid, simpo, cpo read "
+            "it)") in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +272,9 @@ def test_sequence_logprobs_sum_the_response_tokens(policy_and_reference):
     for side, ours in (("chosen", chosen), ("rejected", rejected)):
         expected = hand_sequence_logps(policy, batch[f"{side}_tokens"], batch[f"{side}_attention_mask"],
                                        batch[f"{side}_loss_mask"])
-        np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(ours.total), expected, rtol=1e-5)
+        # the count: predicted response tokens (the first token of a row is never predicted)
+        np.testing.assert_array_equal(np.asarray(ours.count), batch[f"{side}_loss_mask"][:, 1:].sum(axis=1))
 
 
 def test_step_loss_equals_the_loss_from_hand_computed_logps(policy_and_reference):
@@ -261,7 +288,8 @@ def test_step_loss_equals_the_loss_from_hand_computed_logps(policy_and_reference
     np.testing.assert_allclose(batch["reference_rejected_logps"], hand[3], rtol=1e-5)
     for loss_type, label_smoothing in (("sigmoid", 0.2), ("hinge", 0.0)):
         expected = ref_dpo(*hand, 0.5, loss_type, label_smoothing, np.ones(2, bool))
-        step = jax.jit(functools.partial(dpo_train_step, CONFIG, 0.5, loss_type, label_smoothing, 1))
+        loss = PreferenceLoss(type=loss_type, beta=0.5, label_smoothing=label_smoothing)
+        step = jax.jit(functools.partial(preference_train_step, CONFIG, loss, 1))
         state, metrics = step(_state(policy), batch)
         assert int(state.step) == 1
         for name in METRICS:
@@ -270,8 +298,11 @@ def test_step_loss_equals_the_loss_from_hand_computed_logps(policy_and_reference
         assert np.isfinite(float(metrics["optim/grad_norm"])) and float(metrics["optim/grad_norm"]) > 0
     for loss_type in ("sigmoid", "ipo", "hinge"):
         expected = ref_dpo(*hand, 0.5, loss_type, 0.0, np.ones(2, bool))
-        loss_sum, (count, _) = jax.jit(functools.partial(dpo_loss_sum, CONFIG, 0.5, loss_type, 0.0))(
-            policy, (hand[2].astype(np.float32), hand[3].astype(np.float32)), batch)
+        hand_reference = {"reference_chosen_logps": hand[2].astype(np.float32),
+                          "reference_rejected_logps": hand[3].astype(np.float32)}
+        loss_sum, (count, _) = jax.jit(functools.partial(preference_loss_sum, CONFIG,
+                                                         PreferenceLoss(type=loss_type, beta=0.5)))(
+            policy, {**batch, **hand_reference})
         np.testing.assert_allclose(float(loss_sum) / float(count), expected["dpo/loss"], rtol=1e-4, atol=1e-5)
 
 
@@ -283,7 +314,7 @@ def test_micro_batched_step_equals_the_single_batch_step(policy_and_reference):
     tx = make_optimizer("sgd", 1.0, b1=0.0, grad_clip=None)
     results = {}
     for micro in (1, 4):
-        step = jax.jit(functools.partial(dpo_train_step, CONFIG, 0.1, "sigmoid", 0.1, micro))
+        step = jax.jit(functools.partial(preference_train_step, CONFIG, PreferenceLoss(label_smoothing=0.1), micro))
         results[micro] = step(TrainState.create(jax.tree.map(jnp.copy, policy), tx, jax.random.key(0)), batch)
     (state_1, metrics_1) = results[1]
     for micro in (4,):
@@ -301,7 +332,7 @@ def test_micro_batched_step_equals_the_single_batch_step(policy_and_reference):
 def test_at_init_the_loss_is_log_2_and_the_rewards_are_0(policy_and_reference):
     policy, _ = policy_and_reference
     batch = with_reference(policy, pair_batch(3, batch=4))
-    _, metrics = jax.jit(functools.partial(dpo_train_step, CONFIG, 0.1, "sigmoid", 0.0, 2))(_state(policy), batch)
+    _, metrics = jax.jit(functools.partial(preference_train_step, CONFIG, PreferenceLoss(), 2))(_state(policy), batch)
     np.testing.assert_allclose(float(metrics["dpo/loss"]), math.log(2), rtol=1e-6)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert abs(float(metrics[name])) < 1e-6, name
@@ -309,23 +340,35 @@ def test_at_init_the_loss_is_log_2_and_the_rewards_are_0(policy_and_reference):
                                rtol=1e-6)
 
 
-def test_a_few_steps_raise_the_implicit_reward_accuracy_on_the_training_pairs(policy_and_reference):
+@pytest.mark.parametrize("loss", [PreferenceLoss(), PreferenceLoss(type="ipo", length_normalised=True),
+                                  PreferenceLoss(type="simpo", beta=2.0), PreferenceLoss(type="cpo"),
+                                  PreferenceLoss(type="orpo"), PreferenceLoss(nll_coef=0.5)],
+                         ids=["dpo", "ipo_norm", "simpo", "cpo", "orpo", "rpo"])
+def test_a_few_steps_raise_the_reward_accuracy_on_the_training_pairs(policy_and_reference, loss):
     policy, _ = policy_and_reference
-    batch = with_reference(policy, pair_batch(4, batch=8, length=12))
-    step = jax.jit(functools.partial(dpo_train_step, CONFIG, 0.1, "sigmoid", 0.0, 1), donate_argnums=0)
+    batch = pair_batch(4, batch=8, length=12)
+    if loss.needs_reference:
+        batch = with_reference(policy, batch)
+    step = jax.jit(functools.partial(preference_train_step, CONFIG, loss, 1), donate_argnums=0)
     state = _state(policy, learning_rate=3e-3)
     history = []
-    for _ in range(12):
+    for _ in range(20):  # CPO, whose NLL term dominates its summed-log-prob margin, is the slowest to separate
         state, metrics = step(state, batch)
         history.append(jax.device_get(metrics))
-    # after training: evaluate the final params (the step's metrics are those before its update)
-    chosen, rejected = jax.jit(functools.partial(pair_logprobs, CONFIG))(state.params, batch)
-    loss, final = dpo_loss(chosen, rejected, batch["reference_chosen_logps"], batch["reference_rejected_logps"], 0.1)
-    assert float(final["rewards/accuracies"]) == 1.0, final
-    assert float(loss) < 0.5 * math.log(2) and float(final["rewards/margins"]) > 1.0
-    assert float(final["rewards/chosen"]) > 0 > float(final["rewards/rejected"])
+    # after training: the final params' own metrics (the step's metrics are those before its update)
+    _, (_, final) = jax.jit(functools.partial(preference_loss_sum, CONFIG, loss))(state.params, batch)
+    final = {name: float(metric.value()) for name, metric in final.items()}
+    assert final["rewards/accuracies"] == 1.0, final
+    assert final["rewards/chosen"] > history[0]["rewards/chosen"] and final["rewards/margins"] > 0
     losses = [float(m["dpo/loss"]) for m in history]
-    assert losses[0] == pytest.approx(math.log(2), rel=1e-5) and losses[-1] < losses[0]
+    assert losses[-1] < losses[0]
+    if loss == PreferenceLoss():  # DPO from the reference itself: log 2 at first, then below half of it
+        assert losses[0] == pytest.approx(math.log(2), rel=1e-5)
+        reference = (batch["reference_chosen_logps"], batch["reference_rejected_logps"])
+        chosen, rejected = jax.jit(functools.partial(pair_logprobs, CONFIG))(state.params, batch)
+        loss_value, metrics = dpo_loss(chosen.total, rejected.total, *reference, 0.1)
+        assert float(loss_value) < 0.5 * math.log(2) and float(metrics["rewards/margins"]) > 1.0
+        assert float(metrics["rewards/chosen"]) > 0 > float(metrics["rewards/rejected"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,12 +384,15 @@ def test_tiny_dpo_through_the_cli_then_relaunch_skips_it(tmp_path):
     stage_dir = run_dir / "dpo"
     assert (stage_dir / "DONE").is_file()
     records = read_metrics(stage_dir)
-    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["step"] for r in records] == list(range(0, 9))  # step 0: the held-out pairs before training
     for name in METRICS + ("optim/grad_norm",):
-        assert all(np.isfinite(r[name]) for r in records), name
-    assert records[0]["dpo/loss"] == pytest.approx(math.log(2), rel=1e-5)  # the policy starts as the reference
+        assert all(np.isfinite(r[name]) for r in records[1:]), name
+    assert records[1]["dpo/loss"] == pytest.approx(math.log(2), rel=1e-5)  # the policy starts as the reference
+    assert records[0]["eval/dpo/loss"] == pytest.approx(math.log(2), rel=1e-5)
     summary = json.loads((stage_dir / "summary.json").read_text())
-    assert summary["steps"] == 8 and summary["eval/pairs"] == 16
+    assert summary["steps"] == 8 and summary["eval/pairs"] == summary["eval_start/pairs"] == 16
+    assert summary["eval_start/rewards/accuracies"] == 0.0  # every implicit reward is 0: ties count as wrong
+    assert summary["eval/dpo/loss"] == records[-1]["eval/dpo/loss"]  # the last step's evaluation
     assert 0 <= summary["eval/rewards/accuracies"] <= 1 and np.isfinite(summary["eval/dpo/loss"])
     artifact = load_artifact(stage_dir / "model")
     assert artifact.kind == "lm" and artifact.tokenizer is not None
@@ -395,8 +441,9 @@ def test_dpo_killed_mid_run_resumes_exactly(tmp_path, monkeypatch):
     for a, b in zip(jax.tree.leaves(load_artifact(full / "model").params),
                     jax.tree.leaves(load_artifact(resumed / "model").params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4, 5, 6]  # step 5 re-run, logged once
-    assert [r["dpo/loss"] for r in read_metrics(resumed)][-2:] == [r["dpo/loss"] for r in read_metrics(full)][-2:]
+    assert [r["step"] for r in read_metrics(resumed)] == [0, 1, 2, 3, 4, 5, 6]  # step 5 re-run, logged once
+    assert [r["dpo/loss"] for r in read_metrics(resumed)[-2:]] == [r["dpo/loss"] for r in read_metrics(full)[-2:]]
+    assert read_metrics(resumed)[0]["eval/dpo/loss"] == read_metrics(full)[0]["eval/dpo/loss"]
 
 
 def test_precomputed_reference_trains_as_the_per_batch_reference(tmp_path):
@@ -407,11 +454,39 @@ def test_precomputed_reference_trains_as_the_per_batch_reference(tmp_path):
         experiment = dataclasses.replace(
             experiment, stages=(dataclasses.replace(stage, precompute_reference=precompute),),
             optimizer=dataclasses.replace(experiment.optimizer, micro_batches=2))
-        runs[precompute] = read_metrics(_run_stage(experiment, "dpo", tmp_path / str(precompute)))
+        runs[precompute] = read_metrics(_run_stage(experiment, "dpo", tmp_path / str(precompute)))[1:]  # steps
     assert len(runs[True]) == len(runs[False]) == 4
     for per_batch, looked_up in zip(runs[False], runs[True]):
         for name in ("dpo/loss", "rewards/chosen", "rewards/margins", "logps/rejected"):
             np.testing.assert_allclose(looked_up[name], per_batch[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["tiny_simpo", "tiny_orpo"])
+def test_reference_free_stages_load_no_reference_and_report_before_and_after(tmp_path, monkeypatch, name):
+    from rlhf_jax.stages import dpo as dpo_stage
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a reference-free loss computed reference log-probs")
+
+    monkeypatch.setattr(dpo_stage, "make_reference_fn", no_reference)
+    experiment = get_experiment(name)
+    stage_name = experiment.stages[0].name
+    stage_dir = _run_stage(experiment, stage_name, tmp_path)
+    summary = json.loads((stage_dir / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["eval/pairs"] == summary["eval_start/pairs"] == 16
+    # the log-prob rewards: β · mean log-prob per token, before any update the policy's own preference
+    assert summary["eval_start/rewards/accuracies"] == summary["eval_start/logps/accuracies"]
+    records = read_metrics(stage_dir)
+    assert all(np.isfinite(r["dpo/loss"]) for r in records[1:]) and records[-1]["dpo/loss"] < records[1]["dpo/loss"]
+    if name == "tiny_orpo":
+        assert summary["eval/nll_loss"] < summary["eval_start/nll_loss"]  # ORPO's NLL term trains the chosen side
+        assert "eval/log_odds_ratio" in summary
+
+
+def test_a_reference_free_loss_with_a_reference_is_a_config_error(capsys):
+    status = launch.main(["experiment=tiny_simpo", "stages.simpo.reference=tiny:smollm2", "--print-config"])
+    _, err = capsys.readouterr()
+    assert status == 2 and "stages.simpo.reference: got 'tiny:smollm2', expected None with loss.type=simpo" in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,8 +511,8 @@ def test_smollm2_on_real_pairs_log_2_at_init_and_logps_match_transformers(smollm
 
     chosen, rejected = jax.jit(functools.partial(pair_logprobs, config))(params, batch)
     references = jax.jit(functools.partial(reference_logprobs, config))(params, batch)
-    loss_sum, (count, _) = jax.jit(functools.partial(dpo_loss_sum, config, 0.1, "sigmoid", 0.0))(
-        params, (references["reference_chosen_logps"], references["reference_rejected_logps"]), batch)
+    loss_sum, (count, _) = jax.jit(functools.partial(preference_loss_sum, config, PreferenceLoss()))(
+        params, {**batch, **references})
     np.testing.assert_allclose(float(loss_sum) / float(count), math.log(2), rtol=1e-6)
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -450,4 +525,4 @@ def test_smollm2_on_real_pairs_log_2_at_init_and_logps_match_transformers(smollm
         token_logps = torch.log_softmax(logits[:, :-1], -1).gather(
             -1, torch.as_tensor(tokens[:, 1:].astype(np.int64))[..., None])[..., 0].numpy()
         expected = np.where(loss_mask[:, 1:], token_logps, 0.0).sum(axis=1)
-        np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(ours.total), expected, rtol=1e-4)

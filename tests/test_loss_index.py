@@ -9,8 +9,9 @@ import pytest
 
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import tiny_config
-from rlhf_jax.trainers.common import index_bucket, predicted_mask, token_logprobs, with_loss_index
-from rlhf_jax.trainers.dpo import dpo_train_step, pair_logprobs, reference_logprobs
+from rlhf_jax.trainers.common import index_bucket, predicted_mask, teacher_forced_logprobs, with_loss_index
+from rlhf_jax.config import PreferenceLoss
+from rlhf_jax.trainers.dpo import pair_logprobs, preference_train_step, reference_logprobs
 from rlhf_jax.trainers.sft import sft_train_step
 from rlhf_jax.training.accumulate import split_microbatches
 from rlhf_jax.training.state import TrainState, make_optimizer
@@ -68,8 +69,8 @@ def test_indexed_token_logprobs_equal_every_position_where_a_loss_is_and_zero_el
     params = llama.init_params(CONFIG, jax.random.key(0))
     batch = _device(_rows(np.random.default_rng(2), 4, 12))
     indexed = with_loss_index(batch)
-    full = np.asarray(token_logprobs(CONFIG, params, batch))
-    ours = np.asarray(token_logprobs(CONFIG, params, batch, index=jnp.asarray(indexed["loss_index"])))
+    full = np.asarray(teacher_forced_logprobs(CONFIG, params, batch))
+    ours = np.asarray(teacher_forced_logprobs(CONFIG, params, batch, index=jnp.asarray(indexed["loss_index"])))
     mask = np.asarray(predicted_mask(batch))
     np.testing.assert_allclose(ours[mask], full[mask], rtol=1e-5, atol=1e-6)
     assert np.all(ours[~mask] == 0)
@@ -96,9 +97,10 @@ def test_pair_logprobs_and_dpo_step_with_the_index_equal_the_step_without():
     reference = llama.init_params(CONFIG, jax.random.key(1))
     batch = _pairs(4)
     assert with_loss_index(batch, 2)["pair_loss_index"].shape[0] == 4  # travels in the pair rows
-    np.testing.assert_allclose(pair_logprobs(CONFIG, params, _device(with_loss_index(batch))),
-                               pair_logprobs(CONFIG, params, _device(batch)), rtol=1e-5)
-    step = jax.jit(functools.partial(dpo_train_step, CONFIG, 0.1, "sigmoid", 0.0, 2))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+                 pair_logprobs(CONFIG, params, _device(with_loss_index(batch))),
+                 pair_logprobs(CONFIG, params, _device(batch)))
+    step = jax.jit(functools.partial(preference_train_step, CONFIG, PreferenceLoss(), 2))
     outputs = []
     for prepared in (batch, with_loss_index(batch, 2)):
         prepared = _device(prepared)

@@ -14,7 +14,7 @@ from rlhf_jax.losses import (
     aggregate_mean,
     nll_per_token,
     ppo_policy_loss_per_token,
-    token_logprobs,
+    logprobs_from_logits,
     value_loss_per_token,
 )
 
@@ -159,7 +159,7 @@ def _problem(seed):
 
 def _per_token_loss(kind, params, batch):
     features, tokens, mask, old_logprobs, advantages, returns, old_values = batch
-    logprobs = token_logprobs(features @ params["w"], tokens)
+    logprobs = logprobs_from_logits(features @ params["w"], tokens)
     if kind == "sft":
         return nll_per_token(logprobs, mask)
     if kind == "policy":

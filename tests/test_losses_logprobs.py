@@ -16,7 +16,7 @@ from rlhf_jax.losses import (
     logprobs_from_hidden,
     sft_loss,
     token_entropy,
-    token_logprobs,
+    logprobs_from_logits,
 )
 
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
@@ -54,7 +54,7 @@ def random_inputs(seed, scale=3.0):
 # so the shared properties below are tested on each.
 def _variants():
     variants = {
-        "token_logprobs": lambda lg, tk, h, w, tau: (token_logprobs(lg, tk, tau), None),
+        "token_logprobs": lambda lg, tk, h, w, tau: (logprobs_from_logits(lg, tk, tau), None),
         "token_entropy": lambda lg, tk, h, w, tau: (None, token_entropy(lg, tau)),
     }
     for sc, vc in CHUNKINGS:
@@ -81,7 +81,7 @@ PROPERTY_VARIANTS = ["token_logprobs", "token_entropy", "chunked_logprobs[2,5]",
 def _masked_variants():
     sc, vc = 2, 5
     return {
-        "token_logprobs": lambda lg, tk, h, w, m: (token_logprobs(lg, tk, mask=m), None),
+        "token_logprobs": lambda lg, tk, h, w, m: (logprobs_from_logits(lg, tk, mask=m), None),
         "token_entropy": lambda lg, tk, h, w, m: (None, token_entropy(lg, mask=m)),
         f"chunked_logprobs[{sc},{vc}]": lambda lg, tk, h, w, m: (
             chunked_token_logprobs(lg, tk, mask=m, seq_chunk=sc, vocab_chunk=vc), None),
@@ -139,10 +139,10 @@ def test_hand_computed():
     # with temperature 2: logits [0, 0, ½ ln 2] -> weights [1, 1, √2], log p(token 2) = ½ ln 2 − ln(2 + √2)
     logits = jnp.array([[[0.0, 0.0, math.log(2)], [0.0, 0.0, math.log(2)]]])
     tokens = jnp.array([[2, 0]])
-    np.testing.assert_allclose(np.asarray(token_logprobs(logits, tokens)), [[math.log(0.5), math.log(0.25)]],
+    np.testing.assert_allclose(np.asarray(logprobs_from_logits(logits, tokens)), [[math.log(0.5), math.log(0.25)]],
                                rtol=1e-6)
     np.testing.assert_allclose(np.asarray(token_entropy(logits)), [[1.5 * math.log(2)] * 2], rtol=1e-6)
-    np.testing.assert_allclose(float(token_logprobs(logits, tokens, temperature=2.0)[0, 0]),
+    np.testing.assert_allclose(float(logprobs_from_logits(logits, tokens, temperature=2.0)[0, 0]),
                                0.5 * math.log(2) - math.log(2 + math.sqrt(2)), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(chunked_token_logprobs(logits, tokens, seq_chunk=1, vocab_chunk=2)),
                                [[math.log(0.5), math.log(0.25)]], rtol=1e-6)
@@ -233,7 +233,7 @@ def test_gradients_float64(sc, vc):
             return jnp.sum(c * lp) + jnp.sum(jnp.sin(ent))
 
         def plain(x):
-            return jnp.sum(c * token_logprobs(x, tokens, 0.9, mask=mask)) + jnp.sum(jnp.sin(token_entropy(x, 0.9)))
+            return jnp.sum(c * logprobs_from_logits(x, tokens, 0.9, mask=mask)) + jnp.sum(jnp.sin(token_entropy(x, 0.9)))
 
         chunked = jax.eval_shape(lambda x: chunked_token_logprobs(x, tokens, seq_chunk=sc, vocab_chunk=vc), lg)
         assert chunked.dtype == jnp.float64  # float64 in, float64 out
@@ -285,11 +285,11 @@ def test_without_mask_a_nan_position_stays_local_and_the_loss_masks_it():
     mask = np.ones((B, T), bool)
     mask[0, 6] = False
     bad_logits = np.where(mask[..., None], logits, np.nan).astype(np.float32)
-    for logprobs in (token_logprobs(bad_logits, tokens),
+    for logprobs in (logprobs_from_logits(bad_logits, tokens),
                      chunked_token_logprobs(bad_logits, tokens, seq_chunk=2, vocab_chunk=5)):
         assert np.isnan(logprobs[0, 6]) and np.all(np.isfinite(np.asarray(logprobs)[mask]))
         np.testing.assert_allclose(float(sft_loss(logprobs, mask)[0]),
-                                   float(sft_loss(token_logprobs(logits, tokens), mask)[0]), rtol=1e-6)
+                                   float(sft_loss(logprobs_from_logits(logits, tokens), mask)[0]), rtol=1e-6)
 
 
 def test_entropy_with_minus_inf_logits_is_finite():
@@ -305,7 +305,7 @@ def test_entropy_with_minus_inf_logits_is_finite():
 def test_invalid_arguments():
     logits, tokens, hidden, unembedding = random_inputs(0)
     with pytest.raises(ValueError, match="temperature must be positive"):
-        token_logprobs(logits, tokens, temperature=0.0)
+        logprobs_from_logits(logits, tokens, temperature=0.0)
     with pytest.raises(ValueError, match="seq_chunk must be a positive integer"):
         chunked_token_logprobs(logits, tokens, seq_chunk=0)
     with pytest.raises(ValueError, match="hidden size 4 does not match unembedding rows 3"):
@@ -347,7 +347,7 @@ def test_chunked_logprobs_never_form_float32_full_logits():
     logits = jnp.asarray(rng.normal(size=(MB, MT, MV)), jnp.bfloat16)
     tokens = jnp.asarray(rng.integers(0, MV, size=(MB, MT)))
     full = MB * MT * MV
-    assert _largest_float32(lambda x: token_logprobs(x, tokens), logits) >= full  # the plain one does
+    assert _largest_float32(lambda x: logprobs_from_logits(x, tokens), logits) >= full  # the plain one does
 
     seq_chunk, vocab_chunk = 8, 16
     for fn in (lambda x: chunked_token_logprobs(x, tokens, seq_chunk=seq_chunk),

@@ -199,6 +199,27 @@ def test_grpo_plan_has_no_critic_and_a_reference_only_when_the_kl_needs_one(over
     assert set(plan.programs) == {"sampler (16 sequences at once)", "experience pass", "update (all mini-batches)"}
 
 
+@pytest.mark.parametrize("name, overrides, reference", [
+    ("tiny_dpo", ("stages.dpo.reference=tiny:smollm2",), True),  # DPO with a reference named: a frozen copy
+    ("tiny_simpo", (), False),  # reference-free: neither a reference role nor its log-prob program
+    ("tiny_orpo", (), False),
+])
+def test_preference_plans_hold_a_reference_only_when_the_loss_needs_one(name, overrides, reference):
+    from rlhf_jax.models import load
+    from rlhf_jax.models.lora import nbytes
+
+    experiment = _tiny(name, "mesh.data=1", *overrides)
+    stage = experiment.stages[0].name
+    plan = _plan_one(experiment, stage)
+    assert plan.kind == "dpo" and not plan.note
+    assert plan.trained_params == nbytes(load("tiny:smollm2")[1])
+    if reference:
+        assert plan.frozen_roles == nbytes(load("tiny:smollm2")[1])
+        assert set(plan.programs) == {"reference log-probs", "dpo train step"}
+    else:
+        assert not plan.frozen_roles and set(plan.programs) == {"dpo train step"}
+
+
 def test_plan_of_one_stage_through_the_launcher():
     out = _launch("experiment=tiny_pipeline", "--plan", "--devices", "1", "mesh.data=1", "--stage", "sft",
                   timeout=300)

@@ -349,13 +349,13 @@ def test_group_advantages_are_the_estimator_over_each_prompts_samples_broadcast_
 def test_continuation_logprobs_are_the_teacher_forced_logprobs_of_those_columns():
     """The LM head only at the positions that predict columns >= start gives the same numbers as the
     full-sequence log-probs sliced there (entropies too)."""
-    from rlhf_jax.trainers.common import continuation_logprobs, token_logprobs
+    from rlhf_jax.trainers.common import continuation_logprobs, teacher_forced_logprobs
 
     params = llama.init_params(CONFIG, jax.random.key(0))
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(3, CONFIG.vocab_size, (3, 11)), jnp.int32)
     mask = jnp.asarray(np.arange(11)[None] >= np.array([[0], [2], [4]]))  # left padding
-    full, full_entropy = token_logprobs(CONFIG, params, {"tokens": tokens, "attention_mask": mask}, temperature=0.7,
+    full, full_entropy = teacher_forced_logprobs(CONFIG, params, {"tokens": tokens, "attention_mask": mask}, temperature=0.7,
                                         seq_chunk=4, with_entropy=True)
     for start in (1, 6, 10):
         part, entropy = continuation_logprobs(CONFIG, params, tokens, mask, start, 0.7, 4, with_entropy=True)

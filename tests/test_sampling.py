@@ -17,7 +17,7 @@ from rlhf_jax.sampling import (
     packed_bucket,
     prompt_bucket,
     sample_from_logits,
-    token_logprobs,
+    sampler_logprobs,
     top_k_filter,
     top_p_filter,
 )
@@ -63,7 +63,7 @@ def test_logprobs_equal_teacher_forced_forward(params, sampler, settings):
     if not settings.eos_token_ids:  # no EOS ids: every row runs to the end
         assert np.all(np.asarray(out.response_lengths) == NEW)
     logits = teacher_forced(CONFIG, params, jnp.asarray(tokens), jnp.asarray(mask), out)
-    expected = jnp.where(out.response_mask, token_logprobs(logits, out.response_tokens, settings), 0.0)
+    expected = jnp.where(out.response_mask, sampler_logprobs(logits, out.response_tokens, settings), 0.0)
     np.testing.assert_allclose(np.asarray(out.response_logprobs), np.asarray(expected), atol=1e-4)
     assert np.all(np.isfinite(np.asarray(out.response_logprobs)))
     if settings.greedy:
@@ -96,7 +96,7 @@ def test_eos_masks_everything_after_it_with_pad_equal_to_eos(params, sampler):
         assert np.all(out.response_logprobs[row, :n] < 0)  # the EOS token itself keeps its log-prob
     # The log-probs still match teacher forcing where the mask is True (the EOS included).
     logits = teacher_forced(CONFIG, params, jnp.asarray(tokens), jnp.asarray(mask), out)
-    expected = np.where(out.response_mask, np.asarray(token_logprobs(logits, out.response_tokens, settings)), 0)
+    expected = np.where(out.response_mask, np.asarray(sampler_logprobs(logits, out.response_tokens, settings)), 0)
     np.testing.assert_allclose(out.response_logprobs, expected, atol=1e-4)
 
 
@@ -226,7 +226,7 @@ def test_greedy_decode_matches_forward_for_config_options(config):
     logits = teacher_forced(config, params, jnp.asarray(tokens), jnp.asarray(mask), out)
     np.testing.assert_array_equal(np.asarray(out.response_tokens), np.asarray(jnp.argmax(logits, -1)))
     np.testing.assert_allclose(np.asarray(out.response_logprobs),
-                               np.asarray(token_logprobs(logits, out.response_tokens, settings)), atol=1e-4)
+                               np.asarray(sampler_logprobs(logits, out.response_tokens, settings)), atol=1e-4)
 
 
 def test_generate_is_pure_and_jittable_inside_a_step(params):
@@ -320,7 +320,7 @@ def test_lora_params_sample_the_adapted_model(params, sampler):
     tokens, mask = left_pad(PROMPTS, pad_id=2)
     out = sampler(adapted, tokens, mask, jax.random.key(1), SAMPLED)
     logits = teacher_forced(CONFIG, adapted, jnp.asarray(tokens), jnp.asarray(mask), out)
-    expected = jnp.where(out.response_mask, token_logprobs(logits, out.response_tokens, SAMPLED), 0.0)
+    expected = jnp.where(out.response_mask, sampler_logprobs(logits, out.response_tokens, SAMPLED), 0.0)
     np.testing.assert_allclose(np.asarray(out.response_logprobs), np.asarray(expected), atol=1e-4)
     greedy = sampler(adapted, tokens, mask, jax.random.key(1), GREEDY)
     np.testing.assert_array_equal(np.asarray(greedy.response_tokens),

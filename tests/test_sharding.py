@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from rlhf_jax.config import MeshConfig, RLAlgorithm
+from rlhf_jax.config import MeshConfig, PreferenceLoss, RLAlgorithm
 from rlhf_jax.errors import ConfigError, UserError
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import llama2_config, tiny_config
@@ -271,7 +271,7 @@ def _device_checks() -> dict:
         "sft": (functools.partial(sft_train_step, CONFIG, 2), (policy,), _sft_batch(rng)),
         "reward": (functools.partial(reward_train_step, CONFIG, 0.01, 2), (scalar,), _pair_batch(rng)),
         "ppo": (ppo_update, (policy, scalar), experience),
-        "dpo": (functools.partial(dpo.dpo_train_step, CONFIG, 0.1, "sigmoid", 0.0, 2), (policy,), dpo_batch),
+        "dpo": (functools.partial(dpo.preference_train_step, CONFIG, PreferenceLoss(), 2), (policy,), dpo_batch),
     }
 
     def fresh_states(params_list):

@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.losses import token_logprobs as logits_token_logprobs
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import tiny_config
-from rlhf_jax.trainers.common import predicted_mask, token_logprobs
+from rlhf_jax.trainers.common import predicted_mask, teacher_forced_logprobs
 from rlhf_jax.trainers.reward import reward_train_step
 from rlhf_jax.trainers.sft import sft_loss_sum, sft_train_step
 from rlhf_jax.training.state import TrainState, make_optimizer
@@ -32,7 +31,7 @@ def _sft_batch(seed=0, batch=4, length=12):
 def test_token_logprobs_match_full_logits_log_softmax():
     params = llama.init_params(CONFIG, jax.random.key(0))
     batch = _sft_batch()
-    ours = token_logprobs(CONFIG, params, batch, seq_chunk=4)
+    ours = teacher_forced_logprobs(CONFIG, params, batch, seq_chunk=4)
     logits = llama.forward(CONFIG, params, batch["tokens"], attention_mask=batch["attention_mask"]).logits
     logp = np.asarray(jax.nn.log_softmax(logits, -1))
     tokens = np.asarray(batch["tokens"])
@@ -48,7 +47,7 @@ def test_sft_loss_counts_exactly_response_tokens_and_ignores_nan_free_pads():
     batch = _sft_batch()
     loss_sum, (count, _) = sft_loss_sum(CONFIG, params, batch)
     assert int(count) == int(np.sum(np.asarray(batch["loss_mask"])[:, 1:]))
-    logp = np.asarray(token_logprobs(CONFIG, params, batch))
+    logp = np.asarray(teacher_forced_logprobs(CONFIG, params, batch))
     np.testing.assert_allclose(loss_sum, -logp[np.asarray(batch["loss_mask"])].sum(), rtol=1e-5)
 
 

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from rlhf_jax.errors import UserError
+from rlhf_jax.losses import Weighted, weighted
 from rlhf_jax.training.accumulate import accumulate_gradients
 from rlhf_jax.training.checkpoint import Checkpointer
 from rlhf_jax.training.logs import MetricsLogger, read_metrics
@@ -20,7 +21,11 @@ def _weighted_loss_sum(params, batch):
     prediction = batch["x"] @ params["w"] + params["b"]
     errors = jnp.where(batch["mask"], (prediction - batch["y"]) ** 2, 0.0)
     count = jnp.sum(batch["mask"]).astype(jnp.float32)
-    return jnp.sum(errors), (count, {"loss/sum_abs": jnp.sum(jnp.where(batch["mask"], jnp.abs(prediction), 0.0))})
+    rows = jnp.any(batch["mask"], axis=-1)
+    # two metrics with denominators of their own: tokens, and rows with at least one token
+    metrics = {"abs_prediction": weighted(jnp.abs(prediction), batch["mask"]),
+               "row_max_error": weighted(jnp.max(errors, axis=-1), rows)}
+    return jnp.sum(errors), (count, metrics)
 
 
 def test_accumulated_gradient_equals_big_batch_with_uneven_counts():
@@ -43,7 +48,20 @@ def test_accumulated_gradient_equals_big_batch_with_uneven_counts():
         np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
         for name in params:
             np.testing.assert_allclose(grads[name], want_grads[name], rtol=1e-6, atol=1e-7)
-        assert set(metrics) == {"loss/sum_abs"}
+        # each metric is its own mean over the whole batch, whatever the split
+        prediction = np.asarray(batch["x"] @ params["w"] + params["b"])
+        mask = np.asarray(batch["mask"])
+        errors = np.where(mask, (prediction - np.asarray(batch["y"])) ** 2, 0.0)
+        np.testing.assert_allclose(metrics["abs_prediction"], np.abs(prediction)[mask].mean(), rtol=1e-6)
+        np.testing.assert_allclose(metrics["row_max_error"], errors.max(-1)[mask.any(-1)].mean(), rtol=1e-6)
+
+
+def test_weighted_metrics_value_and_empty_selection():
+    metric = weighted(jnp.array([1.0, jnp.nan, 3.0]), jnp.array([True, False, True]))
+    assert float(metric.total) == 4.0 and float(metric.count) == 2.0 and float(metric.value()) == 2.0
+    assert float(weighted(jnp.array([True, False, True, True])).value()) == 0.75  # an accuracy
+    empty = weighted(jnp.array([5.0]), jnp.array([False]))
+    assert float(empty.value()) == 0.0 and isinstance(empty, Weighted)
 
 
 def test_schedule_warmup_then_cosine_hand_values():

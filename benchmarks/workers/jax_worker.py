@@ -27,8 +27,8 @@ import numpy as np
 
 from protocol import npz_batches, serve_workloads
 from rlhf_jax.config import (GRPO_ALGORITHM, CheckpointConfig, DataConfig, DPOStage, ExperimentConfig, GRPOStage,
-                             LoggingConfig, MeshConfig, ModelSpec, OptimizerConfig, OptimizerName, RewardStage,
-                             Schedule, SFTStage, validate)
+                             LoggingConfig, MeshConfig, ModelSpec, OptimizerConfig, OptimizerName, PreferenceLoss,
+                             RewardStage, Schedule, SFTStage, validate)
 from rlhf_jax.models import llama
 from rlhf_jax.sampling import Sampler, SamplingSettings
 from rlhf_jax.sharding import make_mesh, param_shardings, place_batch, place_for_training, place_state, use_mesh
@@ -36,7 +36,7 @@ from rlhf_jax.stages.common import bind_base, build_optimizer, device_batch, loa
 from rlhf_jax.stages.reward import PAIR_KEYS as REWARD_KEYS
 from rlhf_jax.stages.sft import SFT_KEYS
 from rlhf_jax.trainers.dpo import PAIR_KEYS as DPO_KEYS
-from rlhf_jax.trainers.dpo import dpo_train_step, make_reference_fn
+from rlhf_jax.trainers.dpo import make_reference_fn, preference_train_step
 from rlhf_jax.trainers.reward import reward_train_step
 from rlhf_jax.trainers.sft import sft_eval_step, sft_train_step
 from rlhf_jax.training.state import TrainState
@@ -125,12 +125,12 @@ class Workload:
         return state, step_fn, prepare, npz_batches(self.inputs)
 
     def _build_dpo(self):
-        stage = DPOStage(name="dpo", beta=self.spec["beta"])
+        stage = DPOStage(name="dpo", loss=PreferenceLoss(beta=self.spec["beta"]))
         # a copy: the policy's buffers are donated to the train step
         reference = jax.tree.map(jnp.copy, self.params)
         reference = place_state(reference, param_shardings(reference, self.mesh))
         state, step_fn = self._train(stage, functools.partial(
-            dpo_train_step, self.config, stage.beta, str(stage.loss), stage.label_smoothing, self.micro_batches),
+            preference_train_step, self.config, stage.loss, self.micro_batches),
             self.params)
         reference_fn = make_reference_fn(self.config, self.micro_batches)
         mesh, micro_batches = self.mesh, self.micro_batches

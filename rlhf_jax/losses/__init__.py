@@ -19,7 +19,15 @@ from rlhf_jax.losses.advantages import (
     sequence_to_token_advantages,
     whiten_advantages,
 )
-from rlhf_jax.losses.aggregation import AGGREGATION_MODES, aggregate, aggregate_mean, check_aggregation_mode
+from rlhf_jax.losses.aggregation import (
+    AGGREGATION_MODES,
+    Weighted,
+    aggregate,
+    aggregate_mean,
+    check_aggregation_mode,
+    metric_values,
+    weighted,
+)
 from rlhf_jax.losses.controllers import (
     KLController,
     KLControllerState,
@@ -37,15 +45,16 @@ from rlhf_jax.losses.kl import (
     kl_penalized_rewards,
     last_token_mask,
 )
+from rlhf_jax.losses.kto import kto_loss, kto_per_example, kto_reference_point, with_reward_margins
 from rlhf_jax.losses.logprobs import (
     chunked_token_entropy,
     chunked_token_logprobs,
     logprobs_and_entropy_from_hidden,
     logprobs_from_hidden,
+    logprobs_from_logits,
     token_entropy,
-    token_logprobs,
 )
-from rlhf_jax.losses.masked import masked_count, masked_mean, masked_sum, masked_var, masked_whiten
+from rlhf_jax.losses.masked import last_token_index, masked_count, masked_mean, masked_sum, masked_var, masked_whiten
 from rlhf_jax.losses.policy import (
     entropy_bonus,
     explained_variance,
@@ -55,11 +64,17 @@ from rlhf_jax.losses.policy import (
     value_loss_per_token,
 )
 from rlhf_jax.losses.preference import (
-    DPO_LOSS_TYPES,
+    PREFERENCE_LOSSES,
+    PairLogps,
+    PairTerms,
+    PreferenceLossKind,
+    SequenceLogps,
     bradley_terry_loss,
     bradley_terry_per_pair,
-    dpo_loss,
-    dpo_per_pair,
+    preference_hyperparameters,
+    preference_loss,
+    preference_loss_kind,
+    preference_per_pair,
 )
 from rlhf_jax.losses.sft import nll_per_token, sft_loss
 
@@ -67,10 +82,15 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGGREGATION_MODES",
     "CRITIC_ESTIMATORS",
-    "DPO_LOSS_TYPES",
     "KL_ESTIMATORS",
     "KLController",
     "KLControllerState",
+    "PREFERENCE_LOSSES",
+    "PairLogps",
+    "PairTerms",
+    "PreferenceLossKind",
+    "SequenceLogps",
+    "Weighted",
     "adaptive_kl_coef",
     "adaptive_kl_controller",
     "aggregate",
@@ -80,8 +100,6 @@ __all__ = [
     "check_aggregation_mode",
     "chunked_token_entropy",
     "chunked_token_logprobs",
-    "dpo_loss",
-    "dpo_per_pair",
     "dr_grpo",
     "entropy_bonus",
     "explained_variance",
@@ -95,26 +113,37 @@ __all__ = [
     "kl_k2",
     "kl_k3",
     "kl_penalized_rewards",
+    "kto_loss",
+    "kto_per_example",
+    "kto_reference_point",
+    "last_token_index",
     "last_token_mask",
     "logprobs_and_entropy_from_hidden",
     "logprobs_from_hidden",
+    "logprobs_from_logits",
     "masked_count",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "metric_values",
     "needs_critic",
     "nll_per_token",
     "ppo_policy_loss",
     "ppo_policy_loss_per_token",
+    "preference_hyperparameters",
+    "preference_loss",
+    "preference_loss_kind",
+    "preference_per_pair",
     "reinforce",
     "reinforce_pp",
     "rloo",
     "sequence_to_token_advantages",
     "sft_loss",
     "token_entropy",
-    "token_logprobs",
     "value_loss",
     "value_loss_per_token",
+    "weighted",
     "whiten_advantages",
+    "with_reward_margins",
 ]

@@ -8,6 +8,8 @@ tokens. For every mode the count is additive over micro-batches that split the b
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 
 from rlhf_jax.losses.masked import as_bool, as_float, safe_divide
@@ -55,3 +57,34 @@ def aggregate_mean(per_token_loss, mask, mode: str = "token-mean", normaliser: f
     """``loss_sum / count`` from :func:`aggregate`; 0 when the count is 0. Shapes as there; returns a scalar."""
     loss_sum, count = aggregate(per_token_loss, mask, mode, normaliser)
     return safe_divide(loss_sum, count)
+
+
+class Weighted(NamedTuple):
+    """A metric as ``(total, count)``: its value is ``total / count`` (0 when the count is 0).
+
+    Metrics travel through micro-batch accumulation in this form, each with its own denominator (pairs for a
+    preference metric, response tokens for a per-token one), and are divided once at the end
+    (:func:`metric_values`): no trainer rescales a metric by another metric's count.
+    """
+
+    total: jnp.ndarray
+    count: jnp.ndarray
+
+    def value(self) -> jnp.ndarray:
+        return safe_divide(self.total, self.count)
+
+
+def weighted(values, mask=None) -> Weighted:
+    """``Weighted(Σ mask·values, Σ mask)`` over every axis: the masked mean, kept as its sum and count.
+
+    values: any shape (bool/int values count as {0, 1}, so an accuracy is a weighted mean too); mask:
+    broadcastable to it (default: every entry counts). Masked entries are dropped with ``jnp.where``.
+    """
+    values = as_float(values)
+    mask = jnp.ones(values.shape, bool) if mask is None else jnp.broadcast_to(as_bool(mask), values.shape)
+    return Weighted(jnp.sum(jnp.where(mask, values, 0)), jnp.sum(mask, dtype=values.dtype))
+
+
+def metric_values(metrics: dict) -> dict:
+    """``{name: Weighted}`` (or already-final scalars) -> ``{name: value}``."""
+    return {name: metric.value() if isinstance(metric, Weighted) else metric for name, metric in metrics.items()}

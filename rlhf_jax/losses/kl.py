@@ -15,7 +15,7 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from rlhf_jax.losses.masked import as_bool, as_float, masked_mean
+from rlhf_jax.losses.masked import as_bool, as_float, last_token_index, masked_mean
 
 
 def kl_k1(logprobs, ref_logprobs) -> jnp.ndarray:
@@ -67,9 +67,7 @@ def last_token_mask(mask) -> jnp.ndarray:
     Found from the mask itself (never from token ids, which breaks when pad = EOS). mask: [B, T] -> [B, T] bool.
     """
     mask = as_bool(mask)
-    length = mask.shape[-1]
-    last_index = length - 1 - jnp.argmax(mask[..., ::-1], axis=-1)
-    return (jnp.arange(length) == last_index[..., None]) & jnp.any(mask, axis=-1, keepdims=True)
+    return (jnp.arange(mask.shape[-1]) == last_token_index(mask)[..., None]) & jnp.any(mask, axis=-1, keepdims=True)
 
 
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef, estimator: str = "k1"):

@@ -56,7 +56,7 @@ def _zero_masked(values, mask) -> jnp.ndarray:
     return values if mask is None else jnp.where(as_bool(mask), values, 0)
 
 
-def token_logprobs(logits, tokens, temperature: float = 1.0, mask=None) -> jnp.ndarray:
+def logprobs_from_logits(logits, tokens, temperature: float = 1.0, mask=None) -> jnp.ndarray:
     """``log softmax(logits / τ)[tokens]``: log-probability of each chosen token.
 
     logits: [B, T, V] (any dtype; upcast to float32); tokens: [B, T] int; mask: [B, T] or None (masked
@@ -231,7 +231,7 @@ def _chunked(source, tokens, mask, temperature, seq_chunk, vocab_chunk, want_log
 
 def chunked_token_logprobs(logits, tokens, temperature: float = 1.0, *, mask=None, seq_chunk: int | None = 128,
                            vocab_chunk: int | None = None) -> jnp.ndarray:
-    """:func:`token_logprobs` computed ``seq_chunk`` positions (and ``vocab_chunk`` columns) at a time.
+    """:func:`logprobs_from_logits` computed ``seq_chunk`` positions (and ``vocab_chunk`` columns) at a time.
 
     ``log p_t = (x_t[tokens_t] − m_t) / τ − log Σ_v exp((x_{t,v} − m_t) / τ)``, ``m_t = max_v x_{t,v}``.
     logits x: [B, T, V]; tokens: [B, T]; mask: [B, T] or None (masked positions give 0, whatever their logits

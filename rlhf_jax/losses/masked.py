@@ -100,3 +100,16 @@ def masked_whiten(values, mask, shift_mean: bool = True, eps: float = 1e-8, axis
     if not shift_mean:
         whitened = whitened + mean
     return jnp.where(mask, whitened, 0)
+
+
+def last_token_index(mask) -> jnp.ndarray:
+    """Index of the last True of each row of ``mask`` [..., T] (0 for an all-False row): [...] int32.
+
+    Found from the mask itself, never from token ids (which breaks when pad = EOS). The one last-token helper:
+    the reward/value head reads the hidden state there, the KL-shaped reward puts the score there.
+    """
+    mask = as_bool(mask)
+    length = mask.shape[-1]
+    flipped_first = jnp.argmax(mask[..., ::-1], axis=-1)
+    return jnp.where(jnp.any(mask, axis=-1), length - 1 - flipped_first, 0).astype(jnp.int32)
+

@@ -11,7 +11,7 @@ from rlhf_jax.losses.masked import as_bool, as_float, safe_divide
 def nll_per_token(logprobs, mask) -> jnp.ndarray:
     """``ℓ_t = −log p(y_t | y_<t)`` where ``mask`` is True, 0 elsewhere.
 
-    logprobs: [B, T] (log-probabilities of the target tokens, e.g. from ``token_logprobs(logits[:, :-1],
+    logprobs: [B, T] (log-probabilities of the target tokens, e.g. from ``logprobs_from_logits(logits[:, :-1],
     tokens[:, 1:])``); mask: [B, T]. Returns [B, T] float32.
     """
     mask = as_bool(mask)

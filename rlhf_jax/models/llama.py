@@ -23,6 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.losses.masked import last_token_index
 from rlhf_jax.models.config import DecoderConfig
 
 Params = Any
@@ -393,13 +394,6 @@ def scalar_head(head: Params, hidden: jax.Array) -> jax.Array:
     """hidden [B, T, D] -> per-token scalars [B, T] float32."""
     out = jnp.einsum("btd,do->bto", hidden.astype(jnp.float32), head["kernel"].astype(jnp.float32))
     return out[..., 0] + head["bias"].astype(jnp.float32)[0]
-
-
-def last_token_index(mask: jax.Array) -> jax.Array:
-    """Index of the last True of each row of mask [B, T] (0 for an all-False row). Returns [B]."""
-    length = mask.shape[-1]
-    flipped_first = jnp.argmax(mask[..., ::-1].astype(bool), axis=-1)
-    return jnp.where(jnp.any(mask, axis=-1), length - 1 - flipped_first, 0)
 
 
 def init_scalar_model(config: DecoderConfig, lm_params: Params, key: jax.Array) -> Params:

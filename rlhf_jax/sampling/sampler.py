@@ -147,7 +147,7 @@ def sampling_logits(logits: jax.Array, settings: SamplingSettings) -> jax.Array:
     return logits
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array, settings: SamplingSettings) -> jax.Array:
+def sampler_logprobs(logits: jax.Array, tokens: jax.Array, settings: SamplingSettings) -> jax.Array:
     """log p(token) under the sampling distribution of `settings`: the teacher-forced twin of `generate`'s
     log-probs. logits: [..., V]; tokens: [...] -> float32 [...]."""
     log_probs = jax.nn.log_softmax(sampling_logits(logits, settings), axis=-1)

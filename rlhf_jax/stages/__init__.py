@@ -7,7 +7,9 @@ A runner is ``run(experiment, stage, stage_dir, resolve) -> None``:
 - ``stage_dir``: ``<run_dir>/<stage.name>``, created by the launcher; the runner writes its
   checkpoints, metrics and outputs there, and resumes from what it finds there;
 - ``resolve``: turns a model source into something loadable: ``"stage:<name>"`` becomes the earlier
-  stage's output directory ``<run_dir>/<name>``; any other source is returned unchanged.
+  stage's output directory ``<run_dir>/<name>``; any other source is returned unchanged. A ``data_path``
+  of ``stage:<name>`` resolves the same way, to the file that stage wrote there
+  (``stages.common.stage_data_source``).
 
 The launcher writes ``<stage_dir>/DONE`` when ``run`` returns, and skips the stage on a relaunch.
 A runner module may also define ``dry_run`` with the same signature: it checks and reports what
@@ -55,12 +57,14 @@ RUNNERS: dict[str, str] = {
     "reward": "rlhf_jax.stages.reward:run",
     "ppo": "rlhf_jax.stages.rl:run",
     "dpo": "rlhf_jax.stages.dpo:run",
+    "kto": "rlhf_jax.stages.kto:run",
     "grpo": "rlhf_jax.stages.rl:run",
     "rloo": "rlhf_jax.stages.rl:run",
     "reinforce": "rlhf_jax.stages.rl:run",
     "raft": "rlhf_jax.stages.filtered:run",
     "rest": "rlhf_jax.stages.filtered:run",
     "best_of_n": "rlhf_jax.stages.filtered:run_best_of_n",
+    "label": "rlhf_jax.stages.label:run",
 }
 
 DRY_RUN_FUNCTION = "dry_run"

@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from rlhf_jax.config import ExperimentConfig, Stage, model_for, stage_data, stage_optimizer
+from rlhf_jax.config import DataConfig, ExperimentConfig, Stage, data_reference, model_for, stage_data, stage_optimizer
+from rlhf_jax.config.names import STAGE_DATA_FILES
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.training.artifacts import is_artifact, load_artifact
@@ -122,16 +123,39 @@ def build_optimizer(experiment: ExperimentConfig, stage: Stage, total_steps: int
     )
 
 
-def load_stage_dataset(experiment: ExperimentConfig, stage: Stage, kind: str, tokenizer):
-    """(train, eval or None) tokenized datasets from the stage's data config."""
-    from rlhf_jax.data import load_dataset
-    from rlhf_jax.data.tokenize import TokenizeConfig
+def stage_data_source(experiment: ExperimentConfig, stage: Stage,
+                      resolve: Callable[[str], str] | None = None) -> tuple[DataConfig, str, str]:
+    """(data config, path, format) of the data the stage reads.
 
+    A `data_path` of ``stage:<name>`` is the file that earlier stage wrote in its directory (`resolve`: the
+    pipeline's resolver; None: the one of `experiment.run_dir`), read as JSONL whatever `data.format` says.
+    """
     data = stage_data(experiment, stage)
     if not data.path:
         raise UserError(f"stages.{stage.name}.data_path: no data file (set data.path or the stage's data_path)")
+    target = data_reference(data.path)
+    if target is None:
+        return data, data.path, str(data.format)
+    if resolve is None:
+        from rlhf_jax.stages import make_resolver
+
+        resolve = make_resolver(experiment, Path(experiment.run_dir).expanduser().resolve())
+    path = Path(resolve(data.path)) / STAGE_DATA_FILES[experiment.stage(target).kind]
+    if not path.is_file():
+        raise UserError(f"stages.{stage.name}.data_path: {data.path} has not written {path} yet; run stage "
+                        f"{target!r} first")
+    return data, str(path), "jsonl"
+
+
+def load_stage_dataset(experiment: ExperimentConfig, stage: Stage, kind: str, tokenizer,
+                       resolve: Callable[[str], str] | None = None):
+    """(train, eval or None) tokenized datasets from the stage's data config (`stage_data_source`)."""
+    from rlhf_jax.data import load_dataset
+    from rlhf_jax.data.tokenize import TokenizeConfig
+
+    data, path, format = stage_data_source(experiment, stage, resolve)
     tokenize = TokenizeConfig(max_length=data.max_length, max_prompt_length=data.max_prompt_length)
-    dataset = load_dataset(data.path, kind, tokenizer, format=str(data.format), config=tokenize)
+    dataset = load_dataset(path, kind, tokenizer, format=format, config=tokenize)
     if data.max_examples is not None:
         dataset = dataclasses.replace(dataset, examples=dataset.examples[: data.max_examples])
     eval_dataset = None
@@ -189,20 +213,39 @@ def whole_set_evaluator(eval_step: Callable, mesh=None) -> tuple[Callable, Calla
             lambda batch: place_state(batch, jax.tree.map(lambda _: sharding, batch)))
 
 
-def pair_outputs_over(eval_step: Callable, params, dataset, batch_size: int, keys: tuple[str, ...],
-                      mesh=None) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen [N], rejected [N]) of `eval_step(params, batch) -> (chosen [B], rejected [B])` over every pair
-    of a preference `dataset`, in order (a whole-set pass: see `whole_set_evaluator`)."""
+def outputs_over(eval_step: Callable, params, dataset, batch_size: int, host_batch: Callable[[dict], dict],
+                 mesh=None):
+    """`eval_step(params, host_batch(batch))`'s outputs over every example of `dataset`, in order, each leaf [B]
+    concatenated to [N] (e.g. (chosen, rejected) rewards, or `PairLogps` records; a whole-set pass: see
+    `whole_set_evaluator`). `host_batch` turns a loader batch into the step's (host numpy)."""
     from rlhf_jax.data import DataIterator
 
     iterator = DataIterator(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False, drop_remainder=False)
     step, place = whole_set_evaluator(eval_step, mesh)
-    chosen, rejected = [], []
-    for batch in iterator:
-        c, r = jax.device_get(step(params, place(loss_batch(batch, keys, whole=True))))
-        chosen.append(c)
-        rejected.append(r)
-    return np.concatenate(chosen), np.concatenate(rejected)
+    outputs = [jax.device_get(step(params, place(host_batch(batch)))) for batch in iterator]
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+
+
+def pair_outputs_over(eval_step: Callable, params, dataset, batch_size: int, keys: tuple[str, ...],
+                      mesh=None):
+    """:func:`outputs_over` a preference `dataset`, each batch the `keys` with their loss index."""
+    return outputs_over(eval_step, params, dataset, batch_size, lambda batch: loss_batch(batch, keys, whole=True),
+                        mesh)
+
+
+def with_reference_logps(reference_fn: Callable, reference, mesh, host_batch: Callable[[dict], dict]):
+    """Loader batch -> the step's batch on the mesh with the frozen reference's log-probs merged in:
+    `host_batch(batch)` placed, then `reference_fn(reference, batch)` (a dict of [B] arrays, jitted) under the
+    mesh. DPO and KTO give their own `host_batch` and `reference_fn`."""
+    from rlhf_jax.sharding import place_batch, use_mesh
+
+    def prepare(batch):
+        batch = place_batch(host_batch(batch), mesh)
+        with use_mesh(mesh):
+            logps = reference_fn(reference, batch)
+        return place_batch({**batch, **logps}, mesh)
+
+    return prepare
 
 
 def fit(
@@ -333,6 +376,17 @@ def dry_run_source(experiment: ExperimentConfig, source: str | None, resolve: Ca
         upstream = experiment.stage(parse_source(source, "source").value)
         source = getattr(upstream, "model", None) or getattr(upstream, "policy", None)
     return source
+
+
+def dry_run_data_path(experiment: ExperimentConfig, stage: Stage, resolve: Callable[[str], str]) -> str | None:
+    """For a dry run: a `data_path` naming an earlier stage's data that is not written yet is replaced by the data
+    that stage reads (followed up the chain), so tokenization and batches can still be checked."""
+    path = getattr(stage, "data_path", None)
+    while (target := data_reference(path)) is not None:
+        if (Path(resolve(path)) / STAGE_DATA_FILES[experiment.stage(target).kind]).is_file():
+            return path
+        path = stage_data(experiment, experiment.stage(target)).path
+    return path
 
 
 def compile_report(name: str, step_fn, *args) -> dict[str, float]:

@@ -1,9 +1,12 @@
-"""DPO stage runner: preference pairs, a trained policy and a frozen reference (the policy's starting weights
-unless `reference` names another language model with the same tokenizer), resumable.
+"""Preference-optimisation stage runner (DPO and its family: `stages.<name>.loss.type`): preference pairs, a
+trained policy and, for the losses that need one, a frozen reference (the policy's starting weights unless
+`reference` names another language model with the same tokenizer), resumable. SimPO, CPO and ORPO load no
+reference.
 
 Each batch's reference log-probs come from their own jitted function before the train step (see
-`rlhf_jax.trainers.dpo`). At the end the implicit-reward accuracy, margin and loss are measured on the
-held-out split (or, without one, on the training pairs) and the policy is written as the stage's model.
+`rlhf_jax.trainers.dpo`). At the end the implicit-reward accuracy (for reference-free losses, the accuracy of
+their log-prob rewards), margin and loss are measured on the held-out split (or, without one, on the training
+pairs) and the policy is written as the stage's model.
 """
 
 from __future__ import annotations
@@ -16,15 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.errors import UserError
-from rlhf_jax.losses import dpo_loss
+from rlhf_jax.losses import PairLogps, SequenceLogps, preference_loss
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
-                               shard_train_step, state_shardings, use_mesh, validate_mesh_for_model)
+                               shard_train_step, state_shardings, validate_mesh_for_model)
 from rlhf_jax.models.lora import merged_params
-from rlhf_jax.stages.common import (adapted_training, bind_base, build_optimizer, compile_report, dry_run_source, fit, load_role, loss_batch,
-                                    load_stage_dataset, require_language_model, require_tokenizer,
-                                    training_iterator, pair_outputs_over, write_summary)
-from rlhf_jax.trainers.dpo import PAIR_KEYS, dpo_eval_step, dpo_train_step, make_reference_fn
+from rlhf_jax.stages.common import (adapted_training, bind_base, build_optimizer, compile_report, dry_run_source, fit,
+                                    load_role, load_stage_dataset, loss_batch, pair_outputs_over,
+                                    require_language_model, require_tokenizer, training_iterator,
+                                    with_reference_logps, write_summary)
+from rlhf_jax.trainers.dpo import (PAIR_KEYS, loss_keywords, make_reference_fn, needs_reference, preference_eval_step,
+                                   preference_train_step)
 from rlhf_jax.training.artifacts import save_artifact
+from rlhf_jax.training.logs import read_metrics
 from rlhf_jax.training.state import TrainState
 
 
@@ -35,20 +41,27 @@ def _same_tokenizer(tokenizer, reference_tokenizer, vocab_size: int, reference_v
         raise UserError(f"{what}: its tokenizer differs from the model's; DPO needs a reference that shares one")
 
 
-def sequence_logprobs_over(config, params, dataset, batch_size: int, mesh=None):
-    """Policy (or reference) sequence log-probs (chosen [N], rejected [N]) of every pair of `dataset`, in order.
+def sequence_logprobs_over(config, params, dataset, batch_size: int, mesh=None) -> PairLogps:
+    """Policy (or reference) sequence log-prob records (`PairLogps` of [N]) of every pair of `dataset`, in order.
 
     mesh: where `params` live; every process then goes through the whole set (see `whole_set_evaluator`).
     """
-    return pair_outputs_over(functools.partial(dpo_eval_step, config), params, dataset, batch_size, PAIR_KEYS, mesh)
+    return pair_outputs_over(functools.partial(preference_eval_step, config), params, dataset, batch_size, PAIR_KEYS,
+                             mesh)
 
 
-def evaluation_metrics(policy: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray],
-                       beta: float, loss_type: str, label_smoothing: float, prefix: str = "eval") -> dict:
-    """DPO loss and implicit-reward statistics over whole sets of pairs (TRL's names under `prefix/`)."""
-    _, metrics = dpo_loss(*policy, *reference, beta, loss_type, label_smoothing)
-    out = {f"{prefix}/{name}": float(value) for name, value in jax.device_get(metrics).items()}
-    out[f"{prefix}/pairs"] = float(len(policy[0]))
+def evaluation_metrics(policy: PairLogps, reference: PairLogps | None, loss, prefix: str = "eval") -> dict:
+    """The stage's loss (`config.PreferenceLoss`) and its reward statistics over whole sets of pairs (TRL's
+    names under `prefix/`); `reference`: None for reference-free losses."""
+    if reference is not None:  # the reference scored the same tokens
+        reference = PairLogps(*(SequenceLogps(ref.total, own.count) for ref, own in zip(reference, policy)))
+    _, metrics = preference_loss(str(loss.type), policy, reference, nll_coef=loss.nll_coef, **loss_keywords(loss))
+    out = {f"{prefix}/{'dpo/loss' if name == 'loss' else name}": float(value)
+           for name, value in jax.device_get(metrics).items()}
+    # the policy's own preference, whatever the loss: mean log-prob per token of chosen over rejected
+    out[f"{prefix}/logps/accuracies"] = float(np.mean(np.asarray(policy.chosen.mean())
+                                                      > np.asarray(policy.rejected.mean())))
+    out[f"{prefix}/pairs"] = float(len(policy.chosen.total))
     return out
 
 
@@ -59,7 +72,13 @@ def _setup(experiment, stage, resolve, source, reference_source):
     tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
     key = jax.random.key(experiment.seed)
     trainable, frozen = adapted_training(stage, role.params, role.config.dtype, jax.random.fold_in(key, 1))
-    if reference_source is None and frozen:  # LoRA: the reference is the base itself, adapters off
+    try:
+        loss_keywords(stage.loss)
+    except ValueError as error:
+        raise UserError(f"stages.{stage.name}.{error}") from None
+    if not needs_reference(stage.loss):
+        reference_config, reference = None, None
+    elif reference_source is None and frozen:  # LoRA: the reference is the base itself, adapters off
         reference_config, reference = role.config, frozen[0]
     elif reference_source is None:
         # a copy: the policy's buffers are donated to the train step
@@ -70,26 +89,29 @@ def _setup(experiment, stage, resolve, source, reference_source):
         _same_tokenizer(tokenizer, reference_role.tokenizer, role.config.vocab_size,
                         reference_role.config.vocab_size, f"stages.{stage.name}.reference")
         reference_config, reference = reference_role.config, reference_role.params
-    dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "preference", tokenizer)
+    dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "preference", tokenizer, resolve)
     iterator = training_iterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
                                  num_epochs=stage.epochs)
     per_epoch = iterator.steps_per_epoch
     total_steps = per_epoch * stage.epochs if stage.max_steps is None else min(stage.max_steps,
                                                                                per_epoch * stage.epochs)
     state = TrainState.create(trainable, build_optimizer(experiment, stage, total_steps), key)
-    step = bind_base(functools.partial(dpo_train_step, role.config, stage.beta, str(stage.loss),
-                                       stage.label_smoothing, experiment.optimizer.micro_batches), stage.lora)
+    step = bind_base(functools.partial(preference_train_step, role.config, stage.loss,
+                                       experiment.optimizer.micro_batches), stage.lora)
     return role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step, (
         reference_config, reference), frozen
 
 
 def _reference_preparer(reference_config, reference, mesh, num_microbatches: int, precompute=None):
-    """Host batch -> the step's batch on the mesh, with the frozen reference's log-probs of its pairs.
+    """Host batch -> the step's batch on the mesh, with the frozen reference's log-probs of its pairs (none
+    when `reference` is None: a reference-free loss).
 
     precompute: None (the reference runs on each batch), or `(dataset, batch_size)`: the reference's
     log-probs of every pair of the training set are computed once, here, and each batch looks its rows up
     by their example `index`.
     """
+    if reference is None:
+        return None, lambda batch: place_batch(loss_batch(batch, PAIR_KEYS, num_microbatches), mesh)
     validate_mesh_for_model(reference_config, mesh)
     reference = place_state(reference, param_shardings(reference, mesh))
     if precompute is not None:
@@ -98,19 +120,13 @@ def _reference_preparer(reference_config, reference, mesh, num_microbatches: int
 
         def prepare(batch):
             rows = np.asarray(batch["index"])
-            logps = {"reference_chosen_logps": table[0][rows], "reference_rejected_logps": table[1][rows]}
+            logps = {"reference_chosen_logps": table.chosen.total[rows],
+                     "reference_rejected_logps": table.rejected.total[rows]}
             return place_batch({**loss_batch(batch, PAIR_KEYS, num_microbatches), **logps}, mesh)
 
         return reference, prepare
-    reference_fn = make_reference_fn(reference_config, num_microbatches)
-
-    def prepare(batch):
-        batch = place_batch(loss_batch(batch, PAIR_KEYS, num_microbatches), mesh)
-        with use_mesh(mesh):
-            logps = reference_fn(reference, batch)
-        return place_batch({**batch, **logps}, mesh)
-
-    return reference, prepare
+    return reference, with_reference_logps(make_reference_fn(reference_config, num_microbatches), reference, mesh,
+                                           lambda batch: loss_batch(batch, PAIR_KEYS, num_microbatches))
 
 
 def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
@@ -135,7 +151,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step, (
         reference_config, reference), frozen = _setup(experiment, stage, resolve, stage.model, stage.reference)
     validate_mesh_for_model(role.config, mesh)
-    reference_is_base = bool(frozen) and stage.reference is None
+    reference_is_base = bool(frozen) and stage.reference is None and reference is not None
     reference, prepare = _reference_preparer(
         reference_config, reference, mesh, experiment.optimizer.micro_batches,
         (dataset, data.batch_size) if stage.precompute_reference else None)
@@ -143,21 +159,38 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         frozen, tuple(param_shardings(params, mesh) for params in frozen))  # one copy of the base on the mesh
     base = frozen[0] if frozen else {}
     (state,), step_fn = place_for_training(step, (state,), mesh, frozen)
+    pairs = eval_dataset if eval_dataset is not None else dataset
+    prefix = "eval" if eval_dataset is not None else "train_set"
+    # the reference is frozen: its log-probs of the evaluation pairs are computed once
+    reference_logps = None if reference is None else sequence_logprobs_over(reference_config, reference, pairs,
+                                                                            data.batch_size, mesh)
+
+    def evaluate(state):
+        policy_logps = sequence_logprobs_over(role.config, merged_params(base, state.params, stage.lora), pairs,
+                                              data.batch_size, mesh)
+        return evaluation_metrics(policy_logps, reference_logps, stage.loss, prefix)
+
     state, records = fit(
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
         total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},
-        restore_host_state=lambda saved: iterator.set_state(saved["data"]), prepare=prepare,
+        restore_host_state=lambda saved: iterator.set_state(saved["data"]), prepare=prepare, evaluate=evaluate,
     )
     summary = {"steps": int(state.step)}
-    if records:
-        summary.update({f"train/{k}": v for k, v in records[-1].items()
-                        if k.split("/")[0] in ("dpo", "rewards", "logps")})
-    pairs = eval_dataset if eval_dataset is not None else dataset
-    prefix = "eval" if eval_dataset is not None else "train_set"
+    trained = [record for record in records if record["step"] > 0]
+    if trained:
+        summary.update({f"train/{k}": v for k, v in trained[-1].items()
+                        if k.split("/")[0] in ("dpo", "rewards", "logps", "nll_loss", "log_odds_chosen",
+                                               "log_odds_ratio")})
+    logged = read_metrics(stage_dir)  # the whole run's records, a resumed one's too
+    evaluations = [record for record in logged if f"{prefix}/pairs" in record]
+    if evaluations and evaluations[0]["step"] == 0:  # the starting policy, before any update
+        summary.update({f"{prefix}_start/{name[len(prefix) + 1:]}": value
+                        for name, value in evaluations[0].items() if name.startswith(prefix + "/")})
+    if evaluations and evaluations[-1]["step"] == int(state.step):
+        final = {name: value for name, value in evaluations[-1].items() if name.startswith(prefix + "/")}
+    else:  # e.g. a stage resumed after its last step but before its model was written
+        final = evaluate(state)
+    summary.update(final)
     policy = merged_params(base, state.params, stage.lora)
-    policy_logps = sequence_logprobs_over(role.config, policy, pairs, data.batch_size, mesh)
-    reference_logps = sequence_logprobs_over(reference_config, reference, pairs, data.batch_size, mesh)
-    summary.update(evaluation_metrics(policy_logps, reference_logps, stage.beta, str(stage.loss),
-                                      stage.label_smoothing, prefix))
     save_artifact(stage_dir / "model", role.config, policy, tokenizer, "lm", {"stage": stage.name, **summary})
-    write_summary(stage_dir, f"DPO stage '{stage.name}'", summary)
+    write_summary(stage_dir, f"Preference stage '{stage.name}' (loss {stage.loss.type})", summary)

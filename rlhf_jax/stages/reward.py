@@ -63,7 +63,7 @@ def _setup(experiment, stage, resolve, source):
             # A linear probe starts at zero: with the backbone frozen, a random head is a fixed random function
             # of the features that a few hundred pairs cannot train away (docs/training.md).
             model["head"] = jax.tree.map(jnp.zeros_like, model["head"])
-    dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "preference", tokenizer)
+    dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "preference", tokenizer, resolve)
     iterator = training_iterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
                                  num_epochs=stage.epochs)
     per_epoch = iterator.steps_per_epoch

@@ -155,7 +155,7 @@ def load_rollouts(experiment, stage, resolve, key: jax.Array) -> Rollouts:
     trainable, frozen = adapted_training(stage, policy_role.params, policy_role.config.dtype,
                                          jax.random.fold_in(key, 5))
     base = place_state(frozen[0], param_shardings(frozen[0], mesh)) if frozen else {}
-    prompts, eval_prompts, data = load_stage_dataset(experiment, stage, "prompt", tokenizer)
+    prompts, eval_prompts, data = load_stage_dataset(experiment, stage, "prompt", tokenizer, resolve)
     settings = SamplingSettings(max_new_tokens=stage.max_new_tokens, temperature=stage.sampling_temperature,
                                 top_p=None if stage.top_p >= 1.0 else stage.top_p, top_k=stage.top_k or 0)
     return Rollouts(stage=stage, mesh=mesh, policy_role=policy_role, tokenizer=tokenizer, trainable=trainable,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -54,7 +53,7 @@ def _setup(experiment, stage, resolve, source):
     role = load_role(experiment, source, resolve)
     require_language_model(role, f"stages.{stage.name}.model")
     tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
-    dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "sft", tokenizer)
+    dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "sft", tokenizer, resolve)
     iterator = training_iterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
                                  num_epochs=stage.epochs, pack=stage.packing,
                                  loss_on_prompt=not stage.completion_only_loss)

@@ -49,7 +49,7 @@ def _logprobs_at(config: DecoderConfig, params, hidden, targets, keep, temperatu
     return jnp.where(keep, logprobs_from_hidden(hidden, unembedding, targets, temperature, seq_chunk=seq_chunk), 0.0)
 
 
-def token_logprobs(config: DecoderConfig, params, batch, temperature: float = 1.0, seq_chunk: int | None = 128,
+def teacher_forced_logprobs(config: DecoderConfig, params, batch, temperature: float = 1.0, seq_chunk: int | None = 128,
                    with_entropy: bool = False, index=None):
     """Teacher-forced log p(tokens[t] | tokens[<t]) aligned to t: [B, T] float32 (column 0 is 0).
 
@@ -66,7 +66,7 @@ def token_logprobs(config: DecoderConfig, params, batch, temperature: float = 1.
     targets, same_segment = _shifted_targets(batch)
     if index is not None:
         if with_entropy:
-            raise ValueError("token_logprobs: with_entropy needs every position (index must be None)")
+            raise ValueError("teacher_forced_logprobs: with_entropy needs every position (index must be None)")
         return _logprobs_at_index(config, params, out.hidden, batch["tokens"], index, temperature)
     result = _logprobs_at(config, params, out.hidden[:, :-1], targets, same_segment, temperature, seq_chunk,
                           with_entropy)
@@ -148,7 +148,7 @@ def continuation_logprobs(config: DecoderConfig, params, tokens, attention_mask,
                           seq_chunk: int | None = 128, with_entropy: bool = False):
     """Teacher-forced log p(tokens[t] | tokens[<t]) for the columns t >= `start` (static, >= 1): [B, T - start].
 
-    The same numbers as `token_logprobs(...)[:, start:]`, but the LM head (the [D, V] unembedding and the
+    The same numbers as `teacher_forced_logprobs(...)[:, start:]`, but the LM head (the [D, V] unembedding and the
     log-softmax over the vocabulary) runs only at the positions that predict those columns, not over the
     prompt: for RL rollouts (`start` = the prompt length) that is most of the head's cost.
     """

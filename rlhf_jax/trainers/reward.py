@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses import bradley_terry_loss
+from rlhf_jax.losses import aggregate, bradley_terry_per_pair, weighted
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.lora import LoRAConfig
@@ -30,7 +30,7 @@ def pair_rewards(config: DecoderConfig, model, batch):
 
 
 def reward_loss_sum(config: DecoderConfig, center_coef: float, model, batch, freeze_backbone: bool = False):
-    """(Σ pair losses, (pair count, summed metrics)) for one micro-batch.
+    """(Σ pair losses, (pair count, `Weighted` metrics)) for one micro-batch.
 
     freeze_backbone: no gradient reaches the backbone (only the head learns), so the backward pass skips it.
     """
@@ -38,13 +38,19 @@ def reward_loss_sum(config: DecoderConfig, center_coef: float, model, batch, fre
         model = {"backbone": jax.lax.stop_gradient(model["backbone"]), "head": model["head"]}
     chosen, rejected = pair_rewards(config, model, batch)
     pair_mask = batch.get("pair_mask", jnp.ones(chosen.shape, bool))
-    loss, metrics = bradley_terry_loss(chosen, rejected, margin=batch.get("margin"), pair_mask=pair_mask,
-                                       center_coef=center_coef)
-    count = jnp.sum(pair_mask).astype(jnp.float32)
-    sums = {name: value * count for name, value in metrics.items() if name != "rm/loss"}
-    sums["rm/chosen_reward_sq"] = jnp.sum(jnp.where(pair_mask, chosen**2, 0.0))
-    sums["rm/rejected_reward_sq"] = jnp.sum(jnp.where(pair_mask, rejected**2, 0.0))
-    return loss * count, (count, sums)
+    per_pair = bradley_terry_per_pair(chosen, rejected, margin=batch.get("margin"), pair_mask=pair_mask,
+                                      center_coef=center_coef)
+    loss_sum, count = aggregate(per_pair, pair_mask)
+    metrics = {
+        "rm/accuracy": weighted(chosen > rejected, pair_mask),
+        "rm/margin": weighted(chosen - rejected, pair_mask),
+        "rm/chosen_reward": weighted(chosen, pair_mask),
+        "rm/rejected_reward": weighted(rejected, pair_mask),
+        "rm/centering": weighted(jnp.square(chosen + rejected), pair_mask),
+        "rm/chosen_reward_sq": weighted(jnp.square(chosen), pair_mask),
+        "rm/rejected_reward_sq": weighted(jnp.square(rejected), pair_mask),
+    }
+    return loss_sum, (count, metrics)
 
 
 def _finish_metrics(loss, metrics):

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.config import RLAlgorithm
 from rlhf_jax.losses import (
+    Weighted,
     aggregate,
     explained_variance,
     gae,
@@ -53,7 +54,6 @@ from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.lora import LoRAConfig, full_params
 from rlhf_jax.trainers.common import continuation_logprobs
 from rlhf_jax.training.accumulate import accumulate_gradients
-from rlhf_jax.training.state import TrainState
 
 
 SEQ_CHUNK = 128  # positions per chunk of the LM head in the log-prob passes
@@ -245,7 +245,7 @@ def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig |
 
 def rl_loss_sum(policy_config: DecoderConfig, critic_config: DecoderConfig | None, algorithm: RLAlgorithm,
                 prompt_length: int, kl_coef, trainable, batch, *, old_logprobs_from_update: bool = False):
-    """(Σ policy + vf_coef·value + β·KL − entropy_coef·entropy losses, (count, summed metrics)) for one
+    """(Σ policy + vf_coef·value + β·KL − entropy_coef·entropy losses, (count, `Weighted` metrics)) for one
     micro-batch; the value term with a critic, the KL term with `kl_placement="loss"` (and a reference).
 
     trainable = (policy params,) or (policy params, critic params); batch: an `Experience` slice. With
@@ -262,25 +262,26 @@ def rl_loss_sum(policy_config: DecoderConfig, critic_config: DecoderConfig | Non
                                                                  mask, algorithm.clip_eps, algorithm.clip_eps_high,
                                                                  algorithm.dual_clip)
     per_token = policy_per_token - algorithm.entropy_coef * entropy
-    token_weighted = {**policy_metrics, "policy/entropy": masked_mean(entropy, mask)}
-    token_weighted.pop("policy/ratio_max")
-    sums = {"policy/loss": aggregate(policy_per_token, mask, algorithm.loss_aggregation, normaliser=normaliser)[0]}
+    token_means = {**policy_metrics, "policy/entropy": masked_mean(entropy, mask)}
+    token_means.pop("policy/ratio_max")
+    metrics = {"policy/loss": Weighted(*aggregate(policy_per_token, mask, algorithm.loss_aggregation,
+                                                  normaliser=normaliser))}
     if algorithm.has_critic:
         values = response_values(critic_config, trainable[1], batch.tokens, batch.attention_mask, prompt_length)
         value_per_token, value_metrics = value_loss_per_token(values, batch.old_values, batch.returns, mask,
                                                               algorithm.value_clip_eps)
         per_token = per_token + algorithm.vf_coef * value_per_token
-        token_weighted.update(value_metrics)
-        sums["value/loss"] = aggregate(value_per_token, mask, algorithm.loss_aggregation, normaliser=normaliser)[0]
+        token_means.update(value_metrics)
+        metrics["value/loss"] = Weighted(*aggregate(value_per_token, mask, algorithm.loss_aggregation,
+                                                    normaliser=normaliser))
     if algorithm.kl_placement == "loss" and algorithm.use_reference:
         kl_per_token = jnp.where(mask, kl_estimate(logprobs, batch.ref_logprobs, algorithm.kl_estimator), 0.0)
         per_token = per_token + kl_coef * kl_per_token
-        token_weighted["policy/kl_loss"] = masked_mean(kl_per_token, mask)
+        token_means["policy/kl_loss"] = masked_mean(kl_per_token, mask)
     loss_sum, count = aggregate(per_token, mask, algorithm.loss_aggregation, normaliser=normaliser)
     tokens = jnp.sum(mask).astype(jnp.float32)
-    # token-mean metrics are re-weighted by this micro-batch's token count; the step divides by the total
-    sums.update({name: value * tokens for name, value in token_weighted.items()})
-    return loss_sum, (count, {"tokens": tokens, **sums})
+    metrics.update({name: Weighted(value * tokens, tokens) for name, value in token_means.items()})
+    return loss_sum, (count, metrics)
 
 
 def rl_update_step(policy_config: DecoderConfig, critic_config: DecoderConfig | None, algorithm: RLAlgorithm,
@@ -302,12 +303,8 @@ def rl_update_step(policy_config: DecoderConfig, critic_config: DecoderConfig | 
             return trained_loss(tuple(full_params(base, trainable, lora)
                                       for base, trainable in zip(bases, trainables)), microbatch)
 
-    loss, grads, sums = accumulate_gradients(loss_fn, tuple(state.params for state in states), batch,
-                                             num_microbatches)
-    # `accumulate_gradients` divided every sum by the loss count; rescale the token-weighted metrics.
-    count_over_tokens = 1.0 / jnp.maximum(sums.pop("tokens"), 1e-9)
-    metrics = {name: value if name in ("policy/loss", "value/loss") else value * count_over_tokens
-               for name, value in sums.items()}
+    loss, grads, metrics = accumulate_gradients(loss_fn, tuple(state.params for state in states), batch,
+                                                num_microbatches)
     metrics["ppo/loss"] = loss
     return tuple(state.apply_gradients(g) for state, g in zip(states, grads)), metrics
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.lora import LoRAConfig
-from rlhf_jax.trainers.common import predicted_mask, token_logprobs
+from rlhf_jax.trainers.common import predicted_mask, teacher_forced_logprobs
 from rlhf_jax.trainers.lora import adapter_loss_sum
 from rlhf_jax.training.accumulate import accumulate_gradients
 from rlhf_jax.training.state import TrainState
@@ -21,7 +21,7 @@ from rlhf_jax.training.state import TrainState
 
 def sft_loss_sum(config: DecoderConfig, params, batch):
     """(Σ NLL over predicted response tokens, (count, {})) for one micro-batch."""
-    logprobs = token_logprobs(config, params, batch, index=batch.get("loss_index"))
+    logprobs = teacher_forced_logprobs(config, params, batch, index=batch.get("loss_index"))
     mask = predicted_mask(batch)
     loss_sum = jnp.sum(jnp.where(mask, -logprobs, 0.0))
     return loss_sum, (jnp.sum(mask).astype(jnp.float32), {})

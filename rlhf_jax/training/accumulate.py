@@ -2,7 +2,8 @@
 
 Losses return an unreduced `(loss_sum, count)`; gradients of `loss_sum` are summed over the
 micro-batches and divided once by the total count, so the result equals the big-batch mean-loss
-gradient (a mean of micro-batch means would not, when counts differ).
+gradient (a mean of micro-batch means would not, when counts differ). Metrics travel the same way, each as
+a `losses.Weighted` (total, count) with its own denominator.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from rlhf_jax.losses.aggregation import metric_values
 
 LossSumFn = Callable[[Any, Any], tuple[jax.Array, tuple[jax.Array, dict]]]
 
@@ -36,9 +39,10 @@ def split_microbatches(batch: Any, num_microbatches: int) -> Any:
 def accumulate_gradients(loss_sum_fn: LossSumFn, params: Any, batch: Any, num_microbatches: int = 1):
     """Mean-loss gradient over `batch`, computed micro-batch by micro-batch with `lax.scan`.
 
-    loss_sum_fn(params, microbatch) -> (loss_sum, (count, metrics_sums)) where metrics_sums are
-    sums over the micro-batch (divided by the total count at the end, like the loss).
-    Returns (loss, grads, metrics) with loss = Σ loss_sum / Σ count.
+    loss_sum_fn(params, microbatch) -> (loss_sum, (count, metrics)) where each metric is a
+    `losses.Weighted` (total, count) over the micro-batch: totals and counts are summed over the
+    micro-batches and each metric divided by its own count at the end.
+    Returns (loss, grads, metrics) with loss = Σ loss_sum / Σ count and metrics their values.
     """
     grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
     microbatches = split_microbatches(batch, num_microbatches)
@@ -58,5 +62,4 @@ def accumulate_gradients(loss_sum_fn: LossSumFn, params: Any, batch: Any, num_mi
     (grads, loss_sum, count, metrics), _ = jax.lax.scan(body, init, microbatches)
     denominator = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, params)
-    metrics = jax.tree.map(lambda m: m / denominator, metrics)
-    return loss_sum / denominator, grads, metrics
+    return loss_sum / denominator, grads, metric_values(metrics)

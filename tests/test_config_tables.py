@@ -1,0 +1,107 @@
+"""Each config enum names exactly the components of the table it selects from.
+
+A component added to a table without its enum value (so no config can select it), or an enum value with no
+component (so a validated config fails at run time), fails here. Enums dispatched by ``if``/``elif`` only
+(``KLPlacement``, in ``rlhf_jax.trainers.rl``) have no table to compare with.
+"""
+
+import dataclasses
+import inspect
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import evaluate, losses, rewards, stages
+from rlhf_jax.config import (
+    DTYPES,
+    LLAMA2_SIZES,
+    STAGE_TYPES,
+    TINY_ARCHITECTURES,
+    AdvantageEstimator,
+    DataFormat,
+    KLEstimator,
+    KTOLoss,
+    LossAggregation,
+    OptimizerName,
+    PreferenceLoss,
+    PreferenceLossType,
+    RematPolicy,
+    RLAlgorithm,
+    Schedule,
+    SourceKind,
+    StageKind,
+)
+from rlhf_jax.config.experiment import _CHECKS
+from rlhf_jax.data.formats import FORMATS
+from rlhf_jax.models.config import LLAMA2_PRESETS, TINY_PRESETS
+from rlhf_jax.training.state import OPTIMIZERS, SCHEDULES
+
+
+def values(enum_class) -> set[str]:
+    return {member.value for member in enum_class}
+
+
+def test_stage_kinds_are_the_runners_the_stage_classes_and_their_checks():
+    assert values(StageKind) == set(stages.RUNNERS)
+    assert set(STAGE_TYPES) == set(StageKind)
+    assert all(cls.kind is kind for kind, cls in STAGE_TYPES.items())
+    assert set(_CHECKS) == set(STAGE_TYPES.values())  # every stage class is validated, and only those
+
+
+def test_advantage_estimators_are_the_losses_estimators():
+    assert values(AdvantageEstimator) == set(losses.ADVANTAGE_ESTIMATORS) | set(losses.CRITIC_ESTIMATORS)
+    with_critic = {e.value for e in AdvantageEstimator if RLAlgorithm(advantage_estimator=e).has_critic}
+    assert with_critic == set(losses.CRITIC_ESTIMATORS)
+
+
+def test_kl_estimators_are_the_losses_estimators():
+    assert values(KLEstimator) == set(losses.KL_ESTIMATORS)
+
+
+def test_loss_aggregations_are_the_aggregation_modes():
+    assert values(LossAggregation) == set(losses.AGGREGATION_MODES)
+
+
+def test_preference_loss_types_are_the_loss_table_and_its_copy_agrees():
+    assert values(PreferenceLossType) == set(losses.PREFERENCE_LOSSES) == set(PreferenceLoss.READS)
+    for name, kind in losses.PREFERENCE_LOSSES.items():
+        assert PreferenceLoss.READS[name] == losses.preference_hyperparameters(name), name
+        assert (name in PreferenceLoss.NEEDS_REFERENCE) == kind.needs_reference, name
+    fields = {field.name for field in dataclasses.fields(PreferenceLoss)}
+    assert set().union(*PreferenceLoss.READS.values()) | {"type", "nll_coef"} == fields  # every field is read
+
+
+def test_kto_loss_fields_are_the_kto_loss_functions_keywords():
+    parameters = inspect.signature(losses.kto_per_example).parameters
+    keywords = {name: p.default for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY and name != "mask"}
+    fields = {field.name: field.default for field in dataclasses.fields(KTOLoss)}
+    assert set(fields) == set(keywords)  # the step passes the config's fields by name
+    assert all(keywords[name] in (inspect.Parameter.empty, default) for name, default in fields.items())
+
+
+def test_optimizers_and_schedules_are_the_ones_make_optimizer_builds():
+    assert values(OptimizerName) == set(OPTIMIZERS)
+    assert values(Schedule) == set(SCHEDULES)
+
+
+def test_remat_policies_are_jax_checkpoint_policies():
+    # jax has more policies than we offer: each of ours must be one (`getattr(jax.checkpoint_policies, name)`)
+    assert all(callable(getattr(jax.checkpoint_policies, policy, None)) for policy in values(RematPolicy))
+
+
+def test_data_formats_are_the_data_layers_formats():
+    assert values(DataFormat) == set(FORMATS)
+
+
+def test_source_kinds_are_the_loaders_and_the_rewards_prefixes():
+    loaded = set(evaluate.LOAD_SPEC_PREFIXES)  # what `rlhf_jax.models.load` reads besides a path
+    reward_prefixes = {rewards.SPEC_PREFIX.rstrip(":"), rewards.TEXT_SPEC_PREFIX.rstrip(":")}
+    resolved_by_the_config = {SourceKind.PATH.value, SourceKind.STAGE.value}
+    assert values(SourceKind) == loaded | reward_prefixes | resolved_by_the_config
+    assert {SourceKind.FUNCTION.value, SourceKind.TEXT.value} == reward_prefixes
+
+
+def test_model_presets_are_the_models_presets():
+    assert set(TINY_ARCHITECTURES) == set(TINY_PRESETS)
+    assert set(LLAMA2_SIZES) == set(LLAMA2_PRESETS)
+    assert all(jnp.issubdtype(jnp.dtype(name), jnp.floating) for name in DTYPES)  # what `models.load` accepts
