@@ -87,6 +87,14 @@ def test_sft_unpaired_and_prompt_rows(tmp_path):
     records, _ = read_records(path, "sft")
     assert [(r.prompt, r.response) for r in records] == [
         ("p", "r"), ("p", "c"), ((Message("system", "s"), Message("user", "u")), "a")]
+    # a pair row with an explicit prompt (what the label and Constitutional-AI stages write) serves SFT too: its
+    # chosen side, text or a one-message assistant list
+    path = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": [{"role": "user", "content": "u"}], "chosen": "good", "rejected": "bad"},
+        {"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"},
+    ])
+    assert [(r.prompt, r.response) for r in read_records(path, "sft")[0]] == [
+        ((Message("user", "u"),), "good"), ("p", "a")]
     path = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "p", "response": "r", "label": False}])
     assert read_records(path, "unpaired")[0] == [Feedback("p", "r", False, f"{path}:1")]
     path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "2+2?", "reference": "4"}, {"prompt": "hi"}])

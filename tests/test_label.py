@@ -319,7 +319,8 @@ def test_a_dry_run_checks_a_reader_of_unwritten_data_with_the_labellers_input(tm
      "stages.rm.data_path: got 'stage:lable', expected a reference to an earlier stage that writes data: stage:label "
      "(did you mean 'stage:label'?)"),
     (["experiment=tiny_pipeline", "stages.rm.data_path=stage:sft"],
-     "stages.rm.data_path: got 'stage:sft', expected a stage that writes data, of kind label ('sft' is a sft stage)"),
+     "stages.rm.data_path: got 'stage:sft', expected a stage that writes data, of kind label or cai ('sft' is a sft "
+     "stage)"),
     (["experiment=tiny_pipeline", "stages.rm.data_path=stage:nope"],
      "stages.rm.data_path: got 'stage:nope', expected no stage reference: no stage that writes data runs before "
      "this one"),

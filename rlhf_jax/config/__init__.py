@@ -25,8 +25,8 @@ Where things are (import them from here, ``rlhf_jax.config``):
 - ``stage``: ``Stage``, the base of every stage, and what every training stage shares;
 - ``supervised`` (``SFTStage``, ``RewardStage``), ``preference`` (``DPOStage``, ``KTOStage``), ``rl``
   (``RLAlgorithm`` and its presets, the PPO/GRPO/RLOO/REINFORCE stages, RAFT, ReST, best-of-n), ``inference``
-  (``GenerateStage``, ``EvaluateStage``) and ``feedback`` (``LabelStage``, AI feedback): the stages, each
-  dataclass beside its ``_check_*`` function;
+  (``GenerateStage``, ``EvaluateStage``) and ``feedback`` (``LabelStage``, ``CAIStage``, AI feedback): the
+  stages, each dataclass beside its ``_check_*`` function;
 - ``experiment``: ``ExperimentConfig``, the table of stage classes and their checks, :func:`validate` and the
   checks that span stages (references, input paths), model sources, what a stage runs with;
 - ``engine``: the schema-agnostic machinery: parsing and printing values, ``key=value`` overrides, JSON, type
@@ -55,7 +55,8 @@ from rlhf_jax.config.experiment import (
     to_overrides,
     validate,
 )
-from rlhf_jax.config.feedback import HARMLESSNESS_PRINCIPLES, LabelStage
+from rlhf_jax.config.feedback import (CRITIQUE_REQUESTS, HARMLESSNESS_PRINCIPLES, REVISION_REQUESTS, CAIStage,
+                                     LabelStage)
 from rlhf_jax.config.inference import EvaluateStage, GenerateStage
 from rlhf_jax.config.names import (
     DATA_WRITING_KINDS,
@@ -137,6 +138,9 @@ __all__ = [
     "KTOLoss",
     "KTOStage",
     "LabelStage",
+    "CAIStage",
+    "CRITIQUE_REQUESTS",
+    "REVISION_REQUESTS",
     "LoRAConfig",
     "LoggingConfig",
     "LossAggregation",

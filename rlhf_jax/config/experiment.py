@@ -20,7 +20,7 @@ from rlhf_jax.config.engine import (
     read_config,
     variants,
 )
-from rlhf_jax.config.feedback import LabelStage, _check_label
+from rlhf_jax.config.feedback import CAIStage, LabelStage, _check_cai, _check_label
 from rlhf_jax.config.inference import (
     EvaluateStage,
     GenerateStage,
@@ -84,6 +84,7 @@ _CHECKS: dict[type[Stage], Callable[[Any, str, "ExperimentConfig"], None]] = {
     GenerateStage: _check_generate,
     EvaluateStage: _check_evaluate,
     LabelStage: _check_label,
+    CAIStage: _check_cai,
 }
 STAGE_TYPES: dict[StageKind, type[Stage]] = {cls.kind: cls for cls in _CHECKS}
 

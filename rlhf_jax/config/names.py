@@ -25,6 +25,7 @@ class StageKind(enum.StrEnum):
     GENERATE = "generate"
     EVALUATE = "evaluate"
     LABEL = "label"  # AI feedback: a judge model labels preference pairs (RLAIF)
+    CAI = "cai"  # Constitutional AI: critique and revise own responses against principles
 
 
 # Every format the data layer reads (`hh`, `jsonl`, `parquet`, `arrow`, `tfds`, ...; docs/data.md), from its one list.
@@ -118,5 +119,5 @@ ROLE_KINDS = {  # the `role` of a model-source field (`shared.source`) -> the st
 
 # Which stage outputs a `data_path` may refer to (`stage:<name>`), and the file each writes in its stage directory:
 # preference pairs as JSONL rows {prompt, chosen, rejected, ...}, which every data kind reads (docs/data.md).
-STAGE_DATA_FILES = {StageKind.LABEL: "preferences.jsonl"}
+STAGE_DATA_FILES = {StageKind.LABEL: "preferences.jsonl", StageKind.CAI: "preferences.jsonl"}
 DATA_WRITING_KINDS = tuple(STAGE_DATA_FILES)

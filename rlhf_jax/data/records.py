@@ -161,7 +161,9 @@ def _demonstration(row: Mapping) -> tuple[Prompt, str]:
     if row.get("messages") is not None:
         return _split_conversation(_messages(row["messages"], "messages"), "messages")
     if row.get("prompt") is not None:
-        return _prompt(row), _answer(_field(row, "response", "completion"), "response")
+        # a pair row {prompt, chosen, rejected} is a demonstration of its chosen side
+        field = "chosen" if row.get("response") is None and row.get("completion") is None and "chosen" in row else None
+        return _prompt(row), _answer(_field(row, field or "response", "completion"), field or "response")
     if row.get("chosen") is not None:
         chosen = row["chosen"]
         if isinstance(chosen, str):

@@ -65,6 +65,7 @@ RUNNERS: dict[str, str] = {
     "rest": "rlhf_jax.stages.filtered:run",
     "best_of_n": "rlhf_jax.stages.filtered:run_best_of_n",
     "label": "rlhf_jax.stages.label:run",
+    "cai": "rlhf_jax.stages.cai:run",
 }
 
 DRY_RUN_FUNCTION = "dry_run"

@@ -105,6 +105,21 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     os.replace(partial, path)
 
 
+def load_judge(experiment: ExperimentConfig, source: str | None, resolve: Callable[[str], str], what: str,
+               principles: str, data: DataConfig) -> tuple[Role, Any]:
+    """(role, tokenizer) of a judge: a language model whose tokenizer has a chat template, and room in
+    ``data.max_length`` for its prompts (`judge.check_budget`); `UserError` naming ``what`` otherwise."""
+    from rlhf_jax.judge import check_budget
+
+    role = load_role(experiment, source, resolve)
+    require_language_model(role, what)
+    tokenizer = require_tokenizer(role, what)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{what}: its tokenizer has no chat template to write the judge prompt in")
+    check_budget(tokenizer, principles, data.max_length, data.max_prompt_length)
+    return role, tokenizer
+
+
 @dataclasses.dataclass
 class _Setup:
     """What a run (or a dry run) needs: the judge, and the pairs to label with where they come from."""
@@ -121,26 +136,21 @@ def _setup(experiment: ExperimentConfig, stage: LabelStage, resolve: Callable[[s
            judge_source: str | None) -> _Setup:
     """The judge (a language model whose tokenizer has a chat template) and the pairs to label."""
     from rlhf_jax.data.sources import read_records
-    from rlhf_jax.judge import check_budget
 
-    role = load_role(experiment, judge_source if judge_source is not None else stage.judge, resolve)
-    require_language_model(role, f"stages.{stage.name}.judge")
-    tokenizer = require_tokenizer(role, f"stages.{stage.name}.judge")
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"stages.{stage.name}.judge: its tokenizer has no chat template to write the judge prompt in")
     data, path, format = stage_data_source(experiment, stage, resolve)
-    check_budget(tokenizer, stage.principles, data.max_length, data.max_prompt_length)
+    role, tokenizer = load_judge(experiment, judge_source if judge_source is not None else stage.judge, resolve,
+                                 f"stages.{stage.name}.judge", stage.principles, data)
     pairs, report = read_records(path, "preference", format=format)
     if data.max_examples is not None:
         pairs = pairs[: data.max_examples]
     return _Setup(role, tokenizer, pairs, report, data, path)
 
 
-def _prompts(setup: _Setup, stage: LabelStage) -> list:
+def all_judge_prompts(tokenizer, principles: str, pairs: list[Preference], data: DataConfig) -> list:
+    """Every pair's `judge.JudgePrompts`, at most ``data.max_length`` tokens each."""
     from rlhf_jax.judge import judge_prompts
 
-    return [judge_prompts(setup.tokenizer, stage.principles, pair, setup.data.max_length, setup.data.max_prompt_length)
-            for pair in setup.pairs]
+    return [judge_prompts(tokenizer, principles, pair, data.max_length, data.max_prompt_length) for pair in pairs]
 
 
 def dry_run(experiment: ExperimentConfig, stage: LabelStage, stage_dir: Path, resolve: Callable[[str], str]) -> None:
@@ -148,46 +158,66 @@ def dry_run(experiment: ExperimentConfig, stage: LabelStage, stage_dir: Path, re
     from rlhf_jax.stages.common import dry_run_source
 
     setup = _setup(experiment, stage, resolve, dry_run_source(experiment, stage.judge, resolve))
-    prompts = _prompts(setup, stage)
+    prompts = all_judge_prompts(setup.tokenizer, stage.principles, setup.pairs, setup.data)
     lengths = [len(ids) for p in prompts for ids in (p.input_order, p.swapped_order)]
     print(f"  {setup.report.summary()}; {len(setup.pairs)} pairs to label: {len(lengths)} judge prompts of "
           f"{min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f}), {sum(p.truncated for p in prompts)} "
           f"pairs cut to data.max_length={setup.data.max_length}")
 
 
-def run(experiment: ExperimentConfig, stage: LabelStage, stage_dir: Path, resolve: Callable[[str], str]) -> None:
+def judge_both_orders(judge: Role, tokenizer, pairs: list[Preference], principles: str, data: DataConfig,
+                      name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """Judge each pair with response 1 (its ``chosen``) in slot A, then in slot B (`rlhf_jax.judge`), with a
+    progress bar: (verdict log-probs [2N, 2] (input orders, then swapped), logit_AB [N], logit_BA [N], the
+    `judge.JudgePrompts`). Prompts hold at most ``data.max_length`` tokens (run `judge.check_budget` first) and
+    run ``data.batch_size`` at a time. The label and Constitutional-AI stages both judge through it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from rlhf_jax.judge import judge_logprobs, length_buckets, preference_logit, verdict_token_ids
+
+    prompts = all_judge_prompts(tokenizer, principles, pairs, data)
+    verdict_ids = verdict_token_ids(tokenizer, principles)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masks: from lengths
+    both_orders = [p.input_order for p in prompts] + [p.swapped_order for p in prompts]
+    print(f"stage {name}: judging {len(prompts)} pairs in both orders ({len(both_orders)} prompts, "
+          f"{sum(map(len, both_orders))} tokens)", flush=True)
+    with Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
+        task = bar.add_task(name, total=len(both_orders))
+        logprobs = judge_logprobs(judge.config, judge.params, both_orders, verdict_ids, batch_size=data.batch_size,
+                                  buckets=length_buckets(data.max_length), pad_id=pad_id,
+                                  on_batch=lambda done: bar.update(task, completed=done))
+    logits = np.asarray(preference_logit(logprobs))
+    return logprobs, logits[: len(prompts)], logits[len(prompts):], prompts
+
+
+def judge_statistics(logprobs: np.ndarray, prompts: list) -> dict[str, float]:
+    """What the judging cost and how the judge answered, beside `agreement_metrics`."""
+    lengths = [len(ids) for p in prompts for ids in (p.input_order, p.swapped_order)]
+    return {
+        # how much of the judge's next-token probability the two verdicts hold: near 1 when it answers as told
+        "judge/verdict_mass": float(np.mean(np.exp(logprobs.astype(np.float64)).sum(axis=1))),
+        "prompts/mean_tokens": float(np.mean(lengths)),
+        "prompts/truncated_pairs": sum(p.truncated for p in prompts),
+    }
+
+
+def run(experiment: ExperimentConfig, stage: LabelStage, stage_dir: Path, resolve: Callable[[str], str]) -> None:
     from rlhf_jax.distributed import is_main_process
-    from rlhf_jax.judge import combined_preference, judge_logprobs, length_buckets, preference_logit, verdict_token_ids
+    from rlhf_jax.judge import combined_preference
 
     setup = _setup(experiment, stage, resolve, None)
-    prompts = _prompts(setup, stage)
-    verdict_ids = verdict_token_ids(setup.tokenizer, stage.principles)
-    batch_size = setup.data.batch_size
-    pad_id = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else 0  # masks: from lengths
-    both_orders = [p.input_order for p in prompts] + [p.swapped_order for p in prompts]
-    print(f"stage {stage.name}: judging {len(prompts)} pairs in both orders ({len(both_orders)} prompts, "
-          f"{sum(map(len, both_orders))} tokens) from {setup.source}", flush=True)
+    print(f"stage {stage.name}: labelling the pairs of {setup.source}", flush=True)
     start = time.perf_counter()
-    with Progress(TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
-        task = bar.add_task(stage.name, total=len(both_orders))
-        logprobs = judge_logprobs(setup.judge.config, setup.judge.params, both_orders, verdict_ids, batch_size=batch_size,
-                                  buckets=length_buckets(setup.data.max_length), pad_id=pad_id,
-                                  on_batch=lambda done: bar.update(task, completed=done))
+    logprobs, logit_ab, logit_ba, prompts = judge_both_orders(setup.judge, setup.tokenizer, setup.pairs,
+                                                              stage.principles, setup.data, stage.name)
     seconds = time.perf_counter() - start
-    logits = np.asarray(preference_logit(logprobs))
-    logit_ab, logit_ba = logits[: len(prompts)], logits[len(prompts):]
     probability = np.asarray(combined_preference(logit_ab, logit_ba), np.float64)
     rows = [labelled_row(*row) for row in zip(setup.pairs, logit_ab, logit_ba, probability)]
     if is_main_process():  # every process judged the same pairs
         write_rows(stage_dir / PREFERENCES_FILE, rows)
     summary = {
         **agreement_metrics(logit_ab, logit_ba, stage.human_labels),
-        # how much of the judge's next-token probability the two verdicts hold: near 1 when it answers as told
-        "judge/verdict_mass": float(np.mean(np.exp(logprobs.astype(np.float64)).sum(axis=1))),
-        "prompts/mean_tokens": float(np.mean([len(ids) for ids in both_orders])),
-        "prompts/truncated_pairs": sum(p.truncated for p in prompts),
+        **judge_statistics(logprobs, prompts),
         "data/skipped_records": len(setup.report.problems),
         "time/judge_seconds": seconds,
         "time/seconds_per_pair": seconds / len(prompts),
