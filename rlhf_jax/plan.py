@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 import time
 from typing import Any, Callable
@@ -32,6 +33,11 @@ import jax.numpy as jnp
 
 from rlhf_jax.config import ExperimentConfig, SourceKind, StageKind, model_for, parse_source, stage_data
 from rlhf_jax.errors import UserError
+
+# The training stages whose module builds their programs (`stages.common.StagePrograms`): `--plan` compiles what
+# their runs compile.
+TRAINING_STAGES = {StageKind.SFT: "rlhf_jax.stages.sft", StageKind.REWARD: "rlhf_jax.stages.reward",
+                   StageKind.DPO: "rlhf_jax.stages.dpo", StageKind.KTO: "rlhf_jax.stages.kto"}
 
 GIB = 2**30
 # Usable device memory (what the driver reports), bytes.
@@ -236,42 +242,24 @@ def _account_trained(plan: "StagePlan", *roles: _Trained) -> None:
 def plan_stage(experiment: ExperimentConfig, stage, mesh) -> StagePlan:
     """Compile the stage's programs for `mesh` on abstract arrays and account its per-device bytes."""
     from rlhf_jax.sharding import validate_mesh_for_model
-    from rlhf_jax.stages.common import bind_base
 
     plan = StagePlan(stage=stage.name, kind=str(stage.kind), mesh=dict(mesh.shape))
     data = stage_data(experiment, stage) if hasattr(stage, "data_path") else experiment.data
-    micro = experiment.optimizer.micro_batches
-    if stage.kind in (StageKind.SFT, StageKind.REWARD, StageKind.DPO, StageKind.KTO):
+    if stage.kind in TRAINING_STAGES:
         config, params = _abstract_model(experiment, stage.model)
+        # the stage's own builder: the step, batch and reference pass its run and dry run compile
+        built = importlib.import_module(TRAINING_STAGES[stage.kind]).programs(experiment, stage, config)
         validate_mesh_for_model(config, mesh)
         rows, length = data.batch_size, data.max_length
         _check_batch(rows, f"stages.{stage.name} batch size", mesh)
-        if stage.kind is StageKind.SFT:
-            from rlhf_jax.trainers.sft import sft_train_step
-
-            trained = _trained(experiment, stage, params, config.dtype, mesh)
-            batch = _batch_struct({k: ((rows, length), dt) for k, dt in (
-                ("tokens", jnp.int32), ("attention_mask", jnp.bool_), ("loss_mask", jnp.bool_))}, mesh)
-            step = bind_base(functools.partial(sft_train_step, config, micro), stage.lora)
-            plan.programs["sft train step"] = _compile_train_step("sft", step, trained, batch, mesh)
-        elif stage.kind is StageKind.REWARD:
-            from rlhf_jax.trainers.reward import reward_train_step
-
-            model = _abstract_scalar_model(config, params)
-            trainable = None
-            if stage.freeze_backbone:
-                trainable = lambda p: {"backbone": jax.tree.map(lambda _: False, p["backbone"]),  # noqa: E731
-                                       "head": jax.tree.map(lambda _: True, p["head"])}
-            trained = _trained(experiment, stage, model, config.dtype, mesh, keep=("head",), trainable=trainable)
-            batch = _batch_struct({f"{side}_{k}": ((rows, length), dt) for side in ("chosen", "rejected")
-                                   for k, dt in (("tokens", jnp.int32), ("attention_mask", jnp.bool_))}, mesh)
-            step = bind_base(functools.partial(reward_train_step, config, stage.center_rewards_coef, micro,
-                                               freeze_backbone=stage.freeze_backbone), stage.lora)
-            plan.programs["reward train step"] = _compile_train_step("rm", step, trained, batch, mesh)
-        elif stage.kind is StageKind.KTO:
-            trained = _plan_kto(experiment, stage, mesh, config, params, rows, length, plan)
-        else:
-            trained = _plan_dpo(experiment, stage, mesh, config, params, rows, length, plan)
+        if stage.kind is StageKind.REWARD:
+            params = _abstract_scalar_model(config, params)
+        trained = _trained(experiment, stage, params, config.dtype, mesh, keep=built.keep, trainable=built.trainable)
+        batch = _batch_struct(built.batch(rows, length), mesh)
+        if built.reference_pass is not None:
+            batch = _with_reference_program(experiment, stage, config, trained, mesh, plan, built.reference_pass,
+                                            batch)
+        plan.programs[f"{built.name} train step"] = _compile_train_step(built.name, built.step, trained, batch, mesh)
         _account_trained(plan, trained)
         return plan
     if stage.kind in (StageKind.PPO, StageKind.GRPO, StageKind.RLOO, StageKind.REINFORCE):
@@ -284,64 +272,23 @@ def batch_sharding_of(batch):
     return jax.tree.map(lambda leaf: leaf.sharding, batch)
 
 
-def _plan_dpo(experiment, stage, mesh, config, params, rows, length, plan: StagePlan) -> _Trained:
-    """DPO: the frozen reference's log-prob pass, then the train step on the batch plus reference log-probs.
-    Under LoRA the reference is the base itself (no bytes of its own) unless `reference` names other weights.
-    A reference-free loss (SimPO, CPO, ORPO): the train step alone."""
-    from rlhf_jax.stages.common import bind_base
-    from rlhf_jax.trainers import dpo
-
-    trained = _trained(experiment, stage, params, config.dtype, mesh)
-    batch = _batch_struct({f"{side}_{k}": ((rows, length), dt) for side in ("chosen", "rejected")
-                           for k, dt in (("tokens", jnp.int32), ("attention_mask", jnp.bool_),
-                                         ("loss_mask", jnp.bool_))}, mesh)
-    step = bind_base(functools.partial(dpo.preference_train_step, config, stage.loss,
-                                       experiment.optimizer.micro_batches), stage.lora)
-    if not dpo.needs_reference(stage.loss):  # SimPO, CPO, ORPO: no reference at all
-        plan.programs["dpo train step"] = _compile_train_step("dpo", step, trained, batch, mesh)
-        return trained
-    full = _with_reference_program(experiment, stage, config, trained, mesh, plan,
-                                   functools.partial(dpo.reference_logprobs, config), batch)
-    plan.programs["dpo train step"] = _compile_train_step("dpo", step, trained, full, mesh)
-    return trained
-
-
 def _with_reference_program(experiment, stage, config, trained: _Trained, mesh, plan: StagePlan, reference_pass,
                             batch) -> dict:
     """A DPO or KTO stage's frozen reference and its log-prob program: under LoRA with no `reference` of its own
     the policy's base (no bytes of its own), else a frozen copy of `reference` (or the model). Compiles
-    `reference_pass(reference, batch)` as "reference log-probs" and returns `batch` plus its outputs' structs
-    (the train step's batch)."""
+    `reference_pass(reference config, reference, batch)` (`StagePrograms.reference_pass`) as "reference log-probs"
+    and returns `batch` plus its outputs' structs (the train step's batch)."""
     if trained.bases and stage.reference in (None, stage.model):
         reference, reference_shardings = trained.bases[0], trained.base_shardings[0]
     else:
-        _, reference_params = _abstract_model(experiment, stage.reference or stage.model)
+        config, reference_params = _abstract_model(experiment, stage.reference or stage.model)
         reference, reference_shardings = _placed_frozen(reference_params, config.dtype, mesh)
         plan.frozen_roles = device_bytes(reference)
+    reference_pass = functools.partial(reference_pass, config)
     plan.programs["reference log-probs"] = _compile("reference", reference_pass, (reference, batch),
                                                     (reference_shardings, batch_sharding_of(batch)), None, mesh)
     logps = jax.eval_shape(reference_pass, reference, batch)
     return {**batch, **_batch_struct({k: (v.shape, v.dtype) for k, v in logps.items()}, mesh)}
-
-
-def _plan_kto(experiment, stage, mesh, config, params, rows, length, plan: StagePlan) -> _Trained:
-    """KTO: the frozen reference's log-prob pass over the matched and the mismatched rows, then the train step
-    (the policy's forward-only pass over the mismatched rows, then the micro-batched backward pass) on a batch
-    of both kinds of rows plus the reference's log-probs. Under LoRA the reference is the base itself (no bytes
-    of its own) unless `reference` names other weights."""
-    from rlhf_jax.stages.common import bind_base
-    from rlhf_jax.trainers import kto
-
-    trained = _trained(experiment, stage, params, config.dtype, mesh)
-    batch = _batch_struct({f"{kind}{k}": ((rows, length), dt) for kind in (kto.MATCHED, kto.MISMATCHED)
-                           for k, dt in (("tokens", jnp.int32), ("attention_mask", jnp.bool_),
-                                         ("loss_mask", jnp.bool_))} | {"labels": ((rows,), jnp.bool_)}, mesh)
-    full = _with_reference_program(experiment, stage, config, trained, mesh, plan, functools.partial(
-        kto.reference_logprobs, config, num_microbatches=experiment.optimizer.micro_batches), batch)
-    step = bind_base(functools.partial(kto.kto_train_step, config, stage.loss, experiment.optimizer.micro_batches),
-                     stage.lora)
-    plan.programs["kto train step"] = _compile_train_step("kto", step, trained, full, mesh)
-    return trained
 
 
 def _reward_is_model(source: str) -> bool:

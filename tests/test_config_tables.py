@@ -105,3 +105,15 @@ def test_model_presets_are_the_models_presets():
     assert set(TINY_ARCHITECTURES) == set(TINY_PRESETS)
     assert set(LLAMA2_SIZES) == set(LLAMA2_PRESETS)
     assert all(jnp.issubdtype(jnp.dtype(name), jnp.floating) for name in DTYPES)  # what `models.load` accepts
+
+
+def test_the_model_sharding_sampling_and_loss_layers_import_no_launcher_config():
+    # they take plain values or any object with the fields they read (models.lora.LoRASettings,
+    # sharding.mesh.MeshAxes); the launcher's config package sits above them
+    import subprocess
+    import sys
+
+    code = ("import sys; import rlhf_jax.models, rlhf_jax.models.lora, rlhf_jax.sharding, rlhf_jax.sampling, "
+            "rlhf_jax.losses, rlhf_jax.judge; print(sorted(m for m in sys.modules if m.startswith('rlhf_jax.config')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -468,7 +468,8 @@ def test_reference_free_stages_load_no_reference_and_report_before_and_after(tmp
     def no_reference(*args, **kwargs):
         raise AssertionError("a reference-free loss computed reference log-probs")
 
-    monkeypatch.setattr(dpo_stage, "make_reference_fn", no_reference)
+    monkeypatch.setattr(dpo_stage, "reference_logprobs", no_reference)
+    assert dpo_stage.programs(get_experiment(name), get_experiment(name).stages[0], None).reference_pass is None
     experiment = get_experiment(name)
     stage_name = experiment.stages[0].name
     stage_dir = _run_stage(experiment, stage_name, tmp_path)

@@ -378,7 +378,8 @@ def test_a_few_steps_raise_the_desirable_rewards_above_the_undesirable(policy_an
 
 
 def test_lora_step_trains_the_adapters_against_the_base_as_reference(policy_and_reference):
-    from rlhf_jax.models.lora import LoRAConfig, merged_params, trainable_params
+    from rlhf_jax.config import LoRAConfig
+    from rlhf_jax.models.lora import merged_params, trainable_params
     from rlhf_jax.stages.common import bind_base
 
     policy, _ = policy_and_reference

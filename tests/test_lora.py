@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlhf_jax.config import LoRAConfig
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.models import llama, load_hf, save_hf
 from rlhf_jax.models.config import tiny_config
-from rlhf_jax.models.lora import (LoRAConfig, adapter_paths, apply_lora, init_lora, lora_scale, merge, nbytes,
-                                  num_params)
+from rlhf_jax.models.lora import adapter_paths, apply_lora, init_lora, lora_scale, merge, nbytes, num_params
 from rlhf_jax.trainers.lora import adapter_loss_sum, policy_and_reference
 from rlhf_jax.trainers.sft import sft_loss_sum, sft_train_step
 from rlhf_jax.training.state import TrainState, make_optimizer

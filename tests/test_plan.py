@@ -228,3 +228,23 @@ def test_plan_of_one_stage_through_the_launcher():
     assert "tiny_pipeline / rm" not in out.stdout and "tiny_pipeline / ppo" not in out.stdout
     out = _launch("experiment=ppo_7b", "--plan", "--stage", "rn", timeout=120)
     assert out.returncode == 2 and out.stderr == "error: stages.rn: no such stage\n"
+
+
+def test_each_planned_training_stage_is_built_by_its_runners_module():
+    # one builder per stage (stages.common.StagePrograms): --plan, run and dry_run read the same step and batch
+    import importlib
+
+    from rlhf_jax import stages
+    from rlhf_jax.plan import TRAINING_STAGES
+    from rlhf_jax.stages.common import StagePrograms
+
+    for kind, module in TRAINING_STAGES.items():
+        assert stages.RUNNERS[kind].partition(":")[0] == module
+        assert callable(importlib.import_module(module).programs)
+    from rlhf_jax.models.config import tiny_config
+    from rlhf_jax.registry import get_experiment
+
+    experiment = get_experiment("tiny_pipeline")
+    built = importlib.import_module(TRAINING_STAGES["sft"]).programs(experiment, experiment.stage("sft"),
+                                                                        tiny_config("smollm2"))
+    assert isinstance(built, StagePrograms) and set(built.batch(2, 8)) == {"tokens", "attention_mask", "loss_mask"}

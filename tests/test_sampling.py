@@ -309,7 +309,8 @@ def test_lora_params_sample_the_adapted_model(params, sampler):
     their policy) decode the adapted model at every step, prefill and KV-cache decode alike: the sampler's
     log-probs equal the teacher-forced forward of the adapted params, and its tokens those of the merged
     model. (A decode step that ignored the adapters once sampled a mix of the adapted prompt and the base.)"""
-    from rlhf_jax.models.lora import LoRAConfig, apply_lora, init_lora, merge
+    from rlhf_jax.config import LoRAConfig
+    from rlhf_jax.models.lora import apply_lora, init_lora, merge
 
     lora = LoRAConfig(rank=4, alpha=8.0, targets=("self_attn", "mlp"))
     adapters = init_lora(params, lora, jax.random.key(3))

@@ -36,22 +36,30 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.config import LoRAConfig
 from rlhf_jax.errors import ConfigError
 
 Params = Any
 Path = tuple[str, ...]
 
-__all__ = ["LoRAConfig", "adapter_paths", "apply_lora", "frozen_base", "full_params", "init_lora", "lora_scale",
+__all__ = ["LoRASettings", "adapter_paths", "apply_lora", "frozen_base", "full_params", "init_lora", "lora_scale",
            "merge", "merged_params", "nbytes", "num_params", "projection_paths", "trainable_params"]
 
 
-def lora_scale(config: LoRAConfig) -> float:
+class LoRASettings(Protocol):
+    """What the adapter functions read. The launcher's `rlhf_jax.config.LoRAConfig` is one; the model layer takes
+    any object with these fields and imports no config."""
+
+    rank: int  # 0: off
+    alpha: float  # the update is scaled by alpha / rank
+    targets: tuple[str, ...]  # regular expressions searched in each projection's path
+
+
+def lora_scale(config: LoRASettings) -> float:
     """s = alpha / rank, the factor on the low-rank update."""
     return config.alpha / config.rank
 
@@ -74,7 +82,7 @@ def projection_paths(params: Params) -> list[Path]:
     return paths
 
 
-def adapter_paths(params: Params, config: LoRAConfig) -> list[Path]:
+def adapter_paths(params: Params, config: LoRASettings) -> list[Path]:
     """The projections whose "/"-joined path some pattern of `config.targets` matches (`re.search`).
 
     Raises ConfigError when a pattern matches no projection, listing the ones there are.
@@ -106,7 +114,7 @@ def _with(tree: Params, path: Path, value: Any) -> Params:
     return out
 
 
-def init_lora(params: Params, config: LoRAConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+def init_lora(params: Params, config: LoRASettings, key: jax.Array, dtype=jnp.float32) -> Params:
     """Adapters for the projections `config.targets` selects: {path: {"lora_a": [..., in, r], "lora_b": [..., r, out]}}.
 
     a ~ U(-1/√in, 1/√in) (PEFT's default), b = 0, so the adapted model equals the base at init. Adapters
@@ -137,7 +145,7 @@ def _adapted_modules(adapters: Params) -> list[tuple[Path, Params]]:
     return found
 
 
-def apply_lora(params: Params, adapters: Params, config: LoRAConfig) -> Params:
+def apply_lora(params: Params, adapters: Params, config: LoRASettings) -> Params:
     """Params whose targeted projections compute x W + s (x a) b (factored; see the module docstring).
 
     Adds `lora_a = a`, `lora_b = s b` beside each adapted kernel; the base arrays are shared, not copied.
@@ -150,7 +158,7 @@ def apply_lora(params: Params, adapters: Params, config: LoRAConfig) -> Params:
     return params
 
 
-def merge(params: Params, adapters: Params, config: LoRAConfig) -> Params:
+def merge(params: Params, adapters: Params, config: LoRASettings) -> Params:
     """Plain params with W + s a b for every adapted kernel (in W's dtype), for export.
 
     Same model as `apply_lora`, loadable by anything (`save_hf`, `save_artifact`, transformers). Only the
@@ -181,7 +189,7 @@ def _kept(trainable: Params) -> dict:
     return {name: value for name, value in trainable.items() if not _adapted_modules({name: value})}
 
 
-def trainable_params(params: Params, config: LoRAConfig, key: jax.Array, keep: tuple[str, ...] = ()) -> Params:
+def trainable_params(params: Params, config: LoRASettings, key: jax.Array, keep: tuple[str, ...] = ()) -> Params:
     """What a stage trains (and checkpoints): `params` when `config.rank == 0`; otherwise the adapters of
     `init_lora` plus `params[name]` for each top-level `name` in `keep` that `params` has (e.g. "head")."""
     if config.rank == 0:
@@ -189,12 +197,12 @@ def trainable_params(params: Params, config: LoRAConfig, key: jax.Array, keep: t
     return {**init_lora(params, config, key), **{name: params[name] for name in keep if name in params}}
 
 
-def frozen_base(params: Params, config: LoRAConfig) -> Params:
+def frozen_base(params: Params, config: LoRASettings) -> Params:
     """The frozen input of the steps: the base weights under LoRA, `{}` (nothing) without."""
     return params if config.rank > 0 else {}
 
 
-def full_params(base: Params, trainable: Params, config: LoRAConfig) -> Params:
+def full_params(base: Params, trainable: Params, config: LoRASettings) -> Params:
     """The params the forward runs: `trainable` without LoRA; with it, `base` whose subtrees the train state
     keeps whole are replaced by its own, and whose targeted projections get the adapters (`apply_lora`).
     Differentiable w.r.t. `trainable`; `base` is never differentiated."""
@@ -203,7 +211,7 @@ def full_params(base: Params, trainable: Params, config: LoRAConfig) -> Params:
     return apply_lora({**base, **_kept(trainable)}, trainable, config)
 
 
-def merged_params(base: Params, trainable: Params, config: LoRAConfig) -> Params:
+def merged_params(base: Params, trainable: Params, config: LoRASettings) -> Params:
     """`full_params` as plain params (adapters merged into the kernels, `merge`), for export and evaluation."""
     if config.rank == 0:
         return trainable

@@ -9,19 +9,27 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh
 
-from rlhf_jax.config import MeshConfig
 from rlhf_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-def mesh_shape(mesh_config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+class MeshAxes(Protocol):
+    """Axis sizes of a mesh, -1 for "the remaining devices": the launcher's `rlhf_jax.config.MeshConfig` is one;
+    the sharding layer takes any object with these fields and imports no config."""
+
+    data: int
+    fsdp: int
+    tensor: int
+
+
+def mesh_shape(mesh_config: MeshAxes, num_devices: int) -> tuple[int, int, int]:
     """(data, fsdp, tensor) sizes with the -1 axis resolved to the remaining devices.
 
     Raises `ConfigError` naming `mesh.data/fsdp/tensor` and the device count when the sizes do not
@@ -46,7 +54,7 @@ def mesh_shape(mesh_config: MeshConfig, num_devices: int) -> tuple[int, int, int
     return tuple(sizes)
 
 
-def make_mesh(mesh_config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(mesh_config: MeshAxes, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A `Mesh` over `devices` (default: all devices) with axes ("data", "fsdp", "tensor").
 
     Axis types are `Auto` (the compiler propagates shardings between the explicit ones we give).

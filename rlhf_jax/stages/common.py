@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import numpy as np
@@ -23,6 +23,39 @@ from rlhf_jax.training.checkpoint import Checkpointer
 from rlhf_jax.training.logs import MetricsLogger
 from rlhf_jax.training.preemption import should_stop, stopped, training_loop
 from rlhf_jax.training.state import TrainState, make_optimizer
+
+
+class StagePrograms(NamedTuple):
+    """What a training stage compiles, built once by its module's ``programs(experiment, stage, config)`` and
+    read by its ``run`` and ``dry_run`` (on real arrays) and by ``--plan`` (`rlhf_jax.plan`, on abstract ones):
+    a stage is wired in one place.
+
+    - ``name``: the train step's name in plans and reports ("sft", "reward", "dpo", "kto");
+    - ``step``: ``(*bases, state, batch) -> (state, metrics)``, bound to the model config, the loss, the
+      micro-batch count and LoRA (`bind_base`);
+    - ``batch``: ``(rows, length) -> {key: (shape, dtype)}``, the step's batch as the loader gives it, before any
+      reference log-probs;
+    - ``reference_pass``: ``(reference config, reference params, batch) -> {key: [B]}``, the frozen reference's
+      log-probs that the step reads from its batch (un-jitted), or None when the stage needs no reference;
+    - ``keep``: subtrees trained whole under LoRA (the reward model's head);
+    - ``trainable``: ``params -> bool tree`` of what the optimizer updates (None: everything).
+    """
+
+    name: str
+    step: Callable
+    batch: Callable[[int, int], dict]
+    reference_pass: Callable | None = None
+    keep: tuple[str, ...] = ()
+    trainable: Callable | None = None
+
+
+def token_batch(rows: int, length: int, prefixes: tuple[str, ...] = ("",),
+                keys: tuple[str, ...] = ("tokens", "attention_mask", "loss_mask")) -> dict:
+    """``{prefix + key: ((rows, length), dtype)}``: int32 tokens, bool masks (`StagePrograms.batch`)."""
+    import jax.numpy as jnp
+
+    return {prefix + key: ((rows, length), jnp.int32 if key == "tokens" else jnp.bool_)
+            for prefix in prefixes for key in keys}
 
 
 @dataclasses.dataclass
@@ -91,6 +124,26 @@ def adapted_training(stage: Stage, params, dtype, key: jax.Array, keep: tuple[st
     except ConfigError as error:  # "stages.sft.lora.targets: ..."
         raise ConfigError(f"stages.{stage.name}.{error}") from None
     return trainable, (jax.tree.map(lambda x: x.astype(dtype), params),)  # never donated: no copy needed
+
+
+def frozen_reference(experiment: ExperimentConfig, stage: Stage, resolve: Callable[[str], str], role: Role,
+                     tokenizer, frozen: tuple, source: str | None) -> tuple[DecoderConfig, Any]:
+    """(config, params) of a DPO or KTO stage's frozen reference: the language model `source` names (its
+    tokenizer must be the model's: log-prob ratios compare the same token ids), else under LoRA the base itself
+    (`frozen[0]`, adapters off), else a copy of the starting weights (the policy's buffers are donated to the
+    train step)."""
+    if source is None and frozen:
+        return role.config, frozen[0]
+    if source is None:
+        return role.config, jax.tree.map(lambda x: x.copy(), role.params)
+    what = f"stages.{stage.name}.reference"
+    reference = load_role(experiment, source, resolve)
+    require_language_model(reference, what)
+    if reference.config.vocab_size != role.config.vocab_size or (
+            reference.tokenizer is not None and reference.tokenizer.get_vocab() != tokenizer.get_vocab()):
+        raise UserError(f"{what}: its tokenizer differs from the model's; {stage.kind} needs a reference that "
+                        "shares one")
+    return reference.config, reference.params
 
 
 def frozen_params(params, dtype):

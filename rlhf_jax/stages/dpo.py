@@ -15,7 +15,6 @@ import functools
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.errors import UserError
@@ -23,22 +22,15 @@ from rlhf_jax.losses import PairLogps, SequenceLogps, preference_loss
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
                                shard_train_step, state_shardings, validate_mesh_for_model)
 from rlhf_jax.models.lora import merged_params
-from rlhf_jax.stages.common import (adapted_training, bind_base, build_optimizer, compile_report, dry_run_source, fit,
+from rlhf_jax.stages.common import (StagePrograms, frozen_reference, token_batch, adapted_training, bind_base, build_optimizer, compile_report, dry_run_source, fit,
                                     load_role, load_stage_dataset, loss_batch, pair_outputs_over,
                                     require_language_model, require_tokenizer, training_iterator,
                                     with_reference_logps, write_summary)
-from rlhf_jax.trainers.dpo import (PAIR_KEYS, loss_keywords, make_reference_fn, needs_reference, preference_eval_step,
+from rlhf_jax.trainers.dpo import (PAIR_KEYS, reference_logprobs, loss_keywords, needs_reference, preference_eval_step,
                                    preference_train_step)
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.logs import read_metrics
 from rlhf_jax.training.state import TrainState
-
-
-def _same_tokenizer(tokenizer, reference_tokenizer, vocab_size: int, reference_vocab_size: int, what: str) -> None:
-    """Log-prob ratios compare the same token ids: refuse a reference with another vocabulary."""
-    if reference_vocab_size != vocab_size or (
-            reference_tokenizer is not None and reference_tokenizer.get_vocab() != tokenizer.get_vocab()):
-        raise UserError(f"{what}: its tokenizer differs from the model's; DPO needs a reference that shares one")
 
 
 def sequence_logprobs_over(config, params, dataset, batch_size: int, mesh=None) -> PairLogps:
@@ -65,6 +57,17 @@ def evaluation_metrics(policy: PairLogps, reference: PairLogps | None, loss, pre
     return out
 
 
+def programs(experiment, stage, config) -> StagePrograms:
+    """The preference stage's train step, pair batch and, for the losses that need one, the frozen reference's
+    log-prob pass, in the step's micro-batches (`stages.common.StagePrograms`)."""
+    micro = experiment.optimizer.micro_batches
+    step = bind_base(functools.partial(preference_train_step, config, stage.loss, micro), stage.lora)
+    reference_pass = (functools.partial(reference_logprobs, num_microbatches=micro) if needs_reference(stage.loss)
+                      else None)
+    return StagePrograms("dpo", step, lambda rows, length: token_batch(rows, length, ("chosen_", "rejected_")),
+                         reference_pass)
+
+
 def _setup(experiment, stage, resolve, source, reference_source):
     """Everything a run (or a dry run) needs before the first step."""
     role = load_role(experiment, source, resolve)
@@ -76,19 +79,9 @@ def _setup(experiment, stage, resolve, source, reference_source):
         loss_keywords(stage.loss)
     except ValueError as error:
         raise UserError(f"stages.{stage.name}.{error}") from None
-    if not needs_reference(stage.loss):
-        reference_config, reference = None, None
-    elif reference_source is None and frozen:  # LoRA: the reference is the base itself, adapters off
-        reference_config, reference = role.config, frozen[0]
-    elif reference_source is None:
-        # a copy: the policy's buffers are donated to the train step
-        reference_config, reference = role.config, jax.tree.map(jnp.copy, role.params)
-    else:
-        reference_role = load_role(experiment, reference_source, resolve)
-        require_language_model(reference_role, f"stages.{stage.name}.reference")
-        _same_tokenizer(tokenizer, reference_role.tokenizer, role.config.vocab_size,
-                        reference_role.config.vocab_size, f"stages.{stage.name}.reference")
-        reference_config, reference = reference_role.config, reference_role.params
+    reference_config, reference = (frozen_reference(experiment, stage, resolve, role, tokenizer, frozen,
+                                                    reference_source)
+                                   if needs_reference(stage.loss) else (None, None))
     dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "preference", tokenizer, resolve)
     iterator = training_iterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
                                  num_epochs=stage.epochs)
@@ -96,15 +89,15 @@ def _setup(experiment, stage, resolve, source, reference_source):
     total_steps = per_epoch * stage.epochs if stage.max_steps is None else min(stage.max_steps,
                                                                                per_epoch * stage.epochs)
     state = TrainState.create(trainable, build_optimizer(experiment, stage, total_steps), key)
-    step = bind_base(functools.partial(preference_train_step, role.config, stage.loss,
-                                       experiment.optimizer.micro_batches), stage.lora)
-    return role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step, (
+    built = programs(experiment, stage, role.config)
+    return role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, built, (
         reference_config, reference), frozen
 
 
-def _reference_preparer(reference_config, reference, mesh, num_microbatches: int, precompute=None):
-    """Host batch -> the step's batch on the mesh, with the frozen reference's log-probs of its pairs (none
-    when `reference` is None: a reference-free loss).
+def _reference_preparer(built: StagePrograms, reference_config, reference, mesh, num_microbatches: int,
+                        precompute=None):
+    """Host batch -> the step's batch on the mesh, with the frozen reference's log-probs of its pairs
+    (`built.reference_pass`, jitted; none when `reference` is None: a reference-free loss).
 
     precompute: None (the reference runs on each batch), or `(dataset, batch_size)`: the reference's
     log-probs of every pair of the training set are computed once, here, and each batch looks its rows up
@@ -125,7 +118,8 @@ def _reference_preparer(reference_config, reference, mesh, num_microbatches: int
             return place_batch({**loss_batch(batch, PAIR_KEYS, num_microbatches), **logps}, mesh)
 
         return reference, prepare
-    return reference, with_reference_logps(make_reference_fn(reference_config, num_microbatches), reference, mesh,
+    reference_fn = jax.jit(functools.partial(built.reference_pass, reference_config))
+    return reference, with_reference_logps(reference_fn, reference, mesh,
                                            lambda batch: loss_batch(batch, PAIR_KEYS, num_microbatches))
 
 
@@ -134,31 +128,31 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     source = dry_run_source(experiment, stage.model, resolve)
     reference_source = dry_run_source(experiment, stage.reference, resolve)
     mesh = make_mesh(experiment.mesh)
-    role, _, dataset, _, _, iterator, total_steps, state, step, (reference_config, reference), frozen = _setup(
+    role, _, dataset, _, _, iterator, total_steps, state, built, (reference_config, reference), frozen = _setup(
         experiment, stage, resolve, source, reference_source)
     validate_mesh_for_model(role.config, mesh)
-    _, prepare = _reference_preparer(reference_config, reference, mesh, experiment.optimizer.micro_batches)
+    _, prepare = _reference_preparer(built, reference_config, reference, mesh, experiment.optimizer.micro_batches)
     batch = prepare(next(iterator))
     print(f"  model {source or experiment.model.source}: {role.config.num_params():,} params; {len(dataset)} pairs, "
           f"up to {total_steps} steps, first batch {tuple(batch['chosen_tokens'].shape)} per side")
     frozen_shardings = tuple(param_shardings(params, mesh) for params in frozen)
-    compile_report("dpo train step", shard_train_step(step, state_shardings(state, mesh), mesh,
+    compile_report("dpo train step", shard_train_step(built.step, state_shardings(state, mesh), mesh,
                                                       frozen_shardings=frozen_shardings), *frozen, state, batch)
 
 
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
     mesh = make_mesh(experiment.mesh)  # a bad mesh fails before the models load
-    role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step, (
+    role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, built, (
         reference_config, reference), frozen = _setup(experiment, stage, resolve, stage.model, stage.reference)
     validate_mesh_for_model(role.config, mesh)
     reference_is_base = bool(frozen) and stage.reference is None and reference is not None
     reference, prepare = _reference_preparer(
-        reference_config, reference, mesh, experiment.optimizer.micro_batches,
+        built, reference_config, reference, mesh, experiment.optimizer.micro_batches,
         (dataset, data.batch_size) if stage.precompute_reference else None)
     frozen = (reference,) if reference_is_base else place_state(
         frozen, tuple(param_shardings(params, mesh) for params in frozen))  # one copy of the base on the mesh
     base = frozen[0] if frozen else {}
-    (state,), step_fn = place_for_training(step, (state,), mesh, frozen)
+    (state,), step_fn = place_for_training(built.step, (state,), mesh, frozen)
     pairs = eval_dataset if eval_dataset is not None else dataset
     prefix = "eval" if eval_dataset is not None else "train_set"
     # the reference is frozen: its log-probs of the evaluation pairs are computed once

@@ -30,12 +30,10 @@ from rlhf_jax.losses import kto_loss
 from rlhf_jax.models.lora import merged_params
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_for_training, place_state,
                                shard_train_step, state_shardings, validate_mesh_for_model)
-from rlhf_jax.stages.common import (adapted_training, bind_base, build_optimizer, compile_report, dry_run_source, fit,
+from rlhf_jax.stages.common import (StagePrograms, frozen_reference, token_batch, adapted_training, bind_base, build_optimizer, compile_report, dry_run_source, fit,
                                     load_role, load_stage_dataset, loss_batch, outputs_over, require_language_model,
                                     require_tokenizer, training_iterator, with_reference_logps, write_summary)
-from rlhf_jax.stages.dpo import _same_tokenizer
-from rlhf_jax.trainers.kto import (UNPAIRED_KEYS, kto_eval_step, kto_train_step, loss_keywords, make_reference_fn,
-                                   with_kl_rows)
+from rlhf_jax.trainers.kto import (MATCHED, MISMATCHED, UNPAIRED_KEYS, reference_logprobs, kto_eval_step, kto_train_step, loss_keywords, with_kl_rows)
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.logs import read_metrics
 from rlhf_jax.training.state import TrainState
@@ -54,24 +52,10 @@ class _Setup(NamedTuple):
     iterator: Any
     total_steps: int
     state: TrainState
-    step: Any
+    programs: StagePrograms
     reference_config: Any
     reference: Any
     frozen: tuple
-
-
-def _reference(experiment, stage, resolve, role, tokenizer, frozen, reference_source):
-    """(config, params) of the frozen reference: the named model, else under LoRA the base itself, else a copy of
-    the starting weights (the policy's buffers are donated to the train step)."""
-    if reference_source is None and frozen:
-        return role.config, frozen[0]
-    if reference_source is None:
-        return role.config, jax.tree.map(jnp.copy, role.params)
-    reference_role = load_role(experiment, reference_source, resolve)
-    require_language_model(reference_role, f"stages.{stage.name}.reference")
-    _same_tokenizer(tokenizer, reference_role.tokenizer, role.config.vocab_size, reference_role.config.vocab_size,
-                    f"stages.{stage.name}.reference")
-    return reference_role.config, reference_role.params
 
 
 def balance_note(labels: np.ndarray, loss) -> str | None:
@@ -91,13 +75,26 @@ def _labels(dataset) -> np.ndarray:
     return np.asarray([example.label for example in dataset.examples], bool)
 
 
+def programs(experiment, stage, config) -> StagePrograms:
+    """The KTO stage's train step, its batch (the matched and the mismatched rows, the labels) and the frozen
+    reference's log-prob pass over both kinds of rows, in the step's micro-batches (`stages.common.StagePrograms`)."""
+    micro = experiment.optimizer.micro_batches
+    step = bind_base(functools.partial(kto_train_step, config, stage.loss, micro), stage.lora)
+
+    def batch(rows: int, length: int) -> dict:
+        return token_batch(rows, length, (MATCHED, MISMATCHED)) | {"labels": ((rows,), jnp.bool_)}
+
+    return StagePrograms("kto", step, batch, functools.partial(reference_logprobs, num_microbatches=micro))
+
+
 def _setup(experiment, stage, resolve, source, reference_source) -> _Setup:
     role = load_role(experiment, source, resolve)
     require_language_model(role, f"stages.{stage.name}.model")
     tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
     key = jax.random.key(experiment.seed)
     trainable, frozen = adapted_training(stage, role.params, role.config.dtype, jax.random.fold_in(key, 1))
-    reference_config, reference = _reference(experiment, stage, resolve, role, tokenizer, frozen, reference_source)
+    reference_config, reference = frozen_reference(experiment, stage, resolve, role, tokenizer, frozen,
+                                                   reference_source)
     dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "unpaired", tokenizer, resolve)
     if data.batch_size // jax.process_count() < 2:  # each process cycles the responses of its own rows
         raise UserError(f"stages.{stage.name}: {data.batch_size} examples per step over {jax.process_count()} "
@@ -111,9 +108,8 @@ def _setup(experiment, stage, resolve, source, reference_source) -> _Setup:
     total_steps = per_epoch * stage.epochs if stage.max_steps is None else min(stage.max_steps,
                                                                                per_epoch * stage.epochs)
     state = TrainState.create(trainable, build_optimizer(experiment, stage, total_steps), key)
-    step = bind_base(functools.partial(kto_train_step, role.config, stage.loss, experiment.optimizer.micro_batches),
-                     stage.lora)
-    return _Setup(role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step, reference_config,
+    built = programs(experiment, stage, role.config)
+    return _Setup(role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, built, reference_config,
                   reference, frozen)
 
 
@@ -123,11 +119,13 @@ def host_batch(batch: dict, pad_id: int, num_microbatches: int = 1, whole: bool 
     return with_kl_rows(loss_batch(batch, UNPAIRED_KEYS, num_microbatches, whole), pad_id, num_microbatches)
 
 
-def _reference_preparer(reference_config, reference, mesh, num_microbatches: int, pad_id: int):
-    """(the reference on the mesh, host batch -> the step's batch on the mesh with the reference's log-probs)."""
+def _reference_preparer(built: StagePrograms, reference_config, reference, mesh, num_microbatches: int, pad_id: int):
+    """(the reference on the mesh, host batch -> the step's batch on the mesh with the reference's log-probs,
+    `built.reference_pass` jitted)."""
     validate_mesh_for_model(reference_config, mesh)
     reference = place_state(reference, param_shardings(reference, mesh))
-    return reference, with_reference_logps(make_reference_fn(reference_config, num_microbatches), reference, mesh,
+    reference_fn = jax.jit(functools.partial(built.reference_pass, reference_config))
+    return reference, with_reference_logps(reference_fn, reference, mesh,
                                            lambda batch: host_batch(batch, pad_id, num_microbatches))
 
 
@@ -172,7 +170,7 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     mesh = make_mesh(experiment.mesh)
     setup = _setup(experiment, stage, resolve, source, reference_source)
     validate_mesh_for_model(setup.role.config, mesh)
-    _, prepare = _reference_preparer(setup.reference_config, setup.reference, mesh,
+    _, prepare = _reference_preparer(setup.programs, setup.reference_config, setup.reference, mesh,
                                      experiment.optimizer.micro_batches, setup.dataset.pad_id)
     batch = prepare(next(setup.iterator))
     desirable = int(_labels(setup.dataset).sum())
@@ -180,7 +178,7 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
           f"{len(setup.dataset)} examples ({desirable} desirable), up to {setup.total_steps} steps, first batch "
           f"{tuple(batch['tokens'].shape)} matched rows and as many mismatched")
     frozen_shardings = tuple(param_shardings(params, mesh) for params in setup.frozen)
-    compile_report("kto train step", shard_train_step(setup.step, state_shardings(setup.state, mesh), mesh,
+    compile_report("kto train step", shard_train_step(setup.programs.step, state_shardings(setup.state, mesh), mesh,
                                                       frozen_shardings=frozen_shardings),
                    *setup.frozen, setup.state, batch)
 
@@ -212,12 +210,12 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     role, dataset, data = setup.role, setup.dataset, setup.data
     validate_mesh_for_model(role.config, mesh)
     reference_is_base = bool(setup.frozen) and stage.reference is None
-    reference, prepare = _reference_preparer(setup.reference_config, setup.reference, mesh,
+    reference, prepare = _reference_preparer(setup.programs, setup.reference_config, setup.reference, mesh,
                                              experiment.optimizer.micro_batches, dataset.pad_id)
     frozen = (reference,) if reference_is_base else place_state(
         setup.frozen, tuple(param_shardings(params, mesh) for params in setup.frozen))  # one copy of the base
     base = frozen[0] if frozen else {}
-    (state,), step_fn = place_for_training(setup.step, (setup.state,), mesh, frozen)
+    (state,), step_fn = place_for_training(setup.programs.step, (setup.state,), mesh, frozen)
     examples = setup.eval_dataset if setup.eval_dataset is not None else dataset
     prefix = "eval" if setup.eval_dataset is not None else "train_set"
     labels, pairs = _labels(examples), feedback_pairs(examples)

@@ -15,7 +15,7 @@ import numpy as np
 
 from rlhf_jax.models import llama
 from rlhf_jax.models.lora import merged_params
-from rlhf_jax.stages.common import (adapted_training, bind_base, build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
+from rlhf_jax.stages.common import (StagePrograms, token_batch, adapted_training, bind_base, build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
                                     load_stage_dataset, require_tokenizer, training_iterator,
                                     pair_outputs_over, write_summary)
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
@@ -50,6 +50,23 @@ def evaluation_metrics(chosen: np.ndarray, rejected: np.ndarray, prefix: str = "
     }
 
 
+def _head_only(params):
+    """What a frozen-backbone reward model trains: the head (no optimizer state for the backbone)."""
+    return {"backbone": jax.tree.map(lambda _: False, params["backbone"]),
+            "head": jax.tree.map(lambda _: True, params["head"])}
+
+
+def programs(experiment, stage, config) -> StagePrograms:
+    """The reward stage's train step and pair batch; the head is kept whole under LoRA and, with
+    ``freeze_backbone``, is all the optimizer updates (`stages.common.StagePrograms`)."""
+    step = bind_base(functools.partial(reward_train_step, config, stage.center_rewards_coef,
+                                       experiment.optimizer.micro_batches, freeze_backbone=stage.freeze_backbone),
+                     stage.lora)
+    return StagePrograms("reward", step, lambda rows, length: token_batch(
+        rows, length, ("chosen_", "rejected_"), ("tokens", "attention_mask")), keep=("head",),
+        trainable=_head_only if stage.freeze_backbone else None)
+
+
 def _setup(experiment, stage, resolve, source):
     """Everything a run (or a dry run) needs before the first step: a fresh head on an LM, or a reward model."""
     role = load_role(experiment, source, resolve)
@@ -69,19 +86,13 @@ def _setup(experiment, stage, resolve, source):
     per_epoch = iterator.steps_per_epoch
     total_steps = per_epoch * stage.epochs if stage.max_steps is None else min(stage.max_steps,
                                                                                per_epoch * stage.epochs)
-    trainable = None
-    if stage.freeze_backbone:  # no optimizer state for the frozen backbone
-        trainable = lambda params: {"backbone": jax.tree.map(lambda _: False, params["backbone"]),  # noqa: E731
-                                    "head": jax.tree.map(lambda _: True, params["head"])}
+    built = programs(experiment, stage, role.config)
     # LoRA: the state is the backbone's adapters and the whole head; the scalar model is the frozen base
     model, frozen = adapted_training(stage, model, role.config.dtype,
-                                     jax.random.fold_in(jax.random.key(experiment.seed), 2), keep=("head",))
-    state = TrainState.create(model, build_optimizer(experiment, stage, total_steps, trainable),
+                                     jax.random.fold_in(jax.random.key(experiment.seed), 2), keep=built.keep)
+    state = TrainState.create(model, build_optimizer(experiment, stage, total_steps, built.trainable),
                               jax.random.key(experiment.seed))
-    step = bind_base(functools.partial(reward_train_step, role.config, stage.center_rewards_coef,
-                                       experiment.optimizer.micro_batches, freeze_backbone=stage.freeze_backbone),
-                     stage.lora)
-    return role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, step, frozen
+    return role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, built.step, frozen
 
 
 def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:

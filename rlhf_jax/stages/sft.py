@@ -11,7 +11,7 @@ import numpy as np
 
 from rlhf_jax.data import DataIterator
 from rlhf_jax.models.lora import adapter_paths, merged_params, num_params
-from rlhf_jax.stages.common import (adapted_training, bind_base, build_optimizer, compile_report, dry_run_source, fit, load_role, loss_batch,
+from rlhf_jax.stages.common import (StagePrograms, token_batch, adapted_training, bind_base, build_optimizer, compile_report, dry_run_source, fit, load_role, loss_batch,
                                     load_stage_dataset, require_language_model, require_tokenizer,
                                     training_iterator, whole_set_evaluator, write_summary)
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
@@ -48,6 +48,12 @@ def evaluate(config, params, dataset, batch_size: int, mesh=None) -> dict[str, f
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": count}
 
 
+def programs(experiment, stage, config) -> StagePrograms:
+    """The SFT stage's train step and batch (`stages.common.StagePrograms`)."""
+    step = bind_base(functools.partial(sft_train_step, config, experiment.optimizer.micro_batches), stage.lora)
+    return StagePrograms("sft", step, lambda rows, length: token_batch(rows, length))
+
+
 def _setup(experiment, stage, resolve, source):
     """Everything a run (or a dry run) needs before the first step."""
     role = load_role(experiment, source, resolve)
@@ -63,7 +69,7 @@ def _setup(experiment, stage, resolve, source):
     # LoRA: the state is the adapters; the base model is a frozen first argument of the step
     trainable, frozen = adapted_training(stage, role.params, role.config.dtype, jax.random.fold_in(key, 1))
     state = TrainState.create(trainable, tx, key)
-    step = bind_base(functools.partial(sft_train_step, role.config, experiment.optimizer.micro_batches), stage.lora)
+    step = programs(experiment, stage, role.config).step
     return role, tokenizer, eval_dataset, data, iterator, total_steps, state, step, frozen
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from rlhf_jax.losses import (PairLogps, SequenceLogps, aggregate, preference_hyperparameters, preference_loss_kind,
                              preference_per_pair)
 from rlhf_jax.models.config import DecoderConfig
-from rlhf_jax.models.lora import LoRAConfig
+from rlhf_jax.models.lora import LoRASettings
 from rlhf_jax.trainers.lora import adapter_loss_sum
 from rlhf_jax.trainers.common import predicted_mask, teacher_forced_logprobs
 from rlhf_jax.training.accumulate import accumulate_gradients, split_microbatches
@@ -135,7 +135,7 @@ def preference_loss_sum(config: DecoderConfig, loss, params, batch, tokens_per_p
 
 
 def preference_train_step(config: DecoderConfig, loss, num_microbatches: int, state: TrainState, batch, *,
-                          base=None, lora: LoRAConfig | None = None):
+                          base=None, lora: LoRASettings | None = None):
     """One optimizer step over `batch` split into `num_microbatches`. Returns (state, metrics).
     With `lora` (rank > 0) `state.params` is the adapters and `base` the frozen weights (`trainers.lora`).
 

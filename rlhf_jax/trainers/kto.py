@@ -28,7 +28,7 @@ import numpy as np
 
 from rlhf_jax.losses import aggregate, kto_per_example, kto_reference_point, with_reward_margins
 from rlhf_jax.models.config import DecoderConfig
-from rlhf_jax.models.lora import LoRAConfig, full_params
+from rlhf_jax.models.lora import LoRASettings, full_params
 from rlhf_jax.trainers.common import with_loss_index
 from rlhf_jax.trainers.dpo import sequence_logprobs
 from rlhf_jax.trainers.lora import adapter_loss_sum
@@ -128,7 +128,7 @@ def kto_loss_sum(config: DecoderConfig, loss, params, batch, reference_point):
 
 
 def kto_train_step(config: DecoderConfig, loss, num_microbatches: int, state: TrainState, batch, *, base=None,
-                   lora: LoRAConfig | None = None):
+                   lora: LoRASettings | None = None):
     """One optimizer step over ``batch`` split into ``num_microbatches``. Returns (state, metrics).
     With ``lora`` (rank > 0) ``state.params`` is the adapters and ``base`` the frozen weights (`trainers.lora`).
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from rlhf_jax.models.lora import LoRAConfig, full_params
+from rlhf_jax.models.lora import LoRASettings, full_params
 
 
-def adapter_loss_sum(loss_sum_fn: Callable, lora_config: LoRAConfig | None, base_params) -> Callable:
+def adapter_loss_sum(loss_sum_fn: Callable, lora_config: LoRASettings | None, base_params) -> Callable:
     """`loss_sum_fn(params, batch)` as a function of the trainable tree: `(trainable, batch) ->
     loss_sum_fn(full_params(base, trainable), batch)`; `loss_sum_fn` itself without LoRA."""
     if lora_config is None or lora_config.rank == 0:
@@ -28,7 +28,7 @@ def adapter_loss_sum(loss_sum_fn: Callable, lora_config: LoRAConfig | None, base
     return loss
 
 
-def policy_and_reference(base_params, trainable, lora_config: LoRAConfig) -> tuple[Any, Any]:
+def policy_and_reference(base_params, trainable, lora_config: LoRASettings) -> tuple[Any, Any]:
     """(policy params, reference params) of a LoRA run: base + adapters, and the base itself.
 
     Both trees hold the very same backbone arrays (the policy only adds the small `lora_a`/`lora_b`

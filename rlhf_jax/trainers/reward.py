@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from rlhf_jax.losses import aggregate, bradley_terry_per_pair, weighted
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import DecoderConfig
-from rlhf_jax.models.lora import LoRAConfig
+from rlhf_jax.models.lora import LoRASettings
 from rlhf_jax.trainers.lora import adapter_loss_sum
 from rlhf_jax.training.accumulate import accumulate_gradients
 from rlhf_jax.training.state import TrainState
@@ -62,7 +62,7 @@ def _finish_metrics(loss, metrics):
 
 
 def reward_train_step(config: DecoderConfig, center_coef: float, num_microbatches: int, state: TrainState, batch,
-                      freeze_backbone: bool = False, *, base=None, lora: LoRAConfig | None = None):
+                      freeze_backbone: bool = False, *, base=None, lora: LoRASettings | None = None):
     """One optimizer step of Bradley-Terry training. Returns (state, metrics). With `lora` (rank > 0)
     `state.params` holds the adapters and the head, `base` the frozen scalar model (`trainers.lora`)."""
     loss_sum = adapter_loss_sum(functools.partial(reward_loss_sum, config, center_coef,

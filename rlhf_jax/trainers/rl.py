@@ -51,7 +51,7 @@ from rlhf_jax.losses import (
 )
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import DecoderConfig
-from rlhf_jax.models.lora import LoRAConfig, full_params
+from rlhf_jax.models.lora import LoRASettings, full_params
 from rlhf_jax.trainers.common import continuation_logprobs
 from rlhf_jax.training.accumulate import accumulate_gradients
 
@@ -287,7 +287,7 @@ def rl_loss_sum(policy_config: DecoderConfig, critic_config: DecoderConfig | Non
 def rl_update_step(policy_config: DecoderConfig, critic_config: DecoderConfig | None, algorithm: RLAlgorithm,
                    prompt_length: int, kl_coef, states: tuple, batch: Experience, *,
                    old_logprobs_from_update: bool = False, num_microbatches: int = 1, bases: tuple = (),
-                   lora: LoRAConfig | None = None):
+                   lora: LoRASettings | None = None):
     """One optimizer step for the policy (and critic) on a mini-batch, accumulated over `num_microbatches`.
     states: (policy,) or (policy, critic) `TrainState`s. Returns (states, metrics).
 
@@ -311,7 +311,7 @@ def rl_update_step(policy_config: DecoderConfig, critic_config: DecoderConfig | 
 
 def rl_update(policy_config: DecoderConfig, critic_config: DecoderConfig | None, algorithm: RLAlgorithm,
               prompt_length: int, key: jax.Array, kl_coef, states: tuple, experience: Experience,
-              num_microbatches: int = 1, bases: tuple = (), lora: LoRAConfig | None = None):
+              num_microbatches: int = 1, bases: tuple = (), lora: LoRASettings | None = None):
     """All of an iteration's optimizer steps as one program: `epochs` × (B / mini_batch_size) mini-batches.
 
     Each epoch shuffles the rollout batch with its own key (`jax.random.split(key, epochs)`) and scans the

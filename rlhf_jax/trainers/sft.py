@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.config import DecoderConfig
-from rlhf_jax.models.lora import LoRAConfig
+from rlhf_jax.models.lora import LoRASettings
 from rlhf_jax.trainers.common import predicted_mask, teacher_forced_logprobs
 from rlhf_jax.trainers.lora import adapter_loss_sum
 from rlhf_jax.training.accumulate import accumulate_gradients
@@ -28,7 +28,7 @@ def sft_loss_sum(config: DecoderConfig, params, batch):
 
 
 def sft_train_step(config: DecoderConfig, num_microbatches: int, state: TrainState, batch, *, base=None,
-                   lora: LoRAConfig | None = None):
+                   lora: LoRASettings | None = None):
     """One optimizer step over `batch` split into `num_microbatches`. Returns (state, metrics).
 
     With `lora` (rank > 0) `state.params` is the trainable tree and `base` the frozen weights (`trainers.lora`).
