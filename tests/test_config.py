@@ -57,7 +57,7 @@ def test_configs_are_frozen_and_keyword_only(instance):
 def test_each_stage_kind_has_one_class():
     assert {kind.value for kind in C.STAGE_TYPES} == {"sft", "reward", "ppo", "dpo", "grpo", "rloo", "reinforce",
                                                      "raft", "rest", "best_of_n", "generate", "evaluate", "kto",
-                                                     "label"}
+                                                     "label", "cai"}
     assert set(C.STAGE_TYPES) == set(C.StageKind)
     assert all(cls.kind == kind for kind, cls in C.STAGE_TYPES.items())
     assert "kind" not in {field.name for field in dataclasses.fields(C.PPOStage)}  # a ClassVar, not a field
@@ -252,7 +252,7 @@ def test_the_test_pipeline_and_every_experiment_are_valid():
     (["stages.ppo.reward_model=stage:rn"], "stages.ppo.reward_model: got 'stage:rn', expected a reference to an "
                                            "earlier stage: stage:sft or stage:rm (did you mean 'stage:rm'?)"),
     (["stages.ppo.policy=stage:rm"], "stages.ppo.policy: got 'stage:rm', expected a stage of kind sft or ppo or "
-                                     "dpo or grpo or rloo or reinforce or raft or rest ('rm' is a reward stage)"),
+                                     "dpo or kto or grpo or rloo or reinforce or raft or rest ('rm' is a reward stage)"),
     (["stages.ppo.policy=text:arith_exact"], "stages.ppo.policy: got 'text:arith_exact', expected a model (fn:/text: "
                                              "rewards are only for reward_model)"),
     (["model.source=text:arith_exact"], "model.source: got 'text:arith_exact', expected a model (fn:/text: rewards "
