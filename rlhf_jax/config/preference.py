@@ -3,8 +3,8 @@
 import dataclasses
 from typing import TYPE_CHECKING, ClassVar
 
-from rlhf_jax.config.engine import _FINITE, _NON_NEGATIVE, _POSITIVE, _check_range, _require
-from rlhf_jax.config.names import PreferenceLossType, StageKind
+from rlhf_jax.config.engine import _FINITE, _NON_NEGATIVE, _POSITIVE, _check_range, _require, _suggest
+from rlhf_jax.config.names import StageKind
 from rlhf_jax.config.shared import LoRAConfig, _check_lora, _config, _source
 from rlhf_jax.config.stage import _TrainingStage
 from rlhf_jax.config.supervised import _check_supervised
@@ -17,47 +17,48 @@ if TYPE_CHECKING:
 class PreferenceLoss:
     """The loss of a preference-optimisation stage, handed to the train step as it is.
 
-    ``type`` picks the per-pair function of `rlhf_jax.losses.preference.PREFERENCE_LOSSES`, which reads the
-    fields it names (``READS``); every other field must keep its default.
+    ``type`` names an entry of `rlhf_jax.losses.preference.PREFERENCE_LOSSES` (sigmoid, hinge, ipo, simpo, cpo,
+    orpo, and any entry added there); its per-pair function reads the fields that are its keywords, and every
+    other field must keep its default. The table itself is the only list of types: a loss added to it is
+    selectable here with nothing else to change.
     """
 
-    type: PreferenceLossType = PreferenceLossType.SIGMOID
+    type: str = "sigmoid"  # sigmoid (DPO, cDPO), hinge (SLiC), ipo, simpo, cpo, orpo: the loss table's names
     beta: float = 0.1  # scale of the implicit reward (DPO 0.1; SimPO's paper uses 2.0-2.5)
     label_smoothing: float = 0.0  # flipped-label rate ε of cDPO; sigmoid, simpo, cpo; in [0, 0.5)
     length_normalised: bool = False  # per-token log-ratio margin (TRL's ipo, sigmoid_norm); sigmoid, hinge, ipo
     gamma: float = 0.5  # SimPO's target reward margin γ
     nll_coef: float | None = None  # weight of the chosen side's token-mean NLL (RPO's α); None: 1 for cpo, orpo
 
-    # What each type reads and whether it needs a frozen reference; the loss table's own signatures are the
-    # source, tests/test_config_tables.py checks that this copy agrees (the config imports no jax).
-    READS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "sigmoid": ("beta", "label_smoothing", "length_normalised"),
-        "hinge": ("beta", "length_normalised"),
-        "ipo": ("beta", "length_normalised"),
-        "simpo": ("beta", "gamma", "label_smoothing"),
-        "cpo": ("beta", "label_smoothing"),
-        "orpo": ("beta",),
-    }
-    NEEDS_REFERENCE: ClassVar[frozenset[str]] = frozenset({"sigmoid", "hinge", "ipo"})
 
-    @property
-    def needs_reference(self) -> bool:
-        return str(self.type) in self.NEEDS_REFERENCE
+def preference_loss_table() -> dict[str, tuple[tuple[str, ...], bool]]:
+    """``{type: (fields its function reads, needs a frozen reference)}`` from the loss table itself.
+
+    Imported when a preference stage is checked, not when the config package is: the rest of the config reads
+    no jax.
+    """
+    from rlhf_jax.losses.preference import PREFERENCE_LOSSES, preference_hyperparameters
+
+    return {name: (preference_hyperparameters(name), kind.needs_reference)
+            for name, kind in PREFERENCE_LOSSES.items()}
 
 
 def _check_preference_loss(loss: PreferenceLoss, prefix: str) -> None:
+    table = preference_loss_table()
+    _require(loss.type in table, prefix + "type", loss.type,
+             f"one of {', '.join(table)}{_suggest(str(loss.type), list(table))}")
     _check_range(loss, prefix, {
         "beta": _POSITIVE, "label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"), "gamma": _FINITE,
         "nll_coef": _NON_NEGATIVE,
     })
-    reads = PreferenceLoss.READS[str(loss.type)]
+    reads = table[loss.type][0]
     for field in dataclasses.fields(loss):
         if field.name in ("type", "nll_coef") or field.name in reads:
             continue
         value = getattr(loss, field.name)
-        readers = [name for name, names in PreferenceLoss.READS.items() if field.name in names]
+        readers = [name for name, (names, _) in table.items() if field.name in names]
         _require(value == field.default, prefix + field.name, value,
-                 f"{field.default!r} with type={loss.type} (only {', '.join(readers)} read it)")
+                 f"{field.default!r} with type={loss.type} (only {', '.join(readers) or 'no type'} read it)")
 
 
 @_config
@@ -80,7 +81,7 @@ def _check_dpo(stage: DPOStage, prefix: str, config: "ExperimentConfig") -> None
     _check_supervised(stage, prefix, config)
     _check_lora(stage.lora, prefix + "lora.")
     _check_preference_loss(stage.loss, prefix + "loss.")
-    if not stage.loss.needs_reference:
+    if not preference_loss_table()[stage.loss.type][1]:
         _require(stage.reference is None, prefix + "reference", stage.reference,
                  f"None with loss.type={stage.loss.type} (a reference-free loss)")
         _require(not stage.precompute_reference, prefix + "precompute_reference", stage.precompute_reference,

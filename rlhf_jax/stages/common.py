@@ -126,6 +126,38 @@ def adapted_training(stage: Stage, params, dtype, key: jax.Array, keep: tuple[st
     return trainable, (jax.tree.map(lambda x: x.astype(dtype), params),)  # never donated: no copy needed
 
 
+class PolicyTraining(NamedTuple):
+    """What a stage that trains a language model on a dataset (SFT, DPO, KTO) has before its first step."""
+
+    role: Role
+    tokenizer: Any
+    dataset: Any
+    eval_dataset: Any  # None without a held-out split
+    data: DataConfig
+    iterator: Any
+    total_steps: int
+    state: TrainState
+    programs: "StagePrograms"
+    frozen: tuple  # the step's frozen inputs: under LoRA (the base params,), else ()
+
+
+def policy_training(experiment: ExperimentConfig, stage: Stage, resolve: Callable[[str], str], source: str | None,
+                    data_kind: str, programs: Callable[..., "StagePrograms"], **iterator_settings) -> PolicyTraining:
+    """Load the language model ``source`` names and its tokenizer, the stage's ``data_kind`` data, the training
+    iterator and step count (`stage_iterator`, ``iterator_settings``), the train state (under LoRA: the adapters,
+    the base frozen) and the stage's `programs(experiment, stage, config)`."""
+    role = load_role(experiment, source, resolve)
+    require_language_model(role, f"stages.{stage.name}.model")
+    tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
+    dataset, eval_dataset, data = load_stage_dataset(experiment, stage, data_kind, tokenizer, resolve)
+    iterator, total_steps = stage_iterator(experiment, stage, dataset, data, **iterator_settings)
+    key = jax.random.key(experiment.seed)
+    trainable, frozen = adapted_training(stage, role.params, role.config.dtype, jax.random.fold_in(key, 1))
+    state = TrainState.create(trainable, build_optimizer(experiment, stage, total_steps), key)
+    return PolicyTraining(role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state,
+                          programs(experiment, stage, role.config), frozen)
+
+
 def frozen_reference(experiment: ExperimentConfig, stage: Stage, resolve: Callable[[str], str], role: Role,
                      tokenizer, frozen: tuple, source: str | None) -> tuple[DecoderConfig, Any]:
     """(config, params) of a DPO or KTO stage's frozen reference: the language model `source` names (its
@@ -247,6 +279,22 @@ def training_iterator(dataset, **settings):
     from rlhf_jax.data import DataIterator
 
     return DataIterator(dataset, process_index=jax.process_index(), process_count=jax.process_count(), **settings)
+
+
+def stage_iterator(experiment: ExperimentConfig, stage: Stage, dataset, data, **settings):
+    """(the training iterator over ``dataset`` in batches of ``data.batch_size`` for ``stage.epochs``, the stage's
+    step count): ``max_steps`` capped by the epochs' steps, or all of them. ``settings`` go to `DataIterator`
+    (packing); a packed epoch's step count is unknown in advance and is estimated from its token count."""
+    iterator = training_iterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
+                                 num_epochs=stage.epochs, **settings)
+    per_epoch = iterator.steps_per_epoch
+    if per_epoch is None and stage.max_steps is not None:
+        return iterator, stage.max_steps
+    if per_epoch is None:
+        tokens = iterator.dataset.lengths().sum()
+        per_epoch = max(1, int(np.ceil(tokens / (iterator.batch_size * iterator.pack_length))))
+    epochs = per_epoch * stage.epochs
+    return iterator, epochs if stage.max_steps is None else min(stage.max_steps, epochs)
 
 
 def whole_set_evaluator(eval_step: Callable, mesh=None) -> tuple[Callable, Callable[[dict], dict]]:

@@ -22,15 +22,13 @@ from rlhf_jax.losses import PairLogps, SequenceLogps, preference_loss
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
                                shard_train_step, state_shardings, validate_mesh_for_model)
 from rlhf_jax.models.lora import merged_params
-from rlhf_jax.stages.common import (StagePrograms, frozen_reference, token_batch, adapted_training, bind_base, build_optimizer, compile_report, dry_run_source, fit,
-                                    load_role, load_stage_dataset, loss_batch, pair_outputs_over,
-                                    require_language_model, require_tokenizer, training_iterator,
-                                    with_reference_logps, write_summary)
+from rlhf_jax.stages.common import (StagePrograms, bind_base, compile_report, dry_run_source, fit, frozen_reference,
+                                    loss_batch, pair_outputs_over, policy_training, token_batch, with_reference_logps,
+                                    write_summary)
 from rlhf_jax.trainers.dpo import (PAIR_KEYS, reference_logprobs, loss_keywords, needs_reference, preference_eval_step,
                                    preference_train_step)
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.logs import read_metrics
-from rlhf_jax.training.state import TrainState
 
 
 def sequence_logprobs_over(config, params, dataset, batch_size: int, mesh=None) -> PairLogps:
@@ -69,29 +67,17 @@ def programs(experiment, stage, config) -> StagePrograms:
 
 
 def _setup(experiment, stage, resolve, source, reference_source):
-    """Everything a run (or a dry run) needs before the first step."""
-    role = load_role(experiment, source, resolve)
-    require_language_model(role, f"stages.{stage.name}.model")
-    tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
-    key = jax.random.key(experiment.seed)
-    trainable, frozen = adapted_training(stage, role.params, role.config.dtype, jax.random.fold_in(key, 1))
+    """Everything a run (or a dry run) needs before the first step: (`PolicyTraining`, (the frozen reference's
+    config, its params), both None for a reference-free loss)."""
     try:
         loss_keywords(stage.loss)
     except ValueError as error:
         raise UserError(f"stages.{stage.name}.{error}") from None
-    reference_config, reference = (frozen_reference(experiment, stage, resolve, role, tokenizer, frozen,
-                                                    reference_source)
-                                   if needs_reference(stage.loss) else (None, None))
-    dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "preference", tokenizer, resolve)
-    iterator = training_iterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
-                                 num_epochs=stage.epochs)
-    per_epoch = iterator.steps_per_epoch
-    total_steps = per_epoch * stage.epochs if stage.max_steps is None else min(stage.max_steps,
-                                                                               per_epoch * stage.epochs)
-    state = TrainState.create(trainable, build_optimizer(experiment, stage, total_steps), key)
-    built = programs(experiment, stage, role.config)
-    return role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, built, (
-        reference_config, reference), frozen
+    training = policy_training(experiment, stage, resolve, source, "preference", programs)
+    if not needs_reference(stage.loss):
+        return training, (None, None)
+    return training, frozen_reference(experiment, stage, resolve, training.role, training.tokenizer, training.frozen,
+                                      reference_source)
 
 
 def _reference_preparer(built: StagePrograms, reference_config, reference, mesh, num_microbatches: int,
@@ -128,7 +114,7 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     source = dry_run_source(experiment, stage.model, resolve)
     reference_source = dry_run_source(experiment, stage.reference, resolve)
     mesh = make_mesh(experiment.mesh)
-    role, _, dataset, _, _, iterator, total_steps, state, built, (reference_config, reference), frozen = _setup(
+    (role, _, dataset, _, _, iterator, total_steps, state, built, frozen), (reference_config, reference) = _setup(
         experiment, stage, resolve, source, reference_source)
     validate_mesh_for_model(role.config, mesh)
     _, prepare = _reference_preparer(built, reference_config, reference, mesh, experiment.optimizer.micro_batches)
@@ -142,8 +128,8 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
 
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
     mesh = make_mesh(experiment.mesh)  # a bad mesh fails before the models load
-    role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, built, (
-        reference_config, reference), frozen = _setup(experiment, stage, resolve, stage.model, stage.reference)
+    (role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, built, frozen), (
+        reference_config, reference) = _setup(experiment, stage, resolve, stage.model, stage.reference)
     validate_mesh_for_model(role.config, mesh)
     reference_is_base = bool(frozen) and stage.reference is None and reference is not None
     reference, prepare = _reference_preparer(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,32 +29,15 @@ from rlhf_jax.losses import kto_loss
 from rlhf_jax.models.lora import merged_params
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_for_training, place_state,
                                shard_train_step, state_shardings, validate_mesh_for_model)
-from rlhf_jax.stages.common import (StagePrograms, frozen_reference, token_batch, adapted_training, bind_base, build_optimizer, compile_report, dry_run_source, fit,
-                                    load_role, load_stage_dataset, loss_batch, outputs_over, require_language_model,
-                                    require_tokenizer, training_iterator, with_reference_logps, write_summary)
-from rlhf_jax.trainers.kto import (MATCHED, MISMATCHED, UNPAIRED_KEYS, reference_logprobs, kto_eval_step, kto_train_step, loss_keywords, with_kl_rows)
+from rlhf_jax.stages.common import (StagePrograms, bind_base, compile_report, dry_run_source, fit, frozen_reference,
+                                    loss_batch, outputs_over, policy_training, token_batch, with_reference_logps,
+                                    write_summary)
+from rlhf_jax.trainers.kto import (MATCHED, MISMATCHED, UNPAIRED_KEYS, kto_eval_step, kto_train_step, loss_keywords,
+                                   reference_logprobs, with_kl_rows)
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.logs import read_metrics
-from rlhf_jax.training.state import TrainState
 
 SUMMARY_GROUPS = ("kto", "kl", "rewards", "logps")  # the last training record's metrics kept in the summary
-
-
-class _Setup(NamedTuple):
-    """What a run (or a dry run) needs before the first step."""
-
-    role: Any
-    tokenizer: Any
-    dataset: Any
-    eval_dataset: Any
-    data: Any
-    iterator: Any
-    total_steps: int
-    state: TrainState
-    programs: StagePrograms
-    reference_config: Any
-    reference: Any
-    frozen: tuple
 
 
 def balance_note(labels: np.ndarray, loss) -> str | None:
@@ -87,30 +69,19 @@ def programs(experiment, stage, config) -> StagePrograms:
     return StagePrograms("kto", step, batch, functools.partial(reference_logprobs, num_microbatches=micro))
 
 
-def _setup(experiment, stage, resolve, source, reference_source) -> _Setup:
-    role = load_role(experiment, source, resolve)
-    require_language_model(role, f"stages.{stage.name}.model")
-    tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
-    key = jax.random.key(experiment.seed)
-    trainable, frozen = adapted_training(stage, role.params, role.config.dtype, jax.random.fold_in(key, 1))
-    reference_config, reference = frozen_reference(experiment, stage, resolve, role, tokenizer, frozen,
-                                                   reference_source)
-    dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "unpaired", tokenizer, resolve)
-    if data.batch_size // jax.process_count() < 2:  # each process cycles the responses of its own rows
-        raise UserError(f"stages.{stage.name}: {data.batch_size} examples per step over {jax.process_count()} "
-                        "processes leave fewer than 2 per process; KTO's mismatched rows need at least 2")
-    note = balance_note(_labels(dataset), stage.loss)
+def _setup(experiment, stage, resolve, source, reference_source):
+    """Everything a run (or a dry run) needs before the first step: (`PolicyTraining`, (the frozen reference's
+    config, its params))."""
+    training = policy_training(experiment, stage, resolve, source, "unpaired", programs)
+    if training.data.batch_size // jax.process_count() < 2:  # each process cycles the responses of its own rows
+        raise UserError(f"stages.{stage.name}: {training.data.batch_size} examples per step over "
+                        f"{jax.process_count()} processes leave fewer than 2 per process; KTO's mismatched rows "
+                        "need at least 2")
+    note = balance_note(_labels(training.dataset), stage.loss)
     if note is not None:
         print(f"  note: stages.{stage.name}: {note}")
-    iterator = training_iterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
-                                 num_epochs=stage.epochs)
-    per_epoch = iterator.steps_per_epoch
-    total_steps = per_epoch * stage.epochs if stage.max_steps is None else min(stage.max_steps,
-                                                                               per_epoch * stage.epochs)
-    state = TrainState.create(trainable, build_optimizer(experiment, stage, total_steps), key)
-    built = programs(experiment, stage, role.config)
-    return _Setup(role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, built, reference_config,
-                  reference, frozen)
+    return training, frozen_reference(experiment, stage, resolve, training.role, training.tokenizer, training.frozen,
+                                      reference_source)
 
 
 def host_batch(batch: dict, pad_id: int, num_microbatches: int = 1, whole: bool = False) -> dict:
@@ -168,9 +139,9 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     source = dry_run_source(experiment, stage.model, resolve)
     reference_source = dry_run_source(experiment, stage.reference, resolve)
     mesh = make_mesh(experiment.mesh)
-    setup = _setup(experiment, stage, resolve, source, reference_source)
+    setup, (reference_config, reference) = _setup(experiment, stage, resolve, source, reference_source)
     validate_mesh_for_model(setup.role.config, mesh)
-    _, prepare = _reference_preparer(setup.programs, setup.reference_config, setup.reference, mesh,
+    _, prepare = _reference_preparer(setup.programs, reference_config, reference, mesh,
                                      experiment.optimizer.micro_batches, setup.dataset.pad_id)
     batch = prepare(next(setup.iterator))
     desirable = int(_labels(setup.dataset).sum())
@@ -206,11 +177,11 @@ def stage_summary(stage_dir: Path, records: list[dict], steps: int, prefix: str,
 
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
     mesh = make_mesh(experiment.mesh)  # a bad mesh fails before the models load
-    setup = _setup(experiment, stage, resolve, stage.model, stage.reference)
+    setup, (reference_config, reference) = _setup(experiment, stage, resolve, stage.model, stage.reference)
     role, dataset, data = setup.role, setup.dataset, setup.data
     validate_mesh_for_model(role.config, mesh)
     reference_is_base = bool(setup.frozen) and stage.reference is None
-    reference, prepare = _reference_preparer(setup.programs, setup.reference_config, setup.reference, mesh,
+    reference, prepare = _reference_preparer(setup.programs, reference_config, reference, mesh,
                                              experiment.optimizer.micro_batches, dataset.pad_id)
     frozen = (reference,) if reference_is_base else place_state(
         setup.frozen, tuple(param_shardings(params, mesh) for params in setup.frozen))  # one copy of the base
@@ -220,7 +191,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     prefix = "eval" if setup.eval_dataset is not None else "train_set"
     labels, pairs = _labels(examples), feedback_pairs(examples)
     # the reference is frozen: its log-probs of the evaluation rows are computed once
-    reference_logps = row_logprobs_over(setup.reference_config, reference, examples, data.batch_size, mesh)
+    reference_logps = row_logprobs_over(reference_config, reference, examples, data.batch_size, mesh)
 
     def evaluate(state):
         policy_logps = row_logprobs_over(role.config, merged_params(base, state.params, stage.lora), examples,

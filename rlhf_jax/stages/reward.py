@@ -16,7 +16,7 @@ import numpy as np
 from rlhf_jax.models import llama
 from rlhf_jax.models.lora import merged_params
 from rlhf_jax.stages.common import (StagePrograms, token_batch, adapted_training, bind_base, build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
-                                    load_stage_dataset, require_tokenizer, training_iterator,
+                                    load_stage_dataset, require_tokenizer, stage_iterator,
                                     pair_outputs_over, write_summary)
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
                                shard_train_step, state_shardings, validate_mesh_for_model)
@@ -81,11 +81,7 @@ def _setup(experiment, stage, resolve, source):
             # of the features that a few hundred pairs cannot train away (docs/training.md).
             model["head"] = jax.tree.map(jnp.zeros_like, model["head"])
     dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "preference", tokenizer, resolve)
-    iterator = training_iterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
-                                 num_epochs=stage.epochs)
-    per_epoch = iterator.steps_per_epoch
-    total_steps = per_epoch * stage.epochs if stage.max_steps is None else min(stage.max_steps,
-                                                                               per_epoch * stage.epochs)
+    iterator, total_steps = stage_iterator(experiment, stage, dataset, data)
     built = programs(experiment, stage, role.config)
     # LoRA: the state is the backbone's adapters and the whole head; the scalar model is the frozen base
     model, frozen = adapted_training(stage, model, role.config.dtype,

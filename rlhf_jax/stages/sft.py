@@ -6,30 +6,17 @@ import functools
 import math
 from pathlib import Path
 
-import jax
-import numpy as np
 
 from rlhf_jax.data import DataIterator
 from rlhf_jax.models.lora import adapter_paths, merged_params, num_params
-from rlhf_jax.stages.common import (StagePrograms, token_batch, adapted_training, bind_base, build_optimizer, compile_report, dry_run_source, fit, load_role, loss_batch,
-                                    load_stage_dataset, require_language_model, require_tokenizer,
-                                    training_iterator, whole_set_evaluator, write_summary)
+from rlhf_jax.stages.common import (PolicyTraining, StagePrograms, bind_base, compile_report, dry_run_source, fit,
+                                    loss_batch, policy_training, token_batch, whole_set_evaluator, write_summary)
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
                                shard_train_step, state_shardings, validate_mesh_for_model)
 from rlhf_jax.trainers.sft import sft_eval_step, sft_train_step
 from rlhf_jax.training.artifacts import save_artifact
-from rlhf_jax.training.state import TrainState
 
 SFT_KEYS = ("tokens", "attention_mask", "loss_mask", "segment_ids", "positions")
-
-
-def _total_steps(stage, iterator: DataIterator) -> int:
-    per_epoch = iterator.steps_per_epoch
-    if stage.max_steps is not None:
-        return stage.max_steps if per_epoch is None else min(stage.max_steps, per_epoch * stage.epochs)
-    if per_epoch is None:  # packed: unknown in advance; estimate from token counts
-        per_epoch = max(1, int(np.ceil(iterator.dataset.lengths().sum() / (iterator.batch_size * iterator.pack_length))))
-    return per_epoch * stage.epochs
 
 
 def evaluate(config, params, dataset, batch_size: int, mesh=None) -> dict[str, float]:
@@ -54,23 +41,10 @@ def programs(experiment, stage, config) -> StagePrograms:
     return StagePrograms("sft", step, lambda rows, length: token_batch(rows, length))
 
 
-def _setup(experiment, stage, resolve, source):
+def _setup(experiment, stage, resolve, source) -> PolicyTraining:
     """Everything a run (or a dry run) needs before the first step."""
-    role = load_role(experiment, source, resolve)
-    require_language_model(role, f"stages.{stage.name}.model")
-    tokenizer = require_tokenizer(role, f"stages.{stage.name}.model")
-    dataset, eval_dataset, data = load_stage_dataset(experiment, stage, "sft", tokenizer, resolve)
-    iterator = training_iterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
-                                 num_epochs=stage.epochs, pack=stage.packing,
-                                 loss_on_prompt=not stage.completion_only_loss)
-    total_steps = _total_steps(stage, iterator)
-    tx = build_optimizer(experiment, stage, total_steps)
-    key = jax.random.key(experiment.seed)
-    # LoRA: the state is the adapters; the base model is a frozen first argument of the step
-    trainable, frozen = adapted_training(stage, role.params, role.config.dtype, jax.random.fold_in(key, 1))
-    state = TrainState.create(trainable, tx, key)
-    step = programs(experiment, stage, role.config).step
-    return role, tokenizer, eval_dataset, data, iterator, total_steps, state, step, frozen
+    return policy_training(experiment, stage, resolve, source, "sft", programs, pack=stage.packing,
+                           loss_on_prompt=not stage.completion_only_loss)
 
 
 def _trained_params(stage, base, state):
@@ -81,7 +55,8 @@ def _trained_params(stage, base, state):
 def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     """Load the model and data, build the first batch and compile the train step; nothing is trained."""
     source = dry_run_source(experiment, stage.model, resolve)
-    role, _, _, _, iterator, total_steps, state, step, frozen = _setup(experiment, stage, resolve, source)
+    role, _, _, _, _, iterator, total_steps, state, built, frozen = _setup(experiment, stage, resolve, source)
+    step = built.step
     batch = loss_batch(next(iterator), SFT_KEYS, experiment.optimizer.micro_batches)
     print(f"  model {source or experiment.model.source}: {role.config.num_params():,} params; "
           f"{len(iterator.dataset)} examples, {total_steps} steps, first batch tokens {tuple(batch['tokens'].shape)}")
@@ -97,8 +72,9 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
 
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
     mesh = make_mesh(experiment.mesh)  # a bad mesh fails before the model loads
-    role, tokenizer, eval_dataset, data, iterator, total_steps, state, step, frozen = _setup(
+    role, tokenizer, _, eval_dataset, data, iterator, total_steps, state, built, frozen = _setup(
         experiment, stage, resolve, stage.model)
+    step = built.step
     validate_mesh_for_model(role.config, mesh)
     if frozen:  # LoRA: the base on the mesh, for the step and for the final merge (multi-process safe)
         frozen = place_state(frozen, tuple(param_shardings(params, mesh) for params in frozen))
