@@ -309,7 +309,7 @@ def _plan_rl(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
     from rlhf_jax.rewards import model_scores
     from rlhf_jax.sampling.sampler import SamplingSettings, batch_bucket, generate
     from rlhf_jax.sharding import batch_sharding, replicated, validate_mesh_for_model
-    from rlhf_jax.trainers import rl
+    from rlhf_jax.stages.rl import programs as rl_programs
 
     rep = replicated(mesh)
     lora, algorithm = stage.lora, stage.algorithm
@@ -364,7 +364,8 @@ def _plan_rl(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
         "sampler", sample, (policy.bases, policy.state.params, *rollout_arrays(chunk_rows)[:2], key),
         (policy.base_shardings, policy.shardings.params, rows_sharding, rows_sharding, rep), None, mesh)
 
-    # the experience pass: log-probs of policy and reference, values, scores, advantages
+    # the experience pass (the stage's own program, `stages.rl.programs`) with the reward model's scores
+    built = rl_programs(experiment, stage, policy_config, critic_config)
     kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
     critic_bases = critic.bases if critic is not None else ()
     critic_trainable = critic.state.params if critic is not None else {}
@@ -378,10 +379,9 @@ def _plan_rl(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
             scores = model_scores(reward_config, reward_params, prompt_tokens, prompt_mask, response_tokens,
                                   response_mask)
         reference = frozen.get("reference", policy_bases[0] if policy_bases and algorithm.use_reference else {})
-        critic_params = _full(lora, critic_bases, critic_trainable) if critic is not None else {}
-        return rl.make_experience(policy_config, critic_config, algorithm, _full(lora, policy_bases,
-                                  policy_trainable), reference, critic_params, scores, prompt_tokens, prompt_mask,
-                                  response_tokens, response_mask, ended_with_eos, kl_coef)
+        return built.experience(policy_trainable, policy_bases[0] if policy_bases else {}, reference,
+                                critic_trainable, critic_bases[0] if critic_bases else {}, scores, prompt_tokens,
+                                prompt_mask, response_tokens, response_mask, ended_with_eos, kl_coef)
 
     args = (policy.bases, policy.state.params, critic_bases, critic_trainable, frozen,
             *rollout_arrays(sequences), kl)
@@ -391,24 +391,17 @@ def _plan_rl(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
                     *(rows_sharding,) * 5, rep)
     plan.programs[StagePlan.FROZEN_PROGRAM] = _compile("experience", experience, args, in_shardings, None, mesh)
 
-    # the update: every epoch and mini-batch of an iteration, one program (what the stage runs)
+    # the update: every epoch and mini-batch of an iteration, one program (the stage's own, as it runs it)
     rollout = jax.eval_shape(experience, *args)[0]
     rollout = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows_sharding), rollout)
     bases = tuple(role.bases[0] for role in roles) if lora.rank > 0 else ()
-
-    def update(bases, key, kl_coef, states, batch):
-        states, metrics = rl.rl_update(policy_config, critic_config, algorithm, prompt_length, key, kl_coef, states,
-                                       batch, num_microbatches=experiment.optimizer.micro_batches, bases=bases,
-                                       lora=lora)
-        return states, metrics
-
     states = tuple(role.state for role in roles)
     state_shardings = tuple(role.shardings for role in roles)
     plan.programs["update (all mini-batches)"] = _compile(
-        "update", update, (bases, key, kl, states, rollout),
-        (tuple(role.base_shardings[0] for role in roles) if bases else (), rep, rep, state_shardings,
+        "update", built.update(prompt_length), (key, kl, bases, *states, rollout),
+        (rep, rep, tuple(role.base_shardings[0] for role in roles) if bases else (), *state_shardings,
          jax.tree.map(lambda _: rows_sharding, rollout)),
-        (state_shardings, rep), mesh, donate=(3,))
+        (*state_shardings, rep), mesh, donate=tuple(range(3, 3 + len(states))))
     _account_trained(plan, *roles)
     plan.frozen_roles = device_bytes(frozen)
     plan.frozen_offloaded = stage.offload_frozen and bool(frozen)

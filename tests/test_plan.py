@@ -249,3 +249,26 @@ def test_each_planned_training_stage_is_built_by_its_runners_module():
     built = importlib.import_module(TRAINING_STAGES["sft"]).programs(experiment, experiment.stage("sft"),
                                                                         tiny_config("smollm2"))
     assert isinstance(built, StagePrograms) and set(built.batch(2, 8)) == {"tokens", "attention_mask", "loss_mask"}
+
+
+def test_rl_plans_compile_the_rl_stage_s_own_experience_and_update(monkeypatch):
+    # the RL stage's builder (stages.rl.programs) is what --plan compiles, as the run does
+    from rlhf_jax.config import stage_data
+    from rlhf_jax.stages import rl as rl_stage
+
+    built_for, updates_for = [], []
+    original = rl_stage.programs
+
+    def spy(experiment, stage, policy_config, critic_config):
+        built = original(experiment, stage, policy_config, critic_config)
+        built_for.append((stage.name, critic_config is not None))
+        return built._replace(update=lambda prompt_length: updates_for.append(prompt_length) or
+                              built.update(prompt_length))
+
+    monkeypatch.setattr(rl_stage, "programs", spy)
+    for name, stage, critic in (("tiny_grpo", "grpo", False), ("tiny_pipeline", "ppo", True)):
+        experiment = _tiny(name, "mesh.data=1")
+        plan = _plan_one(experiment, stage)
+        assert "update (all mini-batches)" in plan.programs and "experience pass" in plan.programs
+        assert built_for[-1] == (stage, critic)
+        assert updates_for[-1] == stage_data(experiment, experiment.stage(stage)).max_prompt_length

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -46,6 +47,46 @@ class RLState(flax.struct.PyTreeNode):
     states: tuple
     kl_coef: jax.Array
     rng: jax.Array
+
+
+class RLPrograms(NamedTuple):
+    """What an RL stage compiles, built once by `programs` and read by `run` (on real arrays) and by ``--plan``
+    (`rlhf_jax.plan`, on abstract ones), un-jitted:
+
+    - ``experience(policy, policy_base, reference, critic, critic_base, scores, prompt_tokens, prompt_mask,
+      response_tokens, response_mask, ended_with_eos, kl_coef) -> (Experience, metrics)``: log-probs of the
+      policy and the reference, values, rewards and advantages of one batch of rollouts (`rl.make_experience`);
+      ``policy``/``critic`` are the trained params (adapters under LoRA), the bases their frozen weights or {};
+    - ``update(prompt_length) -> update(key, kl_coef, bases, *states, experience) -> (*states, metrics)``: every
+      epoch and mini-batch of an iteration (`rl.rl_update`).
+    """
+
+    experience: Callable
+    update: Callable[[int], Callable]
+
+
+def programs(experiment, stage, policy_config, critic_config) -> RLPrograms:
+    """The RL stage's experience pass and update, bound to the model configs, the algorithm, the micro-batch
+    count and LoRA (`RLPrograms`); ``critic_config`` is None without a critic."""
+    algorithm, lora = stage.algorithm, stage.lora
+
+    def experience(policy, policy_base, reference, critic, critic_base, *rest):
+        return rl.make_experience(policy_config, critic_config, algorithm, full_params(policy_base, policy, lora),
+                                  reference, full_params(critic_base, critic, lora) if algorithm.has_critic else {},
+                                  *rest)
+
+    def update_program(prompt_length: int):
+        def update(key, kl_coef, bases, *states_and_experience):
+            new_states, metrics = rl.rl_update(policy_config, critic_config, algorithm, prompt_length, key, kl_coef,
+                                               states_and_experience[:-1], states_and_experience[-1],
+                                               num_microbatches=experiment.optimizer.micro_batches, bases=bases,
+                                               lora=lora)
+            return (*new_states, metrics)
+
+        update.__name__ = "rl_update"
+        return update
+
+    return RLPrograms(experience, update_program)
 
 
 def _scalar_model(role, key):
@@ -92,7 +133,7 @@ def _reference(experiment, stage, rollouts: Rollouts, resolve):
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
     key = jax.random.key(experiment.seed)
     rollouts = load_rollouts(experiment, stage, resolve, key)
-    mesh, tokenizer, policy_config, lora = rollouts.mesh, rollouts.tokenizer, rollouts.config, stage.lora
+    mesh, tokenizer, policy_config = rollouts.mesh, rollouts.tokenizer, rollouts.config
     algorithm = stage.algorithm
     has_critic = algorithm.has_critic
     reward_models = rollouts.reward_models
@@ -125,11 +166,8 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
                     kl_coef=place_state(controller.init().kl_coef, replicated(mesh)),
                     rng=place_state(jax.random.fold_in(key, 3), replicated(mesh)))
 
-    def experience(policy, policy_base, reference, critic, critic_base, *rest):
-        return rl.make_experience(policy_config, critic_config, algorithm, full_params(policy_base, policy, lora),
-                                  reference, full_params(critic_base, critic, lora) if has_critic else {}, *rest)
-
-    experience_fn = jax.jit(experience)
+    built = programs(experiment, stage, policy_config, critic_config)
+    experience_fn = jax.jit(built.experience)
     update_fns: dict[int, object] = {}
     rollout_rows: dict[str, object] = {}
     # Roles that visit the devices for the scoring pass only; never a LoRA base that sampling and updates use.
@@ -147,16 +185,9 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
 
     def update_program(prompt_length: int):
         if prompt_length not in update_fns:
-            def update(key, kl_coef, bases, *states_and_experience):
-                new_states, metrics = rl.rl_update(policy_config, critic_config, algorithm, prompt_length, key,
-                                                   kl_coef, states_and_experience[:-1], states_and_experience[-1],
-                                                   num_microbatches=experiment.optimizer.micro_batches,
-                                                   bases=bases, lora=lora)
-                return (*new_states, metrics)
-
-            update.__name__ = "rl_update"
             frozen = (replicated(mesh), replicated(mesh), tuple(param_shardings(base, mesh) for base in bases))
-            update_fns[prompt_length] = shard_train_step(update, state_sharding, mesh, frozen_shardings=frozen)
+            update_fns[prompt_length] = shard_train_step(built.update(prompt_length), state_sharding, mesh,
+                                                         frozen_shardings=frozen)
         return update_fns[prompt_length]
 
     def iteration(state: RLState, batch: dict) -> tuple[RLState, dict]:
