@@ -1,11 +1,11 @@
 """The rlhf_jax side of the suite: runs one workload at a time the way the stage runners do, on request.
 
 Started by `benchmarks/suite.py`, which talks to it in JSON lines (`protocol.serve`). The model is loaded by
-the stages' `load_role` (the model spec's dtypes and layer settings), and every training step is built as in
-`rlhf_jax/stages/{sft,reward,dpo}.py` `run`: the stage's train step bound with
-`functools.partial`, a `TrainState` with the stage's optimizer (`build_optimizer`), the state donated and
-placed by `place_for_training` on the default mesh, and each host batch made a device batch by the stage's
-own `prepare` (for DPO: the jitted reference forward first). A timed step is `prepare` + the step + fetching
+the stages' `load_role` (the model spec's dtypes and layer settings), and every training step is the one the
+stage runs: its module's `programs(experiment, stage, config)` (`rlhf_jax/stages/{sft,reward,dpo}.py`) binds
+it, a `TrainState` holds the stage's optimizer (`build_optimizer`), the state is donated and placed by
+`place_for_training` on the default mesh, and each host batch is made a device batch as the stage's `run`
+makes it (for DPO: the stage's `reference_preparer`, the jitted reference pass first). A timed step is `prepare` + the step + fetching
 its metrics (which waits for the step to finish). The GRPO workload runs a whole RL stage through the
 launcher and reads the per-phase times the stage logs.
 """
@@ -31,14 +31,14 @@ from rlhf_jax.config import (GRPO_ALGORITHM, CheckpointConfig, DataConfig, DPOSt
                              RewardStage, Schedule, SFTStage, validate)
 from rlhf_jax.models import llama
 from rlhf_jax.sampling import Sampler, SamplingSettings
-from rlhf_jax.sharding import make_mesh, param_shardings, place_batch, place_for_training, place_state, use_mesh
-from rlhf_jax.stages.common import bind_base, build_optimizer, device_batch, load_role, loss_batch
+from rlhf_jax.sharding import make_mesh, place_batch, place_for_training, use_mesh
+from rlhf_jax.stages import dpo as dpo_stage
+from rlhf_jax.stages import reward as reward_stage
+from rlhf_jax.stages import sft as sft_stage
+from rlhf_jax.stages.common import build_optimizer, device_batch, load_role, loss_batch
 from rlhf_jax.stages.reward import PAIR_KEYS as REWARD_KEYS
 from rlhf_jax.stages.sft import SFT_KEYS
-from rlhf_jax.trainers.dpo import PAIR_KEYS as DPO_KEYS
-from rlhf_jax.trainers.dpo import make_reference_fn, preference_train_step
-from rlhf_jax.trainers.reward import reward_train_step
-from rlhf_jax.trainers.sft import sft_eval_step, sft_train_step
+from rlhf_jax.trainers.sft import sft_eval_step
 from rlhf_jax.training.state import TrainState
 
 SEED = 0
@@ -94,16 +94,16 @@ class Workload:
 
     # -- builders: (state, jitted step, prepare, host batches), as the stage's run() wires them --------------
 
-    def _train(self, stage, step, params):
-        tx = build_optimizer(experiment(self.spec, stage), stage, self.total_steps)
+    def _train(self, stage, module, params):
+        """(state, jitted step, the stage's `StagePrograms`): `module.programs` builds the step the stage runs."""
+        built = module.programs(experiment(self.spec, stage), stage, self.config)
+        tx = build_optimizer(experiment(self.spec, stage), stage, self.total_steps, built.trainable)
         state = TrainState.create(params, tx, jax.random.key(SEED))
-        (state,), step_fn = place_for_training(bind_base(step, stage.lora), (state,), self.mesh, ())
-        return state, step_fn
+        (state,), step_fn = place_for_training(built.step, (state,), self.mesh, ())
+        return state, step_fn, built
 
     def _build_sft(self, prefix: str = ""):
-        stage = SFTStage(name="sft")
-        state, step_fn = self._train(stage, functools.partial(sft_train_step, self.config, self.micro_batches),
-                                     self.params)
+        state, step_fn, _ = self._train(SFTStage(name="sft"), sft_stage, self.params)
         mesh, micro_batches = self.mesh, self.micro_batches
         prepare = lambda batch: place_batch(loss_batch(batch, SFT_KEYS, micro_batches), mesh)  # noqa: E731
         return state, step_fn, prepare, npz_batches(self.inputs, prefix)
@@ -117,9 +117,7 @@ class Workload:
         model = llama.init_scalar_model(self.config, self.params, key)
         # the suite gave the TRL model this head: check it is the one the stage draws
         np.testing.assert_array_equal(np.asarray(model["head"]["kernel"]), self.inputs["head_kernel"])
-        state, step_fn = self._train(stage, functools.partial(
-            reward_train_step, self.config, stage.center_rewards_coef, self.micro_batches,
-            freeze_backbone=stage.freeze_backbone), model)
+        state, step_fn, _ = self._train(stage, reward_stage, model)
         mesh = self.mesh
         prepare = lambda batch: place_batch(device_batch(batch, REWARD_KEYS), mesh)  # noqa: E731
         return state, step_fn, prepare, npz_batches(self.inputs)
@@ -128,19 +126,9 @@ class Workload:
         stage = DPOStage(name="dpo", loss=PreferenceLoss(beta=self.spec["beta"]))
         # a copy: the policy's buffers are donated to the train step
         reference = jax.tree.map(jnp.copy, self.params)
-        reference = place_state(reference, param_shardings(reference, self.mesh))
-        state, step_fn = self._train(stage, functools.partial(
-            preference_train_step, self.config, stage.loss, self.micro_batches),
-            self.params)
-        reference_fn = make_reference_fn(self.config, self.micro_batches)
-        mesh, micro_batches = self.mesh, self.micro_batches
-
-        def prepare(batch):
-            batch = place_batch(loss_batch(batch, DPO_KEYS, micro_batches), mesh)
-            with use_mesh(mesh):
-                logps = reference_fn(reference, batch)
-            return place_batch({**batch, **logps}, mesh)
-
+        state, step_fn, built = self._train(stage, dpo_stage, self.params)
+        # the stage's own batch preparation: the jitted reference pass on each batch, merged into it
+        _, prepare = dpo_stage.reference_preparer(built, self.config, reference, self.mesh, self.micro_batches)
         return state, step_fn, prepare, npz_batches(self.inputs)
 
     # -- requests -------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def _setup(experiment, stage, resolve, source, reference_source):
                                       reference_source)
 
 
-def _reference_preparer(built: StagePrograms, reference_config, reference, mesh, num_microbatches: int,
+def reference_preparer(built: StagePrograms, reference_config, reference, mesh, num_microbatches: int,
                         precompute=None):
     """Host batch -> the step's batch on the mesh, with the frozen reference's log-probs of its pairs
     (`built.reference_pass`, jitted; none when `reference` is None: a reference-free loss).
@@ -117,7 +117,7 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     (role, _, dataset, _, _, iterator, total_steps, state, built, frozen), (reference_config, reference) = _setup(
         experiment, stage, resolve, source, reference_source)
     validate_mesh_for_model(role.config, mesh)
-    _, prepare = _reference_preparer(built, reference_config, reference, mesh, experiment.optimizer.micro_batches)
+    _, prepare = reference_preparer(built, reference_config, reference, mesh, experiment.optimizer.micro_batches)
     batch = prepare(next(iterator))
     print(f"  model {source or experiment.model.source}: {role.config.num_params():,} params; {len(dataset)} pairs, "
           f"up to {total_steps} steps, first batch {tuple(batch['chosen_tokens'].shape)} per side")
@@ -132,7 +132,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         reference_config, reference) = _setup(experiment, stage, resolve, stage.model, stage.reference)
     validate_mesh_for_model(role.config, mesh)
     reference_is_base = bool(frozen) and stage.reference is None and reference is not None
-    reference, prepare = _reference_preparer(
+    reference, prepare = reference_preparer(
         built, reference_config, reference, mesh, experiment.optimizer.micro_batches,
         (dataset, data.batch_size) if stage.precompute_reference else None)
     frozen = (reference,) if reference_is_base else place_state(

@@ -20,7 +20,6 @@ Sequence log-probs are records of the sum over the response tokens (`chosen_loss
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +88,7 @@ def pair_logprobs(config: DecoderConfig, params, batch) -> PairLogps:
 def reference_logprobs(config: DecoderConfig, reference_params, batch, num_microbatches: int = 1) -> dict:
     """The frozen reference's sequence log-probs, keyed as the train step reads them from the batch.
 
-    Jit it on its own (`make_reference_fn`) and merge the result into the batch:
+    Jit it on its own (the stage's `StagePrograms.reference_pass`) and merge the result into the batch:
     ``{**batch, **reference_logprobs(config, reference_params, batch, M)}``. It goes through the batch in the
     train step's `num_microbatches` (the same activation memory, and a `pair_loss_index` laid out for them).
     """
@@ -158,8 +157,3 @@ def preference_train_step(config: DecoderConfig, loss, num_microbatches: int, st
 def preference_eval_step(config: DecoderConfig, params, batch):
     """Held-out policy sequence log-prob records (`PairLogps`); the loss and accuracy are the caller's."""
     return pair_logprobs(config, params, batch)
-
-
-def make_reference_fn(config: DecoderConfig, num_microbatches: int = 1):
-    """`reference_logprobs` jitted for `config`: (reference_params, batch) -> {REFERENCE_KEYS: [B]}."""
-    return jax.jit(functools.partial(reference_logprobs, config, num_microbatches=num_microbatches))

@@ -20,7 +20,6 @@ micro-batched backward pass over the matched rows with z as a constant: the upda
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -98,18 +97,13 @@ def _forward_totals(config: DecoderConfig, params, batch, prefixes: tuple[str, .
 def reference_logprobs(config: DecoderConfig, reference_params, batch, num_microbatches: int = 1) -> dict:
     """The frozen reference's summed log-probs of the matched and mismatched rows: ``{REFERENCE_KEYS: [B]}``.
 
-    Jit it on its own (:func:`make_reference_fn`) and merge the result into the batch; it goes through the batch
+    Jit it on its own (the stage's `StagePrograms.reference_pass`) and merge the result into the batch; it goes through the batch
     in the train step's ``num_microbatches`` (the same activation memory, and loss indices laid out for them).
     """
     keys = UNPAIRED_KEYS + KL_KEYS + ("loss_index", "kl_loss_index")
     matched, mismatched = _forward_totals(config, reference_params, {k: v for k, v in batch.items() if k in keys},
                                           (MATCHED, MISMATCHED), num_microbatches)
     return {"reference_logps": matched, "reference_kl_logps": mismatched}
-
-
-def make_reference_fn(config: DecoderConfig, num_microbatches: int = 1):
-    """:func:`reference_logprobs` jitted for ``config``: (reference_params, batch) -> {REFERENCE_KEYS: [B]}."""
-    return jax.jit(functools.partial(reference_logprobs, config, num_microbatches=num_microbatches))
 
 
 def loss_keywords(loss) -> dict:
