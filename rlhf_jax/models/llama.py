@@ -70,9 +70,15 @@ class DecoderOutput(NamedTuple):
     cache: KVCache | None
 
 
+def wide(dtype) -> jnp.dtype:
+    """The dtype of the numerically sensitive parts (norms, rope, attention scores, logits): float32, or the
+    compute dtype when it is wider (a float64 model computes in float64 throughout)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def rope_inverse_frequencies(config: DecoderConfig) -> jax.Array:
-    """inv_freq[i] = theta^(-2i/hd), then linear or Llama-3 band-wise scaling. Returns [hd/2] f32."""
-    exponents = jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim
+    """inv_freq[i] = theta^(-2i/hd), then linear or Llama-3 band-wise scaling. Returns [hd/2] (float32 or wider)."""
+    exponents = jnp.arange(0, config.head_dim, 2, dtype=wide(config.dtype)) / config.head_dim
     inv_freq = 1.0 / (config.rope_theta**exponents)
     scaling = config.rope_scaling
     if scaling is None:
@@ -93,16 +99,16 @@ def rope_inverse_frequencies(config: DecoderConfig) -> jax.Array:
 
 
 def rope_tables(config: DecoderConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin: [B, T, hd] float32 for integer positions [B, T] (HF half-rotation layout)."""
-    angles = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(config)
+    """cos, sin: [B, T, hd] float32 (or wider) for integer positions [B, T] (HF half-rotation layout)."""
+    angles = positions.astype(wide(config.dtype))[..., None] * rope_inverse_frequencies(config)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x: [B, T, H, hd]; rotate pairs (i, i + hd/2) by the position angle, in float32."""
+    """x: [B, T, H, hd]; rotate pairs (i, i + hd/2) by the position angle, in float32 (or wider)."""
     half = x.shape[-1] // 2
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(wide(x.dtype))
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
     out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
     return out.astype(x.dtype)
@@ -132,12 +138,12 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: j
     """softmax(q k^T / sqrt(hd) + mask) v with Hkv key heads shared by H/Hkv query heads.
 
     q: [B, T, H, hd]; k, v: [B, S, Hkv, hd]; allowed: [B, T, S] bool. Returns [B, T, H, hd].
-    Scores and softmax in float32; a row with no visible key gets uniform (finite) weights.
+    Scores and softmax in float32 (or wider); a row with no visible key gets uniform (finite) weights.
     """
     batch, length, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=wide(q.dtype))
     scores = scores / math.sqrt(head_dim)
     scores = jnp.where(allowed[:, None, None, :, :], scores, _MASKED)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -146,7 +152,7 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: j
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x²) + eps) * scale, computed in float32."""
+    """y = x / sqrt(mean(x²) + eps) * scale, computed in float32 (or wider)."""
 
     eps: float
     dtype: Any
@@ -155,9 +161,9 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(wide(x.dtype))
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+        return (normed * scale.astype(x32.dtype)).astype(self.dtype)
 
 
 class Dense(nn.Dense):
@@ -348,12 +354,12 @@ class Decoder(nn.Module):
         return DecoderOutput(logits=logits, hidden=hidden, cache=cache)
 
     def logits(self, hidden):
-        """hidden [B, T, D] -> logits [B, T, V] float32."""
+        """hidden [B, T, D] -> logits [B, T, V] float32 (float64 for a float64 model)."""
         if self.config.tie_word_embeddings:
             logits = self.embed_tokens.attend(hidden)
         else:
             logits = self.lm_head(hidden)
-        return logits.astype(jnp.float32)
+        return logits.astype(wide(logits.dtype))
 
 
 def init_params(config: DecoderConfig, key: jax.Array) -> Params:
