@@ -377,6 +377,13 @@ def run_training(name: str, workers: dict, spec: dict, inputs: dict, model: dict
 
 
 def shape_of(name: str, inputs: dict, shapes: Shapes) -> str:
+    split = OPTIMIZER["micro_batches"]
+    if split > 1 and not name.startswith("sampler_"):
+        return f"{_shape_of(name, inputs, shapes)}; both sides in {split} micro-batches"
+    return _shape_of(name, inputs, shapes)
+
+
+def _shape_of(name: str, inputs: dict, shapes: Shapes) -> str:
     if name == "sft":
         return f"{inputs['batch_size']} × {shapes.max_length}, completion-only loss"
     if name == "sft_packed":
@@ -538,7 +545,8 @@ NOTES = [
     "them its own way. Sampler: the first greedy token of every row must agree.",
     "TRL steps: the trainer is built once; per step `get_batch_samples`, `training_step` (forward + backward), "
     "`accelerator.clip_grad_norm_`, `optimizer.step()`, `lr_scheduler.step()`, `model.zero_grad()`, as "
-    "`Trainer`'s inner loop does without gradient accumulation; batches come from the trainer's own collator "
+    "`Trainer`'s inner loop does (with `--micro-batches M`: `training_step` on each of M micro-batches with "
+    "`current_gradient_accumulation_steps = M`, then one optimizer step, as its loop accumulates); batches come from the trainer's own collator "
     "(collation, like our host batching, is outside the timed step). Ours: the stage's `prepare` (host loss "
     "index, device placement; DPO: the reference forward) + the jitted step + fetching its metrics.",
     "Both sides: float32, no gradient checkpointing, AdamW lr 1e-5, betas (0.9, 0.999), eps 1e-8, no weight "
@@ -558,6 +566,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true",
                         help="a tiny random model, small shapes, 1 warm-up + 1 timed step (smoke test)")
     parser.add_argument("--keep-work", action="store_true", help="keep the exported model, inputs and worker logs")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="both sides split each SFT/RM/DPO batch into this many equal micro-batches and "
+                             "accumulate their gradients before the one optimizer step (TRL: gradient "
+                             "accumulation over the same rows); default 1")
     args = parser.parse_args(argv)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = sorted(set(workloads) - set(WORKLOADS))
@@ -567,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     if warmup < 1 or steps < 1:
         parser.error("--warmup and --steps must be at least 1 (the first step is the first-call measurement)")
     runs = warmup + steps
+    if args.micro_batches < 1:
+        parser.error("--micro-batches must be at least 1")
+    OPTIMIZER["micro_batches"] = args.micro_batches
     missing = [name for name in ("torch", "trl", "datasets") if importlib.util.find_spec(name) is None]
     if missing:
         print(f"error: the TRL side needs {', '.join(missing)}: pip install -e '.[bench]'", file=sys.stderr)

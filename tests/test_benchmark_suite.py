@@ -55,3 +55,18 @@ def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
     assert results["dpo"]["loss_check"]["extra"]["logps/chosen"]["rel_diff"] <= 1e-3
     table = out.with_suffix(".md").read_text()
     assert "| sft |" in table and "FAILED" not in table
+
+
+@pytest.mark.slow  # about a minute on 2 cores
+def test_tiny_suite_in_micro_batches_accumulates_on_both_sides_and_their_losses_agree(tmp_path):
+    out = tmp_path / "tiny_micro"
+    done = run_suite("--tiny", "--workloads", "sft,rm,dpo", "--micro-batches", "2", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["settings"]["optimizer"]["micro_batches"] == 2
+    for name in ("sft", "rm", "dpo"):
+        result = report["results"][name]
+        assert result["shape"].endswith("both sides in 2 micro-batches"), result["shape"]
+        check = result["loss_check"]
+        assert check["passed"] and check["rel_diff"] <= 1e-3, (name, check)
+    assert run_suite("--tiny", "--micro-batches", "0", timeout=120).returncode == 2

@@ -164,3 +164,62 @@ def test_unrolled_layers_compute_what_the_scan_computes():
                  outputs[1][1])
     assert layer_unroll(dataclasses.replace(config, scan_unroll=None)) == (
         config.num_layers if jax.default_backend() == "cpu" else 1)
+
+
+def _softmax_attention_float64(q, k, v, allowed):
+    """numpy float64: softmax(q k^T / sqrt(hd)) v over the allowed keys, each key head shared by H/Hkv query
+    heads; a query with no allowed key averages every value (uniform weights), as the decoder defines it."""
+    num_heads, num_kv_heads, head_dim = q.shape[2], k.shape[2], q.shape[3]
+    k = np.repeat(k, num_heads // num_kv_heads, axis=2)
+    v = np.repeat(v, num_heads // num_kv_heads, axis=2)
+    scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(head_dim)
+    scores = np.where(allowed[:, None], scores, -np.inf)
+    none = ~allowed.any(-1)[:, None, :, None]
+    scores = np.where(none, 0.0, scores)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", weights, v)
+
+
+def _autodiff_attention(q, k, v, allowed):
+    """The attention written plainly, for jax.grad to differentiate (the decoder's has its own backward)."""
+    num_heads, num_kv_heads, head_dim = q.shape[2], k.shape[2], q.shape[3]
+    k = jnp.repeat(k, num_heads // num_kv_heads, axis=2)
+    v = jnp.repeat(v, num_heads // num_kv_heads, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(head_dim)
+    scores = jnp.where(allowed[:, None], scores, jnp.where(allowed.any(-1)[:, None, :, None], -jnp.inf, 0.0))
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def test_attention_and_its_recomputing_backward_match_the_softmax_and_autodiff_in_float64():
+    from rlhf_jax.models.llama import grouped_query_attention
+
+    rng = np.random.default_rng(0)
+    batch, length, keys, num_heads, num_kv_heads, head_dim = 2, 5, 7, 6, 2, 4
+    q = rng.normal(size=(batch, length, num_heads, head_dim))
+    k, v = rng.normal(size=(2, batch, keys, num_kv_heads, head_dim))
+    allowed = rng.random((batch, length, keys)) < 0.6
+    allowed[0, 1] = False  # a query that sees no key: uniform weights
+    allowed[1, 2] = True
+    cotangent = rng.normal(size=q.shape)
+    with jax.enable_x64(True):
+        args = [jnp.asarray(x) for x in (q, k, v)]
+        out = grouped_query_attention(*args, jnp.asarray(allowed))
+        np.testing.assert_allclose(np.asarray(out), _softmax_attention_float64(q, k, v, allowed), rtol=1e-12, atol=1e-12)
+        grads = {}
+        for name, fn in (("decoder", grouped_query_attention), ("autodiff", _autodiff_attention)):
+            loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, jnp.asarray(allowed)) * cotangent)  # noqa: E731
+            grads[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+        for ours, reference in zip(grads["decoder"], grads["autodiff"]):
+            assert ours.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-10, atol=1e-12)
+        assert np.abs(np.asarray(grads["decoder"][2])).max() > 0.1  # v's gradient (uniform row included) is not zero
+    # narrower inputs keep their dtype, and their gradients stay close to float64's
+    for dtype, tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)):
+        narrow = [jnp.asarray(x, dtype) for x in (q, k, v)]
+        loss = lambda q, k, v: jnp.sum(grouped_query_attention(q, k, v, jnp.asarray(allowed)).astype(jnp.float32)  # noqa: E731
+                                       * cotangent.astype(np.float32))
+        for ours, reference in zip(jax.grad(loss, argnums=(0, 1, 2))(*narrow), grads["autodiff"]):
+            assert ours.dtype == dtype
+            scale = np.abs(np.asarray(reference)).max()
+            np.testing.assert_allclose(np.asarray(ours, np.float64), np.asarray(reference), atol=tolerance * scale)

@@ -193,9 +193,10 @@ class Workload:
 
     def _one_step(self, batch: dict) -> float:
         trainer, model = self.trainer, self.model
-        batch_samples, num_items = trainer.get_batch_samples(iter([dict(batch)]), 1, trainer.args.device)
-        trainer.current_gradient_accumulation_steps = 1
-        loss = trainer.training_step(model, batch_samples[0], num_items)
+        parts = split_rows(batch, self.spec["optimizer"]["micro_batches"], paired=self.spec["workload"] in ("rm", "dpo"))
+        batch_samples, num_items = trainer.get_batch_samples(iter(parts), len(parts), trainer.args.device)
+        trainer.current_gradient_accumulation_steps = len(parts)  # as Trainer's loop sets it when accumulating
+        loss = sum(trainer.training_step(model, sample, num_items) for sample in batch_samples)
         if trainer.args.max_grad_norm > 0:
             trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
         trainer.optimizer.step()
@@ -208,7 +209,10 @@ class Workload:
         start = time.perf_counter()
         losses = [self._one_step(batch) for batch in todo]
         seconds = time.perf_counter() - start
-        metrics = {name: values[-1] for name, values in self.trainer._metrics["train"].items() if values}
+        # TRL logs a metric per micro-batch: the step's is the mean of its last M (equal-sized micro-batches)
+        parts = self.spec["optimizer"]["micro_batches"]
+        metrics = {name: sum(values[-parts:]) / len(values[-parts:])
+                   for name, values in self.trainer._metrics["train"].items() if values}
         return {"seconds": seconds, "loss": losses[0], "losses": losses, "metrics": metrics}
 
     def check(self) -> dict:
@@ -220,6 +224,27 @@ class Workload:
                 loss = self.trainer.compute_loss(self.model, dict(batch), num_items_in_batch=None)
                 total, count = total + float(loss) * tokens, count + tokens
         return {"loss_sum": total, "count": count}
+
+
+def split_rows(batch: dict, parts: int, paired: bool) -> list[dict]:
+    """`batch` as `parts` micro-batches of consecutive rows: every tensor whose first axis is the batch's rows
+    is cut, the rest kept. `paired`: the rows are [chosen; rejected] (TRL's reward and DPO collators), so
+    micro-batch j takes chunk j of each half, keeping each pair together. (Ours splits strided, rows j, j + M,
+    …: other rows per micro-batch, the same accumulated gradient.)"""
+    rows = batch["input_ids"].shape[0]
+    if parts == 1:
+        return [dict(batch)]
+    halves = 2 if paired else 1
+    if rows % (halves * parts):
+        raise ValueError(f"{rows} rows do not split into {parts} micro-batches" + (" of pairs" if paired else ""))
+    size = rows // halves // parts
+    out = []
+    for part in range(parts):
+        index = torch.cat([torch.arange(half * rows // halves + part * size, half * rows // halves + (part + 1) * size)
+                           for half in range(halves)])
+        out.append({key: value[index] if torch.is_tensor(value) and value.ndim and value.shape[0] == rows else value
+                    for key, value in batch.items()})
+    return out
 
 
 class SamplerWorkload:
