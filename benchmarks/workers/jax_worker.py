@@ -7,7 +7,8 @@ it, a `TrainState` holds the stage's optimizer (`build_optimizer`), the state is
 `place_for_training` on the default mesh, and each host batch is made a device batch as the stage's `run`
 makes it (for DPO: the stage's `reference_preparer`, the jitted reference pass first). A timed step is `prepare` + the step + fetching
 its metrics (which waits for the step to finish). The GRPO workload runs a whole RL stage through the
-launcher and reads the per-phase times the stage logs.
+launcher and reads the per-phase times the stage logs; the relaunch workload runs an SFT stage through the
+launcher with the persistent compilation cache on, in a fresh process each time.
 """
 
 from __future__ import annotations
@@ -63,12 +64,30 @@ class CompileCounter:
         return taken
 
 
+class CacheCounter:
+    """Programs loaded from the persistent compilation cache since the last `take()`."""
+
+    def __init__(self):
+        self.hits = 0
+        jax.monitoring.register_event_listener(self._record)
+
+    def _record(self, event: str, **_) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            self.hits += 1
+
+    def take(self) -> dict:
+        taken = {"cache_hits": self.hits}
+        self.hits = 0
+        return taken
+
+
 def experiment(spec: dict, stage) -> ExperimentConfig:
     """The experiment config a stage run of this workload would have (model, data, optimizer)."""
     return ExperimentConfig(
         name="benchmark", run_dir=spec.get("run_dir", "runs/benchmark"), model=ModelSpec(source=spec["model"]),
         data=DataConfig(path=spec["data_path"], max_prompt_length=spec["max_prompt_length"],
-                        max_length=spec["max_length"], batch_size=spec["batch_size"]),
+                        max_length=spec["max_length"], batch_size=spec["batch_size"],
+                        max_examples=spec.get("max_examples")),
         optimizer=OptimizerConfig(**{**spec["optimizer"], "name": OptimizerName(spec["optimizer"]["name"]),
                                      "schedule": Schedule(spec["optimizer"]["schedule"])}),
         stages=(stage,),
@@ -185,27 +204,50 @@ class SamplerWorkload:
         return reply
 
 
-def grpo(spec: dict) -> dict:
-    """One GRPO stage of `warmup + steps` iterations through the launcher; the per-phase seconds it logs."""
+def through_launcher(spec: dict, stage) -> tuple[list[dict], float]:
+    """Run `stage` alone through the launcher (`launch.run`), as `python -m rlhf_jax.launch` would, in a fresh
+    run directory: (the records it logged to its metrics.jsonl, the run's wall seconds)."""
     from rlhf_jax import launch
 
-    with tempfile.TemporaryDirectory(prefix="grpo-", dir=spec.get("work_dir")) as run_dir:
-        stage = GRPOStage(
-            name="grpo", reward_model=spec["reward"], max_steps=spec["iterations"],
-            rollout_batch_size=spec["prompts"], max_new_tokens=spec["new_tokens"],
-            algorithm=dataclasses.replace(GRPO_ALGORITHM, group_size=spec["group_size"],
-                                          mini_batch_size=spec["mini_batch_size"],
-                                          update_epochs=spec["update_epochs"]),
-        )
+    with tempfile.TemporaryDirectory(prefix=f"{stage.name}-", dir=spec.get("work_dir")) as run_dir:
         config = dataclasses.replace(experiment({**spec, "run_dir": run_dir}, stage),
                                      checkpoint=CheckpointConfig(every_steps=10**6, keep_last=1),
                                      logging=LoggingConfig(every_steps=1, sample_every=None))
         validate(config, check_paths=True)
+        start = time.perf_counter()
         launch.run(config, launch.prepare_run_dir(config))
-        records = [json.loads(line) for line in (Path(run_dir) / "grpo" / "metrics.jsonl").read_text().splitlines()]
+        wall = time.perf_counter() - start
+        lines = (Path(run_dir) / stage.name / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines], wall
+
+
+def grpo(spec: dict) -> dict:
+    """One GRPO stage of `warmup + steps` iterations through the launcher; the per-phase seconds it logs."""
+    stage = GRPOStage(
+        name="grpo", reward_model=spec["reward"], max_steps=spec["iterations"],
+        rollout_batch_size=spec["prompts"], max_new_tokens=spec["new_tokens"],
+        algorithm=dataclasses.replace(GRPO_ALGORITHM, group_size=spec["group_size"],
+                                      mini_batch_size=spec["mini_batch_size"], update_epochs=spec["update_epochs"]),
+    )
+    records, _ = through_launcher(spec, stage)
     keys = ("time/generate", "time/score", "time/train", "time/step")
     return {"iterations": [{key: record[key] for key in keys if key in record} for record in records
                            if "time/generate" in record]}
+
+
+def launch_sft(spec: dict, compiles: "CompileCounter", cache: "CacheCounter") -> dict:
+    """An SFT stage of `spec["steps"]` epochs of one batch (`max_examples` = the batch size) through the launcher with its persistent compilation cache on
+    (`launch.enable_compilation_cache`, the directory from ``$RLHF_JAX_COMPILATION_CACHE``, which the suite
+    sets before it starts this process): each step's logged `time/step` (the first with its compilation or
+    its programs' loading), the run's wall seconds, and the programs compiled and loaded from the cache."""
+    from rlhf_jax import launch
+
+    directory = launch.enable_compilation_cache()
+    assert directory is not None, "the relaunch workload needs the compilation cache on"
+    compiles.take(), cache.take()
+    records, wall = through_launcher(spec, SFTStage(name="sft", epochs=spec["steps"], max_steps=spec["steps"]))
+    return {"steps_s": [record["time/step"] for record in records if "time/step" in record], "wall_s": wall,
+            **compiles.take(), **cache.take()}
 
 
 def square_matmul(size: int):
@@ -216,7 +258,7 @@ def square_matmul(size: int):
 
 
 def main() -> None:
-    compiles = CompileCounter()
+    compiles, cache = CompileCounter(), CacheCounter()
 
     def build(spec: dict):
         kind = SamplerWorkload if spec["workload"].startswith("sampler") else Workload
@@ -227,7 +269,8 @@ def main() -> None:
         gc.collect()
         jax.clear_caches()
 
-    serve_workloads(build, free, square_matmul, grpo=lambda request: grpo(request["spec"]))
+    serve_workloads(build, free, square_matmul, grpo=lambda request: grpo(request["spec"]),
+                    launch_sft=lambda request: launch_sft(request["spec"], compiles, cache))
 
 
 if __name__ == "__main__":
