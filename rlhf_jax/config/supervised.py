@@ -32,6 +32,9 @@ class RewardStage(_TrainingStage):
     batch_size: int | None = None  # pairs per step; None: data.batch_size
     center_rewards_coef: float = 0.0  # penalty on (r_chosen + r_rejected)^2, keeps scores near 0
     freeze_backbone: bool = False  # train the reward head only: a linear probe on frozen features (cheap on CPU)
+    # each pair in one row, the prompt both sides begin with computed once (`data.batching.share_prefixes`):
+    # the same rewards and gradients, 62% of the tokens on HH pairs
+    shared_prefix: bool = False
     lora: LoRAConfig = LoRAConfig()  # lora.rank > 0: train adapters and the head only, write the merged model
 
 

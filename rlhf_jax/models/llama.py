@@ -123,12 +123,16 @@ def attention_mask_bias(
     query_positions: jax.Array,
     key_positions: jax.Array,
     sliding_window: int | None,
+    key_shared: jax.Array | None = None,
 ) -> jax.Array:
-    """Boolean [B, T, S]: key s visible to query t (causal by slot, valid key, same segment, window)."""
+    """Boolean [B, T, S]: key s visible to query t (causal by slot, valid key, same segment or a shared key,
+    window). `key_shared` [B, S] marks a prefix that every later segment of its row continues (the common
+    prompt of a preference pair laid out once, `data.batching.share_prefixes`)."""
     allowed = key_slots[:, None, :] <= query_slots[:, :, None]
     allowed &= key_valid[:, None, :]
     if query_segments is not None:
-        allowed &= query_segments[:, :, None] == key_segments[:, None, :]
+        same = query_segments[:, :, None] == key_segments[:, None, :]
+        allowed &= same if key_shared is None else same | key_shared[:, None, :]
     if sliding_window is not None:
         allowed &= (query_positions[:, :, None] - key_positions[:, None, :]) < sliding_window
     return allowed
@@ -339,8 +343,11 @@ class Decoder(nn.Module):
     """The Llama-family causal LM.
 
     __call__(tokens [B, T] int, positions [B, T] | None, attention_mask [B, T] | None,
-             segment_ids [B, T] | None, cache: KVCache | None, compute_logits: bool)
+             segment_ids [B, T] | None, cache: KVCache | None, compute_logits: bool, shared [B, T] | None)
       -> DecoderOutput(logits [B, T, V] f32 | None, hidden [B, T, D], cache)
+
+    `shared` (with `segment_ids` and explicit `positions`, no cache): keys that every later token of the row
+    sees whatever its segment, e.g. a prompt followed by two responses that each see it but not each other.
     """
 
     config: DecoderConfig
@@ -367,7 +374,7 @@ class Decoder(nn.Module):
             self.lm_head = _dense(c, c.vocab_size, "lm_head")
 
     def __call__(self, tokens, positions=None, attention_mask=None, segment_ids=None, cache=None,
-                 compute_logits=True):
+                 compute_logits=True, shared=None):
         c = self.config
         batch, length = tokens.shape
         if attention_mask is None:
@@ -378,7 +385,7 @@ class Decoder(nn.Module):
                 positions = default_positions(attention_mask, segment_ids)
             slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
             allowed = attention_mask_bias(slots, slots, attention_mask, segment_ids, segment_ids,
-                                          positions, positions, c.sliding_window)
+                                          positions, positions, c.sliding_window, shared)
             layer_kv = None
             cache_index = jnp.zeros((), jnp.int32)
         else:
@@ -425,10 +432,10 @@ def abstract_params(config: DecoderConfig) -> Params:
 
 
 def forward(config: DecoderConfig, params: Params, tokens, positions=None, attention_mask=None,
-            segment_ids=None, cache=None, compute_logits=True) -> DecoderOutput:
+            segment_ids=None, cache=None, compute_logits=True, shared=None) -> DecoderOutput:
     """Pure forward pass: see `Decoder.__call__` for shapes."""
     return Decoder(config).apply({"params": params}, tokens, positions, attention_mask, segment_ids, cache,
-                                 compute_logits)
+                                 compute_logits, shared)
 
 
 def unembedding(config: DecoderConfig, params: Params) -> jax.Array:
@@ -448,9 +455,10 @@ def init_scalar_head(config: DecoderConfig, key: jax.Array) -> Params:
 
 
 def scalar_head(head: Params, hidden: jax.Array) -> jax.Array:
-    """hidden [B, T, D] -> per-token scalars [B, T] float32."""
-    out = jnp.einsum("btd,do->bto", hidden.astype(jnp.float32), head["kernel"].astype(jnp.float32))
-    return out[..., 0] + head["bias"].astype(jnp.float32)[0]
+    """hidden [B, T, D] -> per-token scalars [B, T] float32 (float64 for a float64 model, as `wide`)."""
+    dtype = wide(hidden.dtype)
+    out = jnp.einsum("btd,do->bto", hidden.astype(dtype), head["kernel"].astype(dtype))
+    return out[..., 0] + head["bias"].astype(dtype)[0]
 
 
 def init_scalar_model(config: DecoderConfig, lm_params: Params, key: jax.Array) -> Params:
@@ -467,10 +475,10 @@ def _backbone_config(config: DecoderConfig) -> DecoderConfig:
 
 
 def values_forward(config: DecoderConfig, model: Params, tokens, positions=None, attention_mask=None,
-                   segment_ids=None) -> jax.Array:
+                   segment_ids=None, shared=None) -> jax.Array:
     """Per-token values [B, T] float32 of a scalar model {"backbone", "head"}."""
     out = forward(_backbone_config(config), model["backbone"], tokens, positions, attention_mask, segment_ids,
-                  compute_logits=False)
+                  compute_logits=False, shared=shared)
     return scalar_head(model["head"], out.hidden)
 
 

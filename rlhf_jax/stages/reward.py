@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.data.batching import share_prefixes
 from rlhf_jax.models import llama
 from rlhf_jax.models.lora import merged_params
 from rlhf_jax.stages.common import (StagePrograms, token_batch, adapted_training, bind_base, build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
@@ -25,6 +26,18 @@ from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.state import TrainState
 
 PAIR_KEYS = ("chosen_tokens", "chosen_attention_mask", "rejected_tokens", "rejected_attention_mask")
+SHARED_LENGTH_MULTIPLE = 64  # shared-prefix rows are rounded up to a multiple of this many tokens
+
+
+def pair_batch(stage):
+    """`host batch -> the arrays the train step reads`: the padded pairs, or with ``shared_prefix`` each pair in
+    one row with its common prefix once (`data.batching.share_prefixes`). In a multi-process run every process
+    holds some pairs of the global batch, and the rows take the length that any pair fits, twice the batch's."""
+    if not stage.shared_prefix:
+        return lambda batch: device_batch(batch, PAIR_KEYS)
+    if jax.process_count() > 1:
+        return lambda batch: share_prefixes(batch, length=2 * batch["chosen_tokens"].shape[1])
+    return lambda batch: share_prefixes(batch, SHARED_LENGTH_MULTIPLE)
 
 
 def pair_rewards(config, model, dataset, batch_size: int, mesh=None) -> tuple[np.ndarray, np.ndarray]:
@@ -62,9 +75,19 @@ def programs(experiment, stage, config) -> StagePrograms:
     step = bind_base(functools.partial(reward_train_step, config, stage.center_rewards_coef,
                                        experiment.optimizer.micro_batches, freeze_backbone=stage.freeze_backbone),
                      stage.lora)
-    return StagePrograms("reward", step, lambda rows, length: token_batch(
-        rows, length, ("chosen_", "rejected_"), ("tokens", "attention_mask")), keep=("head",),
-        trainable=_head_only if stage.freeze_backbone else None)
+    return StagePrograms("reward", step, functools.partial(_batch_shapes, stage.shared_prefix), keep=("head",),
+                         trainable=_head_only if stage.freeze_backbone else None)
+
+
+def _batch_shapes(shared_prefix: bool, rows: int, length: int) -> dict:
+    """The step's batch for ``rows`` pairs of ``length`` tokens a side; shared-prefix rows at their longest
+    (two whole sequences)."""
+    if not shared_prefix:
+        return token_batch(rows, length, ("chosen_", "rejected_"), ("tokens", "attention_mask"))
+    row, pair = (rows, 2 * length), (rows,)
+    return {"shared_tokens": (row, jnp.int32), "shared_positions": (row, jnp.int32),
+            "shared_segment_ids": (row, jnp.int32), "shared_prefix": (row, jnp.bool_),
+            "chosen_last": (pair, jnp.int32), "rejected_last": (pair, jnp.int32)}
 
 
 def _setup(experiment, stage, resolve, source):
@@ -95,9 +118,11 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     """Load the model and pairs, build the first batch and compile the train step; nothing is trained."""
     source = dry_run_source(experiment, stage.model, resolve)
     role, _, dataset, _, _, iterator, total_steps, state, step, frozen = _setup(experiment, stage, resolve, source)
-    batch = device_batch(next(iterator), PAIR_KEYS)
+    batch = pair_batch(stage)(next(iterator))
+    shape = (f"{tuple(batch['shared_tokens'].shape)}, a pair per row" if stage.shared_prefix
+             else f"{tuple(batch['chosen_tokens'].shape)} per side")
     print(f"  model {source or experiment.model.source}: {len(dataset)} pairs, up to {total_steps} steps, first "
-          f"batch {tuple(batch['chosen_tokens'].shape)} per side")
+          f"batch {shape}")
     mesh = make_mesh(experiment.mesh)
     validate_mesh_for_model(role.config, mesh)
     frozen_shardings = tuple(param_shardings(params, mesh) for params in frozen)
@@ -117,7 +142,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
         total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},
         restore_host_state=lambda saved: iterator.set_state(saved["data"]),
-        prepare=lambda batch: place_batch(device_batch(batch, PAIR_KEYS), mesh),
+        prepare=lambda batch, arrays=pair_batch(stage): place_batch(arrays(batch), mesh),
     )
     summary = {"steps": int(state.step)}
     if records:

@@ -21,7 +21,14 @@ from rlhf_jax.training.state import TrainState
 
 
 def pair_rewards(config: DecoderConfig, model, batch):
-    """Rewards of both sides in one forward: (chosen [B], rejected [B])."""
+    """Rewards of both sides in one forward: (chosen [B], rejected [B]). A batch of shared-prefix rows
+    (`data.batching.share_prefixes`) runs each pair's common prefix once and reads both rewards from its row."""
+    if "shared_tokens" in batch:
+        segments = batch["shared_segment_ids"]
+        values = llama.values_forward(config, model, batch["shared_tokens"], batch["shared_positions"], segments > 0,
+                                      segments, shared=batch["shared_prefix"])
+        return tuple(jnp.take_along_axis(values, batch[f"{side}_last"][:, None], axis=1)[:, 0]
+                     for side in ("chosen", "rejected"))
     tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
     mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
     rewards = llama.rewards_forward(config, model, tokens, mask)
