@@ -108,9 +108,12 @@ def _state(seed):
 def test_checkpoint_round_trip_keep_last_and_host_state(tmp_path):
     ckpt = Checkpointer(tmp_path / "ckpt", every_steps=2, keep_last=2)
     assert ckpt.latest_step() is None
+    saved = []
     for step in range(1, 7):
         state = _state(step).replace(step=jnp.int32(step))
-        ckpt.save(step, state, {"data_position": step * 10})
+        if ckpt.save(step, state, {"data_position": step * 10}):
+            saved.append(step)
+    assert saved == [2, 4, 6]  # every 2 steps, and not the fresh run's first step (orbax's default)
     assert ckpt.latest_step() == 6
     assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == [4, 6]
     restored, host = ckpt.restore(_state(0))
