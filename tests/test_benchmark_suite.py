@@ -24,7 +24,7 @@ def test_unknown_workload_is_refused_in_one_line():
     assert "unknown workload(s) ppo" in done.stderr
 
 
-@pytest.mark.slow  # one to two minutes on 2 cores: two worker processes, nine workloads
+@pytest.mark.slow  # one to two minutes on 2 cores: two worker processes, ten workloads
 def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
     out = tmp_path / "tiny"
     done = run_suite("--tiny", "--out", str(out))
@@ -33,7 +33,8 @@ def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
     results = report["results"]
     samplers = sorted(name for name in results if name.startswith("sampler_"))
     assert len(samplers) == 2
-    assert set(results) == {"sft", "sft_packed", "rm", "rm_shared", "dpo", "grpo", "relaunch", *samplers}
+    assert set(results) == {"sft", "sft_padding_free", "sft_packed", "rm", "rm_shared", "dpo", "grpo", "relaunch",
+                            *samplers}
     for name, result in results.items():
         assert "error" not in result, (name, result.get("error"))
         assert len(result["load_average"]["before"]) == 3
@@ -67,11 +68,12 @@ def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
 @pytest.mark.slow  # about a minute on 2 cores
 def test_tiny_suite_in_micro_batches_accumulates_on_both_sides_and_their_losses_agree(tmp_path):
     out = tmp_path / "tiny_micro"
-    done = run_suite("--tiny", "--workloads", "sft,rm,rm_shared,dpo", "--micro-batches", "2", "--out", str(out))
+    done = run_suite("--tiny", "--workloads", "sft,sft_padding_free,rm,rm_shared,dpo", "--micro-batches", "2",
+                     "--out", str(out))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["settings"]["optimizer"]["micro_batches"] == 2
-    for name in ("sft", "rm", "rm_shared", "dpo"):  # TRL's micro-batches keep each pair together
+    for name in ("sft", "sft_padding_free", "rm", "rm_shared", "dpo"):  # TRL's micro-batches keep pairs together
         result = report["results"][name]
         assert result["shape"].endswith("both sides in 2 micro-batches"), result["shape"]
         check = result["loss_check"]

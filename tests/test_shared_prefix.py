@@ -138,20 +138,13 @@ def test_a_train_step_in_micro_batches_gives_the_padded_pairs_update():
 
 @pytest.mark.slow  # two tiny reward stages through the launcher, ~30 s
 def test_the_reward_stage_with_shared_prefixes_trains_as_the_padded_one(tmp_path):
-    import json
-
     from experiments.tiny import tiny_sft
-    from rlhf_jax import launch
-    from rlhf_jax.config import RewardStage, validate
+    from rlhf_jax.config import RewardStage
+    from stage_runs import logged_records
 
-    logged = {}
-    for shared in (False, True):
-        config = dataclasses.replace(tiny_sft(), name="rm", run_dir=str(tmp_path / str(shared)),
-                                     stages=(RewardStage(name="rm", max_steps=3, shared_prefix=shared),))
-        validate(config, check_paths=True)
-        launch.run(config, launch.prepare_run_dir(config))
-        lines = (tmp_path / str(shared) / "rm" / "metrics.jsonl").read_text().splitlines()
-        logged[shared] = [json.loads(line) for line in lines]
+    logged = {shared: logged_records(dataclasses.replace(
+        tiny_sft(), name="rm", stages=(RewardStage(name="rm", max_steps=3, shared_prefix=shared),)),
+        tmp_path / str(shared)) for shared in (False, True)}
     assert [r["step"] for r in logged[True]] == [r["step"] for r in logged[False]] == [1, 2, 3]
     # the first step's loss is from the same weights; the later ones follow updates that agree to float32
     # reordering (measured: 8.5e-8, 1.3e-6, 8e-7 relative)

@@ -5,10 +5,10 @@ the stages' `load_role` (the model spec's dtypes and layer settings), and every 
 stage runs: its module's `programs(experiment, stage, config)` (`rlhf_jax/stages/{sft,reward,dpo}.py`) binds
 it, a `TrainState` holds the stage's optimizer (`build_optimizer`), the state is donated and placed by
 `place_for_training` on the default mesh, and each host batch is made a device batch as the stage's `run`
-makes it (for DPO: the stage's `reference_preparer`, the jitted reference pass first). A timed step is `prepare` + the step + fetching
-its metrics (which waits for the step to finish). The GRPO workload runs a whole RL stage through the
-launcher and reads the per-phase times the stage logs; the relaunch workload runs an SFT stage through the
-launcher with the persistent compilation cache on, in a fresh process each time.
+makes it (for DPO: the stage's `reference_preparer`, the jitted reference pass first). A timed step is
+`prepare` + the step + fetching its metrics (which waits for the step to finish). The GRPO workload runs a
+whole RL stage through the launcher and reads the per-phase times the stage logs; the relaunch workload runs
+an SFT stage through the launcher with the persistent compilation cache on, in a fresh process each time.
 """
 
 from __future__ import annotations
@@ -129,6 +129,9 @@ class Workload:
     def _build_sft_packed(self):
         return self._build_sft(prefix="packed/")
 
+    def _build_sft_padding_free(self):
+        return self._build_sft(prefix="free/")
+
     def _build_rm(self, shared_prefix: bool = False):
         stage = RewardStage(name="rm", shared_prefix=shared_prefix)
         key = jax.random.fold_in(jax.random.key(SEED), 1)
@@ -238,9 +241,9 @@ def grpo(spec: dict) -> dict:
 
 
 def launch_sft(spec: dict, compiles: "CompileCounter", cache: "CacheCounter") -> dict:
-    """An SFT stage of `spec["steps"]` epochs of one batch (`max_examples` = the batch size) through the launcher with its persistent compilation cache on
-    (`launch.enable_compilation_cache`, the directory from ``$RLHF_JAX_COMPILATION_CACHE``, which the suite
-    sets before it starts this process): each step's logged `time/step` (the first with its compilation or
+    """An SFT stage of `spec["steps"]` epochs of one batch (`max_examples` = the batch size) through the
+    launcher with its persistent compilation cache on (`launch.enable_compilation_cache`, the directory from
+    ``$RLHF_JAX_COMPILATION_CACHE``, which the suite sets before it starts this process): each step's logged `time/step` (the first with its compilation or
     its programs' loading), the run's wall seconds, and the programs compiled and loaded from the cache."""
     from rlhf_jax import launch
 

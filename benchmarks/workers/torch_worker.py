@@ -117,6 +117,9 @@ class Workload:
             collated.append(batch)
         return trainer, collated
 
+    def _build_sft_padding_free(self):  # TRL: the padded rows of `sft` (ours packs the same examples)
+        return self._build_sft()
+
     def _build_sft_packed(self):
         """TRL's default batching: each batch of `batch_size` examples padded to its longest, no packing."""
         examples = self._sft_examples({key: self.inputs[f"examples/{key}"]

@@ -20,6 +20,9 @@ class SFTStage(_TrainingStage):
     batch_size: int | None = None  # None: data.batch_size
     completion_only_loss: bool = True  # loss on response tokens only, not the prompt
     packing: bool = False  # pack several sequences per row (segment-aware attention)
+    # each batch's examples packed into the fewest rows that hold them (`data.batching.pack_whole`): the same
+    # examples per step and the same loss as padded rows, without computing the padding (TRL's padding_free)
+    padding_free: bool = False
     lora: LoRAConfig = LoRAConfig()  # lora.rank > 0: train adapters only, write the merged model
 
 
@@ -50,6 +53,8 @@ def _check_supervised(stage: Any, prefix: str, config: "ExperimentConfig") -> No
 
 def _check_sft(stage: SFTStage, prefix: str, config: "ExperimentConfig") -> None:
     _check_supervised(stage, prefix, config)
+    _require(not (stage.padding_free and stage.packing), prefix + "padding_free", stage.padding_free,
+             "false with packing=true (packing already fills every row from the whole dataset)")
     _check_lora(stage.lora, prefix + "lora.")
 
 

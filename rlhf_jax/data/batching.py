@@ -207,6 +207,28 @@ def pack(examples: Sequence[Example], rows: int, length: int, pad_id: int,
     return batch, len(placement)
 
 
+def pack_whole(examples: Sequence[Example], length: int, pad_id: int, row_multiple: int = 1,
+               loss_on_prompt: bool = False) -> dict[str, np.ndarray]:
+    """Every one of ``examples`` packed into rows of ``length`` tokens: a padding-free batch of exactly these
+    examples (TRL's ``padding_free``).
+
+    Longest first, each into the first row with room (first-fit decreasing); the row count is the fewest that
+    finds, rounded up to a multiple of ``row_multiple`` (so the rows split into micro-batches and over devices).
+    Segments, positions and loss masks are `pack`'s: a token-mean loss over the batch is the padded batch's.
+    """
+    sizes = [sum(len(e.prompt) + len(r) for r in e.responses) for e in examples]
+    examples = [examples[i] for i in sorted(range(len(examples)), key=lambda i: -sizes[i])]
+    lengths = [[len(e.prompt) + len(r) for r in e.responses] for e in examples]
+    placement = plan_packing(lengths, len(examples), length)
+    if len(placement) < len(examples):
+        raise UserError(f"an example of {max(map(max, lengths))} tokens does not fit a row of {length}")
+    needed = max(placement, default=0) + 1
+    rows = row_multiple * -(-needed // row_multiple)
+    batch, used = pack(examples, rows, length, pad_id, loss_on_prompt)
+    assert used == len(examples)
+    return batch
+
+
 def micro_batch_size(global_batch_size: int, num_micro_batches: int = 1, num_devices: int = 1,
                      process_count: int = 1) -> int:
     """Rows per device per micro-batch; `UserError` unless the global batch divides evenly."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -75,21 +76,33 @@ class DataIterator:
     """Batches of a `TokenizedDataset`: seeded shuffle per epoch, length buckets or packing, resumable.
 
     batch_size: rows of the global batch (packed: rows of ``pack_length`` tokens, each holding several
-    sequences). Each of ``process_count`` processes gets its ``batch_size / process_count`` rows of the same
-    global batch. Without packing the last incomplete batch of an epoch is dropped unless ``drop_remainder``
-    is False; batches never span two epochs. ``num_epochs=None`` repeats forever.
+    sequences; padding-free: examples, packed into as few rows as hold them). Each of ``process_count``
+    processes gets its ``batch_size / process_count`` rows of the same global batch. Without packing the last
+    incomplete batch of an epoch is dropped unless ``drop_remainder`` is False; batches never span two epochs.
+    ``num_epochs=None`` repeats forever.
+
+    padding_free (SFT data): each batch holds the same ``batch_size`` examples as without it, packed into the
+    fewest rows of ``pack_length`` (`batching.pack_whole`), that count rounded up to a multiple of
+    ``row_multiple`` and of ``process_count``: the same loss, without computing the padding. A batch has at most
+    ``batch_size`` rows, so a run compiles at most ``batch_size / row_multiple`` row counts.
     """
 
     def __init__(self, dataset: TokenizedDataset, *, batch_size: int, seed: int = 0, num_epochs: int | None = 1,
                  shuffle: bool = True, pack: bool = False, pack_length: int | None = None,
                  buckets: Sequence[int] | None = None, loss_on_prompt: bool = False, drop_remainder: bool = True,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, padding_free: bool = False, row_multiple: int = 1):
         if batch_size < 1 or batch_size % process_count or not 0 <= process_index < process_count:
             raise UserError(f"batch_size {batch_size} must be a positive multiple of process_count {process_count}")
         if process_count > 1 and not drop_remainder:
             raise UserError("several processes need equal batches: keep drop_remainder=True")
         if pack and dataset.kind not in ("sft", "preference"):
             raise UserError(f"packing is for sft and preference data, not {dataset.kind}")
+        if padding_free and (pack or dataset.kind != "sft"):
+            raise UserError(f"padding-free batches are for sft data without packing, not {dataset.kind} data"
+                            + (" with packing" if pack else ""))
+        if padding_free and (row_multiple < 1 or batch_size % math.lcm(row_multiple, process_count)):
+            raise UserError(f"padding-free batches of {batch_size} examples cannot have a row count that is a "
+                            f"multiple of {row_multiple} and of {process_count} processes")
         if not pack and drop_remainder and len(dataset) < batch_size:
             raise UserError(f"{dataset.report.source}: {len(dataset)} examples cannot fill one batch of {batch_size}")
         self.dataset = dataset
@@ -98,6 +111,8 @@ class DataIterator:
         self.num_epochs = num_epochs
         self.shuffle = shuffle
         self.pack = pack
+        self.padding_free = padding_free
+        self.row_multiple = math.lcm(row_multiple, process_count)
         self.pack_length = pack_length or dataset.config.max_length
         max_length = dataset.config.max_length if dataset.kind != "prompt" else dataset.config.max_prompt_length
         self.buckets = tuple(buckets) if buckets else batching.default_buckets(max_length)
@@ -164,6 +179,11 @@ class DataIterator:
         local = indices[self._local_rows(len(indices))]
         examples = [self.dataset.examples[i] for i in local]
         pad_id = self.dataset.pad_id
+        if self.padding_free:  # every process packs the whole global batch alike, then takes its rows
+            whole = batching.pack_whole([self.dataset.examples[i] for i in indices], self.pack_length, pad_id,
+                                        self.row_multiple, self.loss_on_prompt)
+            rows = self._local_rows(len(whole["tokens"]))
+            return {key: value[rows] for key, value in whole.items()}
         if self.dataset.kind == "preference":
             return batching.collate_preference(examples, length, pad_id, local)
         if self.dataset.kind == "prompt":

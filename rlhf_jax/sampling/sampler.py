@@ -379,7 +379,9 @@ class Sampler:
         batch, length = prompt_tokens.shape
         rows = batch_bucket(batch)
         if self.mesh is not None:
-            shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            from rlhf_jax.sharding import batch_shards
+
+            shards = batch_shards(self.mesh)
             rows = shards * math.ceil(rows / shards)
         columns = prompt_bucket(length, self.min_prompt_bucket, self.prompt_bucket_step)
         padded_tokens = np.zeros((rows, columns), np.int32)
@@ -395,7 +397,7 @@ class Sampler:
         else:
             from rlhf_jax.sharding import batch_sharding, place_state, use_mesh
 
-            if self.mesh.shape["data"] * self.mesh.shape["fsdp"] > 1:
+            if shards > 1:
                 packed_length = None  # one packed row cannot be split over the batch axes
             # every process holds the whole padded batch and places its own devices' rows of it
             sharding = batch_sharding(self.mesh)

@@ -27,6 +27,11 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     return tuple(axis for axis in BATCH_AXES if mesh.shape[axis] > 1)
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many parts `batch_sharding` splits a batch's rows into: data × fsdp."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading axis over ("data", "fsdp"), other axes replicated; applies to every leaf of a batch."""
     axes = batch_axes(mesh)

@@ -11,8 +11,8 @@ from rlhf_jax.data import DataIterator
 from rlhf_jax.models.lora import adapter_paths, merged_params, num_params
 from rlhf_jax.stages.common import (PolicyTraining, StagePrograms, bind_base, compile_report, dry_run_source, fit,
                                     loss_batch, policy_training, token_batch, whole_set_evaluator, write_summary)
-from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
-                               shard_train_step, state_shardings, validate_mesh_for_model)
+from rlhf_jax.sharding import (batch_shards, make_mesh, param_shardings, place_batch, place_for_training,
+                               place_state, shard_train_step, state_shardings, validate_mesh_for_model)
 from rlhf_jax.trainers.sft import sft_eval_step, sft_train_step
 from rlhf_jax.training.artifacts import save_artifact
 
@@ -43,7 +43,10 @@ def programs(experiment, stage, config) -> StagePrograms:
 
 def _setup(experiment, stage, resolve, source) -> PolicyTraining:
     """Everything a run (or a dry run) needs before the first step."""
+    # padding-free rows split into the step's micro-batches, each over the data-parallel devices
+    rows = experiment.optimizer.micro_batches * batch_shards(make_mesh(experiment.mesh))
     return policy_training(experiment, stage, resolve, source, "sft", programs, pack=stage.packing,
+                           padding_free=stage.padding_free, row_multiple=rows,
                            loss_on_prompt=not stage.completion_only_loss)
 
 

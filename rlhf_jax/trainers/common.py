@@ -89,7 +89,7 @@ def _logprobs_at_index(config: DecoderConfig, params, hidden, tokens, index, tem
     chunk = max(128, 2**26 // config.vocab_size)
     values = _logprobs_at(config, params, selected_hidden[None], selected_tokens[None], valid[None], temperature,
                           chunk, False)[0]
-    return jnp.zeros(rows * length, jnp.float32).at[flat].set(values, mode="drop").reshape(rows, length)
+    return jnp.zeros(rows * length, values.dtype).at[flat].set(values, mode="drop").reshape(rows, length)
 
 
 def index_bucket(count: int, limit: int) -> int:
