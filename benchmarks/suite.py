@@ -193,7 +193,7 @@ def token_counts(batch: dict) -> dict:
     return {"padded": padded, "real": real, "loss": loss}
 
 
-def prepare_inputs(shapes: Shapes, workloads: list[str], runs: int, work: Path) -> tuple[dict, dict]:
+def prepare_inputs(shapes: Shapes, workloads: list[str], batches: int, work: Path) -> tuple[dict, dict]:
     """Export the model, write every workload's .npz; returns (model facts, {workload: its inputs})."""
     import jax
 
@@ -218,12 +218,12 @@ def prepare_inputs(shapes: Shapes, workloads: list[str], runs: int, work: Path) 
     if {"rm", "rm_shared", "dpo"} & set(workloads):
         pairs = load_examples(shapes, "preference", tokenizer)
     if "sft" in workloads:
-        inputs["sft"] = padded_inputs("sft", sft, shapes.sft_examples, shapes, runs, work)
+        inputs["sft"] = padded_inputs("sft", sft, shapes.sft_examples, shapes, batches, work)
     if "sft_padding_free" in workloads:  # TRL: the sft batches; ours: the same examples, each batch padding-free
-        padded = padded_inputs("sft_padding_free", sft, shapes.sft_examples, shapes, runs, work)
+        padded = padded_inputs("sft_padding_free", sft, shapes.sft_examples, shapes, batches, work)
         iterator = training_iterator(sft, batch_size=shapes.sft_examples, seed=0, num_epochs=None,
                                      padding_free=True, row_multiple=OPTIMIZER["micro_batches"])
-        free = [next(iterator) for _ in range(runs)]
+        free = [next(iterator) for _ in range(batches)]
         arrays = {f"free/{index}/{key}": value for index, batch in enumerate(free) for key, value in batch.items()}
         save_batches(work / "sft_padding_free.npz", padded["batches"], pad_id=sft.pad_id, **arrays,
                      **{"free/count": len(free)})
@@ -251,7 +251,7 @@ def prepare_inputs(shapes: Shapes, workloads: list[str], runs: int, work: Path) 
         rm_pad = tokenizer.convert_tokens_to_ids(RM_PAD_TOKEN)
         head_key = jax.random.fold_in(jax.random.key(0), 1)  # the reward stage's key for a fresh head
         kernel = np.asarray(llama.init_scalar_head(config, head_key)["kernel"])
-        inputs["rm"] = padded_inputs("rm", dataclasses.replace(pairs, pad_id=rm_pad), shapes.rm_pairs, shapes, runs,
+        inputs["rm"] = padded_inputs("rm", dataclasses.replace(pairs, pad_id=rm_pad), shapes.rm_pairs, shapes, batches,
                                      work, head_kernel=kernel)
         for batch in inputs["rm"]["batches"]:
             for side in ("chosen", "rejected"):
@@ -259,7 +259,7 @@ def prepare_inputs(shapes: Shapes, workloads: list[str], runs: int, work: Path) 
                 assert not (held == rm_pad).any(), f"{RM_PAD_TOKEN} occurs in the reward-model data"
         inputs["rm_shared"] = inputs["rm"]  # the same batches; ours lays each pair out in one row
     if "dpo" in workloads:
-        inputs["dpo"] = padded_inputs("dpo", pairs, shapes.dpo_pairs, shapes, runs, work)
+        inputs["dpo"] = padded_inputs("dpo", pairs, shapes.dpo_pairs, shapes, batches, work)
     if "sampler" in workloads:
         prompts = load_examples(shapes, "prompt", tokenizer)
         for size in shapes.sampler_batches:
@@ -515,8 +515,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# rlhf_jax vs TRL / transformers ({report['date']})", "",
         f"Model `{report['model']['source']}` ({report['model']['params']:,} params), float32, CPU "
-        f"({machine['cpus']} cores). {settings['warmup']} warm-up + {settings['steps']} timed steps per workload, "
-        "alternating ours / theirs; medians.",
+        f"({machine['cpus']} cores). {settings['warmup']} warm-up + {settings['steps']} timed steps per workload "
+        f"on {settings['batches']} distinct batches (cycled), alternating ours / theirs; medians.",
         f"Load average (1, 5, 15 min): before {machine['load_before']}, after {machine['load_after']}.",
         f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.", "",
         "| workload | shape | ours tok/s padded / real | TRL tok/s padded / real | ours ÷ TRL (best steps) "
@@ -639,6 +639,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true",
                         help="a tiny random model, small shapes, 1 warm-up + 1 timed step (smoke test)")
     parser.add_argument("--keep-work", action="store_true", help="keep the exported model, inputs and worker logs")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="distinct batches per training workload, cycled (default: one per step, warm-up "
+                             "included); with --batches equal to --warmup the timed steps revisit the warm-up's "
+                             "batches, so every shape a timed step runs was compiled in the warm-up")
     parser.add_argument("--micro-batches", type=int, default=1,
                         help="both sides split each SFT/RM/DPO batch into this many equal micro-batches and "
                              "accumulate their gradients before the one optimizer step (TRL: gradient "
@@ -652,6 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     if warmup < 1 or steps < 1:
         parser.error("--warmup and --steps must be at least 1 (the first step is the first-call measurement)")
     runs = warmup + steps
+    batches = runs if args.batches is None else args.batches
+    if batches < 1:
+        parser.error("--batches must be at least 1")
     if args.micro_batches < 1:
         parser.error("--micro-batches must be at least 1")
     OPTIMIZER["micro_batches"] = args.micro_batches
@@ -670,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
     print(f"exporting {shapes.source} and writing the inputs under {work}", flush=True)
-    model, inputs = prepare_inputs(shapes, workloads, runs, work)
+    model, inputs = prepare_inputs(shapes, workloads, batches, work)
     workers = {name: Worker(name, work / f"{name}_worker.log") for name in ("jax", "torch")}
     results: dict[str, dict] = {}
     versions: dict[str, str] = {}
@@ -708,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "settings": {"warmup": warmup, "steps": steps, "tiny": args.tiny, "workloads": workloads,
+        "settings": {"warmup": warmup, "steps": steps, "batches": batches, "tiny": args.tiny, "workloads": workloads,
                      "shapes": dataclasses.asdict(shapes), "optimizer": OPTIMIZER, "tolerance": TOLERANCE},
         "machine": {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
                     "load_after": [round(x, 2) for x in load_after]},
