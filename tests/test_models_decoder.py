@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -223,3 +224,38 @@ def test_attention_and_its_recomputing_backward_match_the_softmax_and_autodiff_i
             assert ours.dtype == dtype
             scale = np.abs(np.asarray(reference)).max()
             np.testing.assert_allclose(np.asarray(ours, np.float64), np.asarray(reference), atol=tolerance * scale)
+
+
+@pytest.mark.parametrize("length", [320, 450])
+def test_causal_blocks_give_the_whole_attention_in_float64(length):
+    """`grouped_query_attention(..., causal=True)` splits the queries into blocks that skip the keys after
+    them: the same values and gradients on every row that sees a key, with segments, padding, a window and a
+    shared prefix in the mask (`attention_mask_bias`), and an uneven last block."""
+    from rlhf_jax.models.llama import attention_mask_bias, grouped_query_attention
+
+    rng = np.random.default_rng(1)
+    batch, num_heads, num_kv_heads, head_dim = 2, 4, 2, 8
+    q = rng.normal(size=(batch, length, num_heads, head_dim))
+    k, v = rng.normal(size=(2, batch, length, num_kv_heads, head_dim))
+    slots = np.broadcast_to(np.arange(length), (batch, length))
+    valid = slots < np.array([[length], [length - 137]])  # row 1 right-padded past a block
+    segments = np.where(slots < 70, 1, 2) * valid  # two segments per row
+    shared = np.zeros((batch, length), bool)
+    shared[0, :30] = True  # row 0's first 30 tokens are a prefix every later segment sees
+    allowed = np.asarray(attention_mask_bias(jnp.asarray(slots), jnp.asarray(slots), jnp.asarray(valid),
+                                             jnp.asarray(segments), jnp.asarray(segments), jnp.asarray(slots),
+                                             jnp.asarray(slots), 100, key_shared=jnp.asarray(shared)))
+    seen = allowed.any(-1)  # [B, T]: rows with a visible key (padding rows see none)
+    cotangent = rng.normal(size=q.shape) * seen[:, :, None, None]
+    with jax.enable_x64(True):
+        args = [jnp.asarray(x) for x in (q, k, v)]
+        outs, grads = {}, {}
+        for causal in (False, True):
+            fn = functools.partial(grouped_query_attention, allowed=jnp.asarray(allowed), causal=causal)
+            outs[causal] = np.asarray(jax.jit(fn)(*args))
+            loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v) * cotangent)  # noqa: E731
+            grads[causal] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+        np.testing.assert_allclose(outs[True][seen], outs[False][seen], rtol=1e-12, atol=1e-12)
+        for ours, reference in zip(grads[True], grads[False]):
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-10, atol=1e-12)
+        assert not seen.all()  # the padded rows were in the batch

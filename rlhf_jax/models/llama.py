@@ -138,18 +138,40 @@ def attention_mask_bias(
     return allowed
 
 
-def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+# `grouped_query_attention(..., causal=True)` splits rows of at least _CAUSAL_MIN_LENGTH queries into at most
+# _CAUSAL_BLOCKS blocks of at least _CAUSAL_BLOCK. Measured on SmolLM2 (2-core CPU, 4 micro-batches): the
+# shared-prefix reward-model step on rows of 320 went from 10.3-10.6 s to 9.5-9.8 s in blocks of 64 and was no
+# faster in blocks of 128; the SFT step on rows of 256 was no faster in blocks of 64, and 5 s longer to compile.
+_CAUSAL_BLOCK = 64
+_CAUSAL_BLOCKS = 8
+_CAUSAL_MIN_LENGTH = 320
+
+
+def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+                            causal: bool = False) -> jax.Array:
     """softmax(q k^T / sqrt(hd) + mask) v with Hkv key heads shared by H/Hkv query heads.
 
     q: [B, T, H, hd]; k, v: [B, S, Hkv, hd]; allowed: [B, T, S] bool. Returns [B, T, H, hd].
-    Scores and softmax in float32 (or wider); a row with no visible key gets uniform (finite) weights.
+    Scores and softmax in float32 (or wider); a row with no visible key gets uniform (finite) weights (over
+    the keys of its block, with `causal`).
+
+    causal: the keys are the queries' own slots (S = T) and `allowed` never shows a query a later slot (as
+    `attention_mask_bias` builds it). Rows of at least 320 queries are then split into blocks of max(64, T / 8)
+    and block [a, b) attends to keys [0, b) only: the same result for every row with a visible key, without
+    computing the scores above the diagonal's blocks (at T = 512 in blocks of 64: 56% of the score FLOPs).
 
     The backward pass recomputes the probabilities from q and k (flash attention's backward, untiled)
     instead of keeping each layer's [B, H, T, S] scores and probabilities from the forward pass: a layer
     keeps q, k, v, its output and the softmax's row max and sum. For SmolLM2 at 16 x 256 that is 1.1 GiB of
     saved float32 per step instead of 7, at the price of one more q k^T per layer (3% of its FLOPs).
     """
-    return _attention(q, k, v, allowed)
+    length = q.shape[1]
+    block = max(_CAUSAL_BLOCK, -(-length // _CAUSAL_BLOCKS))
+    if not causal or k.shape[1] != length or length < _CAUSAL_MIN_LENGTH:
+        return _attention(q, k, v, allowed)
+    return jnp.concatenate([_attention(q[:, start:start + block], k[:, :start + block], v[:, :start + block],
+                                       allowed[:, start:start + block, :start + block])
+                            for start in range(0, length, block)], axis=1)
 
 
 def _heads_first(q, k, v):
@@ -275,7 +297,8 @@ class SelfAttention(nn.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
             layer_kv = (cache_k, cache_v)
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-        out = grouped_query_attention(q, k, v, allowed)
+        # without a cache the keys are these queries' own slots: causal blocks skip the scores above them
+        out = grouped_query_attention(q, k, v, allowed, causal=layer_kv is None)
         out = _dense(c, c.hidden_size, "o_proj")(out.reshape(batch, length, c.num_heads * c.head_dim))
         return out, layer_kv
 
