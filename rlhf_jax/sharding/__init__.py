@@ -13,8 +13,8 @@ from rlhf_jax.sharding.mesh import MESH_AXES, activation_rules, make_mesh, mesh_
 from rlhf_jax.sharding.partition import (DEFAULT_RULES, PARAM_AXES, logical_axes_for, logical_to_mesh_spec,
                                          opt_state_shardings, param_logical_axes, param_shardings, replicated,
                                          state_shardings, validate_mesh_for_model)
-from rlhf_jax.sharding.placement import (batch_axes, batch_sharding, batch_shards, move_to_memory, place_batch, place_for_training,
-                                         place_state, shard_train_step, supports_host_offload)
+from rlhf_jax.sharding.placement import (batch_axes, batch_sharding, batch_shards, move_to_memory, place_batch,
+                                         place_for_training, place_state, shard_train_step, supports_host_offload)
 
 __all__ = [
     "DEFAULT_RULES", "MESH_AXES", "PARAM_AXES", "activation_rules", "batch_axes", "batch_sharding", "batch_shards",
