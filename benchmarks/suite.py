@@ -197,10 +197,13 @@ def prepare_inputs(shapes: Shapes, workloads: list[str], batches: int, work: Pat
     """Export the model, write every workload's .npz; returns (model facts, {workload: its inputs})."""
     import jax
 
+    from rlhf_jax.config import MeshConfig
     from rlhf_jax.data.batching import collate_sft
     from rlhf_jax.models import llama, load
     from rlhf_jax.models.hf_io import save_hf
+    from rlhf_jax.sharding import make_mesh
     from rlhf_jax.stages.common import training_iterator
+    from rlhf_jax.stages.sft import padding_free_rows
 
     config, params, tokenizer = load(shapes.source)
     model_dir = save_hf(work / "model", config, params, tokenizer, dtype="float32")
@@ -221,8 +224,9 @@ def prepare_inputs(shapes: Shapes, workloads: list[str], batches: int, work: Pat
         inputs["sft"] = padded_inputs("sft", sft, shapes.sft_examples, shapes, batches, work)
     if "sft_padding_free" in workloads:  # TRL: the sft batches; ours: the same examples, each batch padding-free
         padded = padded_inputs("sft_padding_free", sft, shapes.sft_examples, shapes, batches, work)
+        rows = padding_free_rows(OPTIMIZER["micro_batches"], make_mesh(MeshConfig()))  # as the worker's step splits
         iterator = training_iterator(sft, batch_size=shapes.sft_examples, seed=0, num_epochs=None,
-                                     padding_free=True, row_multiple=OPTIMIZER["micro_batches"])
+                                     padding_free=True, row_multiple=rows)
         free = [next(iterator) for _ in range(batches)]
         arrays = {f"free/{index}/{key}": value for index, batch in enumerate(free) for key, value in batch.items()}
         save_batches(work / "sft_padding_free.npz", padded["batches"], pad_id=sft.pad_id, **arrays,
@@ -595,7 +599,8 @@ def relaunch_table(relaunch: dict) -> list[str]:
 
 NOTES = [
     "tokens/s: padded = every position of the batches as each side pads them (TRL's sft_packed batches pad to "
-    "their longest, ours are packed rows; sft_padding_free: ours the rows its examples were packed into); real = the attention-mask sum (the same on both sides). Sampler rows: "
+    "their longest, ours are packed rows; sft_padding_free: ours the rows its examples were packed into); "
+    "real = the attention-mask sum (the same on both sides). Sampler rows: "
     "new tokens/s, prefill included. rm_shared counts the padded pairs' tokens on both sides (and in its MFU), "
     "though ours computes each pair's common prefix once.",
     "ours ÷ TRL: the ratio of the median real tokens/s (sft_packed: of examples/s; sampler: of new tokens/s), "

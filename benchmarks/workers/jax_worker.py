@@ -243,8 +243,9 @@ def grpo(spec: dict) -> dict:
 def launch_sft(spec: dict, compiles: "CompileCounter", cache: "CacheCounter") -> dict:
     """An SFT stage of `spec["steps"]` epochs of one batch (`max_examples` = the batch size) through the
     launcher with its persistent compilation cache on (`launch.enable_compilation_cache`, the directory from
-    ``$RLHF_JAX_COMPILATION_CACHE``, which the suite sets before it starts this process): each step's logged `time/step` (the first with its compilation or
-    its programs' loading), the run's wall seconds, and the programs compiled and loaded from the cache."""
+    ``$RLHF_JAX_COMPILATION_CACHE``, which the suite sets before it starts this process): each step's logged
+    `time/step` (the first with its compilation or its programs' loading), the run's wall seconds, and the
+    programs compiled and loaded from the cache."""
     from rlhf_jax import launch
 
     directory = launch.enable_compilation_cache()

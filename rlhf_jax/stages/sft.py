@@ -41,10 +41,15 @@ def programs(experiment, stage, config) -> StagePrograms:
     return StagePrograms("sft", step, lambda rows, length: token_batch(rows, length))
 
 
+def padding_free_rows(micro_batches: int, mesh) -> int:
+    """What a padding-free batch's row count is a multiple of: its rows split into the step's micro-batches,
+    each over the data-parallel devices of `mesh`."""
+    return micro_batches * batch_shards(mesh)
+
+
 def _setup(experiment, stage, resolve, source) -> PolicyTraining:
     """Everything a run (or a dry run) needs before the first step."""
-    # padding-free rows split into the step's micro-batches, each over the data-parallel devices
-    rows = experiment.optimizer.micro_batches * batch_shards(make_mesh(experiment.mesh))
+    rows = padding_free_rows(experiment.optimizer.micro_batches, make_mesh(experiment.mesh))
     return policy_training(experiment, stage, resolve, source, "sft", programs, pack=stage.packing,
                            padding_free=stage.padding_free, row_multiple=rows,
                            loss_on_prompt=not stage.completion_only_loss)
