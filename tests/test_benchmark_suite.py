@@ -24,7 +24,7 @@ def test_unknown_workload_is_refused_in_one_line():
     assert "unknown workload(s) ppo" in done.stderr
 
 
-@pytest.mark.slow  # one to two minutes on 2 cores: two worker processes, ten workloads
+@pytest.mark.slow  # one to two minutes on 2 cores: two worker processes, eleven workloads
 def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
     out = tmp_path / "tiny"
     done = run_suite("--tiny", "--out", str(out))
@@ -33,8 +33,8 @@ def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
     results = report["results"]
     samplers = sorted(name for name in results if name.startswith("sampler_"))
     assert len(samplers) == 2
-    assert set(results) == {"sft", "sft_padding_free", "sft_packed", "rm", "rm_shared", "dpo", "grpo", "relaunch",
-                            *samplers}
+    assert set(results) == {"sft", "sft_padding_free", "sft_packed", "rm", "rm_shared", "dpo", "dpo_shared", "grpo",
+                            "relaunch", *samplers}
     for name, result in results.items():
         assert "error" not in result, (name, result.get("error"))
         assert len(result["load_average"]["before"]) == 3
@@ -60,7 +60,8 @@ def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
             check = result["loss_check"]
             assert check["passed"] and check["rel_diff"] <= 1e-3, check
             assert check["ours"] > 0 and check["theirs"] > 0
-    assert results["dpo"]["loss_check"]["extra"]["logps/chosen"]["rel_diff"] <= 1e-3
+    for name in ("dpo", "dpo_shared"):
+        assert results[name]["loss_check"]["extra"]["logps/chosen"]["rel_diff"] <= 1e-3
     table = out.with_suffix(".md").read_text()
     assert "| sft |" in table and "| relaunch |" in table and "FAILED" not in table
 
@@ -69,13 +70,14 @@ def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
 def test_tiny_suite_in_micro_batches_accumulates_on_both_sides_and_their_losses_agree(tmp_path):
     out = tmp_path / "tiny_micro"
     # one batch, revisited: the timed step runs the program the warm-up compiled
-    done = run_suite("--tiny", "--workloads", "sft,sft_padding_free,rm,rm_shared,dpo", "--micro-batches", "2",
-                     "--batches", "1", "--out", str(out))
+    done = run_suite("--tiny", "--workloads", "sft,sft_padding_free,rm,rm_shared,dpo,dpo_shared",
+                     "--micro-batches", "2", "--batches", "1", "--out", str(out))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["settings"]["optimizer"]["micro_batches"] == 2 and report["settings"]["batches"] == 1
     assert all(result["ours"]["timed_steps_that_compiled"] == 0 for result in report["results"].values())
-    for name in ("sft", "sft_padding_free", "rm", "rm_shared", "dpo"):  # TRL's micro-batches keep pairs together
+    # TRL's micro-batches keep pairs together
+    for name in ("sft", "sft_padding_free", "rm", "rm_shared", "dpo", "dpo_shared"):
         result = report["results"][name]
         assert result["shape"].endswith("both sides in 2 micro-batches"), result["shape"]
         check = result["loss_check"]

@@ -266,26 +266,30 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step_and_the_relaun
 
 
 @pytest.mark.slow
-def test_two_process_reward_stage_with_shared_prefixes_logs_the_one_process_padded_losses(tmp_path):
-    # each process lays out its pairs of the global batch in rows of one agreed length (twice the batch's)
+@pytest.mark.parametrize("kind", ["rm", "dpo"])
+def test_two_process_pair_stage_with_shared_prefixes_logs_the_one_process_padded_losses(tmp_path, kind):
+    # each process lays out its pairs of the global batch in rows of one agreed length (twice the batch's), and
+    # DPO's loss entries in as many columns
     import dataclasses
 
-    from experiments.tiny import tiny_sft
+    from experiments.tiny import tiny_dpo, tiny_sft
     from rlhf_jax import launch
-    from rlhf_jax.config import OptimizerName, RewardStage
+    from rlhf_jax.config import DPOStage, OptimizerName, PreferenceLoss, RewardStage
 
     losses = {}
     for name, shared, processes in (("padded", False, 1), ("shared", True, 2)):
-        base = tiny_sft()
-        config = dataclasses.replace(base, name="rm", run_dir=str(tmp_path / name),
+        base = tiny_sft() if kind == "rm" else tiny_dpo()
+        stage = (RewardStage(name=kind, max_steps=2, shared_prefix=shared) if kind == "rm" else
+                 DPOStage(name=kind, max_steps=2, shared_prefix=shared, loss=PreferenceLoss(beta=0.1)))
+        config = dataclasses.replace(base, name=kind, run_dir=str(tmp_path / name),
                                      optimizer=dataclasses.replace(base.optimizer, name=OptimizerName.SGD),
-                                     stages=(RewardStage(name="rm", max_steps=2, shared_prefix=shared),))
+                                     stages=(stage,))
         config_file = launch.prepare_run_dir(config) / launch.CONFIG_FILE
         command = ["launch/local.py", "-n", str(processes), "--"] if processes > 1 else ["-m", "rlhf_jax.launch"]
         result = subprocess.run([sys.executable, *command, "--config", str(config_file)], cwd=REPO, env=cpu_env(),
                                 capture_output=True, text=True, timeout=TIMEOUT)
         assert result.returncode == 0, f"{name}: {result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-        records = map(json.loads, (tmp_path / name / "rm" / "metrics.jsonl").read_text().splitlines())
-        losses[name] = [record["rm/loss"] for record in records]
+        records = map(json.loads, (tmp_path / name / kind / "metrics.jsonl").read_text().splitlines())
+        losses[name] = [record[f"{kind}/loss"] for record in records if f"{kind}/loss" in record]
     assert len(losses["shared"]) == len(losses["padded"]) == 2
     np.testing.assert_allclose(losses["shared"], losses["padded"], rtol=1e-5)

@@ -202,6 +202,8 @@ def test_grpo_plan_has_no_critic_and_a_reference_only_when_the_kl_needs_one(over
 
 @pytest.mark.parametrize("name, overrides, reference", [
     ("tiny_dpo", ("stages.dpo.reference=tiny:smollm2",), True),  # DPO with a reference named: a frozen copy
+    # shared-prefix rows: both programs compile on the rows and loss entries the stage's batches carry
+    ("tiny_dpo", ("stages.dpo.reference=tiny:smollm2", "stages.dpo.shared_prefix=true"), True),
     ("tiny_simpo", (), False),  # reference-free: neither a reference role nor its log-prob program
     ("tiny_orpo", (), False),
 ])

@@ -1,5 +1,6 @@
 """Shared-prefix pair rows (`data.batching.share_prefixes`): each preference pair in one row, its common prefix
-once; the reward model's rewards, loss and gradients equal those of the two padded sequences."""
+once; the reward model's rewards, loss and gradients, and the preference losses' sequence log-probs, loss and
+gradients, equal those of the two padded sequences."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import numpy as np
 import pytest
 
 from rlhf_jax.data import Example, collate_preference, pack
-from rlhf_jax.data.batching import SHARED_PAIR_KEYS, share_prefixes
+from rlhf_jax.data.batching import SHARED_LOSS_KEYS, SHARED_PAIR_KEYS, share_prefixes
+from rlhf_jax.config import PreferenceLoss
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import tiny_config
+from rlhf_jax.trainers.dpo import pair_logprobs, preference_loss_sum, preference_train_step
 from rlhf_jax.trainers.reward import pair_rewards, reward_loss_sum, reward_train_step
 from rlhf_jax.training.state import TrainState, make_optimizer
 from updates import assert_same_updates
@@ -81,13 +84,16 @@ def test_packed_pairs_are_refused():
         share_prefixes(packed)
 
 
-def _model(config):
+def _lm(config):
     weights = np.random.default_rng(3)
-    lm = jax.tree_util.tree_map_with_path(
+    return jax.tree_util.tree_map_with_path(
         lambda path, leaf: jnp.asarray(("norm" in jax.tree_util.keystr(path)) + weights.normal(0, 0.2, leaf.shape),
                                        leaf.dtype),
         llama.abstract_params(config))
-    return llama.init_scalar_model(config, lm, jax.random.key(1))
+
+
+def _model(config):
+    return llama.init_scalar_model(config, _lm(config), jax.random.key(1))
 
 
 @pytest.mark.parametrize("variant", ["llama", "sliding window"])
@@ -127,11 +133,16 @@ def test_a_train_step_in_micro_batches_gives_the_padded_pairs_update():
     # centering gives the head's bias a gradient (Bradley-Terry alone moves both rewards alike: its bias
     # gradient is zero, and float32 noise around it is all there would be to compare)
     step = jax.jit(functools.partial(reward_train_step, config, 0.1, 2))
-    # plain SGD: the update is the gradient itself (Adam's first step, g / |g|, turns float32 noise on a
-    # near-zero gradient into a full-size update)
-    start = TrainState.create(model, make_optimizer("sgd", 0.1, b1=0.0), jax.random.key(0))
+    _assert_same_sgd_step(step, model, padded, shared, ("rm/loss", "rm/accuracy", "rm/margin", "rm/chosen_reward"))
+
+
+def _assert_same_sgd_step(step, params, padded, shared, keys):
+    """One `step` from `params` on the padded pairs and on their shared-prefix rows: the same metrics `keys` and
+    the same update. Plain SGD: the update is the gradient itself (Adam's first step, g / |g|, turns float32
+    noise on a near-zero gradient into a full-size update)."""
+    start = TrainState.create(params, make_optimizer("sgd", 0.1, b1=0.0), jax.random.key(0))
     (want_state, want), (got_state, got) = (step(start, batch) for batch in (padded, shared))
-    for key in ("rm/loss", "rm/accuracy", "rm/margin", "rm/chosen_reward"):
+    for key in keys:
         np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5, atol=1e-6)
     assert_same_updates(start.params, got_state.params, want_state.params)
 
@@ -152,3 +163,106 @@ def test_the_reward_stage_with_shared_prefixes_trains_as_the_padded_one(tmp_path
     for ours, padded in zip(logged[True], logged[False]):
         np.testing.assert_allclose(ours["rm/loss"], padded["rm/loss"], rtol=1e-5)
         assert ours["rm/accuracy"] == padded["rm/accuracy"]
+
+
+# -- the preference losses: log-probs from loss entries ---------------------------------------------------------
+
+def test_loss_entries_name_each_marked_token_and_the_slot_that_predicts_it():
+    examples = _pairs(np.random.default_rng(5))
+    separate = collate_preference(examples, 16, PAD)
+    shared = share_prefixes(separate, length_multiple=8, loss_entries=True)
+    assert set(shared) == set(SHARED_PAIR_KEYS) | set(SHARED_LOSS_KEYS)
+    assert set(share_prefixes(separate, length_multiple=8)) == set(SHARED_PAIR_KEYS)  # the reward model's
+    slots, tokens, sides = (shared[key] for key in SHARED_LOSS_KEYS)
+    assert slots.shape == (4, 32)  # the longest row's 6 + 8 entries in buckets (64), at most 2 × 16
+    for row, e in enumerate(examples):
+        for side, response in zip((1, 2), e.responses):
+            sequence = np.concatenate([e.prompt, response])
+            mine = sides[row] == side
+            # the response's tokens in order, each predicted from a slot holding the token before it
+            assert tokens[row][mine].tolist() == response.tolist()
+            before = len(e.prompt) - 1 + np.arange(len(response))
+            assert shared["shared_tokens"][row][slots[row][mine]].tolist() == sequence[before].tolist()
+            # ... at that token's position in this sequence
+            assert shared["shared_positions"][row][slots[row][mine]].tolist() == before.tolist()
+            # and in this sequence's part of the row: the prefix or its own segment
+            segment = shared["shared_segment_ids"][row][slots[row][mine]]
+            in_prefix = shared["shared_prefix"][row][slots[row][mine]]
+            assert (in_prefix | (segment == side)).all()
+        assert not tokens[row][sides[row] == 0].any() and not slots[row][sides[row] == 0].any()
+    # pair 1's responses begin with the same 3 tokens: each side lists those tokens from the same prefix slots
+    first, second = (slots[1][sides[1] == side][:3] for side in (1, 2))
+    np.testing.assert_array_equal(first, second)
+    assert shared["shared_prefix"][1][first].all()
+    # a length fixed in advance: as many entries as slots
+    assert share_prefixes(separate, length=32, loss_entries=True)["shared_loss_slots"].shape == (4, 32)
+
+
+def _preference_batches(examples, reference=None):
+    """(the padded pairs with their loss masks, the same pairs in shared-prefix rows), as jnp arrays."""
+    separate = collate_preference(examples, 16, PAD)
+    padded = {k: jnp.asarray(v) for k, v in separate.items() if k != "index"}
+    shared = {k: jnp.asarray(v) for k, v in share_prefixes(separate, length_multiple=8, loss_entries=True).items()}
+    if reference is not None:
+        padded, shared = ({**batch, **reference} for batch in (padded, shared))
+    return padded, shared
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo"])
+def test_preference_logprobs_loss_and_gradients_equal_the_padded_pairs_in_float64(loss_type):
+    examples = _pairs(np.random.default_rng(6))
+    with jax.enable_x64(True):
+        config = dataclasses.replace(tiny_config("llama"), dtype="float64", param_dtype="float64")
+        params = _lm(config)
+        reference = {"reference_chosen_logps": jnp.asarray([-30.0, -25.0, -12.0, -9.0]),
+                     "reference_rejected_logps": jnp.asarray([-31.0, -24.0, -14.0, -8.0])}
+        padded, shared = _preference_batches(examples, reference)
+        want = jax.jit(functools.partial(pair_logprobs, config))(params, padded)
+        got = jax.jit(functools.partial(pair_logprobs, config))(params, shared)
+        for ours, theirs in zip(got, want):
+            np.testing.assert_allclose(np.asarray(ours.total), np.asarray(theirs.total), rtol=1e-12)
+            np.testing.assert_array_equal(np.asarray(ours.count), np.asarray(theirs.count))
+        assert np.asarray(want.chosen.count).tolist() == [len(e.responses[0]) for e in examples]
+
+        loss = PreferenceLoss(type=loss_type, beta=0.5)
+        value = jax.jit(jax.value_and_grad(lambda p, b: preference_loss_sum(config, loss, p, b)[0]))
+        (got_loss, got_grads), (want_loss, want_grads) = value(params, shared), value(params, padded)
+        np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-12)
+        for ours, theirs in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+            scale = float(np.abs(np.asarray(theirs)).max())
+            assert scale > 0
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-10, atol=1e-12 * scale)
+
+
+def test_a_dpo_train_step_in_micro_batches_gives_the_padded_pairs_update():
+    examples = _pairs(np.random.default_rng(7))
+    config = tiny_config("llama")
+    params = _lm(config)
+    reference = {"reference_chosen_logps": jnp.asarray([-40.0, -35.0, -20.0, -18.0]),
+                 "reference_rejected_logps": jnp.asarray([-41.0, -33.0, -22.0, -17.0])}
+    padded, shared = _preference_batches(examples, reference)
+    loss = PreferenceLoss(beta=0.1, nll_coef=0.5)  # the NLL term reads the whole batch's chosen token count
+    step = jax.jit(functools.partial(preference_train_step, config, loss, 2))
+    _assert_same_sgd_step(step, params, padded, shared, ("dpo/loss", "logps/chosen", "logps/rejected",
+                                                         "rewards/margins"))
+
+
+@pytest.mark.slow  # two tiny DPO stages through the launcher, ~40 s
+def test_the_dpo_stage_with_shared_prefixes_trains_as_the_padded_one(tmp_path):
+    from experiments.tiny import tiny_dpo
+    from stage_runs import logged_records
+
+    base = tiny_dpo()
+    (stage,) = base.stages
+    logged = {shared: logged_records(dataclasses.replace(
+        base, stages=(dataclasses.replace(stage, max_steps=3, shared_prefix=shared),)), tmp_path / str(shared))
+        for shared in (False, True)}
+    train = {shared: [r for r in records if "dpo/loss" in r] for shared, records in logged.items()}
+    assert [r["step"] for r in train[True]] == [r["step"] for r in train[False]] == [1, 2, 3]
+    for ours, padded in zip(train[True], train[False]):
+        for key in ("dpo/loss", "logps/chosen", "logps/rejected"):
+            np.testing.assert_allclose(ours[key], padded[key], rtol=1e-5)
+    # the held-out evaluation scores the padded pairs either way: the same policy gives the same numbers
+    evals = {shared: [r for r in records if "eval/dpo/loss" in r] for shared, records in logged.items()}
+    assert evals[True] and len(evals[True]) == len(evals[False])
+    np.testing.assert_allclose(evals[True][-1]["eval/dpo/loss"], evals[False][-1]["eval/dpo/loss"], rtol=1e-4)

@@ -112,6 +112,14 @@ TINY_PIPELINE_PPO = (
      "value/loss": 1.2457584142684937, "ppo/epochs": 2.0},
 )
 
+# The critic starts from the reward model, whose offset the pairwise loss leaves free, so its numbers carry the
+# float32 rounding of the SFT and RM steps amplified: the values above were recorded on Intel CPUs; on an AMD EPYC
+# (AVX-512, other XLA kernels) the same code gave value/loss 1.7e-3, ppo/loss (which adds vf_coef × value/loss)
+# 1.8e-3 and value/explained_var 2.9e-4 away from them, while every policy and reward number stayed within
+# 1.1e-4. Those three are held to 4e-3, about twice the spread measured between the two CPUs; the rest keep 2e-4.
+CRITIC_METRICS = ("value/loss", "ppo/loss", "value/explained_var")
+CRITIC_RTOL = 4e-3
+
 
 @pytest.mark.slow
 def test_tiny_pipeline_through_the_cli_then_relaunch_skips_done_stages(tmp_path):
@@ -130,7 +138,8 @@ def test_tiny_pipeline_through_the_cli_then_relaunch_skips_done_stages(tmp_path)
     # pinned: the PPO iteration's numbers as computed before the RL engine is reshaped (float tolerance)
     for record, pinned in zip(records, TINY_PIPELINE_PPO):
         for name, value in pinned.items():
-            np.testing.assert_allclose(record[name], value, rtol=2e-4, atol=2e-6, err_msg=name)
+            rtol = CRITIC_RTOL if name in CRITIC_METRICS else 2e-4
+            np.testing.assert_allclose(record[name], value, rtol=rtol, atol=2e-6, err_msg=name)
     # reward model metrics and normalisation statistics reach the artifact PPO reads
     rm = load_artifact(run_dir / "rm" / "model", with_tokenizer=False)
     assert rm.kind == "scalar" and {"reward_mean", "reward_std", "train_set/accuracy"} <= set(rm.metadata)

@@ -146,14 +146,18 @@ class Workload:
     def _build_rm_shared(self):
         return self._build_rm(shared_prefix=True)
 
-    def _build_dpo(self):
-        stage = DPOStage(name="dpo", loss=PreferenceLoss(beta=self.spec["beta"]))
+    def _build_dpo(self, shared_prefix: bool = False):
+        stage = DPOStage(name="dpo", loss=PreferenceLoss(beta=self.spec["beta"]), shared_prefix=shared_prefix)
         # a copy: the policy's buffers are donated to the train step
         reference = jax.tree.map(jnp.copy, self.params)
         state, step_fn, built = self._train(stage, dpo_stage, self.params)
         # the stage's own batch preparation: the jitted reference pass on each batch, merged into it
-        _, prepare = dpo_stage.reference_preparer(built, self.config, reference, self.mesh, self.micro_batches)
+        _, prepare = dpo_stage.reference_preparer(built, self.config, reference, self.mesh,
+                                                  dpo_stage.pair_batch(stage, self.micro_batches))
         return state, step_fn, prepare, npz_batches(self.inputs)
+
+    def _build_dpo_shared(self):
+        return self._build_dpo(shared_prefix=True)
 
     # -- requests -------------------------------------------------------------------------------------------
 

@@ -163,6 +163,9 @@ class Workload:
     def _build_rm_shared(self):  # TRL's reward model computes both sequences whole, as in `rm`
         return self._build_rm()
 
+    def _build_dpo_shared(self):  # TRL's DPO computes both sequences whole, as in `dpo`
+        return self._build_dpo()
+
     def _build_dpo(self):
         from datasets import Dataset
         from trl import DPOConfig, DPOTrainer
@@ -199,7 +202,8 @@ class Workload:
 
     def _one_step(self, batch: dict) -> float:
         trainer, model = self.trainer, self.model
-        parts = split_rows(batch, self.spec["optimizer"]["micro_batches"], paired=self.spec["workload"] in ("rm", "rm_shared", "dpo"))
+        paired = self.spec["workload"] in ("rm", "rm_shared", "dpo", "dpo_shared")
+        parts = split_rows(batch, self.spec["optimizer"]["micro_batches"], paired=paired)
         batch_samples, num_items = trainer.get_batch_samples(iter(parts), len(parts), trainer.args.device)
         trainer.current_gradient_accumulation_steps = len(parts)  # as Trainer's loop sets it when accumulating
         loss = sum(trainer.training_step(model, sample, num_items) for sample in batch_samples)

@@ -75,6 +75,9 @@ class DPOStage(_TrainingStage):
     # the reference's log-probs of every training pair in one pass before the first step, then looked up
     # (TRL's precompute_ref_log_probs): each step skips the reference forward; False: computed per batch
     precompute_reference: bool = False
+    # each pair in one row, the prompt both sides begin with computed once (`data.batching.share_prefixes`):
+    # the same log-probs and gradients from fewer tokens (62% of the two sequences' on HH pairs)
+    shared_prefix: bool = False
 
 
 def _check_dpo(stage: DPOStage, prefix: str, config: "ExperimentConfig") -> None:

@@ -16,6 +16,7 @@ Batch convention (see docs/data.md):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -40,6 +41,16 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
         if length <= bucket:
             return bucket
     raise AssertionError(f"{length} tokens exceed the largest bucket {max(buckets)}")
+
+
+def index_bucket(count: int, limit: int) -> int:
+    """Entries of a position index holding `count` positions: the next of 64, 96, 128, 192, 256, ... (two
+    sizes per octave, at most 50% padding and a handful of compiled programs), never above `limit`."""
+    if count <= 64:
+        return min(64, limit)
+    octave = 2 ** math.floor(math.log2(count))
+    size = octave if count <= octave else (octave * 3 // 2 if count <= octave * 3 // 2 else octave * 2)
+    return min(size, limit)
 
 
 def _sequence_rows(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], length: int, pad_id: int,
@@ -82,10 +93,11 @@ def collate_preference(examples: Sequence[Example], length: int, pad_id: int,
 
 SHARED_PAIR_KEYS = ("shared_tokens", "shared_positions", "shared_segment_ids", "shared_prefix", "chosen_last",
                     "rejected_last")
+SHARED_LOSS_KEYS = ("shared_loss_slots", "shared_loss_tokens", "shared_loss_sides")
 
 
-def share_prefixes(batch: Mapping[str, np.ndarray], length_multiple: int = 64,
-                   length: int | None = None) -> dict[str, np.ndarray]:
+def share_prefixes(batch: Mapping[str, np.ndarray], length_multiple: int = 64, length: int | None = None,
+                   loss_entries: bool = False) -> dict[str, np.ndarray]:
     """Each pair of a padded preference batch in one row, the tokens both sequences begin with laid out once.
 
     A pair's chosen and rejected sequences start with the same prompt (and sometimes the same first response
@@ -98,6 +110,13 @@ def share_prefixes(batch: Mapping[str, np.ndarray], length_multiple: int = 64,
     ``length_multiple`` (few shapes, few compilations), or ``length`` when given (processes that each hold
     some rows of one global batch agree on it); padding has segment 0. The HH pairs take 62% of the tokens of
     the two sequences.
+
+    loss_entries: also list, per row, the tokens the two loss masks mark (`SHARED_LOSS_KEYS`, [B, K] int32):
+    ``shared_loss_slots`` the slot whose hidden state predicts the token (a rejected sequence's first token after
+    the prefix is predicted from the prefix's last slot, not from the slot before it), ``shared_loss_tokens`` the
+    token, ``shared_loss_sides`` 1 for the chosen sequence, 2 for the rejected one, 0 for padding. A marked token
+    inside the common prefix is listed once for each side. K is the longest row's count in buckets
+    (`index_bucket`), or ``length`` when ``length`` is given.
     """
     if "chosen_segment_ids" in batch:
         raise UserError("shared prefixes are built from a padded preference batch, not a packed one")
@@ -109,6 +128,7 @@ def share_prefixes(batch: Mapping[str, np.ndarray], length_multiple: int = 64,
         differ = np.flatnonzero(first[:n] != second[:n])
         prefixes.append(int(differ[0]) if differ.size else max(n, 0))
     longest = max(len(c) + len(r) - p for c, r, p in zip(chosen, rejected, prefixes))
+    fixed = length is not None
     if length is None:
         length = -(-longest // length_multiple) * length_multiple
     elif length < longest:
@@ -127,6 +147,32 @@ def share_prefixes(batch: Mapping[str, np.ndarray], length_multiple: int = 64,
         out["shared_segment_ids"][row, end_chosen:end] = 2
         out["shared_prefix"][row, :prefix] = True
         out["chosen_last"][row], out["rejected_last"][row] = end_chosen - 1, end - 1
+    if loss_entries:
+        out.update(_shared_loss_entries(batch, prefixes, [len(first) for first in chosen], length, fixed))
+    return out
+
+
+def _shared_loss_entries(batch: Mapping[str, np.ndarray], prefixes: list[int], chosen_lengths: list[int],
+                         length: int, fixed: bool) -> dict[str, np.ndarray]:
+    """`share_prefixes`' loss entries: for each row, (predicting slot, token, side) of every marked token."""
+    rows = []
+    for row, (prefix, end_chosen) in enumerate(zip(prefixes, chosen_lengths)):
+        entries = []
+        for side, name in ((1, "chosen"), (2, "rejected")):
+            held = batch[f"{name}_attention_mask"][row].astype(bool)
+            tokens, marked = batch[f"{name}_tokens"][row][held], batch[f"{name}_loss_mask"][row][held].astype(bool)
+            targets = np.flatnonzero(marked[1:]) + 1  # position 0 has nothing before it to predict it from
+            sources = targets - 1
+            if side == 2:  # the rejected rest starts at slot end_chosen, with token `prefix`
+                sources = np.where(sources < prefix, sources, end_chosen + sources - prefix)
+            entries.append((sources, tokens[targets], np.full(targets.size, side)))
+        rows.append([np.concatenate(parts) for parts in zip(*entries)])
+    count = max(slots.size for slots, _, _ in rows)
+    size = length if fixed else index_bucket(count, 2 * batch["chosen_tokens"].shape[1])
+    out = {key: np.zeros((len(rows), size), np.int32) for key in SHARED_LOSS_KEYS}
+    for row, parts in enumerate(rows):
+        for key, values in zip(SHARED_LOSS_KEYS, parts):
+            out[key][row, : values.size] = values
     return out
 
 

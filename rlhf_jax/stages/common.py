@@ -273,6 +273,36 @@ def loss_batch(batch: dict, keys: tuple[str, ...], num_microbatches: int = 1, wh
     return batch
 
 
+SHARED_LENGTH_MULTIPLE = 64  # shared-prefix rows are rounded up to a multiple of this many tokens
+
+
+def shared_pairs(batch: dict, loss_entries: bool = False) -> dict:
+    """A padded preference batch with each pair in one row, its common prefix once
+    (`data.batching.share_prefixes`; ``loss_entries`` for the log-prob losses). In a multi-process run every
+    process holds some pairs of the global batch, and the rows (and loss entries) take the length that any pair
+    fits, twice the batch's."""
+    from rlhf_jax.data.batching import share_prefixes
+
+    if jax.process_count() > 1:
+        return share_prefixes(batch, length=2 * batch["chosen_tokens"].shape[1], loss_entries=loss_entries)
+    return share_prefixes(batch, SHARED_LENGTH_MULTIPLE, loss_entries=loss_entries)
+
+
+def shared_pair_shapes(rows: int, length: int, loss_entries: bool = False) -> dict:
+    """`shared_pairs`' arrays for ``rows`` pairs of ``length`` tokens a side, at their longest (two whole
+    sequences a row, as many loss entries) (`StagePrograms.batch`)."""
+    import jax.numpy as jnp
+
+    row, pair = (rows, 2 * length), (rows,)
+    shapes = {"shared_tokens": (row, jnp.int32), "shared_positions": (row, jnp.int32),
+              "shared_segment_ids": (row, jnp.int32), "shared_prefix": (row, jnp.bool_),
+              "chosen_last": (pair, jnp.int32), "rejected_last": (pair, jnp.int32)}
+    if loss_entries:
+        shapes.update({key: (row, jnp.int32) for key in ("shared_loss_slots", "shared_loss_tokens",
+                                                          "shared_loss_sides")})
+    return shapes
+
+
 def training_iterator(dataset, **settings):
     """The training `DataIterator`: in a multi-process run each process yields its rows of every global
     batch (`batch_size` stays the global batch size; `place_batch` assembles the global arrays)."""

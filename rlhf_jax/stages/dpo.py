@@ -23,8 +23,8 @@ from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_fo
                                shard_train_step, state_shardings, validate_mesh_for_model)
 from rlhf_jax.models.lora import merged_params
 from rlhf_jax.stages.common import (StagePrograms, bind_base, compile_report, dry_run_source, fit, frozen_reference,
-                                    loss_batch, pair_outputs_over, policy_training, token_batch, with_reference_logps,
-                                    write_summary)
+                                    loss_batch, pair_outputs_over, policy_training, shared_pair_shapes, shared_pairs,
+                                    token_batch, with_reference_logps, write_summary)
 from rlhf_jax.trainers.dpo import (PAIR_KEYS, reference_logprobs, loss_keywords, needs_reference, preference_eval_step,
                                    preference_train_step)
 from rlhf_jax.training.artifacts import save_artifact
@@ -62,8 +62,18 @@ def programs(experiment, stage, config) -> StagePrograms:
     step = bind_base(functools.partial(preference_train_step, config, stage.loss, micro), stage.lora)
     reference_pass = (functools.partial(reference_logprobs, num_microbatches=micro) if needs_reference(stage.loss)
                       else None)
-    return StagePrograms("dpo", step, lambda rows, length: token_batch(rows, length, ("chosen_", "rejected_")),
-                         reference_pass)
+    shapes = (functools.partial(shared_pair_shapes, loss_entries=True) if stage.shared_prefix
+              else lambda rows, length: token_batch(rows, length, ("chosen_", "rejected_")))
+    return StagePrograms("dpo", step, shapes, reference_pass)
+
+
+def pair_batch(stage, num_microbatches: int):
+    """`host batch -> the arrays the train step reads`: the padded pairs with their loss index, laid out for
+    `num_microbatches`, or with ``shared_prefix`` each pair in one row with its common prefix once and its
+    loss entries (`stages.common.shared_pairs`)."""
+    if stage.shared_prefix:
+        return functools.partial(shared_pairs, loss_entries=True)
+    return lambda batch: loss_batch(batch, PAIR_KEYS, num_microbatches)
 
 
 def _setup(experiment, stage, resolve, source, reference_source):
@@ -80,17 +90,17 @@ def _setup(experiment, stage, resolve, source, reference_source):
                                       reference_source)
 
 
-def reference_preparer(built: StagePrograms, reference_config, reference, mesh, num_microbatches: int,
-                        precompute=None):
-    """Host batch -> the step's batch on the mesh, with the frozen reference's log-probs of its pairs
-    (`built.reference_pass`, jitted; none when `reference` is None: a reference-free loss).
+def reference_preparer(built: StagePrograms, reference_config, reference, mesh, host_batch, precompute=None):
+    """Host batch -> the step's batch on the mesh (`host_batch`: the stage's :func:`pair_batch`), with the frozen
+    reference's log-probs of its pairs (`built.reference_pass`, jitted; none when `reference` is None: a
+    reference-free loss).
 
     precompute: None (the reference runs on each batch), or `(dataset, batch_size)`: the reference's
     log-probs of every pair of the training set are computed once, here, and each batch looks its rows up
     by their example `index`.
     """
     if reference is None:
-        return None, lambda batch: place_batch(loss_batch(batch, PAIR_KEYS, num_microbatches), mesh)
+        return None, lambda batch: place_batch(host_batch(batch), mesh)
     validate_mesh_for_model(reference_config, mesh)
     reference = place_state(reference, param_shardings(reference, mesh))
     if precompute is not None:
@@ -101,12 +111,11 @@ def reference_preparer(built: StagePrograms, reference_config, reference, mesh, 
             rows = np.asarray(batch["index"])
             logps = {"reference_chosen_logps": table.chosen.total[rows],
                      "reference_rejected_logps": table.rejected.total[rows]}
-            return place_batch({**loss_batch(batch, PAIR_KEYS, num_microbatches), **logps}, mesh)
+            return place_batch({**host_batch(batch), **logps}, mesh)
 
         return reference, prepare
     reference_fn = jax.jit(functools.partial(built.reference_pass, reference_config))
-    return reference, with_reference_logps(reference_fn, reference, mesh,
-                                           lambda batch: loss_batch(batch, PAIR_KEYS, num_microbatches))
+    return reference, with_reference_logps(reference_fn, reference, mesh, host_batch)
 
 
 def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
@@ -117,10 +126,13 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     (role, _, dataset, _, _, iterator, total_steps, state, built, frozen), (reference_config, reference) = _setup(
         experiment, stage, resolve, source, reference_source)
     validate_mesh_for_model(role.config, mesh)
-    _, prepare = reference_preparer(built, reference_config, reference, mesh, experiment.optimizer.micro_batches)
+    _, prepare = reference_preparer(built, reference_config, reference, mesh,
+                                    pair_batch(stage, experiment.optimizer.micro_batches))
     batch = prepare(next(iterator))
+    shape = (f"{tuple(batch['shared_tokens'].shape)}, a pair per row" if stage.shared_prefix
+             else f"{tuple(batch['chosen_tokens'].shape)} per side")
     print(f"  model {source or experiment.model.source}: {role.config.num_params():,} params; {len(dataset)} pairs, "
-          f"up to {total_steps} steps, first batch {tuple(batch['chosen_tokens'].shape)} per side")
+          f"up to {total_steps} steps, first batch {shape}")
     frozen_shardings = tuple(param_shardings(params, mesh) for params in frozen)
     compile_report("dpo train step", shard_train_step(built.step, state_shardings(state, mesh), mesh,
                                                       frozen_shardings=frozen_shardings), *frozen, state, batch)
@@ -133,7 +145,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     validate_mesh_for_model(role.config, mesh)
     reference_is_base = bool(frozen) and stage.reference is None and reference is not None
     reference, prepare = reference_preparer(
-        built, reference_config, reference, mesh, experiment.optimizer.micro_batches,
+        built, reference_config, reference, mesh, pair_batch(stage, experiment.optimizer.micro_batches),
         (dataset, data.batch_size) if stage.precompute_reference else None)
     frozen = (reference,) if reference_is_base else place_state(
         frozen, tuple(param_shardings(params, mesh) for params in frozen))  # one copy of the base on the mesh

@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.data.batching import share_prefixes
 from rlhf_jax.models import llama
 from rlhf_jax.models.lora import merged_params
-from rlhf_jax.stages.common import (StagePrograms, token_batch, adapted_training, bind_base, build_optimizer, compile_report, device_batch, dry_run_source, fit, load_role,
-                                    load_stage_dataset, require_tokenizer, stage_iterator,
-                                    pair_outputs_over, write_summary)
+from rlhf_jax.stages.common import (StagePrograms, adapted_training, bind_base, build_optimizer, compile_report,
+                                    device_batch, dry_run_source, fit, load_role, load_stage_dataset, pair_outputs_over,
+                                    require_tokenizer, shared_pair_shapes, shared_pairs, stage_iterator, token_batch,
+                                    write_summary)
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
                                shard_train_step, state_shardings, validate_mesh_for_model)
 from rlhf_jax.trainers.reward import reward_eval_step, reward_train_step
@@ -26,18 +26,14 @@ from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.state import TrainState
 
 PAIR_KEYS = ("chosen_tokens", "chosen_attention_mask", "rejected_tokens", "rejected_attention_mask")
-SHARED_LENGTH_MULTIPLE = 64  # shared-prefix rows are rounded up to a multiple of this many tokens
 
 
 def pair_batch(stage):
     """`host batch -> the arrays the train step reads`: the padded pairs, or with ``shared_prefix`` each pair in
-    one row with its common prefix once (`data.batching.share_prefixes`). In a multi-process run every process
-    holds some pairs of the global batch, and the rows take the length that any pair fits, twice the batch's."""
+    one row with its common prefix once (`stages.common.shared_pairs`)."""
     if not stage.shared_prefix:
         return lambda batch: device_batch(batch, PAIR_KEYS)
-    if jax.process_count() > 1:
-        return lambda batch: share_prefixes(batch, length=2 * batch["chosen_tokens"].shape[1])
-    return lambda batch: share_prefixes(batch, SHARED_LENGTH_MULTIPLE)
+    return shared_pairs
 
 
 def pair_rewards(config, model, dataset, batch_size: int, mesh=None) -> tuple[np.ndarray, np.ndarray]:
@@ -80,14 +76,10 @@ def programs(experiment, stage, config) -> StagePrograms:
 
 
 def _batch_shapes(shared_prefix: bool, rows: int, length: int) -> dict:
-    """The step's batch for ``rows`` pairs of ``length`` tokens a side; shared-prefix rows at their longest
-    (two whole sequences)."""
+    """The step's batch for ``rows`` pairs of ``length`` tokens a side."""
     if not shared_prefix:
         return token_batch(rows, length, ("chosen_", "rejected_"), ("tokens", "attention_mask"))
-    row, pair = (rows, 2 * length), (rows,)
-    return {"shared_tokens": (row, jnp.int32), "shared_positions": (row, jnp.int32),
-            "shared_segment_ids": (row, jnp.int32), "shared_prefix": (row, jnp.bool_),
-            "chosen_last": (pair, jnp.int32), "rejected_last": (pair, jnp.int32)}
+    return shared_pair_shapes(rows, length)
 
 
 def _setup(experiment, stage, resolve, source):

@@ -15,12 +15,11 @@ strided micro-batch split (`training.accumulate.split_microbatches`) hands each 
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.data.batching import index_bucket
 from rlhf_jax.losses import logprobs_and_entropy_from_hidden, logprobs_from_hidden
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import DecoderConfig
@@ -83,23 +82,21 @@ def _logprobs_at_index(config: DecoderConfig, params, hidden, tokens, index, tem
     valid = flat < rows * length
     # a position p predicts tokens[p] from hidden[p - 1] (same row: column 0 is never in an index)
     at = jnp.where(valid, flat, 1)
-    selected_hidden = hidden.reshape(rows * length, -1)[at - 1]
-    selected_tokens = tokens.reshape(-1)[at]
-    # K · V float32 logits per chunk: one chunk up to 2^26 values (256 MiB), no recomputation below that
-    chunk = max(128, 2**26 // config.vocab_size)
-    values = _logprobs_at(config, params, selected_hidden[None], selected_tokens[None], valid[None], temperature,
-                          chunk, False)[0]
+    values = logprobs_from_slots(config, params, hidden.reshape(rows * length, -1), at - 1, tokens.reshape(-1)[at],
+                                 valid, temperature)
     return jnp.zeros(rows * length, values.dtype).at[flat].set(values, mode="drop").reshape(rows, length)
 
 
-def index_bucket(count: int, limit: int) -> int:
-    """Entries of a position index holding `count` positions: the next of 64, 96, 128, 192, 256, ... (two
-    sizes per octave, at most 50% padding and a handful of compiled programs), never above `limit`."""
-    if count <= 64:
-        return min(64, limit)
-    octave = 2 ** math.floor(math.log2(count))
-    size = octave if count <= octave else (octave * 3 // 2 if count <= octave * 3 // 2 else octave * 2)
-    return min(size, limit)
+def logprobs_from_slots(config: DecoderConfig, params, hidden, slots, targets, valid, temperature: float = 1.0):
+    """log p(targets[k] | hidden[slots[k]]) for K entries: [K], 0 where not `valid`. hidden: [N, D] flat.
+
+    The LM head runs at those K hidden states only: the loss index's positions, or a shared-prefix row's loss
+    entries (`data.batching.share_prefixes`), whose predicting slot is not always the one before the token.
+    """
+    # K · V float32 logits per chunk: one chunk up to 2^26 values (256 MiB), no recomputation below that
+    chunk = max(128, 2**26 // config.vocab_size)
+    return _logprobs_at(config, params, hidden[slots][None], targets[None], valid[None], temperature, chunk,
+                        False)[0]
 
 
 def position_index(masks: list[np.ndarray], carriers: int) -> np.ndarray:

@@ -15,6 +15,8 @@ losses (SimPO, CPO, ORPO) need neither.
 
 Sequence log-probs are records of the sum over the response tokens (`chosen_loss_mask` /
 `rejected_loss_mask`) and their count (`losses.SequenceLogps`), so length-normalised losses read the mean.
+A batch may instead hold each pair in one row with its common prefix once (the stage's ``shared_prefix``,
+`data.batching.share_prefixes`): the same records from fewer tokens.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import jax.numpy as jnp
 
 from rlhf_jax.losses import (PairLogps, SequenceLogps, aggregate, preference_hyperparameters, preference_loss_kind,
                              preference_per_pair)
+from rlhf_jax.models import llama
 from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.lora import LoRASettings
 from rlhf_jax.trainers.lora import adapter_loss_sum
-from rlhf_jax.trainers.common import predicted_mask, teacher_forced_logprobs
+from rlhf_jax.trainers.common import logprobs_from_slots, predicted_mask, teacher_forced_logprobs
 from rlhf_jax.training.accumulate import accumulate_gradients, split_microbatches
 from rlhf_jax.training.state import TrainState
 
@@ -75,7 +78,10 @@ def sequence_logprobs(config: DecoderConfig, params, tokens, attention_mask, los
 
 
 def pair_logprobs(config: DecoderConfig, params, batch) -> PairLogps:
-    """Sequence log-prob records of both sides in one forward over [2B, T]: `PairLogps` of [B] records."""
+    """Sequence log-prob records of both sides in one forward over [2B, T]: `PairLogps` of [B] records. A batch
+    of shared-prefix rows goes through :func:`shared_pair_logprobs`."""
+    if "shared_tokens" in batch:
+        return shared_pair_logprobs(config, params, batch)
     tokens, attention_mask, loss_mask = (
         jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
         for key in ("tokens", "attention_mask", "loss_mask"))
@@ -83,6 +89,27 @@ def pair_logprobs(config: DecoderConfig, params, batch) -> PairLogps:
     half = batch["chosen_tokens"].shape[0]
     return PairLogps(*(SequenceLogps(logps.total[rows], logps.count[rows]) for rows in (slice(None, half),
                                                                                        slice(half, None))))
+
+
+def shared_pair_logprobs(config: DecoderConfig, params, batch) -> PairLogps:
+    """Both sides' records from one forward over shared-prefix rows [B, L] (`data.batching.share_prefixes` with
+    ``loss_entries``): each pair's common prefix computed once, the LM head run at its loss entries only. The
+    same records as the padded pair's: under causal attention a prefix slot's hidden state is the same in both
+    sequences, and each entry names the slot that predicts its token."""
+    segments = batch["shared_segment_ids"]
+    out = llama.forward(config, params, batch["shared_tokens"], batch["shared_positions"], segments > 0, segments,
+                        compute_logits=False, shared=batch["shared_prefix"])
+    rows, length = segments.shape
+    sides = batch["shared_loss_sides"]
+    slots = batch["shared_loss_slots"] + length * jnp.arange(rows, dtype=jnp.int32)[:, None]
+    values = logprobs_from_slots(config, params, out.hidden.reshape(rows * length, -1), slots.reshape(-1),
+                                 batch["shared_loss_tokens"].reshape(-1), sides.reshape(-1) > 0).reshape(sides.shape)
+
+    def side(number):
+        mask = sides == number
+        return SequenceLogps(jnp.sum(jnp.where(mask, values, 0.0), axis=-1), jnp.sum(mask, axis=-1, dtype=jnp.float32))
+
+    return PairLogps(side(1), side(2))
 
 
 def reference_logprobs(config: DecoderConfig, reference_params, batch, num_microbatches: int = 1) -> dict:
@@ -107,8 +134,11 @@ def reference_logprobs(config: DecoderConfig, reference_params, batch, num_micro
 def chosen_tokens_per_pair(batch) -> jax.Array:
     """The mean number of predicted chosen tokens per pair in the mask, over the whole `batch` (the NLL term's
     denominator, taken before the micro-batch split so that accumulation stays exact)."""
-    chosen = {"tokens": batch["chosen_tokens"], "loss_mask": batch["chosen_loss_mask"]}
-    counts = jnp.sum(predicted_mask(chosen), axis=-1, dtype=jnp.float32)
+    if "shared_loss_sides" in batch:
+        counts = jnp.sum(batch["shared_loss_sides"] == 1, axis=-1, dtype=jnp.float32)
+    else:
+        chosen = {"tokens": batch["chosen_tokens"], "loss_mask": batch["chosen_loss_mask"]}
+        counts = jnp.sum(predicted_mask(chosen), axis=-1, dtype=jnp.float32)
     pair_mask = batch.get("pair_mask", jnp.ones(counts.shape, bool)).astype(bool)
     return jnp.sum(jnp.where(pair_mask, counts, 0)) / jnp.maximum(jnp.sum(pair_mask, dtype=jnp.float32), 1.0)
 
