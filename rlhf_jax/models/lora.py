@@ -168,8 +168,9 @@ def merge(params: Params, adapters: Params, config: LoRASettings) -> Params:
     for path, adapter in _adapted_modules(adapters):
         module = _get(params, path)
         kernel = module["kernel"]
-        update = jnp.matmul(adapter["lora_a"].astype(jnp.float32), adapter["lora_b"].astype(jnp.float32))
-        merged = (kernel.astype(jnp.float32) + scale * update).astype(kernel.dtype)
+        wide = jnp.promote_types(kernel.dtype, jnp.float32)  # at least float32; a float64 kernel stays float64
+        update = jnp.matmul(adapter["lora_a"].astype(wide), adapter["lora_b"].astype(wide))
+        merged = (kernel.astype(wide) + scale * update).astype(kernel.dtype)
         params = _with(params, path, {**module, "kernel": merged})
     return params
 
