@@ -293,13 +293,14 @@ def shared_pair_shapes(rows: int, length: int, loss_entries: bool = False) -> di
     sequences a row, as many loss entries) (`StagePrograms.batch`)."""
     import jax.numpy as jnp
 
+    from rlhf_jax.data.batching import SHARED_LOSS_KEYS
+
     row, pair = (rows, 2 * length), (rows,)
     shapes = {"shared_tokens": (row, jnp.int32), "shared_positions": (row, jnp.int32),
               "shared_segment_ids": (row, jnp.int32), "shared_prefix": (row, jnp.bool_),
               "chosen_last": (pair, jnp.int32), "rejected_last": (pair, jnp.int32)}
     if loss_entries:
-        shapes.update({key: (row, jnp.int32) for key in ("shared_loss_slots", "shared_loss_tokens",
-                                                          "shared_loss_sides")})
+        shapes.update({key: (row, jnp.int32) for key in SHARED_LOSS_KEYS})
     return shapes
 
 
