@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.data import Example, collate_preference, pack
+from rlhf_jax.data import Example, TokenizeConfig, TokenizedDataset, collate_preference, pack
 from rlhf_jax.data.batching import SHARED_LOSS_KEYS, SHARED_PAIR_KEYS, share_prefixes
+from rlhf_jax.data.validation import Report
 from rlhf_jax.config import PreferenceLoss
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import llama
@@ -147,6 +148,37 @@ def _assert_same_sgd_step(step, params, padded, shared, keys):
     assert_same_updates(start.params, got_state.params, want_state.params)
 
 
+def _pair_dataset(examples) -> TokenizedDataset:
+    return TokenizedDataset("preference", list(examples), pad_id=PAD, end_id=PAD,
+                            config=TokenizeConfig(max_length=16, max_prompt_length=8),
+                            report=Report("pairs", "preference", rows=len(examples), valid=len(examples)))
+
+
+def test_whole_set_passes_score_shared_prefix_rows_as_the_padded_pairs_in_float64():
+    """The stages' whole-set passes (the reward model's evaluation, the DPO family's evaluation and its
+    `precompute_reference` table) over shared-prefix rows: the padded pairs' numbers, in order, a short last
+    batch included."""
+    from rlhf_jax.stages import dpo as dpo_stage, reward as reward_stage
+
+    rng = np.random.default_rng(8)
+    dataset = _pair_dataset(_pairs(rng) + _pairs(rng)[:3])  # 7 pairs in batches of 3: the last holds one
+    with jax.enable_x64(True):
+        config = dataclasses.replace(tiny_config("llama"), dtype="float64", param_dtype="float64")
+        model = _model(config)
+        padded, shared = (reward_stage.pair_rewards(config, model, dataset, 3, shared_prefix=flag)
+                          for flag in (False, True))
+        for ours, theirs in zip(shared, padded):
+            assert ours.shape == (7,)
+            np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+        assert np.ptp(padded[0]) > 1e-3
+        padded, shared = (dpo_stage.sequence_logprobs_over(config, _lm(config), dataset, 3,
+                                                           shared_prefix=flag) for flag in (False, True))
+        for ours, theirs in zip(shared, padded):
+            np.testing.assert_allclose(ours.total, theirs.total, rtol=1e-12)
+            np.testing.assert_array_equal(ours.count, theirs.count)
+        assert padded.chosen.count.tolist() == [len(e.responses[0]) for e in dataset.examples]
+
+
 @pytest.mark.slow  # two tiny reward stages through the launcher, ~30 s
 def test_the_reward_stage_with_shared_prefixes_trains_as_the_padded_one(tmp_path):
     from experiments.tiny import tiny_sft
@@ -247,22 +279,29 @@ def test_a_dpo_train_step_in_micro_batches_gives_the_padded_pairs_update():
                                                          "rewards/margins"))
 
 
-@pytest.mark.slow  # two tiny DPO stages through the launcher, ~40 s
+@pytest.mark.slow  # three tiny DPO stages through the launcher, ~60 s
 def test_the_dpo_stage_with_shared_prefixes_trains_as_the_padded_one(tmp_path):
     from experiments.tiny import tiny_dpo
     from stage_runs import logged_records
 
     base = tiny_dpo()
     (stage,) = base.stages
-    logged = {shared: logged_records(dataclasses.replace(
-        base, stages=(dataclasses.replace(stage, max_steps=3, shared_prefix=shared),)), tmp_path / str(shared))
-        for shared in (False, True)}
-    train = {shared: [r for r in records if "dpo/loss" in r] for shared, records in logged.items()}
-    assert [r["step"] for r in train[True]] == [r["step"] for r in train[False]] == [1, 2, 3]
-    for ours, padded in zip(train[True], train[False]):
-        for key in ("dpo/loss", "logps/chosen", "logps/rejected"):
-            np.testing.assert_allclose(ours[key], padded[key], rtol=1e-5)
-    # the held-out evaluation scores the padded pairs either way: the same policy gives the same numbers
-    evals = {shared: [r for r in records if "eval/dpo/loss" in r] for shared, records in logged.items()}
-    assert evals[True] and len(evals[True]) == len(evals[False])
-    np.testing.assert_allclose(evals[True][-1]["eval/dpo/loss"], evals[False][-1]["eval/dpo/loss"], rtol=1e-4)
+    runs = {"padded": dict(shared_prefix=False), "shared": dict(shared_prefix=True),
+            # the reference's log-probs of every training pair in one pass over shared-prefix rows
+            "shared, precomputed": dict(shared_prefix=True, precompute_reference=True)}
+    logged = {name: logged_records(dataclasses.replace(
+        base, stages=(dataclasses.replace(stage, max_steps=3, **settings),)), tmp_path / str(number))
+        for number, (name, settings) in enumerate(runs.items())}
+    train = {name: [r for r in records if "dpo/loss" in r] for name, records in logged.items()}
+    evals = {name: [r for r in records if "eval/dpo/loss" in r] for name, records in logged.items()}
+    for name in ("shared", "shared, precomputed"):
+        assert [r["step"] for r in train[name]] == [r["step"] for r in train["padded"]] == [1, 2, 3]
+        for ours, padded in zip(train[name], train["padded"]):
+            for key in ("dpo/loss", "logps/chosen", "logps/rejected"):
+                np.testing.assert_allclose(ours[key], padded[key], rtol=1e-5)
+            # the margins start at 0 (the policy is the reference): float32 noise of 1e-6 at step 1, then 0.01-0.1
+            np.testing.assert_allclose(ours["rewards/margins"], padded["rewards/margins"], rtol=1e-4, atol=1e-5)
+        # the held-out evaluation scores the shared-prefix rows (the reference's log-probs too): the same numbers
+        assert evals[name] and len(evals[name]) == len(evals["padded"])
+        for ours, padded in zip(evals[name], evals["padded"]):
+            np.testing.assert_allclose(ours["eval/dpo/loss"], padded["eval/dpo/loss"], rtol=1e-4)

@@ -76,7 +76,8 @@ class DPOStage(_TrainingStage):
     # (TRL's precompute_ref_log_probs): each step skips the reference forward; False: computed per batch
     precompute_reference: bool = False
     # each pair in one row, the prompt both sides begin with computed once (`data.batching.share_prefixes`):
-    # the same log-probs and gradients from fewer tokens (62% of the two sequences' on HH pairs)
+    # the same log-probs and gradients from fewer tokens (62% of the two sequences' on HH pairs); the held-out
+    # evaluation and precompute_reference's pass score the pairs this way too
     shared_prefix: bool = False
 
 

@@ -36,7 +36,7 @@ class RewardStage(_TrainingStage):
     center_rewards_coef: float = 0.0  # penalty on (r_chosen + r_rejected)^2, keeps scores near 0
     freeze_backbone: bool = False  # train the reward head only: a linear probe on frozen features (cheap on CPU)
     # each pair in one row, the prompt both sides begin with computed once (`data.batching.share_prefixes`):
-    # the same rewards and gradients, 62% of the tokens on HH pairs
+    # the same rewards and gradients, 62% of the tokens on HH pairs; the final evaluation scores the pairs so too
     shared_prefix: bool = False
     lora: LoRAConfig = LoRAConfig()  # lora.rank > 0: train adapters and the head only, write the merged model
 

@@ -7,6 +7,7 @@ lives in `rlhf_jax.trainers` as pure jitted steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -276,14 +277,14 @@ def loss_batch(batch: dict, keys: tuple[str, ...], num_microbatches: int = 1, wh
 SHARED_LENGTH_MULTIPLE = 64  # shared-prefix rows are rounded up to a multiple of this many tokens
 
 
-def shared_pairs(batch: dict, loss_entries: bool = False) -> dict:
+def shared_pairs(batch: dict, loss_entries: bool = False, whole: bool = False) -> dict:
     """A padded preference batch with each pair in one row, its common prefix once
     (`data.batching.share_prefixes`; ``loss_entries`` for the log-prob losses). In a multi-process run every
     process holds some pairs of the global batch, and the rows (and loss entries) take the length that any pair
-    fits, twice the batch's."""
+    fits, twice the batch's; unless every process holds the whole batch (``whole``, the whole-set passes)."""
     from rlhf_jax.data.batching import share_prefixes
 
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 and not whole:
         return share_prefixes(batch, length=2 * batch["chosen_tokens"].shape[1], loss_entries=loss_entries)
     return share_prefixes(batch, SHARED_LENGTH_MULTIPLE, loss_entries=loss_entries)
 
@@ -359,10 +360,15 @@ def outputs_over(eval_step: Callable, params, dataset, batch_size: int, host_bat
 
 
 def pair_outputs_over(eval_step: Callable, params, dataset, batch_size: int, keys: tuple[str, ...],
-                      mesh=None):
-    """:func:`outputs_over` a preference `dataset`, each batch the `keys` with their loss index."""
-    return outputs_over(eval_step, params, dataset, batch_size, lambda batch: loss_batch(batch, keys, whole=True),
-                        mesh)
+                      mesh=None, shared_prefix: bool = False):
+    """:func:`outputs_over` a preference `dataset`, each batch the `keys` with their loss index, or with
+    ``shared_prefix`` each pair in one row with its common prefix once (:func:`shared_pairs`, with loss entries
+    when `keys` hold the loss masks); `eval_step` reads either."""
+    if shared_prefix:
+        host_batch = functools.partial(shared_pairs, loss_entries="chosen_loss_mask" in keys, whole=True)
+    else:
+        host_batch = functools.partial(loss_batch, keys=keys, whole=True)
+    return outputs_over(eval_step, params, dataset, batch_size, host_batch, mesh)
 
 
 def with_reference_logps(reference_fn: Callable, reference, mesh, host_batch: Callable[[dict], dict]):

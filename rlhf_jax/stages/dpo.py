@@ -31,13 +31,16 @@ from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.logs import read_metrics
 
 
-def sequence_logprobs_over(config, params, dataset, batch_size: int, mesh=None) -> PairLogps:
-    """Policy (or reference) sequence log-prob records (`PairLogps` of [N]) of every pair of `dataset`, in order.
+def sequence_logprobs_over(config, params, dataset, batch_size: int, mesh=None,
+                           shared_prefix: bool = False) -> PairLogps:
+    """Policy (or reference) sequence log-prob records (`PairLogps` of [N]) of every pair of `dataset`, in order;
+    with ``shared_prefix`` from rows that hold each pair's common prefix once (the same records from fewer
+    tokens).
 
     mesh: where `params` live; every process then goes through the whole set (see `whole_set_evaluator`).
     """
     return pair_outputs_over(functools.partial(preference_eval_step, config), params, dataset, batch_size, PAIR_KEYS,
-                             mesh)
+                             mesh, shared_prefix)
 
 
 def evaluation_metrics(policy: PairLogps, reference: PairLogps | None, loss, prefix: str = "eval") -> dict:
@@ -90,14 +93,15 @@ def _setup(experiment, stage, resolve, source, reference_source):
                                       reference_source)
 
 
-def reference_preparer(built: StagePrograms, reference_config, reference, mesh, host_batch, precompute=None):
+def reference_preparer(built: StagePrograms, reference_config, reference, mesh, host_batch, precompute=None,
+                       shared_prefix: bool = False):
     """Host batch -> the step's batch on the mesh (`host_batch`: the stage's :func:`pair_batch`), with the frozen
     reference's log-probs of its pairs (`built.reference_pass`, jitted; none when `reference` is None: a
     reference-free loss).
 
     precompute: None (the reference runs on each batch), or `(dataset, batch_size)`: the reference's
-    log-probs of every pair of the training set are computed once, here, and each batch looks its rows up
-    by their example `index`.
+    log-probs of every pair of the training set are computed once, here (each pair's common prefix once with
+    ``shared_prefix``), and each batch looks its rows up by their example `index`.
     """
     if reference is None:
         return None, lambda batch: place_batch(host_batch(batch), mesh)
@@ -105,7 +109,7 @@ def reference_preparer(built: StagePrograms, reference_config, reference, mesh, 
     reference = place_state(reference, param_shardings(reference, mesh))
     if precompute is not None:
         dataset, batch_size = precompute
-        table = sequence_logprobs_over(reference_config, reference, dataset, batch_size, mesh)
+        table = sequence_logprobs_over(reference_config, reference, dataset, batch_size, mesh, shared_prefix)
 
         def prepare(batch):
             rows = np.asarray(batch["index"])
@@ -146,7 +150,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     reference_is_base = bool(frozen) and stage.reference is None and reference is not None
     reference, prepare = reference_preparer(
         built, reference_config, reference, mesh, pair_batch(stage, experiment.optimizer.micro_batches),
-        (dataset, data.batch_size) if stage.precompute_reference else None)
+        (dataset, data.batch_size) if stage.precompute_reference else None, stage.shared_prefix)
     frozen = (reference,) if reference_is_base else place_state(
         frozen, tuple(param_shardings(params, mesh) for params in frozen))  # one copy of the base on the mesh
     base = frozen[0] if frozen else {}
@@ -155,11 +159,11 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     prefix = "eval" if eval_dataset is not None else "train_set"
     # the reference is frozen: its log-probs of the evaluation pairs are computed once
     reference_logps = None if reference is None else sequence_logprobs_over(reference_config, reference, pairs,
-                                                                            data.batch_size, mesh)
+                                                                            data.batch_size, mesh, stage.shared_prefix)
 
     def evaluate(state):
         policy_logps = sequence_logprobs_over(role.config, merged_params(base, state.params, stage.lora), pairs,
-                                              data.batch_size, mesh)
+                                              data.batch_size, mesh, stage.shared_prefix)
         return evaluation_metrics(policy_logps, reference_logps, stage.loss, prefix)
 
     state, records = fit(

@@ -36,13 +36,15 @@ def pair_batch(stage):
     return shared_pairs
 
 
-def pair_rewards(config, model, dataset, batch_size: int, mesh=None) -> tuple[np.ndarray, np.ndarray]:
-    """Rewards (chosen [N], rejected [N]) of every pair of `dataset`, in order.
+def pair_rewards(config, model, dataset, batch_size: int, mesh=None,
+                 shared_prefix: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Rewards (chosen [N], rejected [N]) of every pair of `dataset`, in order; with ``shared_prefix`` from rows
+    that hold each pair's common prefix once (the same rewards from fewer tokens).
 
     mesh: where `model` lives; every process then scores the whole set (see `whole_set_evaluator`).
     """
     return pair_outputs_over(functools.partial(reward_eval_step, config), model, dataset, batch_size, PAIR_KEYS,
-                             mesh)
+                             mesh, shared_prefix)
 
 
 def evaluation_metrics(chosen: np.ndarray, rejected: np.ndarray, prefix: str = "eval") -> dict[str, float]:
@@ -141,7 +143,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         summary.update({k: v for k, v in records[-1].items() if k.startswith("rm/")})
     model = merged_params(base, state.params, stage.lora)
     reference = eval_dataset if eval_dataset is not None else dataset
-    chosen, rejected = pair_rewards(role.config, model, reference, data.batch_size, mesh)
+    chosen, rejected = pair_rewards(role.config, model, reference, data.batch_size, mesh, stage.shared_prefix)
     prefix = "eval" if eval_dataset is not None else "train_set"
     metrics = evaluation_metrics(chosen, rejected, prefix)
     summary.update(metrics)
