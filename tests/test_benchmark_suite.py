@@ -69,15 +69,16 @@ def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
 @pytest.mark.slow  # about a minute on 2 cores
 def test_tiny_suite_in_micro_batches_accumulates_on_both_sides_and_their_losses_agree(tmp_path):
     out = tmp_path / "tiny_micro"
-    # one batch, revisited: the timed step runs the program the warm-up compiled
-    done = run_suite("--tiny", "--workloads", "sft,sft_padding_free,rm,rm_shared,dpo,dpo_shared",
+    # one batch, revisited: the timed step runs the program the warm-up compiled; sft_packed's loss check
+    # evaluates its packed batches, which the steps split into micro-batches
+    done = run_suite("--tiny", "--workloads", "sft,sft_padding_free,sft_packed,rm,rm_shared,dpo,dpo_shared",
                      "--micro-batches", "2", "--batches", "1", "--out", str(out))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["settings"]["optimizer"]["micro_batches"] == 2 and report["settings"]["batches"] == 1
     assert all(result["ours"]["timed_steps_that_compiled"] == 0 for result in report["results"].values())
     # TRL's micro-batches keep pairs together
-    for name in ("sft", "sft_padding_free", "rm", "rm_shared", "dpo", "dpo_shared"):
+    for name in ("sft", "sft_padding_free", "sft_packed", "rm", "rm_shared", "dpo", "dpo_shared"):
         result = report["results"][name]
         assert result["shape"].endswith("both sides in 2 micro-batches"), result["shape"]
         check = result["loss_check"]

@@ -182,8 +182,10 @@ class Workload:
         eval_fn = jax.jit(functools.partial(sft_eval_step, self.config))
         total, count = 0.0, 0.0
         for host_batch in self.host_batches:
+            # the evaluation's layout: one loss index over the whole batch (the step's is per micro-batch)
             with use_mesh(self.mesh):
-                loss_sum, tokens = eval_fn(self.state.params, self.prepare(host_batch))
+                loss_sum, tokens = eval_fn(self.state.params,
+                                           place_batch(loss_batch(host_batch, SFT_KEYS), self.mesh))
             total, count = total + float(loss_sum), count + float(tokens)
         return {"loss_sum": total, "count": count}
 
