@@ -688,14 +688,19 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
     print(f"exporting {shapes.source} and writing the inputs under {work}", flush=True)
     model, inputs = prepare_inputs(shapes, workloads, batches, work)
-    workers = {name: Worker(name, work / f"{name}_worker.log") for name in ("jax", "torch")}
     results: dict[str, dict] = {}
     versions: dict[str, str] = {}
+    workers: dict[str, Worker] = {}
     try:
         for name in workloads:
             names = [n for n in inputs if n.startswith("sampler_")] if name == "sampler" else [name]
             for entry in names:
                 print(f"{entry}:", flush=True)
+                # a new pair of workers for every workload: a process that ran another workload before keeps what
+                # its allocator grew then, and a later workload ran up to 40% faster in it (docs/performance.md)
+                for worker in workers.values():
+                    worker.close()
+                workers = {side: Worker(side, work / f"{side}_worker.log") for side in ("jax", "torch")}
                 before = os.getloadavg()
                 try:
                     if entry == "grpo":
@@ -712,12 +717,6 @@ def main(argv: list[str] | None = None) -> int:
                 except WorkerError as error:
                     print(f"  {entry} failed: {error}", file=sys.stderr, flush=True)
                     results[entry] = {"error": str(error)}
-                    for worker_name, worker in list(workers.items()):
-                        if worker.alive():
-                            worker.request("release")
-                        else:
-                            worker.close()
-                            workers[worker_name] = Worker(worker_name, work / f"{worker_name}_worker.log")
                 results[entry]["load_average"] = {"before": before, "after": os.getloadavg()}
     finally:
         for worker in workers.values():
