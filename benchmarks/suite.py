@@ -339,7 +339,7 @@ def alternate(name: str, workers: dict, spec: dict, shapes: Shapes, warmup: int,
     """Set both sides up; their matmul rates; (sft_packed: the initial loss check); `runs` steps alternating
     ours then theirs; their matmul rates again. Returns (setup replies, rates, check replies, step replies)."""
     sides = {"ours": workers["jax"], "theirs": workers["torch"]}
-    setup = {side: worker.request("setup", spec=spec) for side, worker in sides.items()}
+    setup = {side: {**worker.request("setup", spec=spec), "pid": worker.process.pid} for side, worker in sides.items()}
     peaks: dict[str, list[float]] = {side: [] for side in sides}
 
     def measure_peaks():

@@ -62,6 +62,10 @@ def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
             assert check["ours"] > 0 and check["theirs"] > 0
     for name in ("dpo", "dpo_shared"):
         assert results[name]["loss_check"]["extra"]["logps/chosen"]["rel_diff"] <= 1e-3
+    # every workload ran in processes of its own: none inherits what an earlier workload's allocator grew
+    pids = [result["setup"][side]["pid"] for result in results.values() if "setup" in result
+            for side in ("ours", "theirs")]
+    assert len(pids) == 2 * (len(results) - 2) and len(set(pids)) == len(pids), pids
     table = out.with_suffix(".md").read_text()
     assert "| sft |" in table and "| relaunch |" in table and "FAILED" not in table
 
