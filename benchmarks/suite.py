@@ -696,11 +696,13 @@ def main(argv: list[str] | None = None) -> int:
             names = [n for n in inputs if n.startswith("sampler_")] if name == "sampler" else [name]
             for entry in names:
                 print(f"{entry}:", flush=True)
-                # a new pair of workers for every workload: a process that ran another workload before keeps what
-                # its allocator grew then, and a later workload ran up to 40% faster in it (docs/performance.md)
+                # new workers for every workload: a process that ran another workload before keeps what its
+                # allocator grew then, and a later workload ran up to 40% faster in it (docs/performance.md).
+                # Only the sides the workload runs: an idle worker starting up would share the CPU with it.
                 for worker in workers.values():
                     worker.close()
-                workers = {side: Worker(side, work / f"{side}_worker.log") for side in ("jax", "torch")}
+                sides = {"relaunch": (), "grpo": ("jax",)}.get(entry, ("jax", "torch"))
+                workers = {side: Worker(side, work / f"{side}_worker.log") for side in sides}
                 before = os.getloadavg()
                 try:
                     if entry == "grpo":
