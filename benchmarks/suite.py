@@ -57,7 +57,8 @@ QUIET_LOAD = 0.5  # 1-minute load average above which the machine is not quiet
 RM_PAD_TOKEN = "<|endoftext|>"
 GRPO_REWARD = "fn:token_id_below:24576"
 OPTIMIZER = {"name": "adamw", "learning_rate": 1e-5, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
-             "schedule": "constant", "warmup_steps": 0, "grad_clip": 1.0, "micro_batches": 1}
+             "schedule": "constant", "warmup_steps": 0, "grad_clip": 1.0, "micro_batches": 1,
+             "length_buckets": 1}
 DPO_BETA = 0.1
 RELAUNCH_TARGET = 2.0  # a relaunch's first step within this many warm steps
 
@@ -397,10 +398,16 @@ def run_training(name: str, workers: dict, spec: dict, inputs: dict, model: dict
 
 
 def shape_of(name: str, inputs: dict, shapes: Shapes) -> str:
-    split = OPTIMIZER["micro_batches"]
-    if split > 1 and not name.startswith("sampler_"):
-        return f"{_shape_of(name, inputs, shapes)}; both sides in {split} micro-batches"
-    return _shape_of(name, inputs, shapes)
+    split, buckets = OPTIMIZER["micro_batches"], OPTIMIZER["length_buckets"]
+    shape = _shape_of(name, inputs, shapes)
+    if name.startswith("sampler_"):
+        return shape
+    if split > 1:
+        shape += f"; both sides in {split} micro-batches"
+    if buckets > 1 and not name.endswith("_shared"):
+        shape += (f"; ours: rows sorted by length, each micro-batch at the shortest of {buckets} lengths that holds "
+                  "its rows (`optimizer.length_buckets`)")
+    return shape
 
 
 def _shape_of(name: str, inputs: dict, shapes: Shapes) -> str:
@@ -657,6 +664,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="both sides split each SFT/RM/DPO batch into this many equal micro-batches and "
                              "accumulate their gradients before the one optimizer step (TRL: gradient "
                              "accumulation over the same rows); default 1")
+    parser.add_argument("--length-buckets", type=int, default=1,
+                        help="ours: rows sorted by length, each micro-batch of a padded SFT/RM/DPO batch run at the "
+                             "shortest of this many fractions of the batch's length that holds its rows "
+                             "(`optimizer.length_buckets`); TRL as before. Default 1: every micro-batch at the "
+                             "batch's length")
     args = parser.parse_args(argv)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = sorted(set(workloads) - set(WORKLOADS))
@@ -671,7 +683,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batches must be at least 1")
     if args.micro_batches < 1:
         parser.error("--micro-batches must be at least 1")
+    if args.length_buckets < 1:
+        parser.error("--length-buckets must be at least 1")
     OPTIMIZER["micro_batches"] = args.micro_batches
+    OPTIMIZER["length_buckets"] = args.length_buckets
     missing = [name for name in ("torch", "trl", "datasets") if importlib.util.find_spec(name) is None]
     if missing:
         print(f"error: the TRL side needs {', '.join(missing)}: pip install -e '.[bench]'", file=sys.stderr)

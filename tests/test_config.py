@@ -207,6 +207,7 @@ def test_the_test_pipeline_and_every_experiment_are_valid():
     (["stages.sft.learning_rate=-1e-5"], "stages.sft.learning_rate: got -1e-05, expected a number > 0"),
     (["optimizer.b2=1"], "optimizer.b2: got 1.0, expected a number in [0, 1)"),
     (["optimizer.micro_batches=0"], "optimizer.micro_batches: got 0, expected an integer >= 1"),
+    (["optimizer.length_buckets=0"], "optimizer.length_buckets: got 0, expected an integer >= 1"),
     (["stages.ppo.algorithm.clip_eps=1.5"], "stages.ppo.algorithm.clip_eps: got 1.5, expected a number in (0, 1)"),
     (["stages.ppo.algorithm.clip_eps=0"], "stages.ppo.algorithm.clip_eps: got 0.0, expected a number in (0, 1)"),
     (["stages.ppo.algorithm.gamma=1.01"], "stages.ppo.algorithm.gamma: got 1.01, expected a number in [0, 1]"),

@@ -36,7 +36,7 @@ from rlhf_jax.sharding import make_mesh, place_batch, place_for_training, use_me
 from rlhf_jax.stages import dpo as dpo_stage
 from rlhf_jax.stages import reward as reward_stage
 from rlhf_jax.stages import sft as sft_stage
-from rlhf_jax.stages.common import build_optimizer, load_role, loss_batch
+from rlhf_jax.stages.common import build_optimizer, length_order, load_role, loss_batch
 from rlhf_jax.stages.sft import SFT_KEYS
 from rlhf_jax.trainers.sft import sft_eval_step
 from rlhf_jax.training.state import TrainState
@@ -121,9 +121,10 @@ class Workload:
         return state, step_fn, built
 
     def _build_sft(self, prefix: str = ""):
-        state, step_fn, _ = self._train(SFTStage(name="sft"), sft_stage, self.params)
-        mesh, micro_batches = self.mesh, self.micro_batches
-        prepare = lambda batch: place_batch(loss_batch(batch, SFT_KEYS, micro_batches), mesh)  # noqa: E731
+        stage = SFTStage(name="sft")
+        state, step_fn, _ = self._train(stage, sft_stage, self.params)
+        mesh, micro_batches, order = self.mesh, self.micro_batches, length_order(experiment(self.spec, stage), stage)
+        prepare = lambda batch: place_batch(loss_batch(order(batch), SFT_KEYS, micro_batches), mesh)  # noqa: E731
         return state, step_fn, prepare, npz_batches(self.inputs, prefix)
 
     def _build_sft_packed(self):
@@ -140,7 +141,8 @@ class Workload:
         np.testing.assert_array_equal(np.asarray(model["head"]["kernel"]), self.inputs["head_kernel"])
         state, step_fn, _ = self._train(stage, reward_stage, model)
         mesh, arrays = self.mesh, reward_stage.pair_batch(stage)
-        prepare = lambda batch: place_batch(arrays(batch), mesh)  # noqa: E731
+        order = length_order(experiment(self.spec, stage), stage)
+        prepare = lambda batch: place_batch(arrays(order(batch)), mesh)  # noqa: E731
         return state, step_fn, prepare, npz_batches(self.inputs)
 
     def _build_rm_shared(self):
@@ -152,9 +154,10 @@ class Workload:
         reference = jax.tree.map(jnp.copy, self.params)
         state, step_fn, built = self._train(stage, dpo_stage, self.params)
         # the stage's own batch preparation: the jitted reference pass on each batch, merged into it
-        _, prepare = dpo_stage.reference_preparer(built, self.config, reference, self.mesh,
-                                                  dpo_stage.pair_batch(stage, self.micro_batches))
-        return state, step_fn, prepare, npz_batches(self.inputs)
+        _, with_reference = dpo_stage.reference_preparer(built, self.config, reference, self.mesh,
+                                                         dpo_stage.pair_batch(stage, self.micro_batches))
+        order = length_order(experiment(self.spec, stage), stage)
+        return state, step_fn, lambda batch: with_reference(order(batch)), npz_batches(self.inputs)
 
     def _build_dpo_shared(self):
         return self._build_dpo(shared_prefix=True)

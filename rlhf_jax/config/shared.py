@@ -112,6 +112,9 @@ class OptimizerConfig:
     warmup_steps: int = 0
     grad_clip: float | None = 1.0  # global-norm clipping; None: off
     micro_batches: int = 1  # gradient accumulation: each batch is split into this many
+    # rows sorted by length, each micro-batch run at the shortest of this many fractions of the batch's length
+    # that holds its rows (1: every micro-batch at the batch's length); padded SFT, reward and DPO batches
+    length_buckets: int = 1
 
 
 def _check_optimizer(optimizer: OptimizerConfig, prefix: str) -> None:
@@ -119,6 +122,7 @@ def _check_optimizer(optimizer: OptimizerConfig, prefix: str) -> None:
         "learning_rate": _POSITIVE, "weight_decay": _NON_NEGATIVE, "b1": _HALF_OPEN_UNIT,
         "b2": _HALF_OPEN_UNIT, "eps": _POSITIVE, "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
         "grad_clip": _POSITIVE, "micro_batches": _AT_LEAST_ONE,
+        "length_buckets": _AT_LEAST_ONE,
     })
 
 

@@ -19,6 +19,7 @@ from rlhf_jax.config import DataConfig, ExperimentConfig, Stage, data_reference,
 from rlhf_jax.config.names import STAGE_DATA_FILES
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.training.accumulate import LENGTH_BUCKET, order_by_length
 from rlhf_jax.training.artifacts import is_artifact, load_artifact
 from rlhf_jax.training.checkpoint import Checkpointer
 from rlhf_jax.training.logs import MetricsLogger
@@ -257,8 +258,35 @@ def load_stage_dataset(experiment: ExperimentConfig, stage: Stage, kind: str, to
 
 
 def device_batch(batch: dict, keys: tuple[str, ...] | None = None) -> dict:
-    """The arrays a step needs (drops bookkeeping such as `index`)."""
-    return {k: v for k, v in batch.items() if k != "index" and (keys is None or k in keys)}
+    """The arrays a step needs (drops bookkeeping such as `index`; keeps a `length_order`'s lengths)."""
+    return {k: v for k, v in batch.items() if k != "index" and (keys is None or k in keys or k == LENGTH_BUCKET)}
+
+
+def _length_buckets(experiment, stage) -> int:
+    """``optimizer.length_buckets`` where the stage's batches are ordered by length, else 1 (shared prefixes)."""
+    return 1 if getattr(stage, "shared_prefix", False) else experiment.optimizer.length_buckets
+
+
+def length_order(experiment, stage) -> Callable[[dict], dict]:
+    """Host batch -> the batch with its rows ordered for per-micro-batch lengths (``optimizer.length_buckets``,
+    `training.accumulate.order_by_length`; apply it first, so that the example `index` moves with its row), or
+    the batch as it is: with one bucket, with shared prefixes, or when each process holds only its rows of the
+    global batch. The SFT, reward and DPO stages apply it."""
+    buckets = _length_buckets(experiment, stage)
+    if buckets <= 1 or jax.process_count() > 1:
+        return lambda batch: batch
+    return functools.partial(order_by_length, num_microbatches=experiment.optimizer.micro_batches, buckets=buckets)
+
+
+def with_length_bucket(experiment, stage, batch: Callable[[int, int], dict]) -> Callable[[int, int], dict]:
+    """A `StagePrograms.batch` plus the `LENGTH_BUCKET` array that :func:`length_order` adds to the stage's
+    batches, so that ``--plan`` compiles the step the run compiles."""
+    buckets = _length_buckets(experiment, stage)
+    if buckets <= 1:
+        return batch
+    import jax.numpy as jnp
+
+    return lambda rows, length: {**batch(rows, length), LENGTH_BUCKET: ((rows, buckets), jnp.bool_)}
 
 
 def loss_batch(batch: dict, keys: tuple[str, ...], num_microbatches: int = 1, whole: bool = False) -> dict:

@@ -23,8 +23,9 @@ from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_fo
                                shard_train_step, state_shardings, validate_mesh_for_model)
 from rlhf_jax.models.lora import merged_params
 from rlhf_jax.stages.common import (StagePrograms, bind_base, compile_report, dry_run_source, fit, frozen_reference,
-                                    loss_batch, pair_outputs_over, policy_training, shared_pair_shapes, shared_pairs,
-                                    token_batch, with_reference_logps, write_summary)
+                                    length_order, loss_batch, pair_outputs_over, policy_training, shared_pair_shapes,
+                                    shared_pairs, token_batch, with_length_bucket, with_reference_logps,
+                                    write_summary)
 from rlhf_jax.trainers.dpo import (PAIR_KEYS, reference_logprobs, loss_keywords, needs_reference, preference_eval_step,
                                    preference_train_step)
 from rlhf_jax.training.artifacts import save_artifact
@@ -67,7 +68,7 @@ def programs(experiment, stage, config) -> StagePrograms:
                       else None)
     shapes = (functools.partial(shared_pair_shapes, loss_entries=True) if stage.shared_prefix
               else lambda rows, length: token_batch(rows, length, ("chosen_", "rejected_")))
-    return StagePrograms("dpo", step, shapes, reference_pass)
+    return StagePrograms("dpo", step, with_length_bucket(experiment, stage, shapes), reference_pass)
 
 
 def pair_batch(stage, num_microbatches: int):
@@ -132,7 +133,7 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     validate_mesh_for_model(role.config, mesh)
     _, prepare = reference_preparer(built, reference_config, reference, mesh,
                                     pair_batch(stage, experiment.optimizer.micro_batches))
-    batch = prepare(next(iterator))
+    batch = prepare(length_order(experiment, stage)(next(iterator)))
     shape = (f"{tuple(batch['shared_tokens'].shape)}, a pair per row" if stage.shared_prefix
              else f"{tuple(batch['chosen_tokens'].shape)} per side")
     print(f"  model {source or experiment.model.source}: {role.config.num_params():,} params; {len(dataset)} pairs, "
@@ -169,7 +170,8 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     state, records = fit(
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
         total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},
-        restore_host_state=lambda saved: iterator.set_state(saved["data"]), prepare=prepare, evaluate=evaluate,
+        restore_host_state=lambda saved: iterator.set_state(saved["data"]),
+        prepare=lambda batch, order=length_order(experiment, stage): prepare(order(batch)), evaluate=evaluate,
     )
     summary = {"steps": int(state.step)}
     trained = [record for record in records if record["step"] > 0]

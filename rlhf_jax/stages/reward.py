@@ -16,9 +16,9 @@ import numpy as np
 from rlhf_jax.models import llama
 from rlhf_jax.models.lora import merged_params
 from rlhf_jax.stages.common import (StagePrograms, adapted_training, bind_base, build_optimizer, compile_report,
-                                    device_batch, dry_run_source, fit, load_role, load_stage_dataset, pair_outputs_over,
-                                    require_tokenizer, shared_pair_shapes, shared_pairs, stage_iterator, token_batch,
-                                    write_summary)
+                                    device_batch, dry_run_source, fit, length_order, load_role, load_stage_dataset,
+                                    pair_outputs_over, require_tokenizer, shared_pair_shapes, shared_pairs,
+                                    stage_iterator, token_batch, with_length_bucket, write_summary)
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
                                shard_train_step, state_shardings, validate_mesh_for_model)
 from rlhf_jax.trainers.reward import reward_eval_step, reward_train_step
@@ -73,7 +73,9 @@ def programs(experiment, stage, config) -> StagePrograms:
     step = bind_base(functools.partial(reward_train_step, config, stage.center_rewards_coef,
                                        experiment.optimizer.micro_batches, freeze_backbone=stage.freeze_backbone),
                      stage.lora)
-    return StagePrograms("reward", step, functools.partial(_batch_shapes, stage.shared_prefix), keep=("head",),
+    return StagePrograms("reward", step,
+                         with_length_bucket(experiment, stage, functools.partial(_batch_shapes, stage.shared_prefix)),
+                         keep=("head",),
                          trainable=_head_only if stage.freeze_backbone else None)
 
 
@@ -112,7 +114,7 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     """Load the model and pairs, build the first batch and compile the train step; nothing is trained."""
     source = dry_run_source(experiment, stage.model, resolve)
     role, _, dataset, _, _, iterator, total_steps, state, step, frozen = _setup(experiment, stage, resolve, source)
-    batch = pair_batch(stage)(next(iterator))
+    batch = pair_batch(stage)(length_order(experiment, stage)(next(iterator)))
     shape = (f"{tuple(batch['shared_tokens'].shape)}, a pair per row" if stage.shared_prefix
              else f"{tuple(batch['chosen_tokens'].shape)} per side")
     print(f"  model {source or experiment.model.source}: {len(dataset)} pairs, up to {total_steps} steps, first "
@@ -136,7 +138,8 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
         total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},
         restore_host_state=lambda saved: iterator.set_state(saved["data"]),
-        prepare=lambda batch, arrays=pair_batch(stage): place_batch(arrays(batch), mesh),
+        prepare=lambda batch, arrays=pair_batch(stage), order=length_order(experiment, stage): place_batch(
+            arrays(order(batch)), mesh),
     )
     summary = {"steps": int(state.step)}
     if records:

@@ -10,7 +10,8 @@ from pathlib import Path
 from rlhf_jax.data import DataIterator
 from rlhf_jax.models.lora import adapter_paths, merged_params, num_params
 from rlhf_jax.stages.common import (PolicyTraining, StagePrograms, bind_base, compile_report, dry_run_source, fit,
-                                    loss_batch, policy_training, token_batch, whole_set_evaluator, write_summary)
+                                    length_order, loss_batch, policy_training, token_batch, whole_set_evaluator,
+                                    with_length_bucket, write_summary)
 from rlhf_jax.sharding import (batch_shards, make_mesh, param_shardings, place_batch, place_for_training,
                                place_state, shard_train_step, state_shardings, validate_mesh_for_model)
 from rlhf_jax.trainers.sft import sft_eval_step, sft_train_step
@@ -38,7 +39,7 @@ def evaluate(config, params, dataset, batch_size: int, mesh=None) -> dict[str, f
 def programs(experiment, stage, config) -> StagePrograms:
     """The SFT stage's train step and batch (`stages.common.StagePrograms`)."""
     step = bind_base(functools.partial(sft_train_step, config, experiment.optimizer.micro_batches), stage.lora)
-    return StagePrograms("sft", step, lambda rows, length: token_batch(rows, length))
+    return StagePrograms("sft", step, with_length_bucket(experiment, stage, token_batch))
 
 
 def padding_free_rows(micro_batches: int, mesh) -> int:
@@ -65,7 +66,7 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     source = dry_run_source(experiment, stage.model, resolve)
     role, _, _, _, _, iterator, total_steps, state, built, frozen = _setup(experiment, stage, resolve, source)
     step = built.step
-    batch = loss_batch(next(iterator), SFT_KEYS, experiment.optimizer.micro_batches)
+    batch = loss_batch(length_order(experiment, stage)(next(iterator)), SFT_KEYS, experiment.optimizer.micro_batches)
     print(f"  model {source or experiment.model.source}: {role.config.num_params():,} params; "
           f"{len(iterator.dataset)} examples, {total_steps} steps, first batch tokens {tuple(batch['tokens'].shape)}")
     if stage.lora.rank > 0:
@@ -92,7 +93,8 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
         total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},
         restore_host_state=lambda saved: iterator.set_state(saved["data"]),
-        prepare=lambda batch: place_batch(loss_batch(batch, SFT_KEYS, experiment.optimizer.micro_batches), mesh),
+        prepare=lambda batch, order=length_order(experiment, stage): place_batch(
+            loss_batch(order(batch), SFT_KEYS, experiment.optimizer.micro_batches), mesh),
     )
     summary = {"steps": int(state.step)}
     if records:

@@ -33,7 +33,7 @@ from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.lora import LoRASettings
 from rlhf_jax.trainers.lora import adapter_loss_sum
 from rlhf_jax.trainers.common import logprobs_from_slots, predicted_mask, teacher_forced_logprobs
-from rlhf_jax.training.accumulate import accumulate_gradients, split_microbatches
+from rlhf_jax.training.accumulate import accumulate_gradients, by_length, split_microbatches
 from rlhf_jax.training.state import TrainState
 
 PAIR_KEYS = ("chosen_tokens", "chosen_attention_mask", "chosen_loss_mask", "rejected_tokens",
@@ -117,12 +117,13 @@ def reference_logprobs(config: DecoderConfig, reference_params, batch, num_micro
 
     Jit it on its own (the stage's `StagePrograms.reference_pass`) and merge the result into the batch:
     ``{**batch, **reference_logprobs(config, reference_params, batch, M)}``. It goes through the batch in the
-    train step's `num_microbatches` (the same activation memory, and a `pair_loss_index` laid out for them).
+    train step's `num_microbatches` (the same activation memory, a `pair_loss_index` laid out for them, and
+    each at its own length when the batch carries one, `training.accumulate.by_length`).
     """
     reference_params = jax.lax.stop_gradient(reference_params)
     microbatches = split_microbatches(batch, num_microbatches)
-    chosen, rejected = jax.lax.map(
-        lambda microbatch: tuple(side.total for side in pair_logprobs(config, reference_params, microbatch)),
+    chosen, rejected = jax.lax.map(lambda microbatch: by_length(
+        lambda rows: tuple(side.total for side in pair_logprobs(config, reference_params, rows)), microbatch),
         microbatches)
 
     def unsplit(x):  # [M, B/M] -> [B]: micro-batch m holds rows m, m + M, ...

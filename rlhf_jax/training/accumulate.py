@@ -4,6 +4,11 @@ Losses return an unreduced `(loss_sum, count)`; gradients of `loss_sum` are summ
 micro-batches and divided once by the total count, so the result equals the big-batch mean-loss
 gradient (a mean of micro-batch means would not, when counts differ). Metrics travel the same way, each as
 a `losses.Weighted` (total, count) with its own denominator.
+
+Per-micro-batch lengths: a padded batch ordered by :func:`order_by_length` (host) carries `LENGTH_BUCKET`, and
+each micro-batch then runs at the shortest of a few lengths that holds its rows (:func:`by_length`), not at
+the batch's: the rows are sorted by length so that each micro-batch holds rows of similar lengths. The
+losses and metrics are sums over rows, so the order changes none of them.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.losses.aggregation import metric_values
 
@@ -36,8 +42,88 @@ def split_microbatches(batch: Any, num_microbatches: int) -> Any:
     return jax.tree.map(split, batch)
 
 
+LENGTH_BUCKET = "length_bucket"  # [B, K] one-hot: the length each row's micro-batch runs at (`order_by_length`)
+_TOKEN_AXIS = ("tokens", "attention_mask", "loss_mask", "positions", "segment_ids")  # key endings: [B, T] arrays
+_INDEX_KEYS = ("loss_index", "pair_loss_index")  # flat positions in a [rows, T] stack (`trainers.common`)
+
+
+def micro_lengths(length: int, buckets: int) -> tuple[int, ...]:
+    """The lengths a micro-batch of a batch padded to `length` may run at: k/`buckets` of it for k = 1 ...
+    `buckets`, rounded up to a multiple of 8 (at most `length`), without repeats."""
+    def round_up(k):
+        fraction = -(-length * k // buckets)
+        return min(length, -(-fraction // 8) * 8)
+
+    return tuple(sorted({round_up(k) for k in range(1, buckets + 1)}))
+
+
+def _is_token_axis(key: str) -> bool:
+    return key.endswith(_TOKEN_AXIS) and not key.startswith("shared_")
+
+
+def _token_length(batch: dict) -> int:
+    return next(value.shape[1] for key, value in batch.items() if _is_token_axis(key))
+
+
+def order_by_length(batch: dict, num_microbatches: int, buckets: int) -> dict:
+    """A padded batch (host numpy) with its rows reordered so that the strided split (`split_microbatches`)
+    gives micro-batch m the m-th block of rows in order of length, and `LENGTH_BUCKET` naming the length of
+    :func:`micro_lengths` each micro-batch runs at: the shortest that holds its rows' last real token.
+
+    A row's length is one past its last True entry of any `*attention_mask` (the pair's longer side; a
+    left-padded row counts whole). Every array whose first axis is the batch's rows moves with its row (the
+    example `index` too); a batch without an attention mask, or `buckets` 1, is returned as it is.
+    """
+    masks = [np.asarray(value) for key, value in batch.items()
+             if key.endswith("attention_mask") and _is_token_axis(key)]
+    if buckets <= 1 or not masks:
+        return batch
+    rows, length = masks[0].shape
+    columns = np.arange(1, length + 1)
+    needed = np.max([np.max(np.where(mask.astype(bool), columns, 1), axis=1) for mask in masks], axis=0)
+    size = rows // num_microbatches
+    order = np.argsort(needed, kind="stable")
+    # row j·M + m of the result is the j-th of block m (micro-batch m holds rows m, m + M, ...)
+    permutation = order.reshape(num_microbatches, size).T.reshape(-1)
+    lengths = np.asarray(micro_lengths(length, buckets))
+    chosen = np.searchsorted(lengths, needed[order].reshape(num_microbatches, size).max(axis=1))
+    onehot = np.zeros((rows, buckets), bool)
+    onehot[np.arange(rows), np.tile(chosen, size)] = True
+    moved = {key: (np.asarray(value)[permutation] if np.ndim(value) and np.shape(value)[0] == rows else value)
+             for key, value in batch.items()}
+    return {**moved, LENGTH_BUCKET: onehot}
+
+
+def trim_to_length(batch: dict, length: int) -> dict:
+    """The micro-batch cut to its first `length` columns: every [b, T] token array sliced, and the loss
+    index's flat positions (row·T + column, padding rows·T) re-based to row·length + column."""
+    full = _token_length(batch)
+
+    def trim(key, value):
+        if _is_token_axis(key):
+            return value[:, :length]
+        if key in _INDEX_KEYS:
+            return value // full * length + value % full
+        return value
+
+    return {key: trim(key, value) for key, value in batch.items()}
+
+
+def by_length(fn: Callable[[Any], Any], microbatch: dict) -> Any:
+    """fn(microbatch), run at the micro-batch's length when it carries `LENGTH_BUCKET`: one `lax.switch`
+    branch per length of :func:`micro_lengths`, each on the micro-batch cut to it (:func:`trim_to_length`)."""
+    if not isinstance(microbatch, dict) or LENGTH_BUCKET not in microbatch:
+        return fn(microbatch)
+    onehot = microbatch[LENGTH_BUCKET]
+    rest = {key: value for key, value in microbatch.items() if key != LENGTH_BUCKET}
+    lengths = micro_lengths(_token_length(rest), onehot.shape[-1])
+    branches = [lambda batch, length=length: fn(trim_to_length(batch, length)) for length in lengths]
+    return jax.lax.switch(jnp.argmax(onehot[0]), branches, rest)
+
+
 def accumulate_gradients(loss_sum_fn: LossSumFn, params: Any, batch: Any, num_microbatches: int = 1):
-    """Mean-loss gradient over `batch`, computed micro-batch by micro-batch with `lax.scan`.
+    """Mean-loss gradient over `batch`, computed micro-batch by micro-batch with `lax.scan` (each at its own
+    length when the batch carries `LENGTH_BUCKET`, see :func:`by_length`).
 
     loss_sum_fn(params, microbatch) -> (loss_sum, (count, metrics)) where each metric is a
     `losses.Weighted` (total, count) over the micro-batch: totals and counts are summed over the
@@ -49,13 +135,13 @@ def accumulate_gradients(loss_sum_fn: LossSumFn, params: Any, batch: Any, num_mi
 
     def body(carry, microbatch):
         grads_acc, loss_acc, count_acc, metrics_acc = carry
-        (loss_sum, (count, metrics)), grads = grad_fn(params, microbatch)
+        (loss_sum, (count, metrics)), grads = by_length(lambda rows: grad_fn(params, rows), microbatch)
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
         metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
         return (grads_acc, loss_acc + loss_sum, count_acc + count, metrics_acc), None
 
     first = jax.tree.map(lambda x: x[0], microbatches)
-    metrics_shape = jax.eval_shape(lambda: loss_sum_fn(params, first)[1][1])
+    metrics_shape = jax.eval_shape(lambda: by_length(lambda rows: loss_sum_fn(params, rows), first)[1][1])
     zeros_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metrics_shape)
     zeros_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     init = (zeros_grads, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros_metrics)
