@@ -277,7 +277,25 @@ def prepare_inputs(shapes: Shapes, workloads: list[str], batches: int, work: Pat
             np.savez(work / f"{name}.npz", prompt_tokens=tokens, prompt_mask=mask, pad_id=prompts.pad_id)
             inputs[name] = {"npz": work / f"{name}.npz", "batch_size": size, "prompt_tokens": int(mask.sum()),
                             "prompt_length": int(tokens.shape[1])}
+    if OPTIMIZER["length_buckets"] > 1:  # ours computes each micro-batch at its length; TRL the padded rows
+        for name in ("sft", "rm", "dpo"):
+            if name in inputs:
+                inputs[name] = {**inputs[name], "theirs_tokens": inputs[name]["tokens"], "tokens": [
+                    {**counts, "padded": bucketed_positions(batch)}
+                    for batch, counts in zip(inputs[name]["batches"], inputs[name]["tokens"])]}
     return model, inputs
+
+
+def bucketed_positions(batch: dict) -> int:
+    """The positions our step computes on a padded SFT or preference batch with `--length-buckets`: each
+    micro-batch's rows (both sides of a pair) at the length `order_by_length` gives it."""
+    from rlhf_jax.training.accumulate import LENGTH_BUCKET, micro_lengths, order_by_length
+
+    buckets = OPTIMIZER["length_buckets"]
+    tokens = batch["chosen_tokens"] if "chosen_tokens" in batch else batch["tokens"]
+    ordered = order_by_length(batch, OPTIMIZER["micro_batches"], buckets)
+    lengths = np.asarray(micro_lengths(tokens.shape[1], buckets))[np.argmax(ordered[LENGTH_BUCKET], axis=1)]
+    return int(lengths.sum()) * (2 if "chosen_tokens" in batch else 1)
 
 
 # ---- running a workload ----------------------------------------------------------------------------------------
@@ -610,7 +628,8 @@ def relaunch_table(relaunch: dict) -> list[str]:
 
 
 NOTES = [
-    "tokens/s: padded = every position of the batches as each side pads them (TRL's sft_packed batches pad to "
+    "tokens/s: padded = every position of the batches as each side pads them (with --length-buckets ours: each "
+    "micro-batch's rows at its length; TRL's sft_packed batches pad to "
     "their longest, ours are packed rows; sft_padding_free: ours the rows its examples were packed into); "
     "real = the attention-mask sum (the same on both sides). Sampler rows: "
     "new tokens/s, prefill included. rm_shared and dpo_shared count the padded pairs' tokens on both sides (and "

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,3 +90,44 @@ def test_tiny_suite_in_micro_batches_accumulates_on_both_sides_and_their_losses_
         assert check["passed"] and check["rel_diff"] <= 1e-3, (name, check)
     assert run_suite("--tiny", "--micro-batches", "0", timeout=120).returncode == 2
     assert run_suite("--tiny", "--batches", "0", timeout=120).returncode == 2
+
+
+@pytest.mark.slow  # about a minute on 2 cores
+def test_tiny_suite_with_length_buckets_counts_the_positions_ours_computes(tmp_path):
+    out = tmp_path / "tiny_buckets"
+    done = run_suite("--tiny", "--workloads", "sft,rm,dpo", "--micro-batches", "2", "--length-buckets", "4",
+                     "--batches", "1", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["settings"]["optimizer"]["length_buckets"] == 4
+    for name in ("sft", "rm", "dpo"):
+        result = report["results"][name]
+        assert "shortest of 4 lengths" in result["shape"], result["shape"]
+        check = result["loss_check"]
+        assert check["passed"] and check["rel_diff"] <= 1e-3, (name, check)
+        # per step: positions over real tokens, ours (each micro-batch at its length) at most TRL's (padded rows)
+        ours, theirs = (result[side]["tokens_per_s_padded"] / result[side]["tokens_per_s_real"]
+                        for side in ("ours", "theirs"))
+        assert 1 <= ours <= theirs + 1e-9, (name, ours, theirs)
+    assert run_suite("--tiny", "--length-buckets", "0", timeout=120).returncode == 2
+
+
+def test_bucketed_positions_are_each_microbatch_rows_at_its_length():
+    sys.path.insert(0, str(SUITE.parent))
+    import suite
+
+    mask = np.zeros((4, 64), bool)
+    for row, length in enumerate((10, 64, 20, 30)):
+        mask[row, :length] = True
+    batch = {"tokens": np.ones((4, 64), np.int32), "attention_mask": mask, "loss_mask": mask}
+    suite.OPTIMIZER.update(micro_batches=2, length_buckets=4)
+    try:
+        # rows of 10 and 20 tokens in one micro-batch, at 32 (the shortest of 16, 32, 48, 64 holding 20); rows
+        # of 30 and 64 in the other, at 64
+        assert suite.bucketed_positions(batch) == 2 * 32 + 2 * 64
+        pairs = {"chosen_tokens": batch["tokens"], "chosen_attention_mask": mask,
+                 "rejected_tokens": batch["tokens"], "rejected_attention_mask": mask[::-1]}
+        # each pair's longer side: 64, 64, 30, 30 -> blocks (30, 30) at 32 and (64, 64) at 64, both sides
+        assert suite.bucketed_positions(pairs) == 2 * (2 * 32 + 2 * 64)
+    finally:
+        suite.OPTIMIZER.update(micro_batches=1, length_buckets=1)
