@@ -133,13 +133,15 @@ def test_bucketed_positions_are_each_microbatch_rows_at_its_length():
         suite.OPTIMIZER.update(micro_batches=1, length_buckets=1)
 
 
-@pytest.mark.parametrize("step", ["rm", "dpo"])
-def test_length_buckets_ab_runs_both_programs_on_the_same_rows(step):
+@pytest.mark.parametrize("compare, step", [("lengths", "rm"), ("lengths", "dpo"), ("per-layer", "sft"),
+                                           ("per-layer", "dpo")])
+def test_step_ab_runs_both_programs_on_the_same_rows(compare, step):
     sys.path.insert(0, str(SUITE.parent))
-    import length_buckets_ab
+    import step_ab
 
-    result = length_buckets_ab.main(["--tiny", "--step", step, "--micro-batches", "2", "--length-buckets", "4",
-                                     "--steps", "2"])
+    result = step_ab.main(["--tiny", "--compare", compare, "--step", step, "--micro-batches", "2",
+                           "--length-buckets", "4", "--steps", "2"])
+    assert len(result["seconds"]) == 2
     assert all(len(times) == 2 and min(times) > 0 for times in result["seconds"].values())
     first, second = result["losses"].values()
     np.testing.assert_allclose(first, second, rtol=1e-5)  # the same rows, the same first loss

@@ -362,6 +362,12 @@ def layer_unroll(config: DecoderConfig) -> int:
     return config.num_layers if jax.default_backend() == "cpu" else 1
 
 
+def layers_unrolled(config: DecoderConfig) -> bool:
+    """Whether the forward runs every layer unrolled: then a micro-batch loop takes the layers' weights one
+    array per layer (`training.accumulate`'s `per_layer`) rather than slicing them out of the stack."""
+    return layer_unroll(config) == config.num_layers
+
+
 class Decoder(nn.Module):
     """The Llama-family causal LM.
 

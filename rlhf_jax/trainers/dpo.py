@@ -33,7 +33,7 @@ from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.lora import LoRASettings
 from rlhf_jax.trainers.lora import adapter_loss_sum
 from rlhf_jax.trainers.common import logprobs_from_slots, predicted_mask, teacher_forced_logprobs
-from rlhf_jax.training.accumulate import accumulate_gradients, by_length, split_microbatches
+from rlhf_jax.training.accumulate import accumulate_gradients, map_microbatches
 from rlhf_jax.training.state import TrainState
 
 PAIR_KEYS = ("chosen_tokens", "chosen_attention_mask", "chosen_loss_mask", "rejected_tokens",
@@ -120,16 +120,10 @@ def reference_logprobs(config: DecoderConfig, reference_params, batch, num_micro
     train step's `num_microbatches` (the same activation memory, a `pair_loss_index` laid out for them, and
     each at its own length when the batch carries one, `training.accumulate.by_length`).
     """
-    reference_params = jax.lax.stop_gradient(reference_params)
-    microbatches = split_microbatches(batch, num_microbatches)
-    chosen, rejected = jax.lax.map(lambda microbatch: by_length(
-        lambda rows: tuple(side.total for side in pair_logprobs(config, reference_params, rows)), microbatch),
-        microbatches)
-
-    def unsplit(x):  # [M, B/M] -> [B]: micro-batch m holds rows m, m + M, ...
-        return jnp.swapaxes(x, 0, 1).reshape(-1)
-
-    return {"reference_chosen_logps": unsplit(chosen), "reference_rejected_logps": unsplit(rejected)}
+    chosen, rejected = map_microbatches(
+        lambda params, rows: tuple(side.total for side in pair_logprobs(config, params, rows)), reference_params,
+        batch, num_microbatches, per_layer=llama.layers_unrolled(config))
+    return {"reference_chosen_logps": chosen, "reference_rejected_logps": rejected}
 
 
 def chosen_tokens_per_pair(batch) -> jax.Array:
@@ -179,7 +173,7 @@ def preference_train_step(config: DecoderConfig, loss, num_microbatches: int, st
         return preference_loss_sum(config, loss, params, microbatch, tokens_per_pair)
 
     value, grads, metrics = accumulate_gradients(adapter_loss_sum(loss_sum, lora, base), state.params, batch,
-                                                 num_microbatches)
+                                                 num_microbatches, per_layer=llama.layers_unrolled(config))
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
     state = state.apply_gradients(grads)
     return state, {"dpo/loss": value, **metrics, "optim/grad_norm": grad_norm}

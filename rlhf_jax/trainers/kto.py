@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.losses import aggregate, kto_per_example, kto_reference_point, with_reward_margins
+from rlhf_jax.models import llama
 from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.lora import LoRASettings, full_params
 from rlhf_jax.trainers.common import with_loss_index
 from rlhf_jax.trainers.dpo import sequence_logprobs
 from rlhf_jax.trainers.lora import adapter_loss_sum
-from rlhf_jax.training.accumulate import accumulate_gradients, split_microbatches
+from rlhf_jax.training.accumulate import accumulate_gradients, map_microbatches
 from rlhf_jax.training.state import TrainState
 
 UNPAIRED_KEYS = ("tokens", "attention_mask", "loss_mask", "labels")
@@ -86,12 +87,9 @@ def row_logprobs(config: DecoderConfig, params, batch, prefix: str = MATCHED):
 
 def _forward_totals(config: DecoderConfig, params, batch, prefixes: tuple[str, ...], num_microbatches: int):
     """Summed log-probs [B] of each kind of rows in ``prefixes``, forward only, micro-batch by micro-batch."""
-    params = jax.lax.stop_gradient(params)
-    totals = jax.lax.map(lambda microbatch: tuple(row_logprobs(config, params, microbatch, prefix).total
-                                                  for prefix in prefixes),
-                         split_microbatches(batch, num_microbatches))
-    # [M, B/M] -> [B]: micro-batch m holds rows m, m + M, ... (`split_microbatches`)
-    return tuple(jnp.swapaxes(x, 0, 1).reshape(-1) for x in totals)
+    return map_microbatches(lambda params, rows: tuple(row_logprobs(config, params, rows, prefix).total
+                                                       for prefix in prefixes),
+                            params, batch, num_microbatches, per_layer=llama.layers_unrolled(config))
 
 
 def reference_logprobs(config: DecoderConfig, reference_params, batch, num_microbatches: int = 1) -> dict:
@@ -143,7 +141,7 @@ def kto_train_step(config: DecoderConfig, loss, num_microbatches: int, state: Tr
 
     matched = {k: v for k, v in batch.items() if not k.startswith(MISMATCHED) and k != "reference_kl_logps"}
     value, grads, metrics = accumulate_gradients(adapter_loss_sum(loss_sum, lora, base), state.params, matched,
-                                                 num_microbatches)
+                                                 num_microbatches, per_layer=llama.layers_unrolled(config))
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
     state = state.apply_gradients(grads)
     return state, {"kto/loss": value, "kl": reference_point, **with_reward_margins(metrics),

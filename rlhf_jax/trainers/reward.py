@@ -74,7 +74,8 @@ def reward_train_step(config: DecoderConfig, center_coef: float, num_microbatche
     `state.params` holds the adapters and the head, `base` the frozen scalar model (`trainers.lora`)."""
     loss_sum = adapter_loss_sum(functools.partial(reward_loss_sum, config, center_coef,
                                                   freeze_backbone=freeze_backbone), lora, base)
-    loss, grads, metrics = accumulate_gradients(loss_sum, state.params, batch, num_microbatches)
+    loss, grads, metrics = accumulate_gradients(loss_sum, state.params, batch, num_microbatches,
+                                                  per_layer=llama.layers_unrolled(config))
     state = state.apply_gradients(grads)
     return state, _finish_metrics(loss, metrics)
 

@@ -303,8 +303,9 @@ def rl_update_step(policy_config: DecoderConfig, critic_config: DecoderConfig | 
             return trained_loss(tuple(full_params(base, trainable, lora)
                                       for base, trainable in zip(bases, trainables)), microbatch)
 
+    unrolled = all(llama.layers_unrolled(c) for c in (policy_config, critic_config) if c is not None)
     loss, grads, metrics = accumulate_gradients(loss_fn, tuple(state.params for state in states), batch,
-                                                num_microbatches)
+                                                num_microbatches, per_layer=unrolled)
     metrics["ppo/loss"] = loss
     return tuple(state.apply_gradients(g) for state, g in zip(states, grads)), metrics
 

@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.models import llama
 from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.lora import LoRASettings
 from rlhf_jax.trainers.common import predicted_mask, teacher_forced_logprobs
@@ -34,7 +35,8 @@ def sft_train_step(config: DecoderConfig, num_microbatches: int, state: TrainSta
     With `lora` (rank > 0) `state.params` is the trainable tree and `base` the frozen weights (`trainers.lora`).
     """
     loss_fn = adapter_loss_sum(functools.partial(sft_loss_sum, config), lora, base)
-    loss, grads, _ = accumulate_gradients(loss_fn, state.params, batch, num_microbatches)
+    loss, grads, _ = accumulate_gradients(loss_fn, state.params, batch, num_microbatches,
+                                        per_layer=llama.layers_unrolled(config))
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
     state = state.apply_gradients(grads)
     return state, {"sft/loss": loss, "sft/perplexity": jnp.exp(loss), "optim/grad_norm": grad_norm}

@@ -9,10 +9,18 @@ Per-micro-batch lengths: a padded batch ordered by :func:`order_by_length` (host
 each micro-batch then runs at the shortest of a few lengths that holds its rows (:func:`by_length`), not at
 the batch's: the rows are sorted by length so that each micro-batch holds rows of similar lengths. The
 losses and metrics are sums over rows, so the order changes none of them.
+
+Per-layer weights (`per_layer=True`, for a decoder whose layers are unrolled, `models.llama.layers_unrolled`):
+the layers' weights are stacked on a leading axis (`nn.scan`), and a program that slices layer i out of the
+stack inside the micro-batch loop copies every layer's weights once per micro-batch (XLA has no views of
+slices), then copies every layer's gradient back into a stack to add it to the sum. Passed into the loop one
+array per layer (:func:`unstack_layers`) and stacked again inside the loss (:func:`stack_layers`), the slices of
+the stack are the arrays themselves, and both copies go: the same arithmetic.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -121,7 +129,36 @@ def by_length(fn: Callable[[Any], Any], microbatch: dict) -> Any:
     return jax.lax.switch(jnp.argmax(onehot[0]), branches, rest)
 
 
-def accumulate_gradients(loss_sum_fn: LossSumFn, params: Any, batch: Any, num_microbatches: int = 1):
+LAYERS = "layers"  # the key of the decoder's stacked layers (`models.llama.Decoder`'s `nn.scan`)
+
+
+def unstack_layers(tree: Any) -> Any:
+    """`tree` with every subtree under a `LAYERS` key (arrays stacked on a leading layer axis) replaced by a
+    tuple of per-layer subtrees; dicts, tuples and lists are searched, other leaves kept."""
+    if isinstance(tree, dict):
+        return {key: (_split_layers(value) if key == LAYERS else unstack_layers(value)) for key, value in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(unstack_layers(value) for value in tree)
+    return tree
+
+
+def _split_layers(stacked: Any) -> tuple:
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    return tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(count))
+
+
+def stack_layers(tree: Any) -> Any:
+    """The inverse of :func:`unstack_layers`."""
+    if isinstance(tree, dict):
+        return {key: (jax.tree.map(lambda *layers: jnp.stack(layers), *value) if key == LAYERS
+                      else stack_layers(value)) for key, value in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(stack_layers(value) for value in tree)
+    return tree
+
+
+def accumulate_gradients(loss_sum_fn: LossSumFn, params: Any, batch: Any, num_microbatches: int = 1,
+                         per_layer: bool = False):
     """Mean-loss gradient over `batch`, computed micro-batch by micro-batch with `lax.scan` (each at its own
     length when the batch carries `LENGTH_BUCKET`, see :func:`by_length`).
 
@@ -129,7 +166,13 @@ def accumulate_gradients(loss_sum_fn: LossSumFn, params: Any, batch: Any, num_mi
     `losses.Weighted` (total, count) over the micro-batch: totals and counts are summed over the
     micro-batches and each metric divided by its own count at the end.
     Returns (loss, grads, metrics) with loss = Σ loss_sum / Σ count and metrics their values.
+    `per_layer`: the stacked layer weights enter the loop one array per layer (module docstring); only for a
+    decoder whose layers are unrolled, and only with more than one micro-batch.
     """
+    if per_layer and num_microbatches > 1:
+        loss, grads, metrics = accumulate_gradients(lambda layers, rows: loss_sum_fn(stack_layers(layers), rows),
+                                                    unstack_layers(params), batch, num_microbatches)
+        return loss, stack_layers(grads), metrics
     grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
     microbatches = split_microbatches(batch, num_microbatches)
 
@@ -141,11 +184,31 @@ def accumulate_gradients(loss_sum_fn: LossSumFn, params: Any, batch: Any, num_mi
         return (grads_acc, loss_acc + loss_sum, count_acc + count, metrics_acc), None
 
     first = jax.tree.map(lambda x: x[0], microbatches)
-    metrics_shape = jax.eval_shape(lambda: by_length(lambda rows: loss_sum_fn(params, rows), first)[1][1])
-    zeros_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metrics_shape)
-    zeros_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    init = (zeros_grads, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros_metrics)
+    loss_shape, (count_shape, metrics_shape) = jax.eval_shape(
+        lambda: by_length(lambda rows: loss_sum_fn(params, rows), first))
+
+    def zeros(like):  # sums in float32, or in the model's float64
+        return jnp.zeros(like.shape, jnp.promote_types(like.dtype, jnp.float32))
+
+    init = (jax.tree.map(zeros, params), zeros(loss_shape), zeros(count_shape), jax.tree.map(zeros, metrics_shape))
     (grads, loss_sum, count, metrics), _ = jax.lax.scan(body, init, microbatches)
     denominator = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, params)
     return loss_sum / denominator, grads, metric_values(metrics)
+
+
+def map_microbatches(fn: Callable[[Any, dict], Any], params: Any, batch: dict, num_microbatches: int,
+                     per_layer: bool = False) -> Any:
+    """fn(params, microbatch) -> a pytree of per-row arrays [b, ...], over `batch` micro-batch by micro-batch
+    (`lax.map`; forward only, `params` are not differentiated), each at its own length when the batch carries
+    `LENGTH_BUCKET` (:func:`by_length`), returned [B, ...] in the batch's row order. `per_layer`: as in
+    :func:`accumulate_gradients`."""
+    params = jax.lax.stop_gradient(params)
+    if per_layer and num_microbatches > 1:
+        layers = unstack_layers(params)
+        run = lambda rows: fn(stack_layers(layers), rows)  # noqa: E731
+    else:
+        run = functools.partial(fn, params)
+    outputs = jax.lax.map(lambda microbatch: by_length(run, microbatch), split_microbatches(batch, num_microbatches))
+    # [M, B/M, ...] -> [B, ...]: micro-batch m holds rows m, m + M, ... (`split_microbatches`)
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), outputs)

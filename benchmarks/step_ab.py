@@ -1,0 +1,126 @@
+"""A/B of two versions of our SFT, reward-model or DPO step in one process, steps alternating, medians after
+warm-up:
+
+- `--compare lengths`: each micro-batch at the batch's length, and at its own (`optimizer.length_buckets`);
+- `--compare per-layer`: the decoder's stacked layer weights sliced inside the micro-batch loop, and passed into
+  it one array per layer (`training.accumulate`'s `per_layer`, what the trainers do when the layers are
+  unrolled); both with `--length-buckets`.
+
+A diagnostic, not a comparison with TRL (that is `suite.py`): random weights at SmolLM2-135M's shapes and fixed
+row lengths (HH-like, the longest at 256), so that the two programs see the same rows in the same process and
+the host's drift between runs does not enter the ratio.
+
+    .venv/bin/python benchmarks/step_ab.py --step dpo --micro-batches 4 --length-buckets 8
+    .venv/bin/python benchmarks/step_ab.py --compare per-layer --step rm --micro-batches 8 --length-buckets 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.config import PreferenceLoss
+from rlhf_jax.models import llama
+from rlhf_jax.models.config import tiny_config
+from rlhf_jax.trainers.common import with_loss_index
+from rlhf_jax.trainers.dpo import preference_train_step, reference_logprobs
+from rlhf_jax.trainers.reward import reward_train_step
+from rlhf_jax.trainers.sft import sft_train_step
+from rlhf_jax.training.accumulate import order_by_length
+from rlhf_jax.training.state import TrainState, make_optimizer
+
+SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64)
+LENGTH = 256
+# (chosen, rejected) lengths per pair; the prompt (no loss) is the first 40 tokens
+PAIRS = {"dpo": ([256, 170, 120, 90], [230, 150, 140, 70]),
+         "rm": ([256, 256, 200, 170, 120, 90, 80, 60], [256, 230, 150, 140, 130, 70, 90, 50])}
+ROWS = {"sft": [256, 240, 200, 170, 150, 120, 90, 60]}  # SFT rows' lengths
+LOSS_KEY = {"sft": "sft/loss", "rm": "rm/loss", "dpo": "dpo/loss"}
+
+
+def pair_batch(step: str, length: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    column = np.arange(length)[None]
+    batch = {}
+    sides = (("", ROWS[step]),) if step in ROWS else zip(("chosen_", "rejected_"), PAIRS[step])
+    for prefix, lengths in sides:
+        mask = column < np.minimum(lengths, length)[:, None]
+        batch[f"{prefix}tokens"] = rng.integers(3, 1000, mask.shape).astype(np.int32)
+        batch[f"{prefix}attention_mask"] = mask
+        if step != "rm":
+            batch[f"{prefix}loss_mask"] = mask & (column >= min(40, length // 4))
+    return batch
+
+
+def build_step(step: str, config, params, micro: int):
+    """(params, prepare(host batch) -> batch, run(state, batch) -> (state, metrics)), jitted."""
+    if step == "rm":
+        params = llama.init_scalar_model(config, params, jax.random.key(1))
+        return params, (lambda b: b), jax.jit(functools.partial(reward_train_step, config, 0.0, micro),
+                                               donate_argnums=0)
+    prepare = functools.partial(with_loss_index, num_microbatches=micro)
+    if step == "sft":
+        return params, prepare, jax.jit(functools.partial(sft_train_step, config, micro), donate_argnums=0)
+    reference = jax.jit(functools.partial(reference_logprobs, config), static_argnums=2)
+    train = jax.jit(functools.partial(preference_train_step, config, PreferenceLoss(), micro), donate_argnums=0)
+    return params, prepare, lambda state, b: train(state, {**b, **reference(params, b, micro)})
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--step", choices=sorted(LOSS_KEY), default="rm")
+    parser.add_argument("--compare", choices=("lengths", "per-layer"), default="lengths")
+    parser.add_argument("--micro-batches", type=int, default=4)
+    parser.add_argument("--length-buckets", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6, help="per side, the first two left out of the median")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model and 32-token rows (smoke test)")
+    args = parser.parse_args(argv)
+    config = tiny_config("smollm2", **({} if args.tiny else SMOLLM2))
+    length, micro = (32 if args.tiny else LENGTH), args.micro_batches
+    batch = pair_batch(args.step, length)
+    variants = {}  # name: (run, host batch)
+    if args.compare == "lengths":
+        params, prepare, run = build_step(args.step, config, llama.init_params(config, jax.random.key(0)), micro)
+        variants["padded"] = (run, batch)
+        variants["per-micro-batch lengths"] = (run, order_by_length(batch, micro, args.length_buckets))
+    else:
+        # the trainers pass per-layer weights when llama.layers_unrolled(config): each side's own jitted
+        # programs, every call under its setting (so that whenever jit traces, it traces that side's program)
+        ordered = order_by_length(batch, micro, args.length_buckets)
+        for name, unrolled in (("stacked weights", False), ("per-layer weights", True)):
+            params, prepare, run = build_step(args.step, config, llama.init_params(config, jax.random.key(0)), micro)
+
+            def patched(state, b, run=run, unrolled=unrolled):
+                with mock.patch.object(llama, "layers_unrolled", lambda _: unrolled):
+                    return run(state, b)
+
+            variants[name] = (patched, ordered)
+    variants = {name: (run, {k: jnp.asarray(v) for k, v in prepare(b).items()}) for name, (run, b) in variants.items()}
+    states = {name: TrainState.create(jax.tree.map(jnp.copy, params), make_optimizer("adamw", 1e-5), jax.random.key(0))
+              for name in variants}
+    seconds = {name: [] for name in variants}
+    losses = {}
+    for _ in range(args.steps):
+        for name, (run, device_batch) in variants.items():
+            start = time.perf_counter()
+            states[name], metrics = run(states[name], device_batch)
+            losses.setdefault(name, float(jax.device_get(metrics[LOSS_KEY[args.step]])))
+            seconds[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(times[2:] or times) for name, times in seconds.items()}
+    for name, times in seconds.items():
+        print(f"{args.step}, {micro} micro-batches, {name}: steps {', '.join(f'{t:.2f}' for t in times)} s; "
+              f"median {medians[name]:.2f} s; first loss {losses[name]:.6f}")
+    before, after = medians.values()
+    print(f"speed-up {before / after:.2f}×")
+    return {"seconds": seconds, "medians": medians, "losses": losses}
+
+
+if __name__ == "__main__":
+    main()
