@@ -107,6 +107,21 @@ def test_map_microbatches_equals_the_whole_batch_forward(buckets):
             np.testing.assert_allclose(rejected, whole.rejected.total, rtol=1e-12)
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_the_loop_takes_one_array_per_layer_only_with_per_layer_weights(per_layer):
+    config = tiny_config("llama", num_layers=3)
+    params = llama.init_params(config, jax.random.key(0))
+    batch = _device(with_loss_index(_rows(np.random.default_rng(1), 4, 16), 2))
+    jaxpr = jax.make_jaxpr(functools.partial(accumulate_gradients, functools.partial(sft_loss_sum, config),
+                                             num_microbatches=2, per_layer=per_layer))(params, batch)
+    (scan,) = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "scan"]
+    shapes = {tuple(var.aval.shape) for var in scan.invars}
+    stacked = params["layers"]["mlp"]["up_proj"]["kernel"].shape  # [layers, in, out]
+    # the micro-batch loop's inputs: the stacked kernel, or one kernel per layer
+    assert (stacked in shapes) != per_layer
+    assert (stacked[1:] in shapes) == per_layer
+
+
 def test_the_trainers_pass_per_layer_weights_when_the_layers_are_unrolled():
     config = tiny_config("llama")
     assert llama.layers_unrolled(config) == (jax.default_backend() == "cpu")

@@ -132,29 +132,27 @@ def by_length(fn: Callable[[Any], Any], microbatch: dict) -> Any:
 LAYERS = "layers"  # the key of the decoder's stacked layers (`models.llama.Decoder`'s `nn.scan`)
 
 
-def unstack_layers(tree: Any) -> Any:
-    """`tree` with every subtree under a `LAYERS` key (arrays stacked on a leading layer axis) replaced by a
-    tuple of per-layer subtrees; dicts, tuples and lists are searched, other leaves kept."""
+def _at_layers(fn: Callable[[Any], Any], tree: Any) -> Any:
+    """`tree` with fn applied to every subtree under a `LAYERS` key; dicts, tuples and lists are searched."""
     if isinstance(tree, dict):
-        return {key: (_split_layers(value) if key == LAYERS else unstack_layers(value)) for key, value in tree.items()}
+        return {key: (fn(value) if key == LAYERS else _at_layers(fn, value)) for key, value in tree.items()}
     if isinstance(tree, (tuple, list)):
-        return type(tree)(unstack_layers(value) for value in tree)
+        return type(tree)(_at_layers(fn, value) for value in tree)
     return tree
 
 
-def _split_layers(stacked: Any) -> tuple:
-    count = jax.tree.leaves(stacked)[0].shape[0]
-    return tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(count))
+def unstack_layers(tree: Any) -> Any:
+    """`tree` with every subtree under a `LAYERS` key (arrays stacked on a leading layer axis) replaced by a
+    tuple of per-layer subtrees; other leaves kept."""
+    def split(stacked):
+        return tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(jax.tree.leaves(stacked)[0].shape[0]))
+
+    return _at_layers(split, tree)
 
 
 def stack_layers(tree: Any) -> Any:
     """The inverse of :func:`unstack_layers`."""
-    if isinstance(tree, dict):
-        return {key: (jax.tree.map(lambda *layers: jnp.stack(layers), *value) if key == LAYERS
-                      else stack_layers(value)) for key, value in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(stack_layers(value) for value in tree)
-    return tree
+    return _at_layers(lambda layers: jax.tree.map(lambda *each: jnp.stack(each), *layers), tree)
 
 
 def accumulate_gradients(loss_sum_fn: LossSumFn, params: Any, batch: Any, num_microbatches: int = 1,
