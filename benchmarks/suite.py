@@ -422,7 +422,7 @@ def shape_of(name: str, inputs: dict, shapes: Shapes) -> str:
         return shape
     if split > 1:
         shape += f"; both sides in {split} micro-batches"
-    if buckets > 1 and not name.endswith("_shared"):
+    if buckets > 1:
         shape += (f"; ours: rows sorted by length, each micro-batch at the shortest of {buckets} lengths that holds "
                   "its rows (`optimizer.length_buckets`)")
     return shape

@@ -95,12 +95,12 @@ def test_tiny_suite_in_micro_batches_accumulates_on_both_sides_and_their_losses_
 @pytest.mark.slow  # about a minute on 2 cores
 def test_tiny_suite_with_length_buckets_counts_the_positions_ours_computes(tmp_path):
     out = tmp_path / "tiny_buckets"
-    done = run_suite("--tiny", "--workloads", "sft,rm,dpo", "--micro-batches", "2", "--length-buckets", "4",
-                     "--batches", "1", "--out", str(out))
+    done = run_suite("--tiny", "--workloads", "sft,rm,rm_shared,dpo,dpo_shared", "--micro-batches", "2",
+                     "--length-buckets", "4", "--batches", "1", "--out", str(out))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["settings"]["optimizer"]["length_buckets"] == 4
-    for name in ("sft", "rm", "dpo"):
+    for name in ("sft", "rm", "rm_shared", "dpo", "dpo_shared"):
         result = report["results"][name]
         assert "shortest of 4 lengths" in result["shape"], result["shape"]
         check = result["loss_check"]

@@ -198,13 +198,12 @@ def test_the_stages_plan_the_batch_they_run():
         assert LENGTH_BUCKET in length_order(experiment, stage)(
             {key: np.ones(shape, dtype) for key, (shape, dtype) in shapes.items() if key != LENGTH_BUCKET})
         shared = dataclasses.replace(stage, shared_prefix=True) if hasattr(stage, "shared_prefix") else None
-        if shared is not None:  # shared-prefix rows are not reordered
-            assert LENGTH_BUCKET not in module.programs(experiment, shared, CONFIG).batch(4, 32)
-            batch = {"chosen_attention_mask": np.ones((4, 8), bool)}
-            assert length_order(experiment, shared)(batch) is batch
+        if shared is not None:  # shared-prefix rows too: ordered by the lengths of the rows they make
+            assert module.programs(experiment, shared, CONFIG).batch(4, 32)[LENGTH_BUCKET][0] == (4, 4)
+            assert LENGTH_BUCKET in length_order(experiment, shared)(_prompted_pairs(0, pairs=4))
 
 
-@pytest.mark.slow  # six tiny stages through the launcher, ~90 s
+@pytest.mark.slow  # ten tiny stages through the launcher, ~150 s
 def test_the_stages_with_per_microbatch_lengths_train_as_the_padded_ones(tmp_path):
     from experiments.tiny import tiny_dpo, tiny_sft
     from rlhf_jax.config import RewardStage
@@ -212,10 +211,12 @@ def test_the_stages_with_per_microbatch_lengths_train_as_the_padded_ones(tmp_pat
 
     runs = {"sft": (tiny_sft(), "sft/loss"), "rm": (dataclasses.replace(
         tiny_sft(), stages=(RewardStage(name="rm"),)), "rm/loss"), "dpo": (tiny_dpo(), "dpo/loss")}
+    runs.update({f"{name}_shared": (base, key) for name, (base, key) in runs.items() if name != "sft"})
     for name, (base, key) in runs.items():
         (stage,) = base.stages
         # DPO: the reference's log-probs of every pair looked up by example index, which moves with its row
-        settings = dict(max_steps=3, **({"precompute_reference": True} if name == "dpo" else {}))
+        settings = dict(max_steps=3, **({"precompute_reference": True} if name.startswith("dpo") else {}),
+                        **({"shared_prefix": True} if name.endswith("_shared") else {}))
         logged = {buckets: [r for r in logged_records(dataclasses.replace(
             base, stages=(dataclasses.replace(stage, **settings),),
             optimizer=dataclasses.replace(base.optimizer, micro_batches=2, length_buckets=buckets)),
@@ -226,3 +227,74 @@ def test_the_stages_with_per_microbatch_lengths_train_as_the_padded_ones(tmp_pat
                 if metric.split("/")[0] in ("sft", "rm", "dpo", "logps"):
                     np.testing.assert_allclose(ours[metric], padded[metric], rtol=1e-4, atol=1e-6,
                                                err_msg=f"{name} {metric}")
+
+
+def _prompted_pairs(seed, pairs=8, length=32):
+    """Pairs whose two sides begin with the same prompt (so a shared-prefix row holds it once)."""
+    batch = _pairs(seed, pairs, length)
+    rng = np.random.default_rng(seed + 100)
+    for row in range(pairs):
+        held = min(batch["chosen_attention_mask"][row].sum(), batch["rejected_attention_mask"][row].sum())
+        prompt = int(rng.integers(0, held))  # both sides keep a token of their own
+        batch["rejected_tokens"][row, :prompt] = batch["chosen_tokens"][row, :prompt]
+    return batch
+
+
+def test_shared_prefix_pairs_are_ordered_by_the_length_of_their_rows():
+    from experiments.tiny import tiny_dpo
+    from rlhf_jax.data.batching import share_prefixes, shared_row_lengths
+    from rlhf_jax.stages.common import SHARED_LENGTH_MULTIPLE, length_order, shared_pairs
+
+    batch = _prompted_pairs(5, length=48)
+    needed, length = shared_row_lengths(batch, 16)
+    rows = share_prefixes(batch, 16)
+    assert rows["shared_tokens"].shape[1] == length
+    np.testing.assert_array_equal(needed, np.sum(rows["shared_segment_ids"] > 0, axis=1))
+    assert needed.max() < 2 * 48 - 2 and np.any(needed < batch["chosen_attention_mask"].sum(1)
+                                                  + batch["rejected_attention_mask"].sum(1))  # prompts held once
+    experiment = dataclasses.replace(tiny_dpo(), optimizer=dataclasses.replace(
+        tiny_dpo().optimizer, micro_batches=4, length_buckets=4))
+    stage = dataclasses.replace(experiment.stages[0], shared_prefix=True)
+    ordered = length_order(experiment, stage)(batch)
+    shared = shared_pairs(ordered, loss_entries=True)
+    np.testing.assert_array_equal(shared[LENGTH_BUCKET], ordered[LENGTH_BUCKET])
+    full = shared["shared_tokens"].shape[1]
+    assert full == -(-needed.max() // SHARED_LENGTH_MULTIPLE) * SHARED_LENGTH_MULTIPLE
+    lengths = micro_lengths(full, 4)
+    row_needed = np.sum(shared["shared_segment_ids"] > 0, axis=1)
+    for m in range(4):  # each micro-batch: a block of rows by length, at the shortest length that holds them
+        picked = lengths[int(np.argmax(shared[LENGTH_BUCKET][m]))]
+        assert picked == min(length for length in lengths if length >= row_needed[m::4].max())
+        assert not np.any(shared["shared_segment_ids"][m::4, picked:])
+    np.testing.assert_array_equal(np.sort(row_needed), np.sort(needed))
+    assert np.all(np.diff([row_needed[m::4].max() for m in range(4)]) >= 0)
+
+
+@pytest.mark.parametrize("kind", ["reward", "dpo"])
+def test_shared_prefix_steps_at_per_microbatch_lengths_equal_the_whole_rows(kind):
+    from experiments.tiny import tiny_dpo
+    from rlhf_jax.stages.common import length_order, shared_pairs
+
+    experiment = dataclasses.replace(tiny_dpo(), optimizer=dataclasses.replace(
+        tiny_dpo().optimizer, micro_batches=4, length_buckets=4))
+    stage = dataclasses.replace(experiment.stages[0], shared_prefix=True)
+    batch = _prompted_pairs(6, length=40)
+    plain, ordered = batch, length_order(experiment, stage)(batch)
+    plain, ours = (shared_pairs(b, loss_entries=kind == "dpo") for b in (plain, ordered))
+    assert len(set(np.argmax(ours[LENGTH_BUCKET], axis=1))) > 1  # the micro-batches run at several lengths
+    plain, ours = _device(plain), _device(ours)
+    params = llama.init_params(CONFIG, jax.random.key(0))
+    if kind == "reward":
+        model = llama.init_scalar_model(CONFIG, params, jax.random.key(1))
+        step = jax.jit(functools.partial(reward_train_step, CONFIG, 0.0, 4))
+        _assert_same(_step_outputs(step, model, [plain, ours]))
+        return
+    reference = llama.init_params(CONFIG, jax.random.key(1))
+    reference_pass = jax.jit(functools.partial(reference_logprobs, CONFIG), static_argnums=2)
+    plain = {**plain, **reference_pass(reference, plain, 4)}
+    ours = {**ours, **reference_pass(reference, ours, 4)}
+    where = np.argsort(ordered["index"])  # the reference's log-probs moved with their rows
+    for key in ("reference_chosen_logps", "reference_rejected_logps"):
+        np.testing.assert_allclose(np.asarray(ours[key])[where], plain[key], rtol=1e-5, err_msg=key)
+    step = jax.jit(functools.partial(preference_train_step, CONFIG, PreferenceLoss(), 4))
+    _assert_same(_step_outputs(step, params, [plain, ours]))

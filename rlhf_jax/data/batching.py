@@ -118,19 +118,11 @@ def share_prefixes(batch: Mapping[str, np.ndarray], length_multiple: int = 64, l
     inside the common prefix is listed once for each side. K is the longest row's count in buckets
     (`index_bucket`), or ``length`` when ``length`` is given.
     """
-    if "chosen_segment_ids" in batch:
-        raise UserError("shared prefixes are built from a padded preference batch, not a packed one")
-    chosen = [row[mask] for row, mask in zip(batch["chosen_tokens"], batch["chosen_attention_mask"].astype(bool))]
-    rejected = [row[mask] for row, mask in zip(batch["rejected_tokens"], batch["rejected_attention_mask"].astype(bool))]
-    prefixes = []
-    for first, second in zip(chosen, rejected):
-        n = min(len(first), len(second)) - 1  # each side keeps at least one token of its own
-        differ = np.flatnonzero(first[:n] != second[:n])
-        prefixes.append(int(differ[0]) if differ.size else max(n, 0))
+    chosen, rejected, prefixes = _pair_prefixes(batch)
     longest = max(len(c) + len(r) - p for c, r, p in zip(chosen, rejected, prefixes))
     fixed = length is not None
     if length is None:
-        length = -(-longest // length_multiple) * length_multiple
+        length = _round_up(longest, length_multiple)
     elif length < longest:
         raise ValueError(f"length {length} < the longest shared-prefix row, {longest} tokens")
     rows = len(chosen)
@@ -150,6 +142,34 @@ def share_prefixes(batch: Mapping[str, np.ndarray], length_multiple: int = 64, l
     if loss_entries:
         out.update(_shared_loss_entries(batch, prefixes, [len(first) for first in chosen], length, fixed))
     return out
+
+
+def _pair_prefixes(batch: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+    """(each pair's chosen tokens, its rejected tokens, the length of their common prefix), padding dropped;
+    each side keeps at least one token of its own."""
+    if "chosen_segment_ids" in batch:
+        raise UserError("shared prefixes are built from a padded preference batch, not a packed one")
+    chosen = [row[mask] for row, mask in zip(batch["chosen_tokens"], batch["chosen_attention_mask"].astype(bool))]
+    rejected = [row[mask] for row, mask in zip(batch["rejected_tokens"], batch["rejected_attention_mask"].astype(bool))]
+    prefixes = []
+    for first, second in zip(chosen, rejected):
+        n = min(len(first), len(second)) - 1
+        differ = np.flatnonzero(first[:n] != second[:n])
+        prefixes.append(int(differ[0]) if differ.size else max(n, 0))
+    return chosen, rejected, prefixes
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def shared_row_lengths(batch: Mapping[str, np.ndarray], length_multiple: int = 64) -> tuple[np.ndarray, int]:
+    """(the tokens of each pair's :func:`share_prefixes` row [B], the rows' length ``L``): what ordering a
+    padded preference batch by its shared-prefix rows' lengths needs before the rows are built
+    (`training.accumulate.order_by_length`)."""
+    chosen, rejected, prefixes = _pair_prefixes(batch)
+    needed = np.asarray([len(c) + len(r) - p for c, r, p in zip(chosen, rejected, prefixes)], np.int64)
+    return needed, _round_up(int(needed.max()), length_multiple)
 
 
 def _shared_loss_entries(batch: Mapping[str, np.ndarray], prefixes: list[int], chosen_lengths: list[int],

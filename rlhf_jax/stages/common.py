@@ -262,26 +262,31 @@ def device_batch(batch: dict, keys: tuple[str, ...] | None = None) -> dict:
     return {k: v for k, v in batch.items() if k != "index" and (keys is None or k in keys or k == LENGTH_BUCKET)}
 
 
-def _length_buckets(experiment, stage) -> int:
-    """``optimizer.length_buckets`` where the stage's batches are ordered by length, else 1 (shared prefixes)."""
-    return 1 if getattr(stage, "shared_prefix", False) else experiment.optimizer.length_buckets
-
-
 def length_order(experiment, stage) -> Callable[[dict], dict]:
     """Host batch -> the batch with its rows ordered for per-micro-batch lengths (``optimizer.length_buckets``,
     `training.accumulate.order_by_length`; apply it first, so that the example `index` moves with its row), or
-    the batch as it is: with one bucket, with shared prefixes, or when each process holds only its rows of the
-    global batch. The SFT, reward and DPO stages apply it."""
-    buckets = _length_buckets(experiment, stage)
+    the batch as it is: with one bucket, or when each process holds only its rows of the global batch. With
+    ``shared_prefix`` the pairs are ordered by the lengths of the rows :func:`shared_pairs` makes of them, and
+    each micro-batch runs at a fraction of those rows' length. The SFT, reward and DPO stages apply it."""
+    buckets = experiment.optimizer.length_buckets
     if buckets <= 1 or jax.process_count() > 1:
         return lambda batch: batch
-    return functools.partial(order_by_length, num_microbatches=experiment.optimizer.micro_batches, buckets=buckets)
+    order = functools.partial(order_by_length, num_microbatches=experiment.optimizer.micro_batches, buckets=buckets)
+    if not getattr(stage, "shared_prefix", False):
+        return order
+    from rlhf_jax.data.batching import shared_row_lengths
+
+    def by_row_length(batch):
+        needed, length = shared_row_lengths(batch, SHARED_LENGTH_MULTIPLE)
+        return order(batch, needed=needed, length=length)
+
+    return by_row_length
 
 
 def with_length_bucket(experiment, stage, batch: Callable[[int, int], dict]) -> Callable[[int, int], dict]:
     """A `StagePrograms.batch` plus the `LENGTH_BUCKET` array that :func:`length_order` adds to the stage's
     batches, so that ``--plan`` compiles the step the run compiles."""
-    buckets = _length_buckets(experiment, stage)
+    buckets = experiment.optimizer.length_buckets
     if buckets <= 1:
         return batch
     import jax.numpy as jnp
@@ -309,12 +314,14 @@ def shared_pairs(batch: dict, loss_entries: bool = False, whole: bool = False) -
     """A padded preference batch with each pair in one row, its common prefix once
     (`data.batching.share_prefixes`; ``loss_entries`` for the log-prob losses). In a multi-process run every
     process holds some pairs of the global batch, and the rows (and loss entries) take the length that any pair
-    fits, twice the batch's; unless every process holds the whole batch (``whole``, the whole-set passes)."""
+    fits, twice the batch's; unless every process holds the whole batch (``whole``, the whole-set passes).
+    A `LENGTH_BUCKET` that :func:`length_order` gave the pairs stays with their rows."""
     from rlhf_jax.data.batching import share_prefixes
 
+    lengths = {LENGTH_BUCKET: batch[LENGTH_BUCKET]} if LENGTH_BUCKET in batch else {}  # from `length_order`
     if jax.process_count() > 1 and not whole:
         return share_prefixes(batch, length=2 * batch["chosen_tokens"].shape[1], loss_entries=loss_entries)
-    return share_prefixes(batch, SHARED_LENGTH_MULTIPLE, loss_entries=loss_entries)
+    return {**share_prefixes(batch, SHARED_LENGTH_MULTIPLE, loss_entries=loss_entries), **lengths}
 
 
 def shared_pair_shapes(rows: int, length: int, loss_entries: bool = False) -> dict:

@@ -8,7 +8,8 @@ a `losses.Weighted` (total, count) with its own denominator.
 Per-micro-batch lengths: a padded batch ordered by :func:`order_by_length` (host) carries `LENGTH_BUCKET`, and
 each micro-batch then runs at the shortest of a few lengths that holds its rows (:func:`by_length`), not at
 the batch's: the rows are sorted by length so that each micro-batch holds rows of similar lengths. The
-losses and metrics are sums over rows, so the order changes none of them.
+losses and metrics are sums over rows, so the order changes none of them. Shared-prefix rows
+(`data.batching.share_prefixes`) are cut the same way; their pairs are ordered before the rows are built.
 
 Per-layer weights (`per_layer=True`, for a decoder whose layers are unrolled, `models.llama.layers_unrolled`):
 the layers' weights are stacked on a leading axis (`nn.scan`), and a program that slices layer i out of the
@@ -52,6 +53,8 @@ def split_microbatches(batch: Any, num_microbatches: int) -> Any:
 
 LENGTH_BUCKET = "length_bucket"  # [B, K] one-hot: the length each row's micro-batch runs at (`order_by_length`)
 _TOKEN_AXIS = ("tokens", "attention_mask", "loss_mask", "positions", "segment_ids")  # key endings: [B, T] arrays
+# a shared-prefix row's [B, L] arrays (`data.batching.share_prefixes`; its loss entries are [B, K] and stay whole)
+_SHARED_TOKEN_AXIS = ("shared_tokens", "shared_positions", "shared_segment_ids", "shared_prefix")
 _INDEX_KEYS = ("loss_index", "pair_loss_index")  # flat positions in a [rows, T] stack (`trainers.common`)
 
 
@@ -66,14 +69,15 @@ def micro_lengths(length: int, buckets: int) -> tuple[int, ...]:
 
 
 def _is_token_axis(key: str) -> bool:
-    return key.endswith(_TOKEN_AXIS) and not key.startswith("shared_")
+    return key in _SHARED_TOKEN_AXIS or (key.endswith(_TOKEN_AXIS) and not key.startswith("shared_"))
 
 
 def _token_length(batch: dict) -> int:
     return next(value.shape[1] for key, value in batch.items() if _is_token_axis(key))
 
 
-def order_by_length(batch: dict, num_microbatches: int, buckets: int) -> dict:
+def order_by_length(batch: dict, num_microbatches: int, buckets: int, needed: np.ndarray | None = None,
+                    length: int | None = None) -> dict:
     """A padded batch (host numpy) with its rows reordered so that the strided split (`split_microbatches`)
     gives micro-batch m the m-th block of rows in order of length, and `LENGTH_BUCKET` naming the length of
     :func:`micro_lengths` each micro-batch runs at: the shortest that holds its rows' last real token.
@@ -81,14 +85,18 @@ def order_by_length(batch: dict, num_microbatches: int, buckets: int) -> dict:
     A row's length is one past its last True entry of any `*attention_mask` (the pair's longer side; a
     left-padded row counts whole). Every array whose first axis is the batch's rows moves with its row (the
     example `index` too); a batch without an attention mask, or `buckets` 1, is returned as it is.
+    needed, length: each row's length [B] and the length the step's rows will have, when the step runs other
+    rows than these (a pair's shared-prefix row, `data.batching.shared_row_lengths`).
     """
     masks = [np.asarray(value) for key, value in batch.items()
              if key.endswith("attention_mask") and _is_token_axis(key)]
     if buckets <= 1 or not masks:
         return batch
-    rows, length = masks[0].shape
-    columns = np.arange(1, length + 1)
-    needed = np.max([np.max(np.where(mask.astype(bool), columns, 1), axis=1) for mask in masks], axis=0)
+    rows = masks[0].shape[0]
+    if needed is None:
+        length = masks[0].shape[1]
+        columns = np.arange(1, length + 1)
+        needed = np.max([np.max(np.where(mask.astype(bool), columns, 1), axis=1) for mask in masks], axis=0)
     size = rows // num_microbatches
     order = np.argsort(needed, kind="stable")
     # row j·M + m of the result is the j-th of block m (micro-batch m holds rows m, m + M, ...)
