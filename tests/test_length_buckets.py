@@ -266,6 +266,11 @@ def test_shared_prefix_pairs_are_ordered_by_the_length_of_their_rows():
         picked = lengths[int(np.argmax(shared[LENGTH_BUCKET][m]))]
         assert picked == min(length for length in lengths if length >= row_needed[m::4].max())
         assert not np.any(shared["shared_segment_ids"][m::4, picked:])
+        cut = trim_to_length({key: value[m::4] for key, value in shared.items()}, picked)  # as `by_length` runs it
+        for key, value in cut.items():  # the rows' [B, L] arrays cut; loss entries, last slots and lengths whole
+            want = shared[key][m::4]
+            np.testing.assert_array_equal(value, want[:, :picked] if key.startswith("shared_") and
+                                          "_loss_" not in key else want, err_msg=key)
     np.testing.assert_array_equal(np.sort(row_needed), np.sort(needed))
     assert np.all(np.diff([row_needed[m::4].max() for m in range(4)]) >= 0)
 

@@ -91,8 +91,8 @@ def collate_preference(examples: Sequence[Example], length: int, pad_id: int,
     return _with_index(batch, examples, indices)
 
 
-SHARED_PAIR_KEYS = ("shared_tokens", "shared_positions", "shared_segment_ids", "shared_prefix", "chosen_last",
-                    "rejected_last")
+SHARED_ROW_KEYS = ("shared_tokens", "shared_positions", "shared_segment_ids", "shared_prefix")  # [B, L] each
+SHARED_PAIR_KEYS = SHARED_ROW_KEYS + ("chosen_last", "rejected_last")
 SHARED_LOSS_KEYS = ("shared_loss_slots", "shared_loss_tokens", "shared_loss_sides")
 
 

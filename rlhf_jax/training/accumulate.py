@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.data.batching import SHARED_ROW_KEYS
 from rlhf_jax.losses.aggregation import metric_values
 
 LossSumFn = Callable[[Any, Any], tuple[jax.Array, tuple[jax.Array, dict]]]
@@ -53,8 +54,6 @@ def split_microbatches(batch: Any, num_microbatches: int) -> Any:
 
 LENGTH_BUCKET = "length_bucket"  # [B, K] one-hot: the length each row's micro-batch runs at (`order_by_length`)
 _TOKEN_AXIS = ("tokens", "attention_mask", "loss_mask", "positions", "segment_ids")  # key endings: [B, T] arrays
-# a shared-prefix row's [B, L] arrays (`data.batching.share_prefixes`; its loss entries are [B, K] and stay whole)
-_SHARED_TOKEN_AXIS = ("shared_tokens", "shared_positions", "shared_segment_ids", "shared_prefix")
 _INDEX_KEYS = ("loss_index", "pair_loss_index")  # flat positions in a [rows, T] stack (`trainers.common`)
 
 
@@ -69,7 +68,8 @@ def micro_lengths(length: int, buckets: int) -> tuple[int, ...]:
 
 
 def _is_token_axis(key: str) -> bool:
-    return key in _SHARED_TOKEN_AXIS or (key.endswith(_TOKEN_AXIS) and not key.startswith("shared_"))
+    # a shared-prefix row's [B, L] arrays are cut too; its loss entries ([B, K]) stay whole
+    return key in SHARED_ROW_KEYS or (key.endswith(_TOKEN_AXIS) and not key.startswith("shared_"))
 
 
 def _token_length(batch: dict) -> int:
