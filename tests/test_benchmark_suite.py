@@ -145,3 +145,97 @@ def test_step_ab_runs_both_programs_on_the_same_rows(compare, step):
     assert all(len(times) == 2 and min(times) > 0 for times in result["seconds"].values())
     first, second = result["losses"].values()
     np.testing.assert_allclose(first, second, rtol=1e-5)  # the same rows, the same first loss
+
+
+@pytest.mark.slow  # about a minute and a half on 2 cores
+def test_tiny_suite_in_bfloat16_computes_bf16_on_both_sides_and_their_losses_agree(tmp_path):
+    # what the suite runs on a GPU (`--precision auto` picks bfloat16 there), here on the CPU: TRL's bf16
+    # autocast against our bf16 compute, both on float32 master weights; the sampler with bf16 weights
+    single = tmp_path / "tiny_f32_rm"
+    assert run_suite("--tiny", "--workloads", "rm", "--out", str(single)).returncode == 0
+    float32 = json.loads(single.with_suffix(".json").read_text())
+    out = tmp_path / "tiny_bf16"
+    done = run_suite("--tiny", "--precision", "bfloat16", "--workloads", "sft,rm,dpo,sampler", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert float32["settings"]["precision"] == "float32" and float32["settings"]["tolerance"] == 1e-3
+    assert report["settings"]["precision"] == "bfloat16" and report["settings"]["device"] == "cpu"
+    assert report["settings"]["tolerance"] == 1e-2
+    results = report["results"]
+    for name in ("sft", "rm", "dpo"):
+        check = results[name]["loss_check"]
+        assert check["passed"] and check["rel_diff"] <= 1e-2, (name, check)
+    for name in ("sampler_b4", "sampler_b8"):
+        assert results[name]["token_check"]["passed"], results[name]["token_check"]
+    # both sides really computed in bf16: the reward model's first loss moved away from its float32 value
+    # (the same batch and weights) on each side, by more than float32 rounding and less than the tolerance
+    for side in ("ours", "theirs"):
+        moved = abs(results["rm"]["loss_check"][side] / float32["results"]["rm"]["loss_check"][side] - 1)
+        assert 1e-5 < moved < 1e-2, (side, moved)
+    assert "bfloat16" in out.with_suffix(".md").read_text().splitlines()[2]
+
+
+def test_the_run_is_float32_on_a_cpu_unless_asked_otherwise():
+    sys.path.insert(0, str(SUITE.parent))
+    import suite
+
+    assert suite.numerics("auto") == {"precision": "float32", "device": "cpu"}
+    assert suite.numerics("bfloat16") == {"precision": "bfloat16", "device": "cpu"}
+    assert suite.numerics("float32") == {"precision": "float32", "device": "cpu"}
+
+
+def test_first_tokens_may_differ_in_bfloat16_only_at_a_near_tie_in_trls_logits():
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(SUITE.parent))
+    import suite
+
+    for value in (1.0, 3.0, 40.0, -40.0, 0.3):  # the spacing of bf16 numbers at value, from jax's bfloat16
+        x = jnp.bfloat16(abs(value))
+        assert suite.bf16_ulp(value) == float(jnp.nextafter(x, jnp.bfloat16(np.inf))) - float(x), value
+    top = {"ids": [[5, 7, 9], [5, 7, 9], [5, 7, 9], [5, 7, 9]],
+           "logits": [[40.0, 40.0, 39.0], [40.0, 39.5, 38.0], [40.0, 39.0, 38.0], [40.0, 39.0, 38.0]]}
+    ours, theirs = np.array([7, 7, 9, 5]), np.array([5, 5, 5, 5])
+    ties = suite.near_ties(ours, theirs, top, ulps=2)
+    # row 3 agrees; row 0 is an exact tie, row 1 two steps of 0.25 apart, row 2 eight
+    assert [(t["row"], t["gap_bf16_ulps"], t["within_ulps"]) for t in ties] == [(0, 0, True), (1, 2, True),
+                                                                                  (2, 8, False)]
+    assert not any(t["within_ulps"] for t in suite.near_ties(ours, theirs, top, ulps=0))  # float32: none
+    outside = suite.near_ties(np.array([11]), np.array([5]), {"ids": [[5, 7]], "logits": [[40.0, 40.0]]}, ulps=2)
+    assert outside[0]["gap"] == float("inf") and not outside[0]["within_ulps"]  # not among TRL's top logits
+
+
+def test_preference_losses_are_checked_on_what_they_are_computed_from():
+    sys.path.insert(0, str(SUITE.parent))
+    import suite
+
+    # TRL logs the mean reward over both sides and the margin; ours the mean chosen and rejected rewards
+    ours = {"rm/chosen_reward": 1.1, "rm/rejected_reward": 0.5}
+    theirs = {"mean_reward": 0.8, "margin": 0.6, "min_reward": -1.5, "max_reward": 2.5}
+    checked = suite.loss_inputs("rm", ours, theirs)
+    assert checked["chosen_reward"]["theirs"] == pytest.approx(1.1)
+    assert checked["rejected_reward"]["theirs"] == pytest.approx(0.5)
+    assert max(v["rel_diff"] for v in checked.values()) < 1e-12
+    shifted = suite.loss_inputs("rm", {**ours, "rm/chosen_reward": 1.14}, theirs)
+    assert shifted["chosen_reward"]["rel_diff"] == pytest.approx(0.04 / 4.0)  # relative to TRL's spread
+    dpo = suite.loss_inputs("dpo", {"logps/chosen": -100.0, "logps/rejected": -120.0},
+                            {"logps/chosen": -101.0, "logps/rejected": -120.0})
+    assert dpo["logps/chosen"]["rel_diff"] == pytest.approx(1 / 101) and dpo["logps/rejected"]["rel_diff"] == 0
+    assert suite.loss_inputs("sft", {}, {}) == {}
+
+
+def test_float32_on_a_gpu_asks_xla_for_full_precision_matmuls():
+    sys.path.insert(0, str(SUITE.parent))
+    import suite
+
+    saved = dict(suite.NUMERICS)
+    try:
+        suite.NUMERICS.update(precision="float32", device="gpu")
+        assert suite.numerics_env("jax") == {"JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+        assert suite.numerics_env("torch") == {}
+        suite.NUMERICS.update(precision="bfloat16")
+        assert suite.numerics_env("jax") == {}
+        suite.NUMERICS.update(precision="float32", device="cpu")
+        assert suite.numerics_env("jax") == {}
+    finally:
+        suite.NUMERICS.update(saved)

@@ -36,12 +36,13 @@ def serve(handlers: dict[str, Callable[[dict], dict]]) -> None:
 
 
 def serve_workloads(build: Callable[[dict], tuple[Any, dict]], free: Callable[[], None],
-                    matmul: Callable[[int], Callable[[], None]], **more: Callable[[dict], dict]) -> None:
+                    matmul: Callable[[int, str, str], Callable[[], None]], **more: Callable[[dict], dict]) -> None:
     """`serve` the requests every worker answers, one workload at a time:
 
     setup {spec}     free the last workload, `build(spec)` -> (workload, facts to reply)
     step {index}     `workload.step(index)`;  check: `workload.check()`
-    peak {size}      the float32 matmul rate of `matmul(size)` (a callable doing one synchronised product)
+    peak {size, dtype, device}  the matmul rate of `matmul(size, dtype, device)` (a callable doing one
+                     synchronised product)
     release          drop the workload and `free()` what it held
     """
     current: dict = {}
@@ -61,7 +62,8 @@ def serve_workloads(build: Callable[[dict], tuple[Any, dict]], free: Callable[[]
         "setup": setup, "release": release,
         "step": lambda request: current["workload"].step(request["index"]),
         "check": lambda request: current["workload"].check(),
-        "peak": lambda request: {"gflops": matmul_gflops(matmul(request["size"]), request["size"])},
+        "peak": lambda request: {"gflops": matmul_gflops(
+            matmul(request["size"], request.get("dtype", "float32"), request.get("device", "cpu")), request["size"])},
         **more,
     })
 
@@ -90,7 +92,7 @@ def npz_batches(inputs, prefix: str = "") -> list[dict]:
 
 
 def matmul_gflops(matmul: Callable[[], None], size: int, runs: int = 5) -> float:
-    """Median float32 GFLOP/s of `runs` calls of `matmul()` (one size × size product each, synchronised)
+    """Median GFLOP/s of `runs` calls of `matmul()` (one size × size product each, synchronised)
     after one warm-up call."""
     matmul()
     seconds = []

@@ -2,7 +2,8 @@
 
 Started by `benchmarks/suite.py` (JSON lines, `protocol.serve`). Each training workload builds the TRL
 trainer once (`SFTTrainer`, `RewardTrainer`, `DPOTrainer` with a reference model) from the Hugging Face
-directory the suite exported, float32 on the CPU, two torch threads. Its batches are the suite's examples
+directory the suite exported, in the run's precision (float32, or `bf16=True`: float32 weights under bf16
+autocast) on the CPU (two torch threads) or the GPU. Its batches are the suite's examples
 through the trainer's own data collator (checked to equal the arrays rlhf_jax gets). Optimizer and
 scheduler are set up as `Trainer._prepare_for_training` does on one CPU process (`create_optimizer`,
 `accelerator.prepare`, `create_scheduler`), and one timed step is what `Trainer`'s inner loop does for a
@@ -14,7 +15,8 @@ batch without gradient accumulation:
     optimizer.step(); lr_scheduler.step(); model.zero_grad()
 
 plus `loss.item()`. The sampler workload times `model.generate` (greedy, EOS ignored) under
-`torch.inference_mode()`.
+`torch.inference_mode()`, with the weights in the run's precision. On a GPU every timed request ends with the
+device synchronised.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from protocol import npz_batches, serve_workloads  # noqa: E402
 
 THREADS = 2
 SEED = 0
+TOP_LOGITS = 5  # the sampler's first-step logits reported for the suite's near-tie check
 
 
 def rows(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
@@ -50,14 +53,25 @@ def assert_same(name: str, collated: torch.Tensor, ours: np.ndarray) -> None:
         raise AssertionError(f"TRL's collator built {name} {theirs.shape} unlike rlhf_jax's {ours.shape}")
 
 
+def device(spec: dict) -> torch.device:
+    return torch.device("cuda" if spec["device"] == "gpu" else "cpu")
+
+
+def synchronize() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def common_args(spec: dict, output_dir: str) -> dict:
-    """TrainingArguments shared by every trainer: fp32 on the CPU, the suite's AdamW, nothing logged or saved."""
+    """TrainingArguments shared by every trainer: the run's precision and device, the suite's AdamW, nothing
+    logged or saved."""
     optimizer = spec["optimizer"]
     return dict(
         output_dir=output_dir, per_device_train_batch_size=spec["batch_size"], learning_rate=optimizer["learning_rate"],
         weight_decay=optimizer["weight_decay"], adam_beta1=optimizer["b1"], adam_beta2=optimizer["b2"],
         adam_epsilon=optimizer["eps"], max_grad_norm=optimizer["grad_clip"] or 0.0, lr_scheduler_type="constant",
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
+        bf16=spec["precision"] == "bfloat16", fp16=False, gradient_checkpointing=False,
+        use_cpu=spec["device"] == "cpu", report_to="none", save_strategy="no",
         logging_strategy="no", seed=SEED, max_length=spec["max_length"], disable_tqdm=True,
     )
 
@@ -228,10 +242,11 @@ class Workload:
     def check(self) -> dict:
         """sft_packed: Σ NLL and predicted-token count over every batch with the current (initial) weights."""
         total, count = 0.0, 0.0
-        with torch.no_grad():
+        with torch.no_grad(), self.trainer.compute_loss_context_manager():  # bf16: the steps' autocast
             for batch in self.batches:
                 tokens = float((batch["labels"][:, 1:] != -100).sum())
-                loss = self.trainer.compute_loss(self.model, dict(batch), num_items_in_batch=None)
+                loss = self.trainer.compute_loss(self.model, self.trainer._prepare_inputs(dict(batch)),
+                                                 num_items_in_batch=None)
                 total, count = total + float(loss) * tokens, count + tokens
         return {"loss_sum": total, "count": count}
 
@@ -264,11 +279,13 @@ class SamplerWorkload:
         from transformers import AutoModelForCausalLM
 
         inputs = np.load(spec["inputs"])
-        self.model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
+        dtype = getattr(torch, spec["precision"])
+        self.model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype).to(device(spec)).eval()
         self.model.generation_config.eos_token_id = None
         self.new_tokens = spec["new_tokens"]
         self.inputs = {"input_ids": torch.as_tensor(inputs["prompt_tokens"].astype(np.int64)),
                        "attention_mask": torch.as_tensor(inputs["prompt_mask"].astype(np.int64))}
+        self.inputs = {key: value.to(device(spec)) for key, value in self.inputs.items()}
         self.pad_id = int(inputs["pad_id"])
 
     def step(self, index: int) -> dict:
@@ -276,20 +293,31 @@ class SamplerWorkload:
         with torch.inference_mode():
             out = self.model.generate(**self.inputs, max_new_tokens=self.new_tokens, min_new_tokens=None,
                                       do_sample=False, pad_token_id=self.pad_id)
+        synchronize()
         seconds = time.perf_counter() - start
         response = out[:, self.inputs["input_ids"].shape[1]:]
         assert response.shape[1] == self.new_tokens, f"generate stopped after {response.shape[1]} tokens"
         reply = {"seconds": seconds}
         if index == 0:
             reply["tokens"] = response.tolist()
+            with torch.inference_mode():  # untimed: the logits the first new token was chosen from
+                top = self.model(**self.inputs).logits[:, -1].float().topk(TOP_LOGITS)
+            reply["first_top"] = {"ids": top.indices.tolist(), "logits": top.values.tolist()}
         return reply
 
 
-def square_matmul(size: int):
+def square_matmul(size: int, dtype: str, on: str):
+    """One synchronised size × size product in `dtype` on the device `on` ("cpu" or "gpu")."""
     generator = torch.Generator().manual_seed(1)
-    a = torch.randn(size, size, generator=generator)
-    b = torch.randn(size, size, generator=generator)
-    return lambda: torch.mm(a, b)
+    on = device({"device": on})
+    a = torch.randn(size, size, generator=generator).to(on, getattr(torch, dtype))
+    b = torch.randn(size, size, generator=generator).to(on, getattr(torch, dtype))
+
+    def matmul():
+        torch.mm(a, b)
+        synchronize()
+
+    return matmul
 
 
 def main() -> None:
@@ -302,13 +330,17 @@ def main() -> None:
     def build(spec: dict):
         workload = (SamplerWorkload if spec["workload"].startswith("sampler") else Workload)(spec)
         trainer = getattr(workload, "trainer", None)
+        accelerator = torch.cuda.get_device_name() if spec["device"] == "gpu" else None
         return workload, {"torch": torch.__version__, "transformers": transformers.__version__,
+                          "accelerator": accelerator,
                           "trl": trl.__version__, "threads": torch.get_num_threads(),
                           "optim": str(trainer.args.optim.value) if trainer else None}
 
     def free() -> None:
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed model and optimizer memory back to the system
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
     serve_workloads(build, free, square_matmul)
 
