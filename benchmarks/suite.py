@@ -563,7 +563,7 @@ def near_ties(ours: np.ndarray, theirs: np.ndarray, top: dict, ulps: int) -> lis
         gap = logits[0] - logits[ids.index(int(ours[row]))] if int(ours[row]) in ids else float("inf")
         steps = gap / bf16_ulp(logits[0])
         rows.append({"row": int(row), "ours": int(ours[row]), "theirs": int(theirs[row]), "gap": gap,
-                     "gap_bf16_ulps": steps, "within_ulps": bool(steps <= ulps) if ulps else False})
+                     "gap_bf16_ulps": steps, "within_ulps": bool(ulps and steps <= ulps)})
     return rows
 
 

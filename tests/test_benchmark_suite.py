@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -155,8 +156,19 @@ def test_tiny_suite_in_bfloat16_computes_bf16_on_both_sides_and_their_losses_agr
     assert run_suite("--tiny", "--workloads", "rm", "--out", str(single)).returncode == 0
     float32 = json.loads(single.with_suffix(".json").read_text())
     out = tmp_path / "tiny_bf16"
-    done = run_suite("--tiny", "--precision", "bfloat16", "--workloads", "sft,rm,dpo,sampler", "--out", str(out))
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    # the report is written after every workload: the first one seen holds the first workload alone
+    process = subprocess.Popen([sys.executable, str(SUITE), "--tiny", "--precision", "bfloat16", "--workloads",
+                                "sft,rm,dpo,sampler", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    first = None
+    while first is None and process.poll() is None:
+        try:
+            first = json.loads(out.with_suffix(".json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+            time.sleep(0.05)
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, output[-8000:]
+    assert first is not None and list(first["results"]) == ["sft"], first and list(first["results"])
     report = json.loads(out.with_suffix(".json").read_text())
     assert float32["settings"]["precision"] == "float32" and float32["settings"]["tolerance"] == 1e-3
     assert report["settings"]["precision"] == "bfloat16" and report["settings"]["device"] == "cpu"

@@ -53,8 +53,9 @@ def assert_same(name: str, collated: torch.Tensor, ours: np.ndarray) -> None:
         raise AssertionError(f"TRL's collator built {name} {theirs.shape} unlike rlhf_jax's {ours.shape}")
 
 
-def device(spec: dict) -> torch.device:
-    return torch.device("cuda" if spec["device"] == "gpu" else "cpu")
+def device(name: str) -> torch.device:
+    """The torch device of the suite's "cpu" or "gpu"."""
+    return torch.device("cuda" if name == "gpu" else "cpu")
 
 
 def synchronize() -> None:
@@ -280,12 +281,11 @@ class SamplerWorkload:
 
         inputs = np.load(spec["inputs"])
         dtype = getattr(torch, spec["precision"])
-        self.model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype).to(device(spec)).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype).to(device(spec["device"])).eval()
         self.model.generation_config.eos_token_id = None
         self.new_tokens = spec["new_tokens"]
-        self.inputs = {"input_ids": torch.as_tensor(inputs["prompt_tokens"].astype(np.int64)),
-                       "attention_mask": torch.as_tensor(inputs["prompt_mask"].astype(np.int64))}
-        self.inputs = {key: value.to(device(spec)) for key, value in self.inputs.items()}
+        self.inputs = {key: torch.as_tensor(inputs[name].astype(np.int64)).to(device(spec["device"]))
+                       for key, name in (("input_ids", "prompt_tokens"), ("attention_mask", "prompt_mask"))}
         self.pad_id = int(inputs["pad_id"])
 
     def step(self, index: int) -> dict:
@@ -309,9 +309,7 @@ class SamplerWorkload:
 def square_matmul(size: int, dtype: str, on: str):
     """One synchronised size × size product in `dtype` on the device `on` ("cpu" or "gpu")."""
     generator = torch.Generator().manual_seed(1)
-    on = device({"device": on})
-    a = torch.randn(size, size, generator=generator).to(on, getattr(torch, dtype))
-    b = torch.randn(size, size, generator=generator).to(on, getattr(torch, dtype))
+    a, b = (torch.randn(size, size, generator=generator).to(device(on), getattr(torch, dtype)) for _ in range(2))
 
     def matmul():
         torch.mm(a, b)
