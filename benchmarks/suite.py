@@ -69,6 +69,9 @@ OPTIMIZER = {"name": "adamw", "learning_rate": 1e-5, "weight_decay": 0.0, "b1": 
              "schedule": "constant", "warmup_steps": 0, "grad_clip": 1.0, "micro_batches": 1,
              "length_buckets": 1}
 DPO_BETA = 0.1
+# DPO's reference: run on each batch inside the step (False), or its log-probs of every pair computed once at
+# setup and read by each step (True: `--precompute-reference`); set once by `main`
+REFERENCE = {"precompute": False}
 RELAUNCH_TARGET = 2.0  # a relaunch's first step within this many warm steps
 # the run's numerics, set once by `main`: the precision both sides compute in and the device they run on
 NUMERICS = {"precision": "float32", "device": "cpu"}
@@ -348,7 +351,8 @@ def workload_spec(name: str, shapes: Shapes, model: dict, inputs: dict, runs: in
     return {"workload": name, "inputs": str(inputs["npz"]), "model": model["hf_dir"], "steps": runs,
             "batch_size": inputs["batch_size"], "max_length": shapes.max_length, "data_path": HH_HARMLESS_TRAIN,
             "max_prompt_length": shapes.max_prompt_length, "optimizer": OPTIMIZER, "beta": DPO_BETA,
-            "new_tokens": shapes.new_tokens, "work_dir": str(work), **NUMERICS}
+            "new_tokens": shapes.new_tokens, "work_dir": str(work), "precompute_reference": REFERENCE["precompute"],
+            **NUMERICS}
 
 
 def steady(records: list[dict], warmup: int) -> tuple[list[float], int]:
@@ -384,14 +388,15 @@ def side_summary(records: list[dict], warmup: int, peaks: list[float], tokens: l
     return summary
 
 
-def training_flops(kind: str, model: dict, tokens: dict) -> float:
+def training_flops(kind: str, model: dict, tokens: dict, reference_forward: bool = True) -> float:
     """Model FLOPs of one step on a batch: 6·(N_body·real tokens + N_head·loss tokens) per training pass,
-    2·(…) per forward (DPO's reference); a reward model has no LM head."""
+    2·(…) per forward (DPO's reference, unless `reference_forward` is False: precomputed); a reward model has
+    no LM head."""
     body, head = model["body_params"], model["head_params"]
     if kind == "rm":
         return 6.0 * body * tokens["real"]
     per_pass = body * tokens["real"] + head * tokens["loss"]
-    return (8.0 if kind == "dpo" else 6.0) * per_pass
+    return (8.0 if kind == "dpo" and reference_forward else 6.0) * per_pass
 
 
 def alternate(name: str, workers: dict, spec: dict, shapes: Shapes, warmup: int, runs: int,
@@ -434,7 +439,7 @@ def run_training(name: str, workers: dict, spec: dict, inputs: dict, model: dict
         check["tokens"] = {side: value["count"] for side, value in sums.items()}
     tokens = inputs["tokens"]
     kind = {"sft_packed": "sft", "sft_padding_free": "sft", "rm_shared": "rm", "dpo_shared": "dpo"}.get(name, name)
-    flops = [training_flops(kind, model, t) for t in tokens]
+    flops = [training_flops(kind, model, t, not REFERENCE["precompute"]) for t in tokens]
     examples = inputs.get("examples") or inputs["batch_size"]
     result = {"setup": setup}
     for side in ("ours", "theirs"):
@@ -457,6 +462,10 @@ def run_training(name: str, workers: dict, spec: dict, inputs: dict, model: dict
     result["ratio_best"] = result["ours"]["best_tokens_per_s_real"] / result["theirs"]["best_tokens_per_s_real"]
     result["flops_per_step"] = statistics.mean(flops)
     result["shape"] = shape_of(name, inputs, shapes)
+    if kind == "dpo" and REFERENCE["precompute"]:
+        result["reference_pass_s"] = {side: setup[side]["reference_pass_s"] for side in ("ours", "theirs")}
+        result["shape"] += (f"; that pass, before the steps: ours {result['reference_pass_s']['ours']:.1f} s with "
+                            f"compilation, TRL {result['reference_pass_s']['theirs']:.1f} s")
     return result
 
 
@@ -507,10 +516,12 @@ def _shape_of(name: str, inputs: dict, shapes: Shapes) -> str:
     if name == "rm_shared":
         return (f"{inputs['batch_size']} pairs × {shapes.max_length}; ours: a pair per row, its common prefix once "
                 "(`stages.<rm>.shared_prefix=true`), TRL as rm")
+    reference = ("reference log-probs precomputed (ours: `stages.<dpo>.precompute_reference=true`, TRL: "
+                 "`precompute_ref_log_probs=True`)" if REFERENCE["precompute"] else "reference forward each step")
     if name == "dpo":
-        return f"{inputs['batch_size']} pairs × {shapes.max_length}, β={DPO_BETA}, reference forward each step"
+        return f"{inputs['batch_size']} pairs × {shapes.max_length}, β={DPO_BETA}, {reference}"
     if name == "dpo_shared":
-        return (f"{inputs['batch_size']} pairs × {shapes.max_length}, β={DPO_BETA}, reference forward each step; ours: "
+        return (f"{inputs['batch_size']} pairs × {shapes.max_length}, β={DPO_BETA}, {reference}; ours: "
                 "a pair per row, its common prefix once (`stages.<dpo>.shared_prefix=true`), TRL as dpo")
     return (f"{inputs['batch_size']} prompts (left-padded to {inputs['prompt_length']}) × {shapes.new_tokens} new "
             "tokens, greedy, EOS ignored")
@@ -734,7 +745,7 @@ NOTES = [
     "matmul, 2048² on a CPU, 8192² on a GPU, median of 5, measured before and after each workload in the same "
     "run; bfloat16: bf16 inputs, float32 accumulation). Model FLOPs count real tokens only: "
     "6·N_body per token for a training pass plus 6·N_head per position that carries a loss (2· for a forward); "
-    "DPO adds its reference forward; the reward model has no LM head; sampling counts 2·N_body per prompt token "
+    "DPO adds its reference forward (not with --precompute-reference); the reward model has no LM head; sampling counts 2·N_body per prompt token "
     "and per fed-back new token and 2·N_head per new token. N_body = parameters without the embedding (and "
     "without an untied LM head), N_head = hidden × vocab. Attention's T² terms are not counted.",
     "peak GiB: each worker process's peak resident memory (Linux VmHWM) during the workload, model and "
@@ -756,7 +767,10 @@ NOTES = [
     "`Trainer`'s inner loop does (with `--micro-batches M`: `training_step` on each of M micro-batches with "
     "`current_gradient_accumulation_steps = M`, then one optimizer step, as its loop accumulates); batches come from the trainer's own collator "
     "(collation, like our host batching, is outside the timed step). Ours: the stage's `prepare` (host loss "
-    "index, device placement; DPO: the reference forward) + the jitted step + fetching its metrics.",
+    "index, device placement; DPO: the reference forward, or with --precompute-reference the lookup of its "
+    "log-probs) + the jitted step + fetching its metrics. --precompute-reference: each side's pass over the "
+    "batches before the steps (ours: the stage's whole-set pass, compilation included; TRL: the trainer's "
+    "`compute_ref_log_probs` on each collated batch, as its precompute runs it) is reported in the shape column.",
     "Both sides: float32 (bfloat16: float32 master weights and optimizer, bf16 matmuls, as TRL's `bf16=True` "
     "autocast; the sampler holds bf16 weights on both sides), no gradient checkpointing, AdamW lr 1e-5, betas "
     "(0.9, 0.999), eps 1e-8, no weight "
@@ -789,6 +803,12 @@ def main(argv: list[str] | None = None) -> int:
                              "shortest of this many fractions of the batch's length that holds its rows "
                              "(`optimizer.length_buckets`); TRL as before. Default 1: every micro-batch at the "
                              "batch's length")
+    parser.add_argument("--precompute-reference", action="store_true",
+                        help="DPO: both sides compute the reference's log-probs of the workload's batches once at "
+                             "setup (ours: `stages.<dpo>.precompute_reference=true`; TRL: "
+                             "`precompute_ref_log_probs=True`) and each step reads them; that pass is timed apart "
+                             "and the step's FLOPs leave the reference forward out. Default: the reference runs "
+                             "on each batch in the step")
     parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="what both sides compute in; auto (default): bfloat16 where JAX's default backend is "
                              "a GPU (float32 master weights, bf16 matmuls), else float32")
@@ -810,6 +830,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--length-buckets must be at least 1")
     OPTIMIZER["micro_batches"] = args.micro_batches
     OPTIMIZER["length_buckets"] = args.length_buckets
+    REFERENCE["precompute"] = args.precompute_reference
     missing = [name for name in ("torch", "trl", "datasets") if importlib.util.find_spec(name) is None]
     if missing:
         print(f"error: the TRL side needs {', '.join(missing)}: pip install -e '.[bench]'", file=sys.stderr)
@@ -847,6 +868,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "settings": {"warmup": warmup, "steps": steps, "batches": batches, "tiny": args.tiny,
                          "workloads": workloads, "shapes": dataclasses.asdict(shapes), "optimizer": OPTIMIZER,
+                         "precompute_reference": REFERENCE["precompute"],
                          "tolerance": TOLERANCES[NUMERICS["precision"]], **NUMERICS},
             "machine": {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
                         "load_after": [round(x, 2) for x in load_after], **accelerator},

@@ -113,6 +113,36 @@ def test_tiny_suite_with_length_buckets_counts_the_positions_ours_computes(tmp_p
     assert run_suite("--tiny", "--length-buckets", "0", timeout=120).returncode == 2
 
 
+@pytest.mark.slow  # about a minute on 2 cores
+def test_tiny_suite_with_a_precomputed_reference_reads_each_pairs_own_log_probs(tmp_path):
+    # in micro-batches of one pair, rows ordered by length: a reference log-prob read for the wrong pair on
+    # either side would move the first loss away from log 2 (the policy is the reference at step 1)
+    out = tmp_path / "tiny_precomputed"
+    done = run_suite("--tiny", "--workloads", "dpo,dpo_shared", "--precompute-reference", "--micro-batches", "2",
+                     "--length-buckets", "2", "--batches", "2", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["settings"]["precompute_reference"] is True
+    for name in ("dpo", "dpo_shared"):
+        result = report["results"][name]
+        assert "precompute_reference=true" in result["shape"] and "precompute_ref_log_probs=True" in result["shape"]
+        assert all(seconds > 0 for seconds in result["reference_pass_s"].values()), result["reference_pass_s"]
+        check = result["loss_check"]
+        assert check["passed"], (name, check)
+        assert abs(check["ours"] - np.log(2)) < 1e-6 and abs(check["theirs"] - np.log(2)) < 1e-6, check
+
+
+def test_a_precomputed_reference_leaves_its_forward_out_of_the_step_flops():
+    sys.path.insert(0, str(SUITE.parent))
+    import suite
+
+    model, tokens = {"body_params": 100, "head_params": 10}, {"real": 7, "loss": 3}
+    per_pass = 100 * 7 + 10 * 3
+    assert suite.training_flops("dpo", model, tokens) == 8 * per_pass  # training pass + reference forward
+    assert suite.training_flops("dpo", model, tokens, reference_forward=False) == 6 * per_pass
+    assert suite.training_flops("sft", model, tokens) == 6 * per_pass
+
+
 def test_bucketed_positions_are_each_microbatch_rows_at_its_length():
     sys.path.insert(0, str(SUITE.parent))
     import suite

@@ -5,7 +5,8 @@ the stages' `load_role` (the model spec's dtypes and layer settings), and every 
 stage runs: its module's `programs(experiment, stage, config)` (`rlhf_jax/stages/{sft,reward,dpo}.py`) binds
 it, a `TrainState` holds the stage's optimizer (`build_optimizer`), the state is donated and placed by
 `place_for_training` on the default mesh, and each host batch is made a device batch as the stage's `run`
-makes it (for DPO: the stage's `reference_preparer`, the jitted reference pass first). A timed step is
+makes it (for DPO: the stage's `reference_preparer`, the jitted reference pass first, or with
+`--precompute-reference` its table of the reference's log-probs, computed at setup). A timed step is
 `prepare` + the step + fetching its metrics (which waits for the step to finish). The GRPO workload runs a
 whole RL stage through the launcher and reads the per-phase times the stage logs; the relaunch workload runs
 an SFT stage through the launcher with the persistent compilation cache on, in a fresh process each time.
@@ -109,6 +110,7 @@ class Workload:
         self.micro_batches = spec["optimizer"]["micro_batches"]
         self.total_steps = spec["steps"]
         name = spec["workload"]
+        self.facts = {}  # what setup measured, for the setup reply
         self.state, self.step_fn, self.prepare, self.host_batches = getattr(self, f"_build_{name}")()
         del self.params  # in the train state now (or donated to it)
 
@@ -156,11 +158,23 @@ class Workload:
         # a copy: the policy's buffers are donated to the train step
         reference = jax.tree.map(jnp.copy, self.params)
         state, step_fn, built = self._train(stage, dpo_stage, self.params)
-        # the stage's own batch preparation: the jitted reference pass on each batch, merged into it
-        _, with_reference = dpo_stage.reference_preparer(built, self.config, reference, self.mesh,
-                                                         dpo_stage.pair_batch(stage, self.micro_batches))
+        batches = npz_batches(self.inputs)
+        precompute = None
+        if self.spec["precompute_reference"]:  # the stage's `precompute_reference=true` over these batches
+            size = len(batches[0]["chosen_tokens"])
+            batches = [{**batch, "index": np.arange(i * size, (i + 1) * size, dtype=np.int32)}
+                       for i, batch in enumerate(batches)]
+            precompute = (batches, size)
+        # the stage's own batch preparation: the jitted reference pass on each batch, merged into it, or the
+        # reference's log-probs of every pair computed here, once, and looked up by each batch
+        start = time.perf_counter()
+        _, prepare = dpo_stage.reference_preparer(built, self.config, reference, self.mesh,
+                                                  dpo_stage.pair_batch(stage, self.micro_batches), precompute,
+                                                  shared_prefix)
+        if precompute:
+            self.facts["reference_pass_s"] = time.perf_counter() - start
         order = length_order(experiment(self.spec, stage), stage)
-        return state, step_fn, lambda batch: with_reference(order(batch)), npz_batches(self.inputs)
+        return state, step_fn, lambda batch: prepare(order(batch)), batches
 
     def _build_dpo_shared(self):
         return self._build_dpo(shared_prefix=True)
@@ -284,8 +298,9 @@ def main() -> None:
 
     def build(spec: dict):
         kind = SamplerWorkload if spec["workload"].startswith("sampler") else Workload
-        return kind(spec, compiles), {"jax": jax.__version__, "backend": jax.default_backend(),
-                                      "devices": jax.device_count(), "accelerator": jax.devices()[0].device_kind}
+        workload = kind(spec, compiles)
+        return workload, {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
+                          "accelerator": jax.devices()[0].device_kind, **getattr(workload, "facts", {})}
 
     def free() -> None:
         gc.collect()

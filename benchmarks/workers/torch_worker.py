@@ -88,6 +88,7 @@ class Workload:
         self.tokenizer = AutoTokenizer.from_pretrained(spec["model"])
         self.pad_token = self.tokenizer.convert_ids_to_tokens(int(self.inputs["pad_id"]))
         self.output_dir = tempfile.mkdtemp(prefix="trl-", dir=spec.get("work_dir"))
+        self.facts = {}  # what setup measured, for the setup reply
         self.trainer, self.batches = getattr(self, f"_build_{spec['workload']}")()
         trainer = self.trainer
         trainer.create_optimizer()
@@ -213,6 +214,17 @@ class Workload:
                 stacked = np.concatenate([arrays[f"chosen_{key}"], arrays[f"rejected_{key}"]])
                 assert_same(key, batch[theirs], stacked)
             collated.append(batch)
+        if self.spec["precompute_reference"]:
+            # what `precompute_ref_log_probs=True` does before training, on these batches: the reference's
+            # log-probs of each pair by the trainer's own `compute_ref_log_probs`, read by `compute_loss` from
+            # the batch; the reference model is then dropped, as TRL drops it
+            start = time.perf_counter()
+            for batch in collated:
+                chosen, rejected = trainer.compute_ref_log_probs(trainer.ref_model, trainer._prepare_inputs(batch))
+                batch["ref_chosen_logps"], batch["ref_rejected_logps"] = chosen.cpu(), rejected.cpu()
+            synchronize()
+            self.facts["reference_pass_s"] = time.perf_counter() - start
+            trainer.precompute_ref_logps, trainer.ref_model = True, None
         return trainer, collated
 
     def _one_step(self, batch: dict) -> float:
@@ -255,8 +267,9 @@ class Workload:
 def split_rows(batch: dict, parts: int, paired: bool) -> list[dict]:
     """`batch` as `parts` micro-batches of consecutive rows: every tensor whose first axis is the batch's rows
     is cut, the rest kept. `paired`: the rows are [chosen; rejected] (TRL's reward and DPO collators), so
-    micro-batch j takes chunk j of each half, keeping each pair together. (Ours splits strided, rows j, j + M,
-    …: other rows per micro-batch, the same accumulated gradient.)"""
+    micro-batch j takes chunk j of each half, keeping each pair together, and chunk j of each per-pair tensor
+    (precomputed reference log-probs). (Ours splits strided, rows j, j + M, …: other rows per micro-batch, the
+    same accumulated gradient.)"""
     rows = batch["input_ids"].shape[0]
     if parts == 1:
         return [dict(batch)]
@@ -268,7 +281,10 @@ def split_rows(batch: dict, parts: int, paired: bool) -> list[dict]:
     for part in range(parts):
         index = torch.cat([torch.arange(half * rows // halves + part * size, half * rows // halves + (part + 1) * size)
                            for half in range(halves)])
-        out.append({key: value[index] if torch.is_tensor(value) and value.ndim and value.shape[0] == rows else value
+        pairs = slice(part * size, (part + 1) * size)
+        firsts = {key: value.shape[0] for key, value in batch.items() if torch.is_tensor(value) and value.ndim}
+        out.append({key: value[index] if firsts.get(key) == rows
+                    else value[pairs] if paired and firsts.get(key) == rows // 2 else value
                     for key, value in batch.items()})
     return out
 
@@ -332,7 +348,8 @@ def main() -> None:
         return workload, {"torch": torch.__version__, "transformers": transformers.__version__,
                           "accelerator": accelerator,
                           "trl": trl.__version__, "threads": torch.get_num_threads(),
-                          "optim": str(trainer.args.optim.value) if trainer else None}
+                          "optim": str(trainer.args.optim.value) if trainer else None,
+                          **getattr(workload, "facts", {})}
 
     def free() -> None:
         gc.collect()

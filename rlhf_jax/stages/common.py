@@ -385,10 +385,12 @@ def outputs_over(eval_step: Callable, params, dataset, batch_size: int, host_bat
                  mesh=None):
     """`eval_step(params, host_batch(batch))`'s outputs over every example of `dataset`, in order, each leaf [B]
     concatenated to [N] (e.g. (chosen, rejected) rewards, or `PairLogps` records; a whole-set pass: see
-    `whole_set_evaluator`). `host_batch` turns a loader batch into the step's (host numpy)."""
+    `whole_set_evaluator`). `host_batch` turns a loader batch into the step's (host numpy). `dataset`: a
+    `TokenizedDataset`, batched here, or a list of its loader batches, taken as they are."""
     from rlhf_jax.data import DataIterator
 
-    iterator = DataIterator(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False, drop_remainder=False)
+    iterator = dataset if isinstance(dataset, list) else DataIterator(
+        dataset, batch_size=min(batch_size, len(dataset)), shuffle=False, drop_remainder=False)
     step, place = whole_set_evaluator(eval_step, mesh)
     outputs = [jax.device_get(step(params, place(host_batch(batch)))) for batch in iterator]
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)

@@ -34,9 +34,9 @@ from rlhf_jax.training.logs import read_metrics
 
 def sequence_logprobs_over(config, params, dataset, batch_size: int, mesh=None,
                            shared_prefix: bool = False) -> PairLogps:
-    """Policy (or reference) sequence log-prob records (`PairLogps` of [N]) of every pair of `dataset`, in order;
-    with ``shared_prefix`` from rows that hold each pair's common prefix once (the same records from fewer
-    tokens).
+    """Policy (or reference) sequence log-prob records (`PairLogps` of [N]) of every pair of `dataset` (or of a
+    list of its loader batches), in order; with ``shared_prefix`` from rows that hold each pair's common prefix
+    once (the same records from fewer tokens).
 
     mesh: where `params` live; every process then goes through the whole set (see `whole_set_evaluator`).
     """
@@ -102,7 +102,8 @@ def reference_preparer(built: StagePrograms, reference_config, reference, mesh, 
 
     precompute: None (the reference runs on each batch), or `(dataset, batch_size)`: the reference's
     log-probs of every pair of the training set are computed once, here (each pair's common prefix once with
-    ``shared_prefix``), and each batch looks its rows up by their example `index`.
+    ``shared_prefix``), and each batch looks its rows up by their example `index` (`dataset` may also be a list
+    of loader batches whose `index` counts their rows in order, see :func:`sequence_logprobs_over`).
     """
     if reference is None:
         return None, lambda batch: place_batch(host_batch(batch), mesh)
