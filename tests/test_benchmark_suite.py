@@ -143,6 +143,16 @@ def test_a_precomputed_reference_leaves_its_forward_out_of_the_step_flops():
     assert suite.training_flops("sft", model, tokens) == 6 * per_pass
 
 
+def test_rollout_ab_samples_the_same_rows_with_and_without_shared_prompt_prefills():
+    sys.path.insert(0, str(SUITE.parent))
+    import rollout_ab
+
+    result = rollout_ab.main(["--tiny", "--prompts", "2", "--group", "3", "--new-tokens", "4", "--calls", "3",
+                              "--max-prompt-length", "48"])
+    assert result["rows"] == 6 and result["rows_identical"] == 6, result
+    assert all(len(times) == 3 and min(times) > 0 for times in result["seconds"].values())
+
+
 def test_bucketed_positions_are_each_microbatch_rows_at_its_length():
     sys.path.insert(0, str(SUITE.parent))
     import suite

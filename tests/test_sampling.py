@@ -117,7 +117,7 @@ def test_bucketing_does_not_recompile_and_padding_rows_do_not_change_results(par
     prompts = [[5, 6, 7], list(range(9, 19)), [3, 4, 5, 6, 7, 8]]
     three = sampler(params, *left_pad(prompts, pad_id=2), key, settings)  # [3, 10] -> bucket [4, 16]
     assert sampler.num_compilations == 1
-    four = sampler(params, *left_pad(prompts[:1] * 4, pad_id=2), key, settings)  # [4, 3]: same bucket
+    four = sampler(params, *left_pad(prompts[:1] + [[7], [8, 9], [10]], pad_id=2), key, settings)  # same bucket
     assert sampler.num_compilations == 1
     # temperature and top-p values are traced: new values reuse the program
     sampler(params, *left_pad(prompts, pad_id=2), key, settings.replace(temperature=1.7))
@@ -146,6 +146,56 @@ def test_packed_prefill_equals_padded_prefill(config):
     np.testing.assert_array_equal(packed.response_tokens, padded.response_tokens)
     np.testing.assert_array_equal(packed.response_lengths, padded.response_lengths)
     np.testing.assert_allclose(packed.response_logprobs, padded.response_logprobs, atol=1e-5)
+
+
+def _flops(lowered) -> float:
+    cost = lowered.compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_distinct_prompts_ignore_what_padding_slots_hold():
+    from rlhf_jax.sampling.sampler import distinct_prompts
+
+    tokens, mask = left_pad([[5, 6], [7], [5, 6], [], [7], []], length=3, pad_id=2)
+    tokens[2, 0], tokens[5, 1] = 9, 4  # padding slots holding other ids: still the same prompts
+    unique_tokens, unique_mask, rows = distinct_prompts(tokens, mask)
+    assert rows.tolist() == [0, 1, 0, 2, 1, 2]
+    np.testing.assert_array_equal(unique_mask, mask[[0, 1, 3]])
+    np.testing.assert_array_equal(unique_tokens[unique_mask], tokens[[0, 1, 3]][mask[[0, 1, 3]]])
+
+
+@pytest.mark.parametrize("settings", [SAMPLED, GREEDY], ids=["temperature_eos", "greedy"])
+def test_repeated_prompts_are_prefilled_once_and_sample_as_the_repeated_batch(params, settings, monkeypatch):
+    from rlhf_jax.sampling import generate
+    from rlhf_jax.sampling import sampler as sampler_module
+
+    prefilled = []  # the prompt batch each call of the compiled program prefills
+    compiled = sampler_module._compiled_generate
+    monkeypatch.setattr(sampler_module, "_compiled_generate",
+                        lambda *args: prefilled.append(np.shape(args[2])) or compiled(*args))
+
+    # a GRPO batch: each prompt 4 times, its samples contiguous rows (and a batch-padding row after them)
+    prompts = [prompt for prompt in PROMPTS for _ in range(4)]
+    tokens, mask = left_pad(prompts, pad_id=2, rows=16)
+    run = jax.jit(generate, static_argnums=(0, 6))
+    whole = jax.device_get(run(CONFIG, params, tokens, mask, jax.random.key(3), settings, None))
+    sampler = Sampler(CONFIG)
+    out = jax.device_get(sampler(params, tokens[:12], mask[:12], jax.random.key(3), settings))
+    assert prefilled == [(4, 32)]  # 12 rows (16 in the batch bucket), 3 distinct prompts and a padding row
+    # the prefill of the 3 distinct prompts (and one batch-padding row), 4 rows, costs a quarter of 16 rows'
+    distinct = tokens[[0, 4, 8, 12]], mask[[0, 4, 8, 12]]
+    flops = [_flops(run.lower(CONFIG, params, *batch, jax.random.key(3), settings, None, *rows))
+             for batch, rows in (((tokens, mask), ()), (distinct, (np.repeat(np.arange(4, dtype=np.int32), 4),)))]
+    assert flops[1] < 0.5 * flops[0], flops
+    for field in ("response_tokens", "response_lengths", "response_mask", "ended_with_eos"):
+        np.testing.assert_array_equal(getattr(out, field), getattr(whole, field)[:12], err_msg=field)
+    np.testing.assert_allclose(out.response_logprobs, whole.response_logprobs[:12], atol=1e-5)
+    # the samples of one prompt differ from each other (each row draws its own tokens)
+    assert len({tuple(row) for row in out.response_tokens[:4]}) > 1 or settings.greedy
+    # a new batch of the same shape and groups reuses the program
+    again = sampler(params, *left_pad([prompt for prompt in PROMPTS[::-1] for _ in range(4)], pad_id=2),
+                    jax.random.key(4), settings)
+    assert sampler.num_compilations == 1 and again.response_tokens.shape == (12, NEW)
 
 
 def test_empty_prompt_rows_generate_nothing(params, sampler):

@@ -8,7 +8,8 @@ log-probabilities under the distribution actually sampled from, and a response m
 (never from token ids: SmolLM2's pad id is its EOS id).
 
 `Sampler` wraps `generate` for Python callers: it pads batch and prompt length up to buckets so a run
-compiles a handful of times rather than once per batch, and counts its compilations.
+compiles a handful of times rather than once per batch, prefills each distinct prompt of a batch once (the
+rows of a GRPO group share it), and counts its compilations.
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ def _last_logits(config: DecoderConfig, params: Params, hidden: jax.Array) -> ja
 
 
 def generate(config: DecoderConfig, params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
-             key: jax.Array, settings: SamplingSettings, packed_length: int | None = None) -> SamplerOutput:
+             key: jax.Array, settings: SamplingSettings, packed_length: int | None = None,
+             prompt_rows: jax.Array | None = None) -> SamplerOutput:
     """Sample up to `settings.max_new_tokens` tokens after each left-padded prompt.
 
     prompt_tokens: [B, P] int, left-padded (the last column holds each row's last prompt token);
@@ -190,6 +192,10 @@ def generate(config: DecoderConfig, params: Params, prompt_tokens: jax.Array, pr
     `decode.packed_prefill`), which skips the padding's compute. Pure and jittable (`config`,
     `packed_length` and the static part of `settings` must be static), so it can run inside a training
     step. Returns `SamplerOutput` ([B, N] arrays, N = max_new_tokens).
+    prompt_rows: None, or [B] int: `prompt_tokens`/`prompt_mask` then hold U distinct prompts ([U, P]) and
+    output row b continues prompt `prompt_rows[b]`. Each distinct prompt is prefilled once and its cache
+    copied to its rows (a GRPO group's samples share one prefill); the decode is the same as for the [B, P]
+    batch of repeated prompts.
     """
     settings = resolve_settings(config, settings)
     batch, prompt_length = prompt_tokens.shape
@@ -207,6 +213,10 @@ def generate(config: DecoderConfig, params: Params, prompt_tokens: jax.Array, pr
         last_logits = _last_logits(config, params, prefill.hidden)
     else:
         last_logits, cache = packed_prefill(config, params, prompt_tokens, prompt_mask, packed_length, capacity)
+    if prompt_rows is not None:  # each row takes its prompt's prefill
+        last_logits, cache, prompt_mask = jax.tree.map(lambda leaf: jnp.take(leaf, prompt_rows, axis=0),
+                                                       (last_logits, cache, prompt_mask))
+        batch = prompt_rows.shape[0]
     layers = unstack_layers(params)
 
     def record(state, step, logits):
@@ -318,10 +328,26 @@ class Completion(NamedTuple):
 _traces = 0  # how many times `_compiled_generate` has been traced (= compiled) in this process
 
 
-def _counted_generate(config, params, prompt_tokens, prompt_mask, key, settings, packed_length):
+def _counted_generate(config, params, prompt_tokens, prompt_mask, key, settings, packed_length, prompt_rows=None):
     global _traces
     _traces += 1  # runs only while tracing
-    return generate(config, params, prompt_tokens, prompt_mask, key, settings, packed_length)
+    return generate(config, params, prompt_tokens, prompt_mask, key, settings, packed_length, prompt_rows)
+
+
+def distinct_prompts(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the distinct rows of a left-padded prompt batch, in order of first appearance: tokens [U, P], mask
+    [U, P]; each row's index among them [B]). Rows with the same real tokens at the same slots are the same
+    prompt whatever their padding slots hold."""
+    index: dict[bytes, int] = {}
+    first_rows: list[int] = []
+    rows = np.empty(len(tokens), np.int32)
+    for row, (row_tokens, row_mask) in enumerate(zip(tokens, mask)):
+        key = np.where(row_mask, row_tokens, -1).tobytes() + np.asarray(row_mask, bool).tobytes()
+        if key not in index:
+            index[key] = len(first_rows)
+            first_rows.append(row)
+        rows[row] = index[key]
+    return tokens[first_rows], mask[first_rows], rows
 
 
 def _whole_on_host(array, dtype) -> np.ndarray:
@@ -345,8 +371,12 @@ class Sampler:
     unpadded `SamplerOutput`; `sampler.complete(params, prompts, key, settings, batch_size)` takes token
     lists. The prefill is packed (`generate(..., packed_length=packed_bucket(real tokens))`) when that
     saves at least a quarter of the padded batch's tokens and the packed row has at most
-    `max_packed_length` tokens (its attention is quadratic in that length). `num_compilations` counts the compilations this sampler's calls caused (the jit cache is
-    shared by all samplers in the process, keyed by model config, shapes and static settings).
+    `max_packed_length` tokens (its attention is quadratic in that length). With `share_prompts` (the
+    default) rows that hold the same prompt (a GRPO or RLOO group, best-of-n) share one prefill: the distinct
+    prompts are prefilled (`distinct_prompts`, their own batch bucket) and each row's decode starts from its
+    prompt's cache (`generate(..., prompt_rows=...)`); not when a mesh splits the rows over devices.
+    `num_compilations` counts the compilations this sampler's calls caused (the jit cache is shared by all
+    samplers in the process, keyed by model config, shapes and static settings).
     With a `mesh` (`rlhf_jax.sharding`), the padded prompt rows are split over ("data", "fsdp") (the
     batch bucket is rounded up to a multiple of data*fsdp) and `params` may be sharded by
     `param_shardings`; the output equals the unsharded one (row keys do not depend on placement). In a
@@ -355,8 +385,9 @@ class Sampler:
     """
 
     def __init__(self, config: DecoderConfig, *, min_prompt_bucket: int = 16, prompt_bucket_step: int = 64,
-                 max_packed_length: int = 2048, mesh=None):
+                 max_packed_length: int = 2048, mesh=None, share_prompts: bool = True):
         self.config = config
+        self.share_prompts = share_prompts
         self.mesh = mesh
         self.max_packed_length = max_packed_length
         self.min_prompt_bucket = min_prompt_bucket
@@ -388,23 +419,35 @@ class Sampler:
         padded_mask = np.zeros((rows, columns), bool)
         padded_tokens[:batch, columns - length:] = prompt_tokens
         padded_mask[:batch, columns - length:] = prompt_mask
-        packed_length = packed_bucket(prompt_mask.sum())
-        if packed_length > min(self.max_packed_length, 0.75 * rows * columns):
-            packed_length = None
+        split = self.mesh is not None and shards > 1  # the rows are split over the batch axes
+        prompt_rows = None
+        if self.share_prompts and not split:  # a prompt that several rows share (a GRPO group) is prefilled once
+            distinct_tokens, distinct_mask, index = distinct_prompts(padded_tokens, padded_mask)
+            distinct = batch_bucket(len(distinct_tokens))
+            if distinct < rows:
+                count = len(distinct_tokens)
+                padded_tokens = np.zeros((distinct, columns), np.int32)
+                padded_mask = np.zeros((distinct, columns), bool)
+                padded_tokens[:count], padded_mask[:count] = distinct_tokens, distinct_mask
+                prompt_rows = index
+        packed_length = packed_bucket(padded_mask.sum())
+        if split or packed_length > min(self.max_packed_length, 0.75 * padded_mask.size):
+            packed_length = None  # (one packed row cannot be split over the batch axes)
         traces_before = _traces
         if self.mesh is None:
-            out = _compiled_generate(self.config, params, padded_tokens, padded_mask, key, settings, packed_length)
+            out = _compiled_generate(self.config, params, padded_tokens, padded_mask, key, settings, packed_length,
+                                     prompt_rows)
         else:
-            from rlhf_jax.sharding import batch_sharding, place_state, use_mesh
+            from rlhf_jax.sharding import batch_sharding, place_state, replicated, use_mesh
 
-            if shards > 1:
-                packed_length = None  # one packed row cannot be split over the batch axes
             # every process holds the whole padded batch and places its own devices' rows of it
             sharding = batch_sharding(self.mesh)
             padded_tokens, padded_mask = place_state((padded_tokens, padded_mask), (sharding, sharding))
+            if prompt_rows is not None:
+                prompt_rows = place_state(prompt_rows, replicated(self.mesh))
             with use_mesh(self.mesh):
                 out = _compiled_generate(self.config, params, padded_tokens, padded_mask, key, settings,
-                                         packed_length)
+                                         packed_length, prompt_rows)
         self.num_compilations += _traces - traces_before
         return SamplerOutput(*(array[:batch] for array in out))
 
