@@ -13,12 +13,16 @@ from rlhf_jax.losses import adaptive_kl_controller
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import tiny_config
 from rlhf_jax.rewards import model_scores
-from rlhf_jax.sampling.sampler import SamplingSettings, generate
+from rlhf_jax.sampling import sampler
+from rlhf_jax.sampling.sampler import SamplingSettings
 from rlhf_jax.trainers import rl
 from rlhf_jax.training.state import TrainState, make_optimizer
 from updates import assert_same_updates
 
 CONFIG = tiny_config("llama")
+# jitted, as the stages run it: called eagerly, each of its ops compiles on its own (the layer scan among them),
+# and XLA's CPU compiler crashed in one of those compilations in several CI runs
+generate = jax.jit(sampler.generate, static_argnums=0)
 
 
 def _python_repeated_fraction(tokens, mask, n):
