@@ -341,8 +341,8 @@ def distinct_prompts(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, 
     index: dict[bytes, int] = {}
     first_rows: list[int] = []
     rows = np.empty(len(tokens), np.int32)
-    for row, (row_tokens, row_mask) in enumerate(zip(tokens, mask)):
-        key = np.where(row_mask, row_tokens, -1).tobytes() + np.asarray(row_mask, bool).tobytes()
+    for row, held in enumerate(np.where(mask, tokens, -1)):  # -1: a padding slot (token ids are >= 0)
+        key = held.tobytes()
         if key not in index:
             index[key] = len(first_rows)
             first_rows.append(row)
