@@ -747,7 +747,8 @@ NOTES = [
     "6·N_body per token for a training pass plus 6·N_head per position that carries a loss (2· for a forward); "
     "DPO adds its reference forward (not with --precompute-reference); the reward model has no LM head; "
     "sampling counts 2·N_body per prompt token and per fed-back new token and 2·N_head per new token. N_body = "
-    "parameters without the embedding (and without an untied LM head), N_head = hidden × vocab. Attention's T² terms are not counted.",
+    "parameters without the embedding (and without an untied LM head), N_head = hidden × vocab. Attention's T² "
+    "terms are not counted.",
     "peak GiB: each worker process's peak resident memory (Linux VmHWM) during the workload, model and "
     "optimizer state included.",
     "first call: the first step of each side (ours: with its compilation), not in the medians. A timed step of "
