@@ -13,6 +13,7 @@ from rlhf_jax.sampling import (
     Sampler,
     SamplingSettings,
     batch_bucket,
+    first_argmax,
     left_pad,
     packed_bucket,
     prompt_bucket,
@@ -133,10 +134,16 @@ def test_buckets():
     assert [packed_bucket(n) for n in (1, 64, 65, 100, 883, 1100)] == [64, 64, 128, 128, 896, 1280]
 
 
+@pytest.mark.parametrize("block", [64, 8, 2], ids=["one_block", "blocks_of_8", "blocks_of_2"])
 @pytest.mark.parametrize("config", [CONFIG, tiny_config("llama", sliding_window=4)], ids=["llama", "sliding_window"])
-def test_packed_prefill_equals_padded_prefill(config):
-    from rlhf_jax.sampling import generate
+def test_packed_prefill_equals_padded_prefill(config, block, monkeypatch):
+    """With blocks of 8 queries, the 32 packed slots attend block-locally (4 windows of 8 + 19 keys), and the
+    20-token prompt spans three blocks. With blocks of 2, its last token (packed slot 22) opens a block and
+    attends to all 19 slots before it: the window's full reach."""
+    from rlhf_jax.sampling import decode, generate
 
+    monkeypatch.setattr(decode, "_PREFILL_BLOCK", block)
+    jax.clear_caches()  # a trace made with another block size would be reused
     params = _jit_init(config, jax.random.key(2))
     settings = SamplingSettings(greedy=True, max_new_tokens=4, eos_token_ids=())
     tokens, mask = left_pad(PROMPTS + [[]], pad_id=2)
@@ -239,6 +246,22 @@ def test_draws_never_leave_the_kept_set_and_follow_its_distribution(top_k, top_p
     frequencies = np.bincount(tokens, minlength=50) / draws
     assert np.abs(frequencies - expected).max() < 0.03
     np.testing.assert_allclose(logprobs, np.log(expected[tokens]), atol=1e-5)
+
+
+def test_first_argmax_and_the_draw_equal_numpy_argmax_and_jax_categorical():
+    rng = np.random.default_rng(0)
+    values = rng.integers(-3, 4, size=(64, 37)).astype(np.float32)  # many ties for the largest value
+    values[5] = -np.inf
+    values[6, 10:] = -np.inf
+    values[7, :] = values[7, 0]
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(values))), np.argmax(values, axis=-1))
+    logits = jnp.asarray(rng.normal(size=(6, 300)).astype(np.float32) * 3.0).at[2, 100:].set(-jnp.inf)
+    settings = SamplingSettings(temperature=1.0)
+    for seed in range(20):
+        key = jax.random.key(seed)
+        tokens, _ = sample_from_logits(logits, key, settings)
+        row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(6))
+        np.testing.assert_array_equal(np.asarray(tokens), np.asarray(jax.vmap(jax.random.categorical)(row_keys, logits)))
 
 
 def test_filters_match_numpy_on_batches():

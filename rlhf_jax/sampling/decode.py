@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.config import DecoderConfig
-from rlhf_jax.models.llama import _MASKED, Decoder, KVCache, apply_rope, layer_unroll, rope_tables
+from rlhf_jax.models.llama import _MASKED, Decoder, KVCache, apply_rope, layer_unroll, rope_tables, wide
 
 Params = Any
+# Queries per block of the packed prefill's block-local attention (`packed_prefill`).
+_PREFILL_BLOCK = 64
 
 
 class DecodeCache(flax.struct.PyTreeNode):
@@ -58,9 +60,31 @@ def cache_from_prefill(cache: KVCache, capacity: int) -> DecodeCache:
                        next_position=next_position)
 
 
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def fuse_qkv(layers: Params) -> Params:
+    """The (stacked or one layer's) `layers` subtree with the q/k/v projections as one `qkv_proj` dense.
+
+    One [D, (H + 2 Hkv) hd] product per layer in place of three: with a few rows (a decode step) each product
+    streams its weights from memory, and XLA's CPU dots stream one larger matrix faster than three small
+    ones. Layers with LoRA factors on q/k/v are returned as they are.
+    """
+    attn = layers["self_attn"]
+    if any(set(attn[name]) - {"kernel", "bias"} for name in _QKV):
+        return layers
+    fused = {"kernel": jnp.concatenate([attn[name]["kernel"] for name in _QKV], axis=-1)}
+    if all("bias" in attn[name] for name in _QKV):
+        fused["bias"] = jnp.concatenate([attn[name]["bias"] for name in _QKV], axis=-1)
+    elif any("bias" in attn[name] for name in _QKV):
+        return layers
+    rest = {name: value for name, value in attn.items() if name not in _QKV}
+    return {**layers, "self_attn": {**rest, "qkv_proj": fused}}
+
+
 def unstack_layers(params: Params) -> list[Params]:
-    """The stacked `layers` subtree as a list of per-layer subtrees (done once, outside the loop)."""
-    layers = params["layers"]
+    """The stacked `layers` subtree as a list of per-layer subtrees, q/k/v fused (done once, outside the loop)."""
+    layers = fuse_qkv(params["layers"])
     num_layers = jax.tree.leaves(layers)[0].shape[0]
     return [jax.tree.map(lambda leaf, i=i: leaf[i], layers) for i in range(num_layers)]
 
@@ -85,31 +109,44 @@ def _rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
 def _layer(config: DecoderConfig, layer: Params, hidden: jax.Array, cos: jax.Array, sin: jax.Array, write_kv):
     """One pre-norm block: h += attn(norm(h)); h += mlp(norm(h)).
 
-    hidden: [B, T, D]; cos, sin: [B, T, hd]; `write_kv(k, v) -> (keys, values, allowed)` stores the chunk's
-    keys/values ([B, Hkv, T, hd]) and returns what the queries attend to ([B, Hkv, S, hd] twice) with the
-    visibility mask [B, T, S]. Returns (hidden, keys, values).
+    hidden: [B, T, D]; cos, sin: [B, T, hd]; `write_kv(k, v) -> (keys, values, allowed, stored)` takes the
+    chunk's keys/values ([B, Hkv, T, hd]) and returns what the queries attend to ([B, Hkv, S, hd] twice), the
+    visibility mask [B, T, S] and what the caller keeps (the updated cache, say). Returns (hidden, stored).
     """
     c = config
     dtype = jnp.dtype(c.dtype)
     batch, length, _ = hidden.shape
     attn = layer["self_attn"]
     x = _rms_norm(hidden, layer["input_layernorm"]["scale"], c.rms_norm_eps, dtype)
-    q = apply_rope(_dense(x, attn["q_proj"], dtype).reshape(batch, length, c.num_heads, c.head_dim), cos, sin)
-    k = apply_rope(_dense(x, attn["k_proj"], dtype).reshape(batch, length, c.num_kv_heads, c.head_dim), cos, sin)
-    v = _dense(x, attn["v_proj"], dtype).reshape(batch, length, c.num_kv_heads, c.head_dim)
-    keys, values, allowed = write_kv(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
-    q = q.reshape(batch, length, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, keys.astype(dtype), preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(c.head_dim)
+    if "qkv_proj" in attn:  # `fuse_qkv`
+        q, k, v = jnp.split(_dense(x, attn["qkv_proj"], dtype),
+                            [c.num_heads * c.head_dim, (c.num_heads + c.num_kv_heads) * c.head_dim], axis=-1)
+    else:
+        q, k, v = (_dense(x, attn[name], dtype) for name in _QKV)
+    q = apply_rope(q.reshape(batch, length, c.num_heads, c.head_dim), cos, sin)
+    k = apply_rope(k.reshape(batch, length, c.num_kv_heads, c.head_dim), cos, sin)
+    v = v.reshape(batch, length, c.num_kv_heads, c.head_dim)
+    keys, values, allowed, stored = write_kv(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
+    # A kv head's queries as one [G·T, hd] matrix, so both attention dots have only (b, k) as batch dims.
+    # With T = 1 (a decode step) the transposes are reshapes, and on XLA's CPU backend these 4-d dots run
+    # about 2.5x faster than the 5-d einsums over [B, T, Hkv, G, hd] (docs/performance.md, item 19).
+    groups, kv_heads = c.num_heads // c.num_kv_heads, c.num_kv_heads
+    q = jnp.transpose(q.reshape(batch, length, kv_heads, groups, c.head_dim), (0, 2, 3, 1, 4))
+    q = q.reshape(batch, kv_heads, groups * length, c.head_dim)
+    heads_dims = ((0, 1), (0, 1))
+    scores = jax.lax.dot_general(q, keys.astype(dtype), (((3,), (3,)), heads_dims),
+                                 preferred_element_type=jnp.float32)  # [B, Hkv, G·T, S]
+    scores = scores.reshape(batch, kv_heads, groups, length, -1) / math.sqrt(c.head_dim)
     scores = jnp.where(allowed[:, None, None, :, :], scores, _MASKED)
-    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", weights, values.astype(dtype))
+    weights = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(batch, kv_heads, groups * length, -1)
+    out = jax.lax.dot_general(weights, values.astype(dtype), (((3,), (2,)), heads_dims))  # [B, Hkv, G·T, hd]
+    out = jnp.transpose(out.reshape(batch, kv_heads, groups, length, c.head_dim), (0, 3, 1, 2, 4))
     hidden = hidden + _dense(out.reshape(batch, length, c.num_heads * c.head_dim), attn["o_proj"], dtype)
     mlp = layer["mlp"]
     x = _rms_norm(hidden, layer["post_attention_layernorm"]["scale"], c.rms_norm_eps, dtype)
     gate = _dense(x, mlp["gate_proj"], dtype)
     up = _dense(x, mlp["up_proj"], dtype)
-    return hidden + _dense(jax.nn.silu(gate) * up, mlp["down_proj"], dtype), keys, values
+    return hidden + _dense(jax.nn.silu(gate) * up, mlp["down_proj"], dtype), stored
 
 
 def _embed(config: DecoderConfig, params: Params, tokens: jax.Array) -> jax.Array:
@@ -118,8 +155,16 @@ def _embed(config: DecoderConfig, params: Params, tokens: jax.Array) -> jax.Arra
 
 def _logits(config: DecoderConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """Final norm, then `Decoder.logits`: hidden [B, D] -> float32 [B, V]."""
-    hidden = _rms_norm(hidden, params["norm"]["scale"], config.rms_norm_eps, jnp.dtype(config.dtype))
-    return Decoder(config).apply({"params": params}, hidden[:, None], method="logits")[:, 0]
+    dtype = jnp.dtype(config.dtype)
+    hidden = _rms_norm(hidden, params["norm"]["scale"], config.rms_norm_eps, dtype)
+    if not config.tie_word_embeddings:
+        return Decoder(config).apply({"params": params}, hidden[:, None], method="logits")[:, 0]
+    # `nn.Embed.attend` computed as [V, D] x [D, B]: with a few rows XLA's CPU dot streams the table about
+    # 1.6x faster in this orientation than as hidden @ table.T, and the barrier keeps XLA from folding the
+    # transpose back into the dot.
+    table = params["embed_tokens"]["embedding"].astype(dtype)
+    logits = jax.lax.optimization_barrier(jnp.dot(table, hidden.T)).T
+    return logits.astype(wide(logits.dtype))
 
 
 def decode_step(config: DecoderConfig, params: Params, layers: list[Params], cache: DecodeCache,
@@ -146,9 +191,9 @@ def decode_step(config: DecoderConfig, params: Params, layers: list[Params], cac
             # in place at `slot`: the loop carries the buffers, nothing is copied
             cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, slot, 0))
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, slot, 0))
-            return cache_k, cache_v, allowed[:, None, :]
+            return cache_k, cache_v, allowed[:, None, :], (cache_k, cache_v)
 
-        hidden, cache_k, cache_v = _layer(c, layer, hidden, cos, sin, write_kv)
+        hidden, (cache_k, cache_v) = _layer(c, layer, hidden, cos, sin, write_kv)
         new_k.append(cache_k)
         new_v.append(cache_v)
     cache = DecodeCache(k=tuple(new_k), v=tuple(new_v), valid=valid, positions=key_positions,
@@ -180,22 +225,40 @@ def packed_prefill(config: DecoderConfig, params: Params, prompt_tokens: jax.Arr
         return jnp.full((packed_length,), fill, values.dtype).at[target.ravel()].set(values.ravel(), mode="drop")
 
     tokens = scatter(prompt_tokens.astype(jnp.int32), 0)[None]
-    segments = scatter(rows, 0)[None]  # 0 = packing filler
-    positions = scatter(jnp.maximum(index_in_prompt, 0), 0)[None]
-    slots = jnp.arange(packed_length)
-    allowed = (slots[None, :] <= slots[:, None]) & (segments[0][:, None] == segments[0][None, :])
-    allowed &= segments[0][None, :] > 0
+    segments = scatter(rows, 0)  # 0 = packing filler
+    positions = scatter(jnp.maximum(index_in_prompt, 0), 0)
+    # Attention is block-local: a prompt spans at most P slots, so a block of queries sees no key more than
+    # P - 1 slots before the block. Each block of `block` queries attends to its window of block + P - 1
+    # slots, not to the whole row (8 HH prompts packed into 1024 slots: 255 keys per query, not 1024).
+    block, reach = _PREFILL_BLOCK, prompt_length - 1
+    if packed_length % block or block + reach >= packed_length:
+        block, reach = packed_length, 0
+    blocks = packed_length // block
+    query_slots = jnp.arange(packed_length).reshape(blocks, block)
+    key_slots = query_slots[:, :1] - reach + jnp.arange(block + reach)[None, :]  # [blocks, W]; < 0: none
+    key_segments = jnp.where(key_slots >= 0, segments[jnp.maximum(key_slots, 0)], 0)
+    query_segments = segments.reshape(blocks, block)
+    allowed = (key_slots[:, None, :] <= query_slots[:, :, None]) & (key_segments[:, None, :] > 0)
+    allowed &= key_segments[:, None, :] == query_segments[:, :, None]
     if c.sliding_window is not None:
-        allowed &= (positions[0][:, None] - positions[0][None, :]) < c.sliding_window
-    cos, sin = rope_tables(c, positions)
+        key_positions = positions[jnp.maximum(key_slots, 0)]
+        allowed &= (positions.reshape(blocks, block)[:, :, None] - key_positions[:, None, :]) < c.sliding_window
+    cos, sin = (table.reshape(blocks, block, -1) for table in rope_tables(c, positions[None]))
+
+    def write_kv(k, v):  # [blocks, Hkv, block, hd] -> each block's window of the packed row, and the row
+        packed_kv = tuple(jnp.swapaxes(x, 0, 1).reshape(x.shape[1], packed_length, x.shape[3]) for x in (k, v))
+        if blocks == 1:
+            return k, v, allowed, packed_kv
+        keys, values = (jnp.swapaxes(jnp.take(x, jnp.maximum(key_slots, 0), axis=1), 0, 1) for x in packed_kv)
+        return keys, values, allowed, packed_kv
 
     def layer_step(hidden, layer):
-        hidden, keys, values = _layer(c, layer, hidden, cos, sin, lambda k, v: (k, v, allowed[None]))
-        return hidden, (keys[0], values[0])  # [Hkv, T, hd]
+        return _layer(c, layer, hidden, cos, sin, write_kv)  # stacks the rows [Hkv, T, hd]
 
-    hidden, (keys, values) = jax.lax.scan(layer_step, _embed(c, params, tokens), params["layers"],
-                                          unroll=layer_unroll(c))
-    last = jnp.take(hidden[0], jnp.clip(offsets + lengths - 1, 0, packed_length - 1), axis=0)  # [B, D]
+    hidden = _embed(c, params, tokens).reshape(blocks, block, -1)
+    hidden, (keys, values) = jax.lax.scan(layer_step, hidden, fuse_qkv(params["layers"]), unroll=layer_unroll(c))
+    last = jnp.take(hidden.reshape(packed_length, -1), jnp.clip(offsets + lengths - 1, 0, packed_length - 1),
+                    axis=0)  # [B, D]
 
     def unpack(stacked):  # [L, Hkv, T, hd] -> L x [B, Hkv, capacity, hd], prompt slots left-padded
         gathered = jnp.take(stacked, jnp.where(mask, source, 0), axis=2)  # [L, Hkv, B, P, hd]
