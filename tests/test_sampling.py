@@ -261,7 +261,8 @@ def test_first_argmax_and_the_draw_equal_numpy_argmax_and_jax_categorical():
         key = jax.random.key(seed)
         tokens, _ = sample_from_logits(logits, key, settings)
         row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(6))
-        np.testing.assert_array_equal(np.asarray(tokens), np.asarray(jax.vmap(jax.random.categorical)(row_keys, logits)))
+        expected = jax.vmap(jax.random.categorical)(row_keys, logits)
+        np.testing.assert_array_equal(np.asarray(tokens), np.asarray(expected))
 
 
 def test_filters_match_numpy_on_batches():

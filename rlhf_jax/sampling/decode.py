@@ -8,8 +8,11 @@ weights are unstacked once per `generate` call, the layers are unrolled, and the
 per-layer `[B, Hkv, S, hd]` arrays (the layout the attention dots want) updated in place at one slot.
 
 The maths is `llama.py`'s, cast for cast (RMSNorm and softmax in float32, matmuls in the compute dtype,
-RoPE from `rope_tables`/`apply_rope`, logits from `Decoder.logits`); a test checks the logits equal
-`forward`'s over whole sequences, for every config option (qkv bias, tied head, sliding window).
+RoPE from `rope_tables`/`apply_rope`, logits as `Decoder.logits`); a test checks the logits equal
+`forward`'s over whole sequences, for every config option (qkv bias, tied head, sliding window). Some
+products are written differently, for speed with few rows on XLA's CPU backend: q/k/v as one product
+(`fuse_qkv`), the attention dots with (batch, kv head) as their only batch dimensions, the tied head as
+table @ hidden.T.
 """
 
 from __future__ import annotations

@@ -383,10 +383,10 @@ class Sampler:
     lists. The prefill is packed (`generate(..., packed_length=packed_bucket(real tokens))`) when that
     saves at least a quarter of the padded batch's tokens and the packed row has at most
     `max_packed_length` tokens (its activations grow with that length; its attention is block-local,
-    linear in it). With `share_prompts` (the
-    default) rows that hold the same prompt (a GRPO or RLOO group, best-of-n) share one prefill: the distinct
-    prompts are prefilled (`distinct_prompts`, their own batch bucket) and each row's decode starts from its
-    prompt's cache (`generate(..., prompt_rows=...)`); not when a mesh splits the rows over devices.
+    linear in it). With `share_prompts` (the default) rows that hold the same prompt (a GRPO or RLOO group,
+    best-of-n) share one prefill: the distinct prompts are prefilled (`distinct_prompts`, their own batch
+    bucket) and each row's decode starts from its prompt's cache (`generate(..., prompt_rows=...)`); not when
+    a mesh splits the rows over devices.
     `num_compilations` counts the compilations this sampler's calls caused (the jit cache is shared by all
     samplers in the process, keyed by model config, shapes and static settings).
     With a `mesh` (`rlhf_jax.sharding`), the padded prompt rows are split over ("data", "fsdp") (the
