@@ -137,8 +137,13 @@ def _layer(config: DecoderConfig, layer: Params, hidden: jax.Array, cos: jax.Arr
     q = jnp.transpose(q.reshape(batch, length, kv_heads, groups, c.head_dim), (0, 2, 3, 1, 4))
     q = q.reshape(batch, kv_heads, groups * length, c.head_dim)
     heads_dims = ((0, 1), (0, 1))
-    scores = jax.lax.dot_general(q, keys.astype(dtype), (((3,), (3,)), heads_dims),
-                                 preferred_element_type=jnp.float32)  # [B, Hkv, G·T, S]
+    if length == 1:  # a decode step: as a product and a sum, which XLA fuses into one pass over the keys
+        # (with 64 rows, 2x faster than the dot on XLA's CPU backend)
+        scores = jnp.sum(q[:, :, :, None, :].astype(jnp.float32) * keys[:, :, None, :, :].astype(jnp.float32),
+                         axis=-1)  # [B, Hkv, G, S]
+    else:
+        scores = jax.lax.dot_general(q, keys.astype(dtype), (((3,), (3,)), heads_dims),
+                                     preferred_element_type=jnp.float32)  # [B, Hkv, G·T, S]
     scores = scores.reshape(batch, kv_heads, groups, length, -1) / math.sqrt(c.head_dim)
     scores = jnp.where(allowed[:, None, None, :, :], scores, _MASKED)
     weights = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(batch, kv_heads, groups * length, -1)
