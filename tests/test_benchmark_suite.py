@@ -26,7 +26,7 @@ def test_unknown_workload_is_refused_in_one_line():
     assert "unknown workload(s) ppo" in done.stderr
 
 
-@pytest.mark.slow  # one to two minutes on 2 cores: two worker processes, eleven workloads
+@pytest.mark.slow  # one to two minutes on 2 cores: two worker processes, twelve workloads
 def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
     out = tmp_path / "tiny"
     done = run_suite("--tiny", "--out", str(out))
@@ -36,11 +36,11 @@ def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
     samplers = sorted(name for name in results if name.startswith("sampler_"))
     assert len(samplers) == 2
     assert set(results) == {"sft", "sft_padding_free", "sft_packed", "rm", "rm_shared", "dpo", "dpo_shared", "grpo",
-                            "relaunch", *samplers}
+                            "grpo_shared", "relaunch", *samplers}
     for name, result in results.items():
         assert "error" not in result, (name, result.get("error"))
         assert len(result["load_average"]["before"]) == 3
-        if name == "grpo":
+        if name in ("grpo", "grpo_shared"):
             assert all(result["median_s"][phase] > 0 for phase in ("generate", "score", "train"))
             continue
         if name == "relaunch":  # two processes, one cache directory that starts empty

@@ -217,6 +217,14 @@ def test_the_test_pipeline_and_every_experiment_are_valid():
     (["stages.ppo.algorithm.kl_target=-6"], "stages.ppo.algorithm.kl_target: got -6.0, expected a number > 0"),
     (["stages.ppo.algorithm.mini_batch_size=6"], "stages.ppo.algorithm.mini_batch_size: got 6, expected a divisor "
                                                   "of rollout_batch_size*group_size (16)"),
+    (["stages.ppo.shared_prefix=true"], "stages.ppo.algorithm.group_size: got 1, expected 2 or more with "
+                                        "stages.ppo.shared_prefix=true"),
+    (["stages.ppo.shared_prefix=true", "stages.ppo.algorithm.group_size=4", "stages.ppo.algorithm.mini_batch_size=2"],
+     "stages.ppo.algorithm.mini_batch_size: got 2, expected a multiple of group_size (4) with "
+     "stages.ppo.shared_prefix=true"),
+    (["stages.ppo.shared_prefix=true", "stages.ppo.algorithm.group_size=4", "stages.ppo.algorithm.mini_batch_size=8",
+      "optimizer.micro_batches=4"], "stages.ppo.algorithm.mini_batch_size: got 8, expected whole groups in each of "
+                                    "optimizer.micro_batches (4)"),
     (["stages.ppo.algorithm.advantage_estimator=grpo"], "stages.ppo.algorithm.advantage_estimator: got 'grpo', "
                                                          "expected gae (a PPO stage trains a critic)"),
     (["stages.ppo.algorithm.dual_clip=1"], "stages.ppo.algorithm.dual_clip: got 1.0, expected a number > 1"),

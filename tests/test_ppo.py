@@ -404,3 +404,93 @@ def test_without_kl_one_on_policy_step_skips_the_reference_and_old_logprob_passe
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
         moved |= bool(np.any(np.asarray(a) != np.asarray(before)))
     assert moved
+
+
+@pytest.mark.parametrize("config", [CONFIG, dataclasses.replace(CONFIG, sliding_window=5), tiny_config("qwen2")],
+                         ids=["llama", "sliding_window", "qwen2_bias"])
+def test_a_groups_prompt_computed_once_gives_the_log_probs_of_its_separate_rows(config):
+    """`continuation_logprobs(..., group_size=G)` lays each group's prompt out once with its G continuations
+    as segments that see it: the log-probs and entropies of every column (padding included) are those of the
+    G separate rows, with left-padded prompts and right-padded continuations of different lengths."""
+    from rlhf_jax.trainers.common import continuation_logprobs, prompt_group_rows
+
+    params = llama.init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    group, groups, prompt_length, new = 3, 2, 7, 5
+    prompts = np.repeat(rng.integers(3, config.vocab_size, (groups, prompt_length)), group, axis=0)
+    prompt_mask = np.repeat(np.arange(prompt_length)[None] >= np.array([[0], [3]]), group, axis=0)
+    lengths = np.array([5, 2, 4, 1, 5, 3])
+    tokens = jnp.asarray(np.concatenate([prompts, rng.integers(3, config.vocab_size, (groups * group, new))], 1),
+                         jnp.int32)
+    mask = jnp.asarray(np.concatenate([prompt_mask, np.arange(new)[None] < lengths[:, None]], 1))
+    rows, _ = prompt_group_rows(tokens, mask, prompt_length, group)
+    assert rows["tokens"].shape == (groups, prompt_length + group * new)
+    separate, separate_entropy = continuation_logprobs(config, params, tokens, mask, prompt_length, 0.7, 4, True)
+    shared, shared_entropy = continuation_logprobs(config, params, tokens, mask, prompt_length, 0.7, 4, True,
+                                                   group_size=group)
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(separate), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(shared_entropy), np.asarray(separate_entropy), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="6 rows do not split into groups of 4"):
+        prompt_group_rows(tokens, mask, prompt_length, 4)
+
+
+def _grouped_experience(algorithm, policy, shared_prompts, prompts=2):
+    prompt_tokens, prompt_mask, _ = _rollout(policy, jax.random.key(3), algorithm, batch=prompts)
+    group = algorithm.group_size
+    prompt_tokens, prompt_mask = jnp.repeat(prompt_tokens, group, axis=0), jnp.repeat(prompt_mask, group, axis=0)
+    sample = generate(CONFIG, policy, prompt_tokens, prompt_mask, jax.random.key(4), SamplingSettings(max_new_tokens=6))
+    scores = _scores(_low_token_fraction, {}, prompt_tokens, prompt_mask, sample)
+    reference = jax.tree.map(lambda x: x * 0.9, policy)
+    return rl.make_experience(CONFIG, None, algorithm, policy, reference, {}, scores, prompt_tokens, prompt_mask,
+                              sample.response_tokens, sample.response_mask, sample.ended_with_eos, jnp.float32(0.04),
+                              shared_prompts=shared_prompts)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_shared_prompts_give_the_experience_and_update_of_separate_rows(micro_batches):
+    """GRPO with the KL in the loss (so the experience pass computes the old and reference log-probs), one
+    mini-batch of 2 groups of 4: with `shared_prompts` the experience and the update (in 1 or 2 micro-batches)
+    are the ones of the separate rows."""
+    policy = llama.init_params(CONFIG, jax.random.key(0))
+    algorithm = RLAlgorithm(advantage_estimator="grpo", group_size=4, kl_coef=0.04, kl_placement="loss",
+                            kl_estimator="k3", update_epochs=1, mini_batch_size=8, whiten_advantages=False)
+    out = {}
+    for shared in (False, True):
+        experience, metrics = _grouped_experience(algorithm, policy, shared)
+        state = TrainState.create(policy, make_optimizer("sgd", 0.5, b1=0.0, grad_clip=None), jax.random.key(0))
+        (state,), update_metrics = rl.rl_update(CONFIG, None, algorithm, 6, jax.random.key(5), jnp.float32(0.04),
+                                                (state,), experience, num_microbatches=micro_batches,
+                                                shared_prompts=shared)
+        out[shared] = (experience, metrics, state.params, update_metrics)
+    (experience, metrics, params, update), (shared_experience, shared_metrics, shared_params, shared_update) = (
+        out[False], out[True])
+    assert np.any(np.asarray(experience.ref_logprobs) != np.asarray(experience.old_logprobs))
+    for field in ("old_logprobs", "ref_logprobs", "advantages", "rewards"):
+        np.testing.assert_allclose(np.asarray(getattr(shared_experience, field)),
+                                   np.asarray(getattr(experience, field)), rtol=1e-5, atol=1e-5, err_msg=field)
+    np.testing.assert_allclose(float(shared_metrics["kl/mean"]), float(metrics["kl/mean"]), rtol=1e-4, atol=1e-6)
+    for name in ("policy/loss", "policy/kl_loss", "policy/entropy"):
+        np.testing.assert_allclose(float(shared_update[name]), float(update[name]), rtol=1e-4, atol=1e-6, err_msg=name)
+    assert_same_updates(policy, shared_params, params)
+
+
+def test_shared_prompts_keep_groups_whole_in_shuffled_mini_batches():
+    """Two epochs of two mini-batches of one group each: `rl_update` with `shared_prompts` equals optimizer steps
+    over the separate rows of the groups in the order each epoch's key permutes the groups."""
+    policy = llama.init_params(CONFIG, jax.random.key(0))
+    algorithm = RLAlgorithm(advantage_estimator="grpo", group_size=4, kl_coef=0.04, kl_placement="loss",
+                            update_epochs=2, mini_batch_size=4, whiten_advantages=False)
+    experience, _ = _grouped_experience(algorithm, policy, True)
+    optimizer = make_optimizer("sgd", 0.5, b1=0.0, grad_clip=None)  # Adam would amplify rounding at zero gradients
+    key = jax.random.key(7)  # its epochs take the groups in the orders (1, 0), then (0, 1)
+    assert [np.asarray(jax.random.permutation(k, 2)).tolist() for k in jax.random.split(key, 2)] == [[1, 0], [0, 1]]
+    (shared,), metrics = rl.rl_update(CONFIG, None, algorithm, 6, key, jnp.float32(0.04),
+                                      (TrainState.create(policy, optimizer, jax.random.key(0)),), experience,
+                                      shared_prompts=True)
+    assert float(metrics["ppo/epochs"]) == 2
+    states = (TrainState.create(policy, optimizer, jax.random.key(0)),)
+    for epoch_key in jax.random.split(key, 2):
+        for group in np.asarray(jax.random.permutation(epoch_key, 2)):
+            rows = jax.tree.map(lambda x: x[4 * group: 4 * group + 4], experience)
+            states, _ = rl.rl_update_step(CONFIG, None, algorithm, 6, jnp.float32(0.04), states, rows)
+    assert_same_updates(policy, shared.params, states[0].params)

@@ -325,6 +325,24 @@ def test_grpo_with_weighted_reward_sources_held_out_evaluation_and_no_reference(
 
 
 
+def test_grpo_with_shared_prefix_logs_the_metrics_of_separate_rows(tmp_path):
+    """`stages.grpo.shared_prefix=true` (each prompt once per group in the experience pass and the update) on
+    the same rollouts: an iteration's rewards, KL, losses and entropy are those of the separate rows."""
+    experiment = get_experiment("tiny_grpo")
+    base = dataclasses.replace(experiment.stage("grpo"), max_steps=1,
+                               algorithm=dataclasses.replace(experiment.stage("grpo").algorithm, update_epochs=1,
+                                                             mini_batch_size=16))
+    logged = {}
+    for shared in (False, True):
+        stage = dataclasses.replace(base, shared_prefix=shared)
+        run = dataclasses.replace(experiment, stages=(stage,))
+        logged[shared] = read_metrics(_run_stage(run, "grpo", tmp_path / str(shared)))[-1]
+    names = [n for n in logged[False] if n.startswith(("reward/", "kl/", "policy/", "response/", "ppo/loss"))]
+    assert {"kl/mean", "policy/kl_loss", "policy/loss", "policy/entropy", "reward/mean"} <= set(names)
+    for name in names:
+        np.testing.assert_allclose(logged[True][name], logged[False][name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("name", ["tiny_ppo", "tiny_grpo", "tiny_rloo", "tiny_reinforce"])
 def test_rl_iterations_after_the_first_compile_nothing(tmp_path, monkeypatch, name):
     """Every program of an iteration (sampler, rewards, experience, update) and of the held-out evaluation is

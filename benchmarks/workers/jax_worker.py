@@ -261,6 +261,7 @@ def grpo(spec: dict) -> dict:
         rollout_batch_size=spec["prompts"], max_new_tokens=spec["new_tokens"],
         algorithm=dataclasses.replace(GRPO_ALGORITHM, group_size=spec["group_size"],
                                       mini_batch_size=spec["mini_batch_size"], update_epochs=spec["update_epochs"]),
+        shared_prefix=spec.get("shared_prefix", False),
     )
     records, _ = through_launcher(spec, stage)
     keys = ("time/generate", "time/score", "time/train", "time/step")

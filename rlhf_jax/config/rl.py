@@ -249,6 +249,9 @@ class _RLStage(_SamplingStage):
     reference: str | None = _source("language_model", default=None)  # None: the policy's start
     offload_frozen: bool = False  # park the reference and reward model in host memory outside the scoring pass
     algorithm: RLAlgorithm = PPO_ALGORITHM
+    # each prompt's group of `algorithm.group_size` samples in one row, the prompt computed once by every
+    # log-prob pass and update (`trainers.rl.rl_update`'s shared_prompts): mini-batches hold whole groups
+    shared_prefix: bool = False
 
     @property
     def samples_per_prompt(self) -> int:
@@ -322,3 +325,19 @@ def _check_rl(stage: _RLStage, prefix: str, config: "ExperimentConfig") -> None:
     sequences = stage.rollout_batch_size * algorithm.group_size
     _require(sequences % algorithm.mini_batch_size == 0, where + "mini_batch_size", algorithm.mini_batch_size,
              f"a divisor of rollout_batch_size*group_size ({sequences})")
+    if stage.shared_prefix:
+        _require(algorithm.group_size >= 2, where + "group_size", algorithm.group_size,
+                 f"2 or more with {prefix}shared_prefix=true (a prompt sampled once has nothing to share)")
+        groups = algorithm.mini_batch_size // algorithm.group_size
+        _require(algorithm.mini_batch_size % algorithm.group_size == 0, where + "mini_batch_size",
+                 algorithm.mini_batch_size, f"a multiple of group_size ({algorithm.group_size}) with "
+                 f"{prefix}shared_prefix=true: a mini-batch holds whole groups")
+        micro, mesh = config.optimizer.micro_batches, config.mesh
+        _require(groups % micro == 0, where + "mini_batch_size", algorithm.mini_batch_size,
+                 f"whole groups in each of optimizer.micro_batches ({micro}) with {prefix}shared_prefix=true: "
+                 f"mini_batch_size/group_size ({groups}) a multiple of {micro}")
+        if mesh.data != -1 and mesh.fsdp != -1:
+            shards = mesh.data * mesh.fsdp
+            _require((groups // micro) % shards == 0, where + "mini_batch_size", algorithm.mini_batch_size,
+                     f"whole groups on each of mesh.data*mesh.fsdp ({shards}) devices with {prefix}shared_prefix="
+                     f"true: the groups of a micro-batch ({groups // micro}) a multiple of {shards}")

@@ -67,20 +67,20 @@ class RLPrograms(NamedTuple):
 
 def programs(experiment, stage, policy_config, critic_config) -> RLPrograms:
     """The RL stage's experience pass and update, bound to the model configs, the algorithm, the micro-batch
-    count and LoRA (`RLPrograms`); ``critic_config`` is None without a critic."""
-    algorithm, lora = stage.algorithm, stage.lora
+    count, LoRA and `shared_prefix` (`RLPrograms`); ``critic_config`` is None without a critic."""
+    algorithm, lora, shared = stage.algorithm, stage.lora, stage.shared_prefix
 
     def experience(policy, policy_base, reference, critic, critic_base, *rest):
         return rl.make_experience(policy_config, critic_config, algorithm, full_params(policy_base, policy, lora),
                                   reference, full_params(critic_base, critic, lora) if algorithm.has_critic else {},
-                                  *rest)
+                                  *rest, shared_prompts=shared)
 
     def update_program(prompt_length: int):
         def update(key, kl_coef, bases, *states_and_experience):
             new_states, metrics = rl.rl_update(policy_config, critic_config, algorithm, prompt_length, key, kl_coef,
                                                states_and_experience[:-1], states_and_experience[-1],
                                                num_microbatches=experiment.optimizer.micro_batches, bases=bases,
-                                               lora=lora)
+                                               lora=lora, shared_prompts=shared)
             return (*new_states, metrics)
 
         update.__name__ = "rl_update"

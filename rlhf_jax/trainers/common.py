@@ -142,19 +142,69 @@ def with_loss_index(batch: dict, num_microbatches: int = 1) -> dict:
 
 
 def continuation_logprobs(config: DecoderConfig, params, tokens, attention_mask, start: int, temperature: float = 1.0,
-                          seq_chunk: int | None = 128, with_entropy: bool = False):
+                          seq_chunk: int | None = 128, with_entropy: bool = False, group_size: int = 1):
     """Teacher-forced log p(tokens[t] | tokens[<t]) for the columns t >= `start` (static, >= 1): [B, T - start].
 
     The same numbers as `teacher_forced_logprobs(...)[:, start:]`, but the LM head (the [D, V] unembedding and the
     log-softmax over the vocabulary) runs only at the positions that predict those columns, not over the
     prompt: for RL rollouts (`start` = the prompt length) that is most of the head's cost.
+
+    group_size: rows come in contiguous groups of this many that share their first `start` columns (a prompt
+    sampled `group_size` times); the backbone then runs each group's prompt once (:func:`prompt_group_rows`).
     """
     if start < 1:
         raise ValueError(f"start must be >= 1 (column 0 has no prediction), got {start}")
-    out = llama.forward(config, params, tokens, None, attention_mask, None, compute_logits=False)
     targets = tokens[:, start:]
-    return _logprobs_at(config, params, out.hidden[:, start - 1 : -1], targets, jnp.ones(targets.shape, bool),
-                        temperature, seq_chunk, with_entropy)
+    if group_size > 1:
+        rows, slots = prompt_group_rows(tokens, attention_mask, start, group_size)
+        hidden = llama.forward(config, params, rows["tokens"], rows["positions"], rows["attention_mask"],
+                               rows["segment_ids"], compute_logits=False, shared=rows["shared"]).hidden
+        hidden = hidden[:, slots].reshape(*targets.shape, hidden.shape[-1])
+    else:
+        hidden = llama.forward(config, params, tokens, None, attention_mask, None, compute_logits=False).hidden
+        hidden = hidden[:, start - 1 : -1]
+    return _logprobs_at(config, params, hidden, targets, jnp.ones(targets.shape, bool), temperature, seq_chunk,
+                        with_entropy)
+
+
+def prompt_group_rows(tokens, attention_mask, start: int, group_size: int) -> tuple[dict, jax.Array]:
+    """Each group of `group_size` rows that share a prompt laid out as one row, the prompt once.
+
+    tokens, attention_mask: [B, T], rows b·G .. b·G + G − 1 holding the same (left-padded) prompt in their first
+    `start` columns and their own (right-padded) continuations of N = T − start columns after it. Returns
+    (row arrays [B/G, start + G·N]: the prompt, then each continuation as a segment of its own that sees the
+    prompt (`shared`) and not the other continuations, with the positions each token has in its own row;
+    slots [G·N]: the slot whose hidden state predicts each continuation token, in [B, N] row-major order:
+    the prompt's last slot for a continuation's first token).
+
+    Attention computes the same sums as over the separate rows (a masked key adds an exact 0), so the hidden
+    states agree to float rounding; the backbone's work falls from B·T positions to B/G·(start + G·N).
+    """
+    batch, length = tokens.shape
+    if batch % group_size:
+        raise ValueError(f"{batch} rows do not split into groups of {group_size}")
+    groups, continuation = batch // group_size, length - start
+    tokens = tokens.reshape(groups, group_size, length)
+    mask = attention_mask.astype(bool).reshape(groups, group_size, length)
+    prompt, prompt_mask = tokens[:, 0, :start], mask[:, 0, :start]
+    after_mask = mask[:, :, start:]
+    prompt_positions = jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) - 1
+    # a continuation's token: as in its own row, the count of real tokens before it (prompt and its own)
+    after_positions = prompt_positions[:, -1:, None] + jnp.cumsum(after_mask.astype(jnp.int32), axis=2)
+    segments = jnp.broadcast_to(jnp.arange(1, group_size + 1, dtype=jnp.int32)[:, None], (group_size, continuation))
+    rows = {
+        "tokens": jnp.concatenate([prompt, tokens[:, :, start:].reshape(groups, -1)], axis=1),
+        "attention_mask": jnp.concatenate([prompt_mask, after_mask.reshape(groups, -1)], axis=1),
+        "positions": jnp.maximum(jnp.concatenate([prompt_positions, after_positions.reshape(groups, -1)], axis=1), 0),
+        "segment_ids": jnp.concatenate([jnp.zeros((groups, start), jnp.int32),
+                                        jnp.broadcast_to(segments.reshape(-1), (groups, group_size * continuation))],
+                                       axis=1),
+        "shared": jnp.concatenate([jnp.ones((groups, start), bool),
+                                   jnp.zeros((groups, group_size * continuation), bool)], axis=1),
+    }
+    own = start + jnp.arange(group_size)[:, None] * continuation + jnp.arange(continuation)[None, :]
+    slots = jnp.where(jnp.arange(continuation)[None, :] == 0, start - 1, own - 1).reshape(-1)
+    return rows, slots
 
 
 def predicted_mask(batch) -> jax.Array:

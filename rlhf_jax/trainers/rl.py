@@ -152,11 +152,17 @@ def _response_slice(per_position: jax.Array, prompt_length: int, shift: int = 0)
 
 
 def response_logprobs(config: DecoderConfig, params, tokens, attention_mask, prompt_length: int,
-                      temperature: float, seq_chunk: int, with_entropy: bool = False):
+                      temperature: float, seq_chunk: int, with_entropy: bool = False, group_size: int = 1):
     """Teacher-forced log-probs [B, N] (and entropies) of the response tokens at `temperature`; the LM head
-    runs at the N positions that predict them only."""
+    runs at the N positions that predict them only. With `group_size` > 1 each group of that many rows shares
+    its prompt, which the backbone runs once (`trainers.common.prompt_group_rows`)."""
     return continuation_logprobs(config, params, tokens, attention_mask, prompt_length, temperature, seq_chunk,
-                                 with_entropy)
+                                 with_entropy, group_size)
+
+
+def _prompt_group(algorithm: RLAlgorithm, shared_prompts: bool) -> int:
+    """Rows per shared prompt in the log-prob passes: the algorithm's group with `shared_prompts`, else 1."""
+    return algorithm.group_size if shared_prompts else 1
 
 
 def response_values(config: DecoderConfig, critic, tokens, attention_mask, prompt_length: int) -> jax.Array:
@@ -167,7 +173,7 @@ def response_values(config: DecoderConfig, critic, tokens, attention_mask, promp
 
 def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig | None, algorithm: RLAlgorithm,
                     policy, reference, critic, raw_scores, prompt_tokens, prompt_mask, response_tokens,
-                    response_mask, ended_with_eos, kl_coef):
+                    response_mask, ended_with_eos, kl_coef, shared_prompts: bool = False):
     """Shape the scores, compute log-probs (and values), and the advantages. Returns (Experience, metrics).
 
     raw_scores: [B], from the reward sources (`rlhf_jax.rewards`: a reward model, token or text functions,
@@ -179,8 +185,12 @@ def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig |
     Advantages: with "gae", per-token rewards `score at the last token − β·KL_t` (KL in the reward) and GAE;
     otherwise the group estimator over the sequence scores (minus β·Σ_t KL_t when the KL is in the reward),
     broadcast over the response tokens. With `kl_placement="loss"` the rewards carry no KL.
+
+    shared_prompts: each group of `algorithm.group_size` contiguous rows holds one prompt, and the log-prob
+    passes run it once per group (`response_logprobs`'s `group_size`); the same numbers to float rounding.
     """
     prompt_length = prompt_tokens.shape[1]
+    group = _prompt_group(algorithm, shared_prompts)
     response_mask = response_mask.astype(bool)
     tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1).astype(jnp.int32)
     attention_mask = jnp.concatenate([prompt_mask.astype(bool), response_mask], axis=1)
@@ -190,10 +200,10 @@ def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig |
         old_logprobs = skipped
     else:
         old_logprobs = response_logprobs(policy_config, policy, tokens, attention_mask, prompt_length,
-                                         algorithm.temperature, SEQ_CHUNK)
+                                         algorithm.temperature, SEQ_CHUNK, group_size=group)
     if algorithm.use_reference:
         ref_logprobs = response_logprobs(policy_config, reference, tokens, attention_mask, prompt_length,
-                                         algorithm.temperature, SEQ_CHUNK)
+                                         algorithm.temperature, SEQ_CHUNK, group_size=group)
     else:
         ref_logprobs = skipped
     if algorithm.has_critic:
@@ -244,19 +254,25 @@ def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig |
 
 
 def rl_loss_sum(policy_config: DecoderConfig, critic_config: DecoderConfig | None, algorithm: RLAlgorithm,
-                prompt_length: int, kl_coef, trainable, batch, *, old_logprobs_from_update: bool = False):
+                prompt_length: int, kl_coef, trainable, batch, *, old_logprobs_from_update: bool = False,
+                shared_prompts: bool = False):
     """(Σ policy + vf_coef·value + β·KL − entropy_coef·entropy losses, (count, `Weighted` metrics)) for one
     micro-batch; the value term with a critic, the KL term with `kl_placement="loss"` (and a reference).
 
     trainable = (policy params,) or (policy params, critic params); batch: an `Experience` slice. With
     `old_logprobs_from_update` (`old_logprobs_from_update(algorithm, rows)`) the ratio's denominator is
-    this forward's own log-probs, stop-gradient, instead of `batch.old_logprobs`.
+    this forward's own log-probs, stop-gradient, instead of `batch.old_logprobs`. With `shared_prompts` the
+    batch's leaves are [groups, group_size, ...] (`rl_update`'s layout) and the policy's forward runs each
+    group's prompt once.
     """
     policy = trainable[0]
+    if shared_prompts:
+        batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
     mask = batch.response_mask
     normaliser = mask.shape[1]
     logprobs, entropy = response_logprobs(policy_config, policy, batch.tokens, batch.attention_mask, prompt_length,
-                                          algorithm.temperature, SEQ_CHUNK, with_entropy=True)
+                                          algorithm.temperature, SEQ_CHUNK, with_entropy=True,
+                                          group_size=_prompt_group(algorithm, shared_prompts))
     old_logprobs = jax.lax.stop_gradient(logprobs) if old_logprobs_from_update else batch.old_logprobs
     policy_per_token, policy_metrics = ppo_policy_loss_per_token(logprobs, old_logprobs, batch.advantages,
                                                                  mask, algorithm.clip_eps, algorithm.clip_eps_high,
@@ -287,15 +303,16 @@ def rl_loss_sum(policy_config: DecoderConfig, critic_config: DecoderConfig | Non
 def rl_update_step(policy_config: DecoderConfig, critic_config: DecoderConfig | None, algorithm: RLAlgorithm,
                    prompt_length: int, kl_coef, states: tuple, batch: Experience, *,
                    old_logprobs_from_update: bool = False, num_microbatches: int = 1, bases: tuple = (),
-                   lora: LoRASettings | None = None):
+                   lora: LoRASettings | None = None, shared_prompts: bool = False):
     """One optimizer step for the policy (and critic) on a mini-batch, accumulated over `num_microbatches`.
     states: (policy,) or (policy, critic) `TrainState`s. Returns (states, metrics).
 
     With `lora` (rank > 0) each state's params are its trainable tree (`models.lora.trainable_params`) and
     `bases` holds the frozen weights of each, in the same order; the loss runs `full_params(base, trainable)`.
+    `shared_prompts`: `batch`'s leaves are [groups, group_size, ...] (see `rl_loss_sum`).
     """
     loss_fn = functools.partial(rl_loss_sum, policy_config, critic_config, algorithm, prompt_length, kl_coef,
-                                old_logprobs_from_update=old_logprobs_from_update)
+                                old_logprobs_from_update=old_logprobs_from_update, shared_prompts=shared_prompts)
     if lora is not None and lora.rank > 0:
         trained_loss = loss_fn
 
@@ -312,26 +329,37 @@ def rl_update_step(policy_config: DecoderConfig, critic_config: DecoderConfig | 
 
 def rl_update(policy_config: DecoderConfig, critic_config: DecoderConfig | None, algorithm: RLAlgorithm,
               prompt_length: int, key: jax.Array, kl_coef, states: tuple, experience: Experience,
-              num_microbatches: int = 1, bases: tuple = (), lora: LoRASettings | None = None):
+              num_microbatches: int = 1, bases: tuple = (), lora: LoRASettings | None = None,
+              shared_prompts: bool = False):
     """All of an iteration's optimizer steps as one program: `epochs` × (B / mini_batch_size) mini-batches.
 
     Each epoch shuffles the rollout batch with its own key (`jax.random.split(key, epochs)`) and scans the
     mini-batches; once an epoch ends with the mini-batch approx-KL above `target_approx_kl` the remaining
     epochs are skipped (`lax.cond`). Returns (states, metrics): means over the mini-batch steps taken, and
     `ppo/epochs`, the number of epochs run. `bases`, `lora`: as in `rl_update_step`.
+
+    shared_prompts: the rows' groups of `algorithm.group_size` (one prompt each, contiguous) stay whole: the
+    shuffle permutes groups, each mini-batch (a multiple of the group size) and micro-batch holds whole
+    groups, and every policy forward runs a group's prompt once (`rl_loss_sum`). Without it rows are shuffled
+    one by one.
     """
     batch = experience.tokens.shape[0]
     per_epoch = batch // algorithm.mini_batch_size
     step = functools.partial(rl_update_step, policy_config, critic_config, algorithm, prompt_length, kl_coef,
                              old_logprobs_from_update=old_logprobs_from_update(algorithm, batch),
-                             num_microbatches=num_microbatches, bases=bases, lora=lora)
+                             num_microbatches=num_microbatches, bases=bases, lora=lora, shared_prompts=shared_prompts)
+    group = _prompt_group(algorithm, shared_prompts)
+    if algorithm.mini_batch_size % group:
+        raise ValueError(f"mini_batch_size {algorithm.mini_batch_size} is not a multiple of the group size {group}")
+    units = experience if group == 1 else jax.tree.map(lambda x: x.reshape(batch // group, group, *x.shape[1:]),
+                                                       experience)
+    size = algorithm.mini_batch_size // group
 
     def shuffled(epoch_key):
-        order = jax.random.permutation(epoch_key, batch)
-        size = algorithm.mini_batch_size
-        return jax.tree.map(lambda x: x[order].reshape(per_epoch, size, *x.shape[1:]), experience)
+        order = jax.random.permutation(epoch_key, batch // group)
+        return jax.tree.map(lambda x: x[order].reshape(per_epoch, size, *x.shape[1:]), units)
 
-    first = jax.tree.map(lambda x: x[: algorithm.mini_batch_size], experience)
+    first = jax.tree.map(lambda x: x[:size], units)
     metrics_shape = jax.eval_shape(lambda: step(states, first)[1])
 
     def epoch(carry, epoch_key):
