@@ -406,6 +406,45 @@ def test_without_kl_one_on_policy_step_skips_the_reference_and_old_logprob_passe
     assert moved
 
 
+def _two_groups_of_three(config):
+    """Rows [prompt (7, left-padded by 0 and 3) | response (5, right-padded to lengths 5 2 4 / 1 5 3)], each
+    prompt in 3 contiguous rows: (tokens, mask, (group, groups, prompt length, new tokens))."""
+    rng = np.random.default_rng(1)
+    group, groups, prompt_length, new = 3, 2, 7, 5
+    prompts = np.repeat(rng.integers(3, config.vocab_size, (groups, prompt_length)), group, axis=0)
+    prompt_mask = np.repeat(np.arange(prompt_length)[None] >= np.array([[0], [3]]), group, axis=0)
+    lengths = np.array([5, 2, 4, 1, 5, 3])
+    tokens = jnp.asarray(np.concatenate([prompts, rng.integers(3, config.vocab_size, (groups * group, new))], 1),
+                         jnp.int32)
+    mask = jnp.asarray(np.concatenate([prompt_mask, np.arange(new)[None] < lengths[:, None]], 1))
+    return tokens, mask, (group, groups, prompt_length, new)
+
+
+def test_a_groups_prompt_computed_once_gives_the_gradients_of_separate_rows_in_float64():
+    """In float64 a loss of the shared-prompt log-probs and entropies and its gradient equal the separate rows'
+    to 1e-10: the layout changes which zeros attention adds, not the arithmetic."""
+    from rlhf_jax.trainers.common import continuation_logprobs
+
+    with jax.enable_x64(True):
+        config = dataclasses.replace(CONFIG, dtype="float64", param_dtype="float64")
+        params = llama.init_params(config, jax.random.key(0))
+        tokens, mask, (group, _, prompt_length, _) = _two_groups_of_three(config)
+        weights = jnp.asarray(np.random.default_rng(2).normal(size=tokens[:, prompt_length:].shape))
+        response_mask = mask[:, prompt_length:]
+
+        def loss(params, group_size):
+            logprobs, entropy = continuation_logprobs(config, params, tokens, mask, prompt_length, 0.7, 4, True,
+                                                      group_size=group_size)
+            return jnp.sum(jnp.where(response_mask, weights * logprobs + 0.1 * entropy, 0.0))
+
+        separate, separate_grads = jax.value_and_grad(loss)(params, 1)
+        shared, shared_grads = jax.value_and_grad(loss)(params, group)
+        np.testing.assert_allclose(float(shared), float(separate), rtol=1e-12)
+        for a, b in zip(jax.tree.leaves(shared_grads), jax.tree.leaves(separate_grads)):
+            assert a.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("config", [CONFIG, dataclasses.replace(CONFIG, sliding_window=5), tiny_config("qwen2")],
                          ids=["llama", "sliding_window", "qwen2_bias"])
 def test_a_groups_prompt_computed_once_gives_the_log_probs_of_its_separate_rows(config):
@@ -415,14 +454,7 @@ def test_a_groups_prompt_computed_once_gives_the_log_probs_of_its_separate_rows(
     from rlhf_jax.trainers.common import continuation_logprobs, prompt_group_rows
 
     params = llama.init_params(config, jax.random.key(0))
-    rng = np.random.default_rng(1)
-    group, groups, prompt_length, new = 3, 2, 7, 5
-    prompts = np.repeat(rng.integers(3, config.vocab_size, (groups, prompt_length)), group, axis=0)
-    prompt_mask = np.repeat(np.arange(prompt_length)[None] >= np.array([[0], [3]]), group, axis=0)
-    lengths = np.array([5, 2, 4, 1, 5, 3])
-    tokens = jnp.asarray(np.concatenate([prompts, rng.integers(3, config.vocab_size, (groups * group, new))], 1),
-                         jnp.int32)
-    mask = jnp.asarray(np.concatenate([prompt_mask, np.arange(new)[None] < lengths[:, None]], 1))
+    tokens, mask, (group, groups, prompt_length, new) = _two_groups_of_three(config)
     rows, _ = prompt_group_rows(tokens, mask, prompt_length, group)
     assert rows["tokens"].shape == (groups, prompt_length + group * new)
     separate, separate_entropy = continuation_logprobs(config, params, tokens, mask, prompt_length, 0.7, 4, True)
