@@ -39,8 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.errors import UserError
+from rlhf_jax.losses import last_token_index
 from rlhf_jax.models import llama
 from rlhf_jax.tasks.arithmetic import exact_answer_reward
+from rlhf_jax.trainers.common import prompt_group_rows
 
 RewardFunction = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 TextRewardFunction = Callable[[str, "str | None", str], float]  # (response_text, reference, prompt_text) -> score
@@ -235,6 +237,7 @@ class ScoringBatch(NamedTuple):
     response_tokens: jax.Array  # [B, N] int32, right-padded
     response_mask: jax.Array  # [B, N] bool, True up to and including EOS
     references: tuple  # B entries: the prompt record's reference answer (str) or None
+    group_size: int = 1  # > 1: contiguous groups of this many rows share their prompt, computed once by models
 
 
 @runtime_checkable
@@ -246,16 +249,27 @@ class RewardSource(Protocol):
         ...
 
 
-def model_scores(config, params, prompt_tokens, prompt_mask, response_tokens, response_mask) -> jax.Array:
+def model_scores(config, params, prompt_tokens, prompt_mask, response_tokens, response_mask,
+                 group_size: int = 1) -> jax.Array:
     """A reward model's scores [B]: its head at the last real token of `[prompt (left-padded) | response]`.
 
     The sequence is the prompt's P columns then the response's N; its mask is the two masks side by side,
     so the score lands on the last response token (EOS when there is one), or on the last prompt token for an
     empty response. As `trainers.ppo.make_experience` scores.
+
+    group_size: rows come in contiguous groups of this many with the same prompt, and the backbone runs each
+    group's prompt once (`trainers.common.prompt_group_rows`); the same scores to float rounding.
     """
     tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1).astype(jnp.int32)
     attention_mask = jnp.concatenate([prompt_mask.astype(bool), response_mask.astype(bool)], axis=1)
-    return llama.rewards_forward(config, params, tokens, attention_mask).astype(jnp.float32)
+    if group_size == 1:
+        return llama.rewards_forward(config, params, tokens, attention_mask).astype(jnp.float32)
+    rows, slots = prompt_group_rows(tokens, attention_mask, prompt_tokens.shape[1], group_size)
+    values = llama.values_forward(config, params, rows["tokens"], rows["positions"], rows["attention_mask"],
+                                  rows["segment_ids"], shared=rows["shared"])  # [B/G, L]
+    member = jnp.arange(tokens.shape[0]) % group_size
+    slot = slots[member, last_token_index(attention_mask)]
+    return values[jnp.arange(tokens.shape[0]) // group_size, slot].astype(jnp.float32)
 
 
 class ModelReward:
@@ -269,12 +283,12 @@ class ModelReward:
     def __init__(self, name: str, config, params, normalisation: tuple[float, float] = (0.0, 1.0)):
         self.name, self.config, self.params = name, config, params
         self.normalisation = (float(normalisation[0]), float(normalisation[1]) or 1.0)
-        self._score = jax.jit(functools.partial(model_scores, config))
+        self._score = jax.jit(functools.partial(model_scores, config), static_argnums=5)
 
     def __call__(self, batch: ScoringBatch) -> jax.Array:
         mean, std = self.normalisation
         scores = self._score(self.params, batch.prompt_tokens, batch.prompt_mask, batch.response_tokens,
-                             batch.response_mask)
+                             batch.response_mask, batch.group_size)
         return (scores - jnp.float32(mean)) / jnp.float32(std)
 
     def __repr__(self) -> str:

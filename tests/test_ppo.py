@@ -466,6 +466,25 @@ def test_a_groups_prompt_computed_once_gives_the_log_probs_of_its_separate_rows(
         prompt_group_rows(tokens, mask, prompt_length, 4)
 
 
+def test_a_reward_model_scores_a_groups_rows_with_the_prompt_computed_once():
+    """`model_scores(..., group_size=G)` (and a `ModelReward` given a `ScoringBatch` with that group size) reads
+    the head at each sample's last real token in the group's row: the scores of the separate rows, an empty
+    response (scored at the prompt's last token) included."""
+    from rlhf_jax.rewards import ModelReward, ScoringBatch
+
+    model = llama.init_scalar_model(CONFIG, llama.init_params(CONFIG, jax.random.key(0)), jax.random.key(1))
+    tokens, mask, (group, _, prompt_length, _) = _two_groups_of_three(CONFIG)
+    mask = mask.at[3, prompt_length:].set(False)  # an empty response
+    arrays = (tokens[:, :prompt_length], mask[:, :prompt_length], tokens[:, prompt_length:], mask[:, prompt_length:])
+    separate = model_scores(CONFIG, model, *arrays)
+    shared = model_scores(CONFIG, model, *arrays, group_size=group)
+    assert np.ptp(np.asarray(separate)) > 1e-3  # the rows score differently
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(separate), rtol=1e-5, atol=1e-6)
+    source = ModelReward("rm", CONFIG, model)
+    np.testing.assert_allclose(np.asarray(source(ScoringBatch(*arrays, (None,) * 6, group))),
+                               np.asarray(source(ScoringBatch(*arrays, (None,) * 6))), rtol=1e-5, atol=1e-6)
+
+
 def _grouped_experience(algorithm, policy, shared_prompts, prompts=2):
     prompt_tokens, prompt_mask, _ = _rollout(policy, jax.random.key(3), algorithm, batch=prompts)
     group = algorithm.group_size

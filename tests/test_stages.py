@@ -325,20 +325,35 @@ def test_grpo_with_weighted_reward_sources_held_out_evaluation_and_no_reference(
 
 
 
-def test_grpo_with_shared_prefix_logs_the_metrics_of_separate_rows(tmp_path):
-    """`stages.grpo.shared_prefix=true` (each prompt once per group in the experience pass and the update) on
-    the same rollouts: an iteration's rewards, KL, losses and entropy are those of the separate rows."""
+def test_grpo_with_shared_prefix_logs_the_metrics_of_separate_rows(tmp_path, monkeypatch):
+    """`stages.grpo.shared_prefix=true` (each prompt once per group in the reward model's scoring, the
+    experience pass and the update) on the same rollouts: an iteration's rewards (a reward model's and a
+    function's), KL, losses and entropy are those of the separate rows."""
+    from rlhf_jax.models import llama
+    from rlhf_jax.training.artifacts import save_artifact
+
+    config, params, tokenizer = load("tiny:smollm2")
+    rm_dir = save_artifact(tmp_path / "rm", config, llama.init_scalar_model(config, params, jax.random.key(1)),
+                           tokenizer, "scalar")
     experiment = get_experiment("tiny_grpo")
-    base = dataclasses.replace(experiment.stage("grpo"), max_steps=1,
+    base = dataclasses.replace(experiment.stage("grpo"), max_steps=1, reward_model=str(rm_dir),
+                               extra_rewards=("fn:token_id_below:24576",), reward_weights=(1.0, 1.0),
                                algorithm=dataclasses.replace(experiment.stage("grpo").algorithm, update_epochs=1,
                                                              mini_batch_size=16))
+    from rlhf_jax import rewards
+
+    groups_scored = []
+    real = rewards.model_scores
+    monkeypatch.setattr(rewards, "model_scores", lambda *args: (groups_scored.append(args[-1]), real(*args))[1])
     logged = {}
     for shared in (False, True):
         stage = dataclasses.replace(base, shared_prefix=shared)
         run = dataclasses.replace(experiment, stages=(stage,))
         logged[shared] = read_metrics(_run_stage(run, "grpo", tmp_path / str(shared)))[-1]
+    assert groups_scored == [1, 4]  # traced once per run: the reward model saw the groups in the second
     names = [n for n in logged[False] if n.startswith(("reward/", "kl/", "policy/", "response/", "ppo/loss"))]
-    assert {"kl/mean", "policy/kl_loss", "policy/loss", "policy/entropy", "reward/mean"} <= set(names)
+    assert {"kl/mean", "policy/kl_loss", "policy/loss", "policy/entropy", "reward/mean", "reward/rm",
+            "reward/token_id_below"} <= set(names)
     for name in names:
         np.testing.assert_allclose(logged[True][name], logged[False][name], rtol=1e-4, atol=1e-6, err_msg=name)
 

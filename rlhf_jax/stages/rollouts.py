@@ -86,8 +86,9 @@ class Rollouts:
 
     def score(self, prompt_tokens, prompt_mask, sample, references) -> tuple[jax.Array, dict]:
         """(weighted raw scores [B], per-source `reward/<name>` metrics) of sampled rows."""
+        shared = getattr(self.stage, "shared_prefix", False)  # the RL stages' groups, each prompt once
         batch = ScoringBatch(prompt_tokens, prompt_mask, sample.response_tokens, sample.response_mask,
-                             tuple(references))
+                             tuple(references), self.stage.samples_per_prompt if shared else 1)
         return combine(self.reward_sources, self.reward_weights, batch)
 
     def prepare(self, batch: dict) -> dict:

@@ -159,7 +159,8 @@ def continuation_logprobs(config: DecoderConfig, params, tokens, attention_mask,
         rows, slots = prompt_group_rows(tokens, attention_mask, start, group_size)
         hidden = llama.forward(config, params, rows["tokens"], rows["positions"], rows["attention_mask"],
                                rows["segment_ids"], compute_logits=False, shared=rows["shared"]).hidden
-        hidden = hidden[:, slots].reshape(*targets.shape, hidden.shape[-1])
+        # column t is predicted from column t - 1 of its own row
+        hidden = hidden[:, slots[:, start - 1 : -1].reshape(-1)].reshape(*targets.shape, hidden.shape[-1])
     else:
         hidden = llama.forward(config, params, tokens, None, attention_mask, None, compute_logits=False).hidden
         hidden = hidden[:, start - 1 : -1]
@@ -174,8 +175,8 @@ def prompt_group_rows(tokens, attention_mask, start: int, group_size: int) -> tu
     `start` columns and their own (right-padded) continuations of N = T − start columns after it. Returns
     (row arrays [B/G, start + G·N]: the prompt, then each continuation as a segment of its own that sees the
     prompt (`shared`) and not the other continuations, with the positions each token has in its own row;
-    slots [G·N]: the slot whose hidden state predicts each continuation token, in [B, N] row-major order:
-    the prompt's last slot for a continuation's first token).
+    slots [G, T] int32: the slot in its group's row of column t of the group's g-th row, the prompt's columns
+    shared by all G).
 
     Attention computes the same sums as over the separate rows (a masked key adds an exact 0), so the hidden
     states agree to float rounding; the backbone's work falls from B·T positions to B/G·(start + G·N).
@@ -203,8 +204,8 @@ def prompt_group_rows(tokens, attention_mask, start: int, group_size: int) -> tu
                                    jnp.zeros((groups, group_size * continuation), bool)], axis=1),
     }
     own = start + jnp.arange(group_size)[:, None] * continuation + jnp.arange(continuation)[None, :]
-    slots = jnp.where(jnp.arange(continuation)[None, :] == 0, start - 1, own - 1).reshape(-1)
-    return rows, slots
+    slots = jnp.concatenate([jnp.broadcast_to(jnp.arange(start), (group_size, start)), own], axis=1)
+    return rows, slots.astype(jnp.int32)
 
 
 def predicted_mask(batch) -> jax.Array:
