@@ -350,6 +350,43 @@ def test_group_advantages_are_the_estimator_over_each_prompts_samples_broadcast_
                                atol=1e-6)
 
 
+def test_with_the_kl_in_the_loss_one_on_policy_step_skips_the_old_logprob_pass_and_reports_the_same_kl():
+    """GRPO's KL in the loss with a fixed β and one optimizer step over the rollout: the experience pass runs
+    the reference but not the behaviour policy, and the update (taking its own log-probs, stop-gradient)
+    reports the KL metrics the experience pass would have and makes the step of the explicit old log-probs.
+    An adaptive β or the KL in the reward still needs the pass."""
+    from rlhf_jax.losses import kl_penalized_rewards
+
+    policy = llama.init_params(CONFIG, jax.random.key(0))
+    algorithm = RLAlgorithm(advantage_estimator="grpo", group_size=4, kl_coef=0.04, kl_placement="loss",
+                            kl_estimator="k3", update_epochs=1, mini_batch_size=8, whiten_advantages=False)
+    assert rl.old_logprobs_from_update(algorithm, 8)
+    assert not rl.old_logprobs_from_update(dataclasses.replace(algorithm, kl_target=6.0), 8)
+    assert not rl.old_logprobs_from_update(dataclasses.replace(algorithm, kl_placement="reward"), 8)
+    experience, metrics = _grouped_experience(algorithm, policy, False)
+    assert not np.any(np.asarray(experience.old_logprobs)) and np.any(np.asarray(experience.ref_logprobs))
+    assert "kl/mean" not in metrics and float(metrics["kl/coef"]) == pytest.approx(0.04)
+    optimizer = make_optimizer("sgd", 0.5, b1=0.0, grad_clip=None)
+    (state,), update = rl.rl_update(CONFIG, None, algorithm, 6, jax.random.key(5), jnp.float32(0.04),
+                                    (TrainState.create(policy, optimizer, jax.random.key(0)),), experience)
+    old = rl.response_logprobs(CONFIG, policy, experience.tokens, experience.attention_mask, 6, 1.0, rl.SEQ_CHUNK)
+    explicit = experience.replace(old_logprobs=old)
+    (expected,), expected_update = rl.rl_update_step(CONFIG, None, algorithm, 6, jnp.float32(0.04),
+                                                     (TrainState.create(policy, optimizer, jax.random.key(0)),),
+                                                     explicit)
+    _, kl = kl_penalized_rewards(experience.scores, old, experience.ref_logprobs, experience.response_mask, 0.0,
+                                 "k3")
+    assert float(kl["kl/sequence_kl"]) > 1e-4  # the reference (0.9 × the policy) differs
+    for name in ("kl/sequence_kl", "kl/token_kl"):
+        np.testing.assert_allclose(float(update[name]), float(kl[name]), rtol=1e-5, err_msg=name)
+    assert float(update["kl/mean"]) == float(update["kl/sequence_kl"])
+    for name in ("policy/loss", "policy/kl_loss", "policy/entropy"):
+        # the policy loss is the mean of group-centred advantages, 0 up to rounding: an absolute slack too
+        np.testing.assert_allclose(float(update[name]), float(expected_update[name]), rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+    assert_same_updates(policy, state.params, expected.params)
+
+
 def test_continuation_logprobs_are_the_teacher_forced_logprobs_of_those_columns():
     """The LM head only at the positions that predict columns >= start gives the same numbers as the
     full-sequence log-probs sliced there (entropies too)."""
@@ -376,7 +413,8 @@ def test_without_kl_one_on_policy_step_skips_the_reference_and_old_logprob_passe
     policy = llama.init_params(CONFIG, jax.random.key(0))
     free = RLAlgorithm(advantage_estimator="grpo", group_size=4, kl_coef=0.0, kl_placement="loss",
                        update_epochs=1, mini_batch_size=8, whiten_advantages=False)
-    paid = dataclasses.replace(free, kl_coef=0.04)  # needs the reference: old log-probs from the experience pass
+    # the KL in the reward needs the old log-probs in the experience pass (its β is 0 here, as passed below)
+    paid = dataclasses.replace(free, kl_coef=0.04, kl_placement="reward")
     assert rl.old_logprobs_from_update(free, 8) and not rl.old_logprobs_from_update(paid, 8)
     assert not rl.old_logprobs_from_update(free, 16)  # two mini-batches: the second is off-policy
     prompts, prompt_mask, _ = _rollout(policy, jax.random.key(3), free, batch=2)
@@ -499,12 +537,14 @@ def _grouped_experience(algorithm, policy, shared_prompts, prompts=2):
 
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_shared_prompts_give_the_experience_and_update_of_separate_rows(micro_batches):
-    """GRPO with the KL in the loss (so the experience pass computes the old and reference log-probs), one
-    mini-batch of 2 groups of 4: with `shared_prompts` the experience and the update (in 1 or 2 micro-batches)
-    are the ones of the separate rows."""
+    """GRPO with the KL in the loss and an adaptive β (so the experience pass computes the old and reference
+    log-probs), one mini-batch of 2 groups of 4: with `shared_prompts` the experience and the update (in 1 or 2
+    micro-batches) are the ones of the separate rows."""
     policy = llama.init_params(CONFIG, jax.random.key(0))
-    algorithm = RLAlgorithm(advantage_estimator="grpo", group_size=4, kl_coef=0.04, kl_placement="loss",
-                            kl_estimator="k3", update_epochs=1, mini_batch_size=8, whiten_advantages=False)
+    algorithm = RLAlgorithm(advantage_estimator="grpo", group_size=4, kl_coef=0.04, kl_target=6.0,
+                            kl_placement="loss", kl_estimator="k3", update_epochs=1, mini_batch_size=8,
+                            whiten_advantages=False)
+    assert not rl.old_logprobs_from_update(algorithm, 8)
     out = {}
     for shared in (False, True):
         experience, metrics = _grouped_experience(algorithm, policy, shared)

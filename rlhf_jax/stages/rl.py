@@ -215,10 +215,10 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
                                                                          *state.states, experience)
         update_metrics = jax.device_get(update_metrics)
         trained = time.perf_counter()
+        metrics.update(update_metrics)  # `kl/mean` comes from the update when it took the old log-probs itself
         kl_coef = state.kl_coef if not algorithm.use_reference else controller.update(
             KLControllerState(state.kl_coef), metrics["kl/mean"], prompt_tokens.shape[0]).kl_coef
         new_tokens = float(jnp.sum(sample.response_lengths))  # a global array across processes
-        metrics.update(update_metrics)
         metrics.update({
             "time/generate": generated - start, "time/score": scored - generated, "time/train": trained - scored,
             "throughput/generate_tokens_per_s": new_tokens / max(generated - start, 1e-9),

@@ -63,8 +63,12 @@ def old_logprobs_from_update(algorithm: RLAlgorithm, rows: int) -> bool:
     """True when the experience pass skips the behaviour policy's log-probs and the update takes them from its
     own forward, stop-gradient: the update is one optimizer step over all `rows` rollouts (one epoch, one
     mini-batch), so the policy it differentiates is the one that sampled (the ratio is exactly 1, as in TRL's
-    GRPO with one iteration), and no KL needs them (`algorithm.use_reference` False)."""
-    return algorithm.update_epochs == 1 and rows == algorithm.mini_batch_size and not algorithm.use_reference
+    GRPO with one iteration), and no reward needs them: no KL (`algorithm.use_reference` False), or the KL in
+    the loss with a fixed β (`kl_placement="loss"`, no `kl_target`), whose `kl/*` metrics the update then
+    reports from that same forward (TRL's GRPO with β > 0 and one iteration computes the same passes)."""
+    one_step = algorithm.update_epochs == 1 and rows == algorithm.mini_batch_size
+    kl_in_loss = algorithm.kl_placement == "loss" and algorithm.kl_target is None
+    return one_step and (not algorithm.use_reference or kl_in_loss)
 
 
 # ---- reward-hacking guards: pure functions of scores and responses --------------------------------
@@ -196,7 +200,8 @@ def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig |
     attention_mask = jnp.concatenate([prompt_mask.astype(bool), response_mask], axis=1)
 
     skipped = jnp.zeros(response_mask.shape, jnp.float32)  # what a pass nobody needs leaves (see below)
-    if old_logprobs_from_update(algorithm, tokens.shape[0]):
+    from_update = old_logprobs_from_update(algorithm, tokens.shape[0])
+    if from_update:
         old_logprobs = skipped
     else:
         old_logprobs = response_logprobs(policy_config, policy, tokens, attention_mask, prompt_length,
@@ -219,7 +224,8 @@ def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig |
     in_reward = kl_coef if algorithm.kl_placement == "reward" and algorithm.use_reference else 0.0
     rewards, kl_metrics = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, response_mask, in_reward,
                                                algorithm.kl_estimator)
-    if not algorithm.use_reference:  # no KL was measured
+    measured_kl = algorithm.use_reference and not from_update  # else the update reports it (`rl_loss_sum`)
+    if not measured_kl:
         kl_metrics = {name: value for name, value in kl_metrics.items() if not name.startswith("kl/")}
     if algorithm.has_critic:
         advantages, returns = gae(rewards, old_values, response_mask, algorithm.gamma, algorithm.lam)
@@ -237,8 +243,8 @@ def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig |
         **kl_metrics,
         "reward/mean": masked_mean(scores, has_response),
         "reward/std": jnp.sqrt(masked_var(scores, has_response)),
-        **({"kl/mean": kl_metrics["kl/sequence_kl"], "kl/coef": jnp.asarray(kl_coef, jnp.float32)}
-           if algorithm.use_reference else {}),
+        **({"kl/mean": kl_metrics["kl/sequence_kl"]} if measured_kl else {}),
+        **({"kl/coef": jnp.asarray(kl_coef, jnp.float32)} if algorithm.use_reference else {}),
         "response/length_mean": jnp.mean(lengths),
         "response/eos_fraction": jnp.mean(ended_with_eos.astype(jnp.float32)),
     }
@@ -294,6 +300,11 @@ def rl_loss_sum(policy_config: DecoderConfig, critic_config: DecoderConfig | Non
         kl_per_token = jnp.where(mask, kl_estimate(logprobs, batch.ref_logprobs, algorithm.kl_estimator), 0.0)
         per_token = per_token + kl_coef * kl_per_token
         token_means["policy/kl_loss"] = masked_mean(kl_per_token, mask)
+        if old_logprobs_from_update:  # this forward is the sampling policy's: the experience's KL metrics
+            has_response = jnp.any(mask, axis=1).astype(jnp.float32)
+            sequence_kl = Weighted(jnp.sum(jnp.sum(kl_per_token, axis=1) * has_response), jnp.sum(has_response))
+            metrics.update({"kl/sequence_kl": sequence_kl, "kl/mean": sequence_kl,
+                            "kl/token_kl": Weighted(jnp.sum(kl_per_token), jnp.sum(mask).astype(jnp.float32))})
     loss_sum, count = aggregate(per_token, mask, algorithm.loss_aggregation, normaliser=normaliser)
     tokens = jnp.sum(mask).astype(jnp.float32)
     metrics.update({name: Weighted(value * tokens, tokens) for name, value in token_means.items()})
