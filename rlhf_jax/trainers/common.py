@@ -189,14 +189,15 @@ def prompt_group_rows(tokens, attention_mask, start: int, group_size: int) -> tu
     mask = attention_mask.astype(bool).reshape(groups, group_size, length)
     prompt, prompt_mask = tokens[:, 0, :start], mask[:, 0, :start]
     after_mask = mask[:, :, start:]
-    prompt_positions = jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) - 1
+    prompt_positions = llama.default_positions(prompt_mask, None)
     # a continuation's token: as in its own row, the count of real tokens before it (prompt and its own)
-    after_positions = prompt_positions[:, -1:, None] + jnp.cumsum(after_mask.astype(jnp.int32), axis=2)
+    prompt_lengths = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
+    after_positions = prompt_lengths[:, None, None] - 1 + jnp.cumsum(after_mask.astype(jnp.int32), axis=2)
     segments = jnp.broadcast_to(jnp.arange(1, group_size + 1, dtype=jnp.int32)[:, None], (group_size, continuation))
     rows = {
         "tokens": jnp.concatenate([prompt, tokens[:, :, start:].reshape(groups, -1)], axis=1),
         "attention_mask": jnp.concatenate([prompt_mask, after_mask.reshape(groups, -1)], axis=1),
-        "positions": jnp.maximum(jnp.concatenate([prompt_positions, after_positions.reshape(groups, -1)], axis=1), 0),
+        "positions": jnp.concatenate([prompt_positions, jnp.maximum(after_positions.reshape(groups, -1), 0)], axis=1),
         "segment_ids": jnp.concatenate([jnp.zeros((groups, start), jnp.int32),
                                         jnp.broadcast_to(segments.reshape(-1), (groups, group_size * continuation))],
                                        axis=1),

@@ -301,10 +301,10 @@ def rl_loss_sum(policy_config: DecoderConfig, critic_config: DecoderConfig | Non
         per_token = per_token + kl_coef * kl_per_token
         token_means["policy/kl_loss"] = masked_mean(kl_per_token, mask)
         if old_logprobs_from_update:  # this forward is the sampling policy's: the experience's KL metrics
-            has_response = jnp.any(mask, axis=1).astype(jnp.float32)
-            sequence_kl = Weighted(jnp.sum(jnp.sum(kl_per_token, axis=1) * has_response), jnp.sum(has_response))
+            total = jnp.sum(kl_per_token)  # 0 off the mask: per sequence over rows with a response, per token
+            sequence_kl = Weighted(total, jnp.sum(jnp.any(mask, axis=1)).astype(jnp.float32))
             metrics.update({"kl/sequence_kl": sequence_kl, "kl/mean": sequence_kl,
-                            "kl/token_kl": Weighted(jnp.sum(kl_per_token), jnp.sum(mask).astype(jnp.float32))})
+                            "kl/token_kl": Weighted(total, jnp.sum(mask).astype(jnp.float32))})
     loss_sum, count = aggregate(per_token, mask, algorithm.loss_aggregation, normaliser=normaliser)
     tokens = jnp.sum(mask).astype(jnp.float32)
     metrics.update({name: Weighted(value * tokens, tokens) for name, value in token_means.items()})
