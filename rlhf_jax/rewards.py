@@ -266,7 +266,8 @@ def model_scores(config, params, prompt_tokens, prompt_mask, response_tokens, re
         return llama.rewards_forward(config, params, tokens, attention_mask).astype(jnp.float32)
     rows, slots = prompt_group_rows(tokens, attention_mask, prompt_tokens.shape[1], group_size)
     values = llama.values_forward(config, params, rows["tokens"], rows["positions"], rows["attention_mask"],
-                                  rows["segment_ids"], shared=rows["shared"])  # [B/G, L]
+                                  rows["segment_ids"], shared=rows["shared"],
+                                  segments=(prompt_tokens.shape[1], group_size))  # [B/G, L]
     member = jnp.arange(tokens.shape[0]) % group_size
     slot = slots[member, last_token_index(attention_mask)]
     return values[jnp.arange(tokens.shape[0]) // group_size, slot].astype(jnp.float32)

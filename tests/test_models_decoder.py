@@ -259,3 +259,52 @@ def test_causal_blocks_give_the_whole_attention_in_float64(length):
         for ours, reference in zip(grads[True], grads[False]):
             np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-10, atol=1e-12)
         assert not seen.all()  # the padded rows were in the batch
+
+
+@pytest.mark.parametrize("prefix, groups, size, window", [(6, 3, 5, None), (7, 2, 9, 4), (330, 2, 40, 100)])
+def test_prefix_and_segments_give_the_whole_attention_in_float64(prefix, groups, size, window):
+    """A row laid out as a prefix then segments that each see it and not each other
+    (`prefix_segment_masks`, `PrefixSegments`): attention over the blocks it keeps gives the whole masked
+    attention's values and gradients on every query that sees a key, with a left-padded prefix, right-padded
+    segments, a sliding window, and a prefix long enough for causal blocks (330)."""
+    from rlhf_jax.models.llama import (PrefixSegments, attention_mask_bias, grouped_query_attention,
+                                       prefix_segment_masks)
+
+    rng = np.random.default_rng(2)
+    batch, num_heads, num_kv_heads, head_dim = 2, 4, 2, 8
+    length = prefix + groups * size
+    q = rng.normal(size=(batch, length, num_heads, head_dim))
+    k, v = rng.normal(size=(2, batch, length, num_kv_heads, head_dim))
+    slots = np.broadcast_to(np.arange(length), (batch, length))
+    lengths = rng.integers(0, size + 1, (batch, groups))
+    lengths[0, 0], lengths[1, -1] = size, 0  # a full segment and an empty one
+    valid = np.concatenate([slots[:, :prefix] >= np.array([[0], [prefix // 3]]),  # row 1's prefix left-padded
+                            (np.arange(size)[None, None] < lengths[:, :, None]).reshape(batch, -1)], axis=1)
+    segments = np.concatenate([np.zeros((batch, prefix), int), np.repeat(np.arange(1, groups + 1), size)[None]
+                               .repeat(batch, 0)], axis=1)
+    shared = slots < prefix
+    positions = np.cumsum(valid, axis=1) - 1  # any positions: only the window reads them
+    arrays = [jnp.asarray(x) for x in (slots, valid, segments, positions, shared)]
+    slots_, valid_, segments_, positions_, shared_ = arrays
+    whole = attention_mask_bias(slots_, slots_, valid_, segments_, segments_, positions_, positions_, window,
+                                key_shared=shared_)
+    blocks = prefix_segment_masks(slots_, valid_, segments_, positions_, window, shared_, prefix, groups)
+    assert isinstance(blocks, PrefixSegments)
+    assert blocks.segments.shape == (batch, groups, size, prefix + size)
+    # every key the whole mask shows a segment's query lies in the prefix or in its own segment
+    own = (slots[:, None, :] < prefix) | (segments[:, None, :] == segments[:, :, None])
+    assert not np.any(np.asarray(whole) & ~own)
+    seen = np.asarray(whole).any(-1)
+    assert not seen.all() and seen[:, prefix:].any()
+    cotangent = rng.normal(size=q.shape) * seen[:, :, None, None]
+    with jax.enable_x64(True):
+        args = [jnp.asarray(x) for x in (q, k, v)]
+        outs, grads = {}, {}
+        for name, allowed in (("whole", whole), ("blocks", blocks)):
+            fn = functools.partial(grouped_query_attention, allowed=allowed, causal=True)
+            outs[name] = np.asarray(jax.jit(fn)(*args))
+            loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v) * cotangent)  # noqa: E731
+            grads[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+        np.testing.assert_allclose(outs["blocks"][seen], outs["whole"][seen], rtol=1e-12, atol=1e-12)
+        for ours, reference in zip(grads["blocks"], grads["whole"]):
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-10, atol=1e-12)

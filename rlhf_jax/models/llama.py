@@ -22,6 +22,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.losses.masked import last_token_index
 from rlhf_jax.models.config import DecoderConfig
@@ -138,6 +139,44 @@ def attention_mask_bias(
     return allowed
 
 
+class PrefixSegments(NamedTuple):
+    """Which keys each query sees in rows laid out as a prefix of P slots followed by G segments of N slots, each
+    segment continuing the prefix and not seeing the other segments (a prompt sampled G times laid out once,
+    `trainers.common.prompt_group_rows`). Attention then computes only the blocks that can be visible: the
+    prefix against itself, and each segment against the prefix and itself, P² + G·N·(P + N) scores a row instead
+    of (P + G·N)².
+
+    prefix: [B, P, P] bool, the prefix's queries against its keys; segments: [B, G, N, P + N] bool, segment g's
+    queries against the prefix's keys, then its own.
+    """
+
+    prefix: jax.Array
+    segments: jax.Array
+
+
+def prefix_segment_masks(slots, valid, segment_ids, positions, sliding_window, shared, prefix: int,
+                         groups: int) -> PrefixSegments:
+    """`attention_mask_bias` of a row laid out as a prefix of `prefix` slots then `groups` equal segments, at
+    the blocks `PrefixSegments` keeps: each block's entries are the full mask's."""
+    batch, length = slots.shape
+    if segment_ids is None or shared is None or (length - prefix) % groups or length <= prefix:
+        raise ValueError(f"rows of {length} slots with segment ids and a shared prefix are needed to lay out a prefix "
+                         f"of {prefix} slots and {groups} equal segments")
+    size = (length - prefix) // groups
+    own = prefix + np.arange(groups)[:, None] * size + np.arange(size)[None, :]  # [G, N]
+    keys = np.concatenate([np.broadcast_to(np.arange(prefix), (groups, prefix)), own], axis=1)  # [G, P + N]
+
+    def at(array, index):  # [B, ...] columns `index` [G, K] -> [B·G, K]
+        return array[:, index].reshape(batch * groups, index.shape[1])
+
+    head = attention_mask_bias(*(a[:, :prefix] for a in (slots, slots, valid, segment_ids, segment_ids, positions,
+                                                          positions)), sliding_window, shared[:, :prefix])
+    tail = attention_mask_bias(at(slots, own), at(slots, keys), at(valid, keys), at(segment_ids, own),
+                               at(segment_ids, keys), at(positions, own), at(positions, keys), sliding_window,
+                               at(shared, keys))
+    return PrefixSegments(head, tail.reshape(batch, groups, size, prefix + size))
+
+
 # `grouped_query_attention(..., causal=True)` splits rows of at least _CAUSAL_MIN_LENGTH queries into at most
 # _CAUSAL_BLOCKS blocks of at least _CAUSAL_BLOCK. Measured on SmolLM2 (2-core CPU, 4 micro-batches): the
 # shared-prefix reward-model step on rows of 320 went from 10.3-10.6 s to 9.5-9.8 s in blocks of 64 and was no
@@ -165,6 +204,8 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: j
     keeps q, k, v, its output and the softmax's row max and sum. For SmolLM2 at 16 x 256 that is 1.1 GiB of
     saved float32 per step instead of 7, at the price of one more q k^T per layer (3% of its FLOPs).
     """
+    if isinstance(allowed, PrefixSegments):
+        return _prefix_segment_attention(q, k, v, allowed, causal)
     length = q.shape[1]
     block = max(_CAUSAL_BLOCK, -(-length // _CAUSAL_BLOCKS))
     if not causal or k.shape[1] != length or length < _CAUSAL_MIN_LENGTH:
@@ -172,6 +213,27 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: j
     return jnp.concatenate([_attention(q[:, start:start + block], k[:, :start + block], v[:, :start + block],
                                        allowed[:, start:start + block, :start + block])
                             for start in range(0, length, block)], axis=1)
+
+
+def _prefix_segment_attention(q, k, v, allowed: PrefixSegments, causal: bool) -> jax.Array:
+    """`grouped_query_attention` over the blocks of a `PrefixSegments` layout: the prefix's queries against its
+    keys, then each segment's against the prefix's keys and its own (the segments as rows of a batch of B·G)."""
+    if not causal or k.shape[1] != q.shape[1]:
+        raise ValueError("a prefix-and-segments layout needs the queries' own slots as keys (no cache)")
+    prefix = allowed.prefix.shape[1]
+    batch, groups, size = allowed.segments.shape[:3]
+    head = grouped_query_attention(q[:, :prefix], k[:, :prefix], v[:, :prefix], allowed.prefix, causal=True)
+
+    def segments(x):  # [B, P + G·N, ...] -> [B·G, N, ...]
+        return x[:, prefix:].reshape(batch * groups, size, *x.shape[2:])
+
+    def with_prefix(x):  # [B, P + G·N, ...] -> [B·G, P + N, ...]: the prefix, then the segment's own slots
+        shared = jnp.broadcast_to(x[:, None, :prefix], (batch, groups, *x[:, :prefix].shape[1:]))
+        return jnp.concatenate([shared.reshape(batch * groups, *x[:, :prefix].shape[1:]), segments(x)], axis=1)
+
+    tail = _attention(segments(q), with_prefix(k), with_prefix(v),
+                      allowed.segments.reshape(batch * groups, size, prefix + size))
+    return jnp.concatenate([head, tail.reshape(batch, groups * size, *tail.shape[2:])], axis=1)
 
 
 def _heads_first(q, k, v):
@@ -372,11 +434,15 @@ class Decoder(nn.Module):
     """The Llama-family causal LM.
 
     __call__(tokens [B, T] int, positions [B, T] | None, attention_mask [B, T] | None,
-             segment_ids [B, T] | None, cache: KVCache | None, compute_logits: bool, shared [B, T] | None)
+             segment_ids [B, T] | None, cache: KVCache | None, compute_logits: bool, shared [B, T] | None,
+             segments: (P, G) | None)
       -> DecoderOutput(logits [B, T, V] f32 | None, hidden [B, T, D], cache)
 
     `shared` (with `segment_ids` and explicit `positions`, no cache): keys that every later token of the row
     sees whatever its segment, e.g. a prompt followed by two responses that each see it but not each other.
+    `segments` (static, with `shared`): every row is a prefix of P slots then G segments of (T − P) / G slots
+    that each see the prefix and not each other; attention then skips the blocks between segments
+    (`PrefixSegments`), with the same result wherever a query sees a key.
     """
 
     config: DecoderConfig
@@ -403,7 +469,7 @@ class Decoder(nn.Module):
             self.lm_head = _dense(c, c.vocab_size, "lm_head")
 
     def __call__(self, tokens, positions=None, attention_mask=None, segment_ids=None, cache=None,
-                 compute_logits=True, shared=None):
+                 compute_logits=True, shared=None, segments=None):
         c = self.config
         batch, length = tokens.shape
         if attention_mask is None:
@@ -413,8 +479,12 @@ class Decoder(nn.Module):
             if positions is None:
                 positions = default_positions(attention_mask, segment_ids)
             slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-            allowed = attention_mask_bias(slots, slots, attention_mask, segment_ids, segment_ids,
-                                          positions, positions, c.sliding_window, shared)
+            if segments is None:
+                allowed = attention_mask_bias(slots, slots, attention_mask, segment_ids, segment_ids,
+                                              positions, positions, c.sliding_window, shared)
+            else:
+                allowed = prefix_segment_masks(slots, attention_mask, segment_ids, positions, c.sliding_window,
+                                               shared, *segments)
             layer_kv = None
             cache_index = jnp.zeros((), jnp.int32)
         else:
@@ -461,10 +531,10 @@ def abstract_params(config: DecoderConfig) -> Params:
 
 
 def forward(config: DecoderConfig, params: Params, tokens, positions=None, attention_mask=None,
-            segment_ids=None, cache=None, compute_logits=True, shared=None) -> DecoderOutput:
+            segment_ids=None, cache=None, compute_logits=True, shared=None, segments=None) -> DecoderOutput:
     """Pure forward pass: see `Decoder.__call__` for shapes."""
     return Decoder(config).apply({"params": params}, tokens, positions, attention_mask, segment_ids, cache,
-                                 compute_logits, shared)
+                                 compute_logits, shared, segments)
 
 
 def unembedding(config: DecoderConfig, params: Params) -> jax.Array:
@@ -504,10 +574,10 @@ def _backbone_config(config: DecoderConfig) -> DecoderConfig:
 
 
 def values_forward(config: DecoderConfig, model: Params, tokens, positions=None, attention_mask=None,
-                   segment_ids=None, shared=None) -> jax.Array:
+                   segment_ids=None, shared=None, segments=None) -> jax.Array:
     """Per-token values [B, T] float32 of a scalar model {"backbone", "head"}."""
     out = forward(_backbone_config(config), model["backbone"], tokens, positions, attention_mask, segment_ids,
-                  compute_logits=False, shared=shared)
+                  compute_logits=False, shared=shared, segments=segments)
     return scalar_head(model["head"], out.hidden)
 
 

@@ -158,7 +158,8 @@ def continuation_logprobs(config: DecoderConfig, params, tokens, attention_mask,
     if group_size > 1:
         rows, slots = prompt_group_rows(tokens, attention_mask, start, group_size)
         hidden = llama.forward(config, params, rows["tokens"], rows["positions"], rows["attention_mask"],
-                               rows["segment_ids"], compute_logits=False, shared=rows["shared"]).hidden
+                               rows["segment_ids"], compute_logits=False, shared=rows["shared"],
+                               segments=(start, group_size)).hidden
         # column t is predicted from column t - 1 of its own row
         hidden = hidden[:, slots[:, start - 1 : -1].reshape(-1)].reshape(*targets.shape, hidden.shape[-1])
     else:
@@ -179,7 +180,9 @@ def prompt_group_rows(tokens, attention_mask, start: int, group_size: int) -> tu
     shared by all G).
 
     Attention computes the same sums as over the separate rows (a masked key adds an exact 0), so the hidden
-    states agree to float rounding; the backbone's work falls from B·T positions to B/G·(start + G·N).
+    states agree to float rounding; the backbone's work falls from B·T positions to B/G·(start + G·N). Pass
+    `segments=(start, group_size)` to `llama.forward` with these rows: attention then computes the prompt against
+    itself and each continuation against the prompt and itself, not the blocks between continuations.
     """
     batch, length = tokens.shape
     if batch % group_size:
