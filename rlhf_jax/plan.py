@@ -311,8 +311,10 @@ def _plan_rl(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
     from rlhf_jax.rewards import model_scores
     from rlhf_jax.sampling.sampler import SamplingSettings, batch_bucket, generate
     from rlhf_jax.sharding import batch_shards, batch_sharding, replicated, validate_mesh_for_model
+    from rlhf_jax.config.rl import with_shared_prefix
     from rlhf_jax.stages.rl import programs as rl_programs
 
+    stage = with_shared_prefix(stage, experiment.optimizer.micro_batches, batch_shards(mesh))  # as the stage decides
     rep = replicated(mesh)
     lora, algorithm = stage.lora, stage.algorithm
     policy_config, policy_params = _abstract_model(experiment, stage.policy)
@@ -379,7 +381,7 @@ def _plan_rl(experiment, stage, mesh, data, plan: StagePlan) -> StagePlan:
             scores = jnp.zeros(prompt_tokens.shape[:1], jnp.float32)
         else:
             scores = model_scores(reward_config, reward_params, prompt_tokens, prompt_mask, response_tokens,
-                                  response_mask)
+                                  response_mask, algorithm.group_size if stage.shared_prefix else 1)
         reference = frozen.get("reference", policy_bases[0] if policy_bases and algorithm.use_reference else {})
         return built.experience(policy_trainable, policy_bases[0] if policy_bases else {}, reference,
                                 critic_trainable, critic_bases[0] if critic_bases else {}, scores, prompt_tokens,

@@ -487,3 +487,24 @@ def test_resolver_turns_references_into_stage_directories(tmp_path):
     assert resolve("/models/x") == "/models/x"
     with pytest.raises(ConfigError, match="has no stage 'nope'"):
         resolve("stage:nope")
+
+
+@pytest.mark.parametrize("group_size, mini_batch_size, micro_batches, shards, expected", [
+    (4, 16, 1, 1, True),   # 4 groups in one micro-batch on one device
+    (4, 16, 2, 2, True),   # a group per micro-batch and device
+    (4, 16, 4, 2, False),  # 4 groups cannot split over 4 micro-batches x 2 devices
+    (4, 6, 1, 1, False),   # a mini-batch of 6 would cut a group of 4
+    (1, 16, 1, 1, False),  # a prompt sampled once has nothing to share
+])
+def test_the_rl_stages_share_each_prompt_by_default_where_the_groups_fit(group_size, mini_batch_size, micro_batches,
+                                                                         shards, expected):
+    from rlhf_jax.config import GRPOStage
+    from rlhf_jax.config.rl import with_shared_prefix
+
+    algorithm = dataclasses.replace(C.GRPO_ALGORITHM, group_size=group_size, mini_batch_size=mini_batch_size)
+    stage = GRPOStage(name="grpo", reward_model="fn:length", algorithm=algorithm)
+    assert stage.shared_prefix is None
+    assert with_shared_prefix(stage, micro_batches, shards).shared_prefix is expected
+    for chosen in (True, False):  # a value set in the config is kept
+        assert with_shared_prefix(dataclasses.replace(stage, shared_prefix=chosen), micro_batches,
+                                  shards).shared_prefix is chosen

@@ -326,9 +326,10 @@ def test_grpo_with_weighted_reward_sources_held_out_evaluation_and_no_reference(
 
 
 def test_grpo_with_shared_prefix_logs_the_metrics_of_separate_rows(tmp_path, monkeypatch):
-    """`stages.grpo.shared_prefix=true` (each prompt once per group in the reward model's scoring, the
-    experience pass and the update) on the same rollouts: an iteration's rewards (a reward model's and a
-    function's), KL, losses and entropy are those of the separate rows."""
+    """Each prompt once per group in the reward model's scoring, the experience pass and the update (the
+    default, `shared_prefix` None, where the groups fit, as here) on the same rollouts as
+    `stages.grpo.shared_prefix=false`: an iteration's rewards (a reward model's and a function's), KL, losses and
+    entropy are those of the separate rows."""
     from rlhf_jax.models import llama
     from rlhf_jax.training.artifacts import save_artifact
 
@@ -346,16 +347,17 @@ def test_grpo_with_shared_prefix_logs_the_metrics_of_separate_rows(tmp_path, mon
     real = rewards.model_scores
     monkeypatch.setattr(rewards, "model_scores", lambda *args: (groups_scored.append(args[-1]), real(*args))[1])
     logged = {}
-    for shared in (False, True):
+    assert base.shared_prefix is None
+    for shared in (False, None):
         stage = dataclasses.replace(base, shared_prefix=shared)
         run = dataclasses.replace(experiment, stages=(stage,))
         logged[shared] = read_metrics(_run_stage(run, "grpo", tmp_path / str(shared)))[-1]
-    assert groups_scored == [1, 4]  # traced once per run: the reward model saw the groups in the second
+    assert groups_scored == [1, 4]  # traced once per run: by default the reward model saw the groups
     names = [n for n in logged[False] if n.startswith(("reward/", "kl/", "policy/", "response/", "ppo/loss"))]
     assert {"kl/mean", "policy/kl_loss", "policy/loss", "policy/entropy", "reward/mean", "reward/rm",
             "reward/token_id_below"} <= set(names)
     for name in names:
-        np.testing.assert_allclose(logged[True][name], logged[False][name], rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(logged[None][name], logged[False][name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("name", ["tiny_ppo", "tiny_grpo", "tiny_rloo", "tiny_reinforce"])

@@ -2,6 +2,7 @@
 RLOO, REINFORCE: presets of one :class:`RLAlgorithm`), RAFT and ReST (keep the good samples, fine-tune on
 them), and best-of-n (keep the best, train nothing)."""
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -250,8 +251,9 @@ class _RLStage(_SamplingStage):
     offload_frozen: bool = False  # park the reference and reward model in host memory outside the scoring pass
     algorithm: RLAlgorithm = PPO_ALGORITHM
     # each prompt's group of `algorithm.group_size` samples in one row, the prompt computed once by every
-    # log-prob pass and update (`trainers.rl.rl_update`'s shared_prompts): mini-batches hold whole groups
-    shared_prefix: bool = False
+    # log-prob pass and update (`trainers.rl.rl_update`'s shared_prompts): mini-batches hold whole groups.
+    # None (the default): on wherever the groups fit (`with_shared_prefix`)
+    shared_prefix: bool | None = None
 
     @property
     def samples_per_prompt(self) -> int:
@@ -325,7 +327,7 @@ def _check_rl(stage: _RLStage, prefix: str, config: "ExperimentConfig") -> None:
     sequences = stage.rollout_batch_size * algorithm.group_size
     _require(sequences % algorithm.mini_batch_size == 0, where + "mini_batch_size", algorithm.mini_batch_size,
              f"a divisor of rollout_batch_size*group_size ({sequences})")
-    if stage.shared_prefix:
+    if stage.shared_prefix:  # (None is decided where the device count is known: `with_shared_prefix`)
         _require(algorithm.group_size >= 2, where + "group_size", algorithm.group_size,
                  f"2 or more with {prefix}shared_prefix=true (a prompt sampled once has nothing to share)")
         groups = algorithm.mini_batch_size // algorithm.group_size
@@ -341,3 +343,15 @@ def _check_rl(stage: _RLStage, prefix: str, config: "ExperimentConfig") -> None:
             _require((groups // micro) % shards == 0, where + "mini_batch_size", algorithm.mini_batch_size,
                      f"whole groups on each of mesh.data*mesh.fsdp ({shards}) devices with {prefix}shared_prefix="
                      f"true: the groups of a micro-batch ({groups // micro}) a multiple of {shards}")
+
+
+def with_shared_prefix(stage: "_RLStage", micro_batches: int, shards: int) -> "_RLStage":
+    """The stage with `shared_prefix` decided: as set, or (None) true where a prompt is sampled twice or more and
+    every mini-batch splits into whole groups over its `micro_batches` and the `shards` devices of the batch
+    axes; else false, each sample in its own row."""
+    if stage.shared_prefix is not None:
+        return stage
+    algorithm = stage.algorithm
+    groups, rest = divmod(algorithm.mini_batch_size, algorithm.group_size)
+    fits = algorithm.group_size >= 2 and rest == 0 and groups % (micro_batches * shards) == 0
+    return dataclasses.replace(stage, shared_prefix=fits)

@@ -133,6 +133,7 @@ def _reference(experiment, stage, rollouts: Rollouts, resolve):
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
     key = jax.random.key(experiment.seed)
     rollouts = load_rollouts(experiment, stage, resolve, key)
+    stage = rollouts.stage  # `shared_prefix` decided for the mesh
     mesh, tokenizer, policy_config = rollouts.mesh, rollouts.tokenizer, rollouts.config
     algorithm = stage.algorithm
     has_critic = algorithm.has_critic

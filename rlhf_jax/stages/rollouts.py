@@ -20,11 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from rlhf_jax.config.rl import with_shared_prefix
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.lora import full_params, merged_params
 from rlhf_jax.rewards import ModelReward, ScoringBatch, build_reward_sources, combine, source_scores
 from rlhf_jax.sampling.sampler import Sampler, SamplingSettings
-from rlhf_jax.sharding import make_mesh, param_shardings, place_batch, place_state, validate_mesh_for_model
+from rlhf_jax.sharding import (batch_shards, make_mesh, param_shardings, place_batch, place_state,
+                               validate_mesh_for_model)
 from rlhf_jax.stages.common import (Role, adapted_training, frozen_params, load_role, load_stage_dataset,
                                     require_tokenizer)
 from rlhf_jax.training.artifacts import save_artifact
@@ -126,6 +128,8 @@ def load_rollouts(experiment, stage, resolve, key: jax.Array) -> Rollouts:
     """Load the policy (LoRA per `stage.lora`), the reward sources and the prompts of a sampling stage; the
     frozen roles (LoRA base, reward models) are placed on the stage's mesh in the compute dtype."""
     mesh = make_mesh(experiment.mesh)  # a bad mesh fails before the models load
+    if getattr(stage, "shared_prefix", False) is None:  # an RL stage's default, decided for this mesh
+        stage = with_shared_prefix(stage, experiment.optimizer.micro_batches, batch_shards(mesh))
     policy_role = load_role(experiment, stage.policy, resolve)
     tokenizer = require_tokenizer(policy_role, f"stages.{stage.name}.policy")
     if policy_role.kind != "lm":
