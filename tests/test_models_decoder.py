@@ -261,12 +261,14 @@ def test_causal_blocks_give_the_whole_attention_in_float64(length):
         assert not seen.all()  # the padded rows were in the batch
 
 
-@pytest.mark.parametrize("prefix, groups, size, window", [(6, 3, 5, None), (7, 2, 9, 4), (330, 2, 40, 100)])
+@pytest.mark.parametrize("prefix, groups, size, window", [(6, 3, 5, None), (7, 2, 9, 4), (330, 2, 40, 100),
+                                                           (9, 2, 330, None)])
 def test_prefix_and_segments_give_the_whole_attention_in_float64(prefix, groups, size, window):
     """A row laid out as a prefix then segments that each see it and not each other
     (`prefix_segment_masks`, `PrefixSegments`): attention over the blocks it keeps gives the whole masked
     attention's values and gradients on every query that sees a key, with a left-padded prefix, right-padded
-    segments, a sliding window, and a prefix long enough for causal blocks (330)."""
+    segments, a sliding window, and a prefix or segments long enough for causal blocks (330). The reference is
+    the whole row's attention in one block."""
     from rlhf_jax.models.llama import (PrefixSegments, attention_mask_bias, grouped_query_attention,
                                        prefix_segment_masks)
 
@@ -301,7 +303,7 @@ def test_prefix_and_segments_give_the_whole_attention_in_float64(prefix, groups,
         args = [jnp.asarray(x) for x in (q, k, v)]
         outs, grads = {}, {}
         for name, allowed in (("whole", whole), ("blocks", blocks)):
-            fn = functools.partial(grouped_query_attention, allowed=allowed, causal=True)
+            fn = functools.partial(grouped_query_attention, allowed=allowed, causal=name == "blocks")
             outs[name] = np.asarray(jax.jit(fn)(*args))
             loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v) * cotangent)  # noqa: E731
             grads[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)

@@ -194,10 +194,11 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: j
     Scores and softmax in float32 (or wider); a row with no visible key gets uniform (finite) weights (over
     the keys of its block, with `causal`).
 
-    causal: the keys are the queries' own slots (S = T) and `allowed` never shows a query a later slot (as
-    `attention_mask_bias` builds it). Rows of at least 320 queries are then split into blocks of max(64, T / 8)
-    and block [a, b) attends to keys [0, b) only: the same result for every row with a visible key, without
-    computing the scores above the diagonal's blocks (at T = 512 in blocks of 64: 56% of the score FLOPs).
+    causal: the last T keys are the queries' own slots (S >= T; the S - T keys before them are a prefix that
+    every query may see) and `allowed` never shows a query a later slot (as `attention_mask_bias` builds it).
+    Rows of at least 320 queries are then split into blocks of max(64, T / 8) and block [a, b) attends to keys
+    [0, S - T + b) only: the same result for every row with a visible key, without computing the scores above
+    the diagonal's blocks (at T = S = 512 in blocks of 64: 56% of the score FLOPs).
 
     The backward pass recomputes the probabilities from q and k (flash attention's backward, untiled)
     instead of keeping each layer's [B, H, T, S] scores and probabilities from the forward pass: a layer
@@ -207,17 +208,20 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: j
     if isinstance(allowed, PrefixSegments):
         return _prefix_segment_attention(q, k, v, allowed, causal)
     length = q.shape[1]
+    offset = k.shape[1] - length  # keys before the queries' own slots
     block = max(_CAUSAL_BLOCK, -(-length // _CAUSAL_BLOCKS))
-    if not causal or k.shape[1] != length or length < _CAUSAL_MIN_LENGTH:
+    if not causal or offset < 0 or length < _CAUSAL_MIN_LENGTH:
         return _attention(q, k, v, allowed)
-    return jnp.concatenate([_attention(q[:, start:start + block], k[:, :start + block], v[:, :start + block],
-                                       allowed[:, start:start + block, :start + block])
+    return jnp.concatenate([_attention(q[:, start:start + block], k[:, :offset + start + block],
+                                       v[:, :offset + start + block],
+                                       allowed[:, start:start + block, :offset + start + block])
                             for start in range(0, length, block)], axis=1)
 
 
 def _prefix_segment_attention(q, k, v, allowed: PrefixSegments, causal: bool) -> jax.Array:
     """`grouped_query_attention` over the blocks of a `PrefixSegments` layout: the prefix's queries against its
-    keys, then each segment's against the prefix's keys and its own (the segments as rows of a batch of B·G)."""
+    keys, then each segment's against the prefix's keys and its own (the segments as rows of a batch of B·G;
+    a segment of 320 slots or more in causal blocks)."""
     if not causal or k.shape[1] != q.shape[1]:
         raise ValueError("a prefix-and-segments layout needs the queries' own slots as keys (no cache)")
     prefix = allowed.prefix.shape[1]
@@ -231,8 +235,8 @@ def _prefix_segment_attention(q, k, v, allowed: PrefixSegments, causal: bool) ->
         shared = jnp.broadcast_to(x[:, None, :prefix], (batch, groups, *x[:, :prefix].shape[1:]))
         return jnp.concatenate([shared.reshape(batch * groups, *x[:, :prefix].shape[1:]), segments(x)], axis=1)
 
-    tail = _attention(segments(q), with_prefix(k), with_prefix(v),
-                      allowed.segments.reshape(batch * groups, size, prefix + size))
+    tail = grouped_query_attention(segments(q), with_prefix(k), with_prefix(v),
+                                   allowed.segments.reshape(batch * groups, size, prefix + size), causal=True)
     return jnp.concatenate([head, tail.reshape(batch, groups * size, *tail.shape[2:])], axis=1)
 
 
