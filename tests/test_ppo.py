@@ -523,14 +523,15 @@ def test_a_reward_model_scores_a_groups_rows_with_the_prompt_computed_once():
                                np.asarray(source(ScoringBatch(*arrays, (None,) * 6))), rtol=1e-5, atol=1e-6)
 
 
-def _grouped_experience(algorithm, policy, shared_prompts, prompts=2):
+def _grouped_experience(algorithm, policy, shared_prompts, prompts=2, critic=None):
     prompt_tokens, prompt_mask, _ = _rollout(policy, jax.random.key(3), algorithm, batch=prompts)
     group = algorithm.group_size
     prompt_tokens, prompt_mask = jnp.repeat(prompt_tokens, group, axis=0), jnp.repeat(prompt_mask, group, axis=0)
     sample = generate(CONFIG, policy, prompt_tokens, prompt_mask, jax.random.key(4), SamplingSettings(max_new_tokens=6))
     scores = _scores(_low_token_fraction, {}, prompt_tokens, prompt_mask, sample)
     reference = jax.tree.map(lambda x: x * 0.9, policy)
-    return rl.make_experience(CONFIG, None, algorithm, policy, reference, {}, scores, prompt_tokens, prompt_mask,
+    return rl.make_experience(CONFIG, None if critic is None else CONFIG, algorithm, policy, reference,
+                              {} if critic is None else critic, scores, prompt_tokens, prompt_mask,
                               sample.response_tokens, sample.response_mask, sample.ended_with_eos, jnp.float32(0.04),
                               shared_prompts=shared_prompts)
 
@@ -563,6 +564,38 @@ def test_shared_prompts_give_the_experience_and_update_of_separate_rows(micro_ba
     for name in ("policy/loss", "policy/kl_loss", "policy/entropy"):
         np.testing.assert_allclose(float(shared_update[name]), float(update[name]), rtol=1e-4, atol=1e-6, err_msg=name)
     assert_same_updates(policy, shared_params, params)
+
+
+def test_shared_prompts_give_a_critics_values_and_update_of_separate_rows():
+    """PPO (a critic, GAE) with 2 prompts sampled 4 times each: with `shared_prompts` the critic's values, the
+    advantages and returns, and the update of both policy and critic (2 micro-batches) are the separate rows'."""
+    policy = llama.init_params(CONFIG, jax.random.key(0))
+    critic = llama.init_scalar_model(CONFIG, policy, jax.random.key(1))
+    algorithm = RLAlgorithm(advantage_estimator="gae", group_size=4, kl_coef=0.04, update_epochs=1,
+                            mini_batch_size=8, whiten_advantages=False)
+    assert algorithm.has_critic
+    out = {}
+    for shared in (False, True):
+        experience, metrics = _grouped_experience(algorithm, policy, shared, critic=critic)
+        states = tuple(TrainState.create(params, make_optimizer("sgd", 0.5, b1=0.0, grad_clip=None), jax.random.key(0))
+                       for params in (policy, critic))
+        states, update = rl.rl_update(CONFIG, CONFIG, algorithm, 6, jax.random.key(5), jnp.float32(0.04), states,
+                                      experience, num_microbatches=2, shared_prompts=shared)
+        out[shared] = (experience, metrics, states, update)
+    (experience, metrics, states, update), (shared_experience, shared_metrics, shared_states, shared_update) = (
+        out[False], out[True])
+    values = np.asarray(experience.old_values)
+    mask = np.asarray(experience.response_mask)
+    assert np.ptp(values[mask]) > 1e-3  # the critic's values differ across positions and rows
+    for field in ("old_values", "old_logprobs", "advantages", "returns"):
+        np.testing.assert_allclose(np.asarray(getattr(shared_experience, field)),
+                                   np.asarray(getattr(experience, field)), rtol=1e-5, atol=1e-5, err_msg=field)
+    np.testing.assert_allclose(float(shared_metrics["value/explained_var"]), float(metrics["value/explained_var"]),
+                               rtol=1e-4, atol=1e-6)
+    for name in ("policy/loss", "value/loss"):
+        np.testing.assert_allclose(float(shared_update[name]), float(update[name]), rtol=1e-4, atol=1e-6, err_msg=name)
+    assert_same_updates(policy, shared_states[0].params, states[0].params)
+    assert_same_updates(critic, shared_states[1].params, states[1].params)
 
 
 def test_shared_prompts_keep_groups_whole_in_shuffled_mini_batches():

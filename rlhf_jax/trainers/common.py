@@ -160,13 +160,23 @@ def continuation_logprobs(config: DecoderConfig, params, tokens, attention_mask,
         hidden = llama.forward(config, params, rows["tokens"], rows["positions"], rows["attention_mask"],
                                rows["segment_ids"], compute_logits=False, shared=rows["shared"],
                                segments=(start, group_size)).hidden
-        # column t is predicted from column t - 1 of its own row
-        hidden = hidden[:, slots[:, start - 1 : -1].reshape(-1)].reshape(*targets.shape, hidden.shape[-1])
+        hidden = group_columns(hidden, slots, slice(start - 1, -1))  # column t is predicted from column t - 1
     else:
         hidden = llama.forward(config, params, tokens, None, attention_mask, None, compute_logits=False).hidden
         hidden = hidden[:, start - 1 : -1]
     return _logprobs_at(config, params, hidden, targets, jnp.ones(targets.shape, bool), temperature, seq_chunk,
                         with_entropy)
+
+
+def group_columns(grouped: jax.Array, slots: jax.Array, columns: slice) -> jax.Array:
+    """`columns` of every original row, read from per-slot values of :func:`prompt_group_rows`' rows.
+
+    grouped: [B/G, L, ...] (hidden states, values) over the group rows; slots: [G, T] from `prompt_group_rows`.
+    Returns [B, K, ...]: row b·G + g's columns, K of them, in the original rows' order.
+    """
+    index = slots[:, columns]  # [G, K]
+    picked = grouped[:, index.reshape(-1)]  # [B/G, G·K, ...]
+    return picked.reshape(grouped.shape[0] * index.shape[0], index.shape[1], *grouped.shape[2:])
 
 
 def prompt_group_rows(tokens, attention_mask, start: int, group_size: int) -> tuple[dict, jax.Array]:

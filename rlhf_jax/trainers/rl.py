@@ -52,7 +52,7 @@ from rlhf_jax.losses import (
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.lora import LoRASettings, full_params
-from rlhf_jax.trainers.common import continuation_logprobs
+from rlhf_jax.trainers.common import continuation_logprobs, group_columns, prompt_group_rows
 from rlhf_jax.training.accumulate import accumulate_gradients
 
 
@@ -169,10 +169,19 @@ def _prompt_group(algorithm: RLAlgorithm, shared_prompts: bool) -> int:
     return algorithm.group_size if shared_prompts else 1
 
 
-def response_values(config: DecoderConfig, critic, tokens, attention_mask, prompt_length: int) -> jax.Array:
-    """V(state before response token i) for i < N: critic values at columns P − 1 + i. Returns [B, N]."""
-    values = llama.values_forward(config, critic, tokens, attention_mask=attention_mask)
-    return _response_slice(values, prompt_length, shift=-1)
+def response_values(config: DecoderConfig, critic, tokens, attention_mask, prompt_length: int,
+                    group_size: int = 1) -> jax.Array:
+    """V(state before response token i) for i < N: critic values at columns P − 1 + i. Returns [B, N].
+
+    With `group_size` > 1 each group of that many rows shares its prompt, which the critic's backbone runs once
+    (`trainers.common.prompt_group_rows`), as `response_logprobs` does for the policy."""
+    if group_size == 1:
+        values = llama.values_forward(config, critic, tokens, attention_mask=attention_mask)
+        return _response_slice(values, prompt_length, shift=-1)
+    rows, slots = prompt_group_rows(tokens, attention_mask, prompt_length, group_size)
+    values = llama.values_forward(config, critic, rows["tokens"], rows["positions"], rows["attention_mask"],
+                                  rows["segment_ids"], shared=rows["shared"], segments=(prompt_length, group_size))
+    return group_columns(values, slots, slice(prompt_length - 1, -1))
 
 
 def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig | None, algorithm: RLAlgorithm,
@@ -191,7 +200,8 @@ def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig |
     broadcast over the response tokens. With `kl_placement="loss"` the rewards carry no KL.
 
     shared_prompts: each group of `algorithm.group_size` contiguous rows holds one prompt, and the log-prob
-    passes run it once per group (`response_logprobs`'s `group_size`); the same numbers to float rounding.
+    and value passes run it once per group (`response_logprobs`'s and `response_values`'s `group_size`); the
+    same numbers to float rounding.
     """
     prompt_length = prompt_tokens.shape[1]
     group = _prompt_group(algorithm, shared_prompts)
@@ -213,7 +223,7 @@ def make_experience(policy_config: DecoderConfig, critic_config: DecoderConfig |
         ref_logprobs = skipped
     if algorithm.has_critic:
         old_values = jnp.where(response_mask, response_values(critic_config, critic, tokens, attention_mask,
-                                                              prompt_length), 0.0)
+                                                              prompt_length, group), 0.0)
     else:
         old_values = jnp.zeros(response_mask.shape, jnp.float32)
     scores, shaping_metrics = shape_scores(raw_scores, response_tokens, response_mask, ended_with_eos, algorithm)
@@ -268,8 +278,8 @@ def rl_loss_sum(policy_config: DecoderConfig, critic_config: DecoderConfig | Non
     trainable = (policy params,) or (policy params, critic params); batch: an `Experience` slice. With
     `old_logprobs_from_update` (`old_logprobs_from_update(algorithm, rows)`) the ratio's denominator is
     this forward's own log-probs, stop-gradient, instead of `batch.old_logprobs`. With `shared_prompts` the
-    batch's leaves are [groups, group_size, ...] (`rl_update`'s layout) and the policy's forward runs each
-    group's prompt once.
+    batch's leaves are [groups, group_size, ...] (`rl_update`'s layout) and the policy's and the critic's
+    forwards run each group's prompt once.
     """
     policy = trainable[0]
     if shared_prompts:
@@ -289,7 +299,8 @@ def rl_loss_sum(policy_config: DecoderConfig, critic_config: DecoderConfig | Non
     metrics = {"policy/loss": Weighted(*aggregate(policy_per_token, mask, algorithm.loss_aggregation,
                                                   normaliser=normaliser))}
     if algorithm.has_critic:
-        values = response_values(critic_config, trainable[1], batch.tokens, batch.attention_mask, prompt_length)
+        values = response_values(critic_config, trainable[1], batch.tokens, batch.attention_mask, prompt_length,
+                                 _prompt_group(algorithm, shared_prompts))
         value_per_token, value_metrics = value_loss_per_token(values, batch.old_values, batch.returns, mask,
                                                               algorithm.value_clip_eps)
         per_token = per_token + algorithm.vf_coef * value_per_token
