@@ -42,7 +42,7 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.losses import last_token_index
 from rlhf_jax.models import llama
 from rlhf_jax.tasks.arithmetic import exact_answer_reward
-from rlhf_jax.trainers.common import prompt_group_rows
+from rlhf_jax.trainers.common import over_group_rows
 
 RewardFunction = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 TextRewardFunction = Callable[[str, "str | None", str], float]  # (response_text, reference, prompt_text) -> score
@@ -264,10 +264,8 @@ def model_scores(config, params, prompt_tokens, prompt_mask, response_tokens, re
     attention_mask = jnp.concatenate([prompt_mask.astype(bool), response_mask.astype(bool)], axis=1)
     if group_size == 1:
         return llama.rewards_forward(config, params, tokens, attention_mask).astype(jnp.float32)
-    rows, slots = prompt_group_rows(tokens, attention_mask, prompt_tokens.shape[1], group_size)
-    values = llama.values_forward(config, params, rows["tokens"], rows["positions"], rows["attention_mask"],
-                                  rows["segment_ids"], shared=rows["shared"],
-                                  segments=(prompt_tokens.shape[1], group_size))  # [B/G, L]
+    values, slots = over_group_rows(lambda *rows, **layout: llama.values_forward(config, params, *rows, **layout),
+                                    tokens, attention_mask, prompt_tokens.shape[1], group_size)  # [B/G, L]
     member = jnp.arange(tokens.shape[0]) % group_size
     slot = slots[member, last_token_index(attention_mask)]
     return values[jnp.arange(tokens.shape[0]) // group_size, slot].astype(jnp.float32)

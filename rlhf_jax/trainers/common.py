@@ -156,16 +156,24 @@ def continuation_logprobs(config: DecoderConfig, params, tokens, attention_mask,
         raise ValueError(f"start must be >= 1 (column 0 has no prediction), got {start}")
     targets = tokens[:, start:]
     if group_size > 1:
-        rows, slots = prompt_group_rows(tokens, attention_mask, start, group_size)
-        hidden = llama.forward(config, params, rows["tokens"], rows["positions"], rows["attention_mask"],
-                               rows["segment_ids"], compute_logits=False, shared=rows["shared"],
-                               segments=(start, group_size)).hidden
+        hidden, slots = over_group_rows(
+            lambda *rows, **layout: llama.forward(config, params, *rows, compute_logits=False, **layout).hidden,
+            tokens, attention_mask, start, group_size)
         hidden = group_columns(hidden, slots, slice(start - 1, -1))  # column t is predicted from column t - 1
     else:
         hidden = llama.forward(config, params, tokens, None, attention_mask, None, compute_logits=False).hidden
         hidden = hidden[:, start - 1 : -1]
     return _logprobs_at(config, params, hidden, targets, jnp.ones(targets.shape, bool), temperature, seq_chunk,
                         with_entropy)
+
+
+def over_group_rows(model_fn, tokens, attention_mask, start: int, group_size: int):
+    """`model_fn(tokens, positions, attention_mask, segment_ids, shared=, segments=)` (a backbone forward) over
+    :func:`prompt_group_rows`' rows, attention over their visible blocks. Returns (its output, slots)."""
+    rows, slots = prompt_group_rows(tokens, attention_mask, start, group_size)
+    out = model_fn(rows["tokens"], rows["positions"], rows["attention_mask"], rows["segment_ids"],
+                   shared=rows["shared"], segments=(start, group_size))
+    return out, slots
 
 
 def group_columns(grouped: jax.Array, slots: jax.Array, columns: slice) -> jax.Array:

@@ -52,7 +52,7 @@ from rlhf_jax.losses import (
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.lora import LoRASettings, full_params
-from rlhf_jax.trainers.common import continuation_logprobs, group_columns, prompt_group_rows
+from rlhf_jax.trainers.common import continuation_logprobs, group_columns, over_group_rows
 from rlhf_jax.training.accumulate import accumulate_gradients
 
 
@@ -178,9 +178,8 @@ def response_values(config: DecoderConfig, critic, tokens, attention_mask, promp
     if group_size == 1:
         values = llama.values_forward(config, critic, tokens, attention_mask=attention_mask)
         return _response_slice(values, prompt_length, shift=-1)
-    rows, slots = prompt_group_rows(tokens, attention_mask, prompt_length, group_size)
-    values = llama.values_forward(config, critic, rows["tokens"], rows["positions"], rows["attention_mask"],
-                                  rows["segment_ids"], shared=rows["shared"], segments=(prompt_length, group_size))
+    values, slots = over_group_rows(lambda *rows, **layout: llama.values_forward(config, critic, *rows, **layout),
+                                    tokens, attention_mask, prompt_length, group_size)
     return group_columns(values, slots, slice(prompt_length - 1, -1))
 
 
