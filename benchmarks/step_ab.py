@@ -12,13 +12,23 @@ the host's drift between runs does not enter the ratio.
 
     .venv/bin/python benchmarks/step_ab.py --step dpo --micro-batches 4 --length-buckets 8
     .venv/bin/python benchmarks/step_ab.py --compare per-layer --step rm --micro-batches 8 --length-buckets 8
+    .venv/bin/python benchmarks/step_ab.py --step sft --micro-batches 4 --profile 30
+
+`--profile N` then runs one more step of the second version under `jax.profiler` and prints where it went: the
+time of XLA's CPU operations (thunks) summed by kind and by the JAX operation they came from (the HLO's
+`op_name`, layer numbers dropped), the N largest. Operations that run at the same time on the machine's threads
+each count their own time, so the sum can exceed the step.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import glob
+import re
 import statistics
+import tempfile
 import time
 from unittest import mock
 
@@ -60,17 +70,58 @@ def pair_batch(step: str, length: int, seed: int = 0) -> dict:
 
 
 def build_step(step: str, config, params, micro: int):
-    """(params, prepare(host batch) -> batch, run(state, batch) -> (state, metrics)), jitted."""
+    """(params, prepare(host batch) -> batch, run(state, batch) -> (state, metrics), programs(state, batch) ->
+    the compiled HLO text of each jitted function `run` calls)."""
     if step == "rm":
         params = llama.init_scalar_model(config, params, jax.random.key(1))
-        return params, (lambda b: b), jax.jit(functools.partial(reward_train_step, config, 0.0, micro),
-                                               donate_argnums=0)
+        run = jax.jit(functools.partial(reward_train_step, config, 0.0, micro), donate_argnums=0)
+        return params, (lambda b: b), run, lambda state, b: [run.lower(state, b).compile().as_text()]
     prepare = functools.partial(with_loss_index, num_microbatches=micro)
     if step == "sft":
-        return params, prepare, jax.jit(functools.partial(sft_train_step, config, micro), donate_argnums=0)
+        run = jax.jit(functools.partial(sft_train_step, config, micro), donate_argnums=0)
+        return params, prepare, run, lambda state, b: [run.lower(state, b).compile().as_text()]
     reference = jax.jit(functools.partial(reference_logprobs, config), static_argnums=2)
     train = jax.jit(functools.partial(preference_train_step, config, PreferenceLoss(), micro), donate_argnums=0)
-    return params, prepare, lambda state, b: train(state, {**b, **reference(params, b, micro)})
+
+    def programs(state, b):
+        with_reference = {**b, **reference(params, b, micro)}
+        return [reference.lower(params, b, micro).compile().as_text(),
+                train.lower(state, with_reference).compile().as_text()]
+
+    return params, prepare, lambda state, b: train(state, {**b, **reference(params, b, micro)}), programs
+
+
+def profile_step(run, state, batch, programs: list[str], top: int):
+    """One step under `jax.profiler`: (state, rows of (kind, op_name, seconds, count), step seconds). XLA's CPU
+    runtime records each operation (thunk) by its HLO name; `programs` (compiled HLO text) gives each its
+    `op_name`."""
+    op_names = {}
+    for text in programs:
+        module = re.match(r"HloModule (\S+?),", text).group(1)
+        for name, op_name in re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", text, re.M):
+            op_name = re.sub(r"branch_\d+_fun", "branch_N_fun", op_name.split("/", 1)[-1])  # `by_length`'s
+            op_names[module, name] = re.sub(r"_\d+(?=/|$)", "_N", op_name)  # layers_12 -> layers_N
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder)
+        start = time.perf_counter()
+        state, metrics = run(state, batch)
+        jax.block_until_ready(metrics)
+        seconds = time.perf_counter() - start
+        jax.profiler.stop_trace()
+        trace = jax.profiler.ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    totals, counts = collections.Counter(), collections.Counter()
+    for plane in trace.planes:
+        for line in plane.lines:
+            for event in line.events:
+                stats = dict(event.stats)
+                if "hlo_op" not in stats or event.name.startswith("end: "):
+                    continue
+                kind = re.sub(r"\.\d+$", "", event.name)
+                key = (kind, op_names.get((stats.get("hlo_module"), event.name), "?"))
+                totals[key] += event.duration_ns / 1e9
+                counts[key] += 1
+    rows = [(kind, op_name, total, counts[kind, op_name]) for (kind, op_name), total in totals.most_common(top)]
+    return state, rows, seconds
 
 
 def main(argv=None) -> dict:
@@ -81,13 +132,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--length-buckets", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="per side, the first two left out of the median")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and 32-token rows (smoke test)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then profile one step of the second version and print its N largest operations")
     args = parser.parse_args(argv)
     config = tiny_config("smollm2", **({} if args.tiny else SMOLLM2))
     length, micro = (32 if args.tiny else LENGTH), args.micro_batches
     batch = pair_batch(args.step, length)
     variants = {}  # name: (run, host batch)
     if args.compare == "lengths":
-        params, prepare, run = build_step(args.step, config, llama.init_params(config, jax.random.key(0)), micro)
+        params, prepare, run, programs = build_step(args.step, config, llama.init_params(config, jax.random.key(0)),
+                                                    micro)
         variants["padded"] = (run, batch)
         variants["per-micro-batch lengths"] = (run, order_by_length(batch, micro, args.length_buckets))
     else:
@@ -95,7 +149,8 @@ def main(argv=None) -> dict:
         # programs, every call under its setting (so that whenever jit traces, it traces that side's program)
         ordered = order_by_length(batch, micro, args.length_buckets)
         for name, unrolled in (("stacked weights", False), ("per-layer weights", True)):
-            params, prepare, run = build_step(args.step, config, llama.init_params(config, jax.random.key(0)), micro)
+            params, prepare, run, programs = build_step(args.step, config,
+                                                        llama.init_params(config, jax.random.key(0)), micro)
 
             def patched(state, b, run=run, unrolled=unrolled):
                 with mock.patch.object(llama, "layers_unrolled", lambda _: unrolled):
@@ -119,7 +174,21 @@ def main(argv=None) -> dict:
               f"median {medians[name]:.2f} s; first loss {losses[name]:.6f}")
     before, after = medians.values()
     print(f"speed-up {before / after:.2f}×")
-    return {"seconds": seconds, "medians": medians, "losses": losses}
+    result = {"seconds": seconds, "medians": medians, "losses": losses}
+    if args.profile:
+        name = list(variants)[-1]
+        run, device_batch = variants[name]
+        if args.compare == "per-layer":  # trace the programs of the per-layer side
+            with mock.patch.object(llama, "layers_unrolled", lambda _: True):
+                texts = programs(states[name], device_batch)
+        else:
+            texts = programs(states[name], device_batch)
+        states[name], rows, step_seconds = profile_step(run, states[name], device_batch, texts, args.profile)
+        print(f"\nprofile of one step ({name}): {step_seconds:.2f} s under the profiler")
+        for kind, op_name, total, count in rows:
+            print(f"{total * 1e3:9.1f} ms {count:6d}  {kind:28s} {op_name[-110:]}")
+        result["profile"] = rows
+    return result
 
 
 if __name__ == "__main__":

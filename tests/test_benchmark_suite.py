@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -201,6 +202,21 @@ def test_step_ab_runs_both_programs_on_the_same_rows(compare, step):
     assert all(len(times) == 2 and min(times) > 0 for times in result["seconds"].values())
     first, second = result["losses"].values()
     np.testing.assert_allclose(first, second, rtol=1e-5)  # the same rows, the same first loss
+
+
+@pytest.mark.parametrize("step", ["sft", "dpo"])
+def test_step_ab_profile_names_the_operations_of_a_step(step):
+    sys.path.insert(0, str(SUITE.parent))
+    import step_ab
+
+    result = step_ab.main(["--tiny", "--step", step, "--micro-batches", "2", "--length-buckets", "4", "--steps", "1",
+                           "--profile", "400"])
+    rows = result["profile"]
+    assert rows and all(seconds > 0 and count > 0 for _, _, seconds, count in rows)
+    names = [op_name for _, op_name, _, _ in rows]
+    # the layers' operations, under every branch of `by_length` and every layer, are one row each
+    assert any("layers/mlp/up_proj" in name for name in names)
+    assert not any(re.search(r"layers_\d|branch_\d", name) for name in names)
 
 
 @pytest.mark.slow  # about a minute and a half on 2 cores

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -94,6 +95,35 @@ def test_trimmed_loss_index_gives_the_same_logprobs():
     np.testing.assert_allclose(short, full[:, :16], rtol=1e-6, atol=1e-7)
     assert np.all(full[:, 16:] == 0)
 
+
+
+def test_a_trimmed_microbatch_runs_the_head_at_no_more_slots_than_its_positions():
+    """A batch's index is sized by its longest micro-batch; a micro-batch cut to a shorter length computes the
+    LM head at rows·length slots at most, with the same log-probs."""
+    params = llama.init_params(CONFIG, jax.random.key(0))
+    batch = _rows(np.random.default_rng(4), 2, 64, shortest=3)
+    for key in ("attention_mask", "loss_mask"):
+        batch[key][:, 8:] = False  # both rows fit 8 columns
+    batch["loss_mask"][:, 1:8] = batch["attention_mask"][:, 1:8]
+    indexed = _device(with_loss_index(batch))
+    trimmed = trim_to_length(indexed, 8)
+    assert trimmed["loss_index"].size == 64 > 2 * 8  # 14 positions, a bucket of 64
+    full = np.asarray(teacher_forced_logprobs(CONFIG, params, indexed))
+    short = np.asarray(teacher_forced_logprobs(CONFIG, params, trimmed, index=trimmed["loss_index"]))
+    np.testing.assert_allclose(short, full[:, :8], rtol=1e-6, atol=1e-7)
+    assert np.all(short[:, 0] == 0) and np.all(short[:, 1:] != 0)
+
+    def head_rows(jaxpr):  # the leading size of every product with the vocabulary as its last axis
+        rows = []
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape[-1] == CONFIG.vocab_size:
+                rows.append(int(np.prod(eqn.outvars[0].aval.shape[:-1])))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                rows += head_rows(sub)
+        return rows
+
+    jaxpr = jax.make_jaxpr(lambda p, b: teacher_forced_logprobs(CONFIG, p, b, index=b["loss_index"]))(params, trimmed)
+    assert head_rows(jaxpr.jaxpr) == [2 * 8]
 
 def _summed_gradients(loss_sum_fn, params, batch, num_microbatches):
     """Σ over micro-batches of (loss sum, count, gradient), each micro-batch through `by_length`."""

@@ -3,6 +3,7 @@
 import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -378,3 +379,30 @@ def test_logprobs_from_hidden_never_form_full_logits():
     assert bound < MB * MT * MV
     assert _largest_float32(loss, hidden, unembedding) <= bound
     assert _largest_float32(jax.grad(loss, argnums=(0, 1)), hidden, unembedding) <= bound
+
+
+@pytest.mark.parametrize("vocab_chunk, gathers_columns", [(None, False), (5, True)])
+def test_the_whole_vocabulary_reads_the_chosen_logit_from_its_product(vocab_chunk, gathers_columns):
+    """Without vocab_chunk every logit is formed, so the chosen one is read from that product; the gradient of
+    gathered unembedding columns (a scatter into W) is left to the chunked path, which never forms every logit."""
+    _, tokens, hidden, unembedding = random_inputs(5)
+
+    def loss(h, w):
+        return jnp.sum(logprobs_from_hidden(h, w, tokens, seq_chunk=None, vocab_chunk=vocab_chunk))
+
+    def scatters_into_w(jaxpr):
+        found = 0
+        for eqn in jaxpr.eqns:
+            found += eqn.primitive.name.startswith("scatter") and eqn.outvars[0].aval.shape == unembedding.shape
+            found += sum(scatters_into_w(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+        return found
+
+    assert bool(scatters_into_w(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, unembedding).jaxpr)) == \
+        gathers_columns
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1))(hidden, unembedding)
+    chunked_value, chunked_grads = jax.value_and_grad(
+        lambda h, w: jnp.sum(logprobs_from_hidden(h, w, tokens, seq_chunk=None, vocab_chunk=7)), argnums=(0, 1))(
+        hidden, unembedding)
+    np.testing.assert_allclose(value, chunked_value, rtol=1e-5)
+    for grad, chunked in zip(grads, chunked_grads):
+        np.testing.assert_allclose(grad, chunked, rtol=1e-4, atol=1e-5)

@@ -78,7 +78,9 @@ def teacher_forced_logprobs(config: DecoderConfig, params, batch, temperature: f
 def _logprobs_at_index(config: DecoderConfig, params, hidden, tokens, index, temperature: float):
     """[B, T] log-probs, computed at the flat positions `index` only (0 elsewhere)."""
     rows, length = tokens.shape
-    flat = index.reshape(-1).astype(jnp.int32)
+    # `with_loss_index` lists the positions in order, padding after them, and there are at most rows·length: a
+    # micro-batch cut to a shorter length (`training.accumulate.by_length`) runs the head at no more slots
+    flat = index.reshape(-1).astype(jnp.int32)[: rows * length]
     valid = flat < rows * length
     # a position p predicts tokens[p] from hidden[p - 1] (same row: column 0 is never in an index)
     at = jnp.where(valid, flat, 1)
