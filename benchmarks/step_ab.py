@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import glob
 import re
@@ -83,12 +84,14 @@ def build_step(step: str, config, params, micro: int):
     reference = jax.jit(functools.partial(reference_logprobs, config), static_argnums=2)
     train = jax.jit(functools.partial(preference_train_step, config, PreferenceLoss(), micro), donate_argnums=0)
 
-    def programs(state, b):
-        with_reference = {**b, **reference(params, b, micro)}
-        return [reference.lower(params, b, micro).compile().as_text(),
-                train.lower(state, with_reference).compile().as_text()]
+    def with_reference(b):
+        return {**b, **reference(params, b, micro)}
 
-    return params, prepare, lambda state, b: train(state, {**b, **reference(params, b, micro)}), programs
+    def programs(state, b):
+        return [reference.lower(params, b, micro).compile().as_text(),
+                train.lower(state, with_reference(b)).compile().as_text()]
+
+    return params, prepare, lambda state, b: train(state, with_reference(b)), programs
 
 
 def profile_step(run, state, batch, programs: list[str], top: int):
@@ -178,10 +181,9 @@ def main(argv=None) -> dict:
     if args.profile:
         name = list(variants)[-1]
         run, device_batch = variants[name]
-        if args.compare == "per-layer":  # trace the programs of the per-layer side
-            with mock.patch.object(llama, "layers_unrolled", lambda _: True):
-                texts = programs(states[name], device_batch)
-        else:
+        # per-layer: trace the per-layer side's programs, as its calls do
+        with (mock.patch.object(llama, "layers_unrolled", lambda _: True) if args.compare == "per-layer"
+              else contextlib.nullcontext()):
             texts = programs(states[name], device_batch)
         states[name], rows, step_seconds = profile_step(run, states[name], device_batch, texts, args.profile)
         print(f"\nprofile of one step ({name}): {step_seconds:.2f} s under the profiler")
