@@ -77,18 +77,21 @@ def test_sft_step_with_microbatches_equals_one_batch_and_learns():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_reward_model_learns_a_token_preference():
-    # chosen responses end with token 7, rejected with token 9: a learnable preference
+def _token_preference_batch(batch_size=8, length=10):
+    """Chosen responses end with token 7, rejected with token 9: a learnable preference."""
     rng = np.random.default_rng(0)
-    batch_size, length = 8, 10
     base = rng.integers(10, CONFIG.vocab_size, (batch_size, length))
     chosen, rejected = base.copy(), base.copy()
     lengths = rng.integers(5, length + 1, batch_size)
     chosen[np.arange(batch_size), lengths - 1] = 7
     rejected[np.arange(batch_size), lengths - 1] = 9
     mask = np.arange(length)[None] < lengths[:, None]
-    batch = {"chosen_tokens": jnp.asarray(chosen), "rejected_tokens": jnp.asarray(rejected),
-             "chosen_attention_mask": jnp.asarray(mask), "rejected_attention_mask": jnp.asarray(mask)}
+    return {"chosen_tokens": jnp.asarray(chosen), "rejected_tokens": jnp.asarray(rejected),
+            "chosen_attention_mask": jnp.asarray(mask), "rejected_attention_mask": jnp.asarray(mask)}
+
+
+def test_reward_model_learns_a_token_preference():
+    batch = _token_preference_batch()
     lm = llama.init_params(CONFIG, jax.random.key(0))
     model = llama.init_scalar_model(CONFIG, lm, jax.random.key(1))
     assert "lm_head" not in model["backbone"]
@@ -101,6 +104,25 @@ def test_reward_model_learns_a_token_preference():
     assert float(metrics["rm/accuracy"]) == 1.0
     assert float(metrics["rm/loss"]) < 0.2 * first
     assert {"rm/chosen_reward_std", "rm/rejected_reward_std", "rm/margin"} <= set(metrics)
+
+
+def test_reward_head_bias_learns_only_with_centering():
+    # Bradley-Terry alone sees r_c - r_r, where the bias cancels: its gradient is float rounding, which AdamW
+    # would scale into steps of about the learning rate, shifting every reward together. With centering the
+    # bias has a real gradient, -(r_c + r_r) pulls it.
+    batch = _token_preference_batch()
+    model = llama.init_scalar_model(CONFIG, llama.init_params(CONFIG, jax.random.key(0)), jax.random.key(1))
+    for center_coef in (0.0, 0.05):
+        state = TrainState.create(model, make_optimizer("adamw", 1e-3), jax.random.key(0))
+        step = jax.jit(functools.partial(reward_train_step, CONFIG, center_coef, 2))
+        for _ in range(5):
+            state, metrics = step(state, batch)
+        bias = float(state.params["head"]["bias"][0])
+        if center_coef:
+            assert abs(bias) > 1e-4, bias
+        else:
+            assert bias == 0.0, bias
+            assert not np.allclose(np.asarray(state.params["head"]["kernel"]), np.asarray(model["head"]["kernel"]))
 
 
 def test_frozen_backbone_reward_model_trains_only_the_head_with_head_only_optimizer_state():

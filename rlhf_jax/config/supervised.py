@@ -33,7 +33,7 @@ class RewardStage(_TrainingStage):
     kind: ClassVar[StageKind] = StageKind.REWARD
     model: str | None = _source("any_model", default=None)  # initial weights; None: model.source
     batch_size: int | None = None  # pairs per step; None: data.batch_size
-    center_rewards_coef: float = 0.0  # penalty on (r_chosen + r_rejected)^2, keeps scores near 0
+    center_rewards_coef: float = 0.0  # penalty on (r_c + r_r)^2, scores near 0; at 0 the head bias is fixed
     freeze_backbone: bool = False  # train the reward head only: a linear probe on frozen features (cheap on CPU)
     # each pair in one row, the prompt both sides begin with computed once (`data.batching.share_prefixes`):
     # the same rewards and gradients, 62% of the tokens on HH pairs; the final evaluation scores the pairs so too

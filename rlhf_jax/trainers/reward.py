@@ -40,9 +40,15 @@ def reward_loss_sum(config: DecoderConfig, center_coef: float, model, batch, fre
     """(Σ pair losses, (pair count, `Weighted` metrics)) for one micro-batch.
 
     freeze_backbone: no gradient reaches the backbone (only the head learns), so the backward pass skips it.
+    With `center_coef` 0 the head's bias gets no gradient (the loss does not depend on it).
     """
     if freeze_backbone:
         model = {"backbone": jax.lax.stop_gradient(model["backbone"]), "head": model["head"]}
+    if isinstance(center_coef, (int, float)) and center_coef == 0:
+        # Bradley-Terry alone sees r_c - r_r, where the head's bias cancels: its gradient is float rounding, which
+        # AdamW would scale into steps of about the learning rate. Held fixed, as in a head without a bias.
+        head = {**model["head"], "bias": jax.lax.stop_gradient(model["head"]["bias"])}
+        model = {**model, "head": head}
     chosen, rejected = pair_rewards(config, model, batch)
     pair_mask = batch.get("pair_mask", jnp.ones(chosen.shape, bool))
     per_pair = bradley_terry_per_pair(chosen, rejected, margin=batch.get("margin"), pair_mask=pair_mask,
