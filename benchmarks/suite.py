@@ -818,6 +818,10 @@ def main(argv: list[str] | None = None) -> int:
                              "`precompute_ref_log_probs=True`) and each step reads them; that pass is timed apart "
                              "and the step's FLOPs leave the reference forward out. Default: the reference runs "
                              "on each batch in the step")
+    parser.add_argument("--packed-examples", type=int, default=None,
+                        help="sft_packed: the examples of one pass, the first N of the HH train set (default 64). "
+                             "Ours packs them into as few batches as its data iterator plans, TRL pads batches of 8 "
+                             "to their longest; the more examples, the fewer slots ours leaves empty")
     parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="what both sides compute in; auto (default): bfloat16 where JAX's default backend is "
                              "a GPU (float32 master weights, bf16 matmuls), else float32")
@@ -829,6 +833,10 @@ def main(argv: list[str] | None = None) -> int:
     shapes, warmup, steps = (TINY, 1, 1) if args.tiny else (FULL, args.warmup, args.steps)
     if warmup < 1 or steps < 1:
         parser.error("--warmup and --steps must be at least 1 (the first step is the first-call measurement)")
+    if args.packed_examples is not None:
+        if args.packed_examples < shapes.sft_examples:
+            parser.error(f"--packed-examples must be at least one TRL batch ({shapes.sft_examples})")
+        shapes = dataclasses.replace(shapes, packed_examples=args.packed_examples)
     runs = warmup + steps
     batches = runs if args.batches is None else args.batches
     if batches < 1:

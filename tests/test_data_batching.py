@@ -17,6 +17,7 @@ from rlhf_jax.data import (
     default_buckets,
     micro_batch_size,
     pack,
+    plan_packed_batches,
     split_micro_batches,
     truncate,
 )
@@ -107,23 +108,56 @@ def test_packing_segments_positions_and_masks():
     rng = np.random.default_rng(4)
     examples = [example(rng, 3, 4), example(rng, 2, 2), example(rng, 5, 5), example(rng, 4, 9), example(rng, 1, 1)]
     batch, used = pack(examples, rows=2, length=12, pad_id=PAD)
-    # first fit: [7 | 4] -> row 0 (11), row 1 (4); [10] -> no room ... stops at the first that fits nowhere
-    assert used == 3
-    assert batch["segment_ids"].tolist() == [[1] * 7 + [2] * 4 + [0], [1] * 10 + [0] * 2]
-    assert batch["positions"].tolist() == [list(range(7)) + list(range(4)) + [0], list(range(10)) + [0, 0]]
+    # first fit: 7 and 4 -> row 0 (11 of 12); 10 -> row 1; 13 fits nowhere and is passed over; 2 -> row 1
+    assert used == [0, 1, 2, 4]
+    assert batch["segment_ids"].tolist() == [[1] * 7 + [2] * 4 + [0], [1] * 10 + [2] * 2]
+    assert batch["positions"].tolist() == [list(range(7)) + list(range(4)) + [0], list(range(10)) + [0, 1]]
     assert (batch["attention_mask"] == (batch["segment_ids"] > 0)).all()
-    assert batch["loss_mask"].sum() == 4 + 2 + 5
+    assert batch["loss_mask"].sum() == 4 + 2 + 5 + 1
     assert batch["loss_mask"][0].tolist() == [False] * 3 + [True] * 4 + [False] * 2 + [True] * 2 + [False]
     on_prompt, _ = pack(examples[:2], rows=1, length=12, pad_id=PAD, loss_on_prompt=True)
     # the first token of every segment has nothing before it in its segment: never in the loss
     assert on_prompt["loss_mask"][0].tolist() == [False] + [True] * 6 + [False] + [True] * 3 + [False]
 
 
+def _reference_packed_batches(lengths, rows, length, lookahead):
+    """plan_packed_batches written plainly: a queue of pending items; each batch scans the queue's first
+    `lookahead`, first fit, and puts what fit nowhere back at the queue's front."""
+    pending, batches = list(range(len(lengths))), []
+    while pending:
+        free, placed, passed = [[length] * len(lengths[0]) for _ in range(rows)], [], []
+        for item in pending[:lookahead]:
+            row = next((r for r in range(rows) if all(f >= n for f, n in zip(free[r], lengths[item]))), None)
+            if row is None:
+                passed.append(item)
+            else:
+                free[row] = [f - n for f, n in zip(free[row], lengths[item])]
+                placed.append(item)
+        batches.append(placed)
+        pending = passed + pending[lookahead:]
+    return batches
+
+
+@pytest.mark.parametrize("sides", [1, 2])
+def test_packed_batches_pass_over_what_fits_nowhere(sides):
+    rng = np.random.default_rng(sides)
+    lengths = rng.integers(1, 33, (300, sides)).tolist()
+    for rows, lookahead in ((1, 1), (3, 5), (4, 40), (8, 1000)):
+        batches = plan_packed_batches(lengths, rows, 32, lookahead)
+        assert batches == _reference_packed_batches(lengths, rows, 32, lookahead)
+        assert sorted(sum(batches, [])) == list(range(300))
+    # the first item that fits nowhere no longer ends the batch: the short ones behind it fill the gaps
+    assert plan_packed_batches([[20], [20], [5], [12]], 1, 32, 8) == [[0, 2], [1, 3]]
+    assert plan_packed_batches([[20], [20], [5], [12]], 1, 32, 1) == [[0], [1], [2], [3]]
+    with pytest.raises(UserError, match="a sequence of 40 tokens does not fit a packed row of 32"):
+        plan_packed_batches([[4], [40]], 2, 32, 8)
+
+
 def test_packed_pairs_share_row_and_segment():
     rng = np.random.default_rng(5)
     examples = [example(rng, 3, 2, 8), example(rng, 2, 6, 1), example(rng, 4, 4, 4)]
     batch, used = pack(examples, rows=2, length=14, pad_id=PAD)
-    assert used == 3
+    assert used == [0, 1, 2]
     for side, key in ((0, "chosen"), (1, "rejected")):
         segments = batch[f"{key}_segment_ids"]
         placed = {}
@@ -176,7 +210,7 @@ def test_packed_batch_gives_the_same_sequence_logprobs_as_unpacked():
     rng = np.random.default_rng(7)
     examples = [example(rng, p, r) for p, r in ((5, 7), (3, 4), (8, 2), (2, 9), (6, 6), (4, 3))]
     packed, used = pack(examples, rows=6, length=32, pad_id=PAD)
-    assert used == 6 and packed["segment_ids"].max() >= 3 and not packed["segment_ids"][2:].any()
+    assert used == list(range(6)) and packed["segment_ids"].max() >= 3 and not packed["segment_ids"][2:].any()
     # the model derives the same positions from the segments (padding positions are unused)
     derived = llama.default_positions(jnp.asarray(packed["attention_mask"]), jnp.asarray(packed["segment_ids"]))
     real = packed["segment_ids"] > 0

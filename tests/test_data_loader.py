@@ -100,6 +100,58 @@ def test_processes_share_one_global_batch():
     assert packed[0]["tokens"].shape == (2, 64)
 
 
+@pytest.mark.parametrize("kind", ["sft", "preference"])
+def test_packed_epochs_hold_every_example_once_and_are_counted_ahead(kind):
+    dataset = synthetic(kind, 120)
+    iterator = DataIterator(dataset, batch_size=4, seed=3, num_epochs=2, pack=True, pack_lookahead=16)
+    count = iterator.num_batches()
+    batches = list(iterator)
+    assert count == len(batches) and iterator.get_state()["epoch"] == 2
+    key = "chosen_segment_ids" if kind == "preference" else "segment_ids"
+    sequences = [int(b[key].max(axis=1).sum()) for b in batches]
+    lengths = dataset.lengths().sum(axis=0)
+    mask = ("chosen_attention_mask", "rejected_attention_mask") if kind == "preference" else ("attention_mask",)
+    tokens = np.asarray([[b[m].sum() for m in mask] for b in batches])
+    # the plan per epoch: each epoch's batches hold all 120 sequences and all their tokens, once
+    first = len(iterator._epoch_plan(0)[0])
+    for epoch, part in enumerate((slice(0, first), slice(first, None))):
+        assert sorted(sum(iterator._epoch_plan(epoch)[0], [])) == list(range(120))
+        assert sum(sequences[part]) == 120
+        np.testing.assert_array_equal(tokens[part].sum(axis=0), lengths)
+
+
+def test_packed_state_needs_the_same_lookahead_and_a_batch_start():
+    dataset = synthetic("sft", 60)
+    stopped = DataIterator(dataset, batch_size=4, seed=1, pack=True)
+    next(stopped)
+    state = stopped.get_state()
+    assert state["pack_lookahead"] == 256 and state["position"] > 0
+    with pytest.raises(UserError, match="saved with pack_lookahead=256, but this iterator packs with pack_lookahead=8"):
+        DataIterator(dataset, batch_size=4, seed=1, pack=True, pack_lookahead=8).set_state(state)
+    earlier = {key: value for key, value in state.items() if key != "pack_lookahead"}  # before the lookahead
+    with pytest.raises(UserError, match="saved with pack_lookahead=None"):
+        DataIterator(dataset, batch_size=4, seed=1, pack=True).set_state(earlier)
+    with pytest.raises(UserError, match=f"position={state['position'] - 1} is not where a packed batch of epoch 0"):
+        DataIterator(dataset, batch_size=4, seed=1, pack=True).set_state({**state, "position": state["position"] - 1})
+    with pytest.raises(UserError, match="pack_lookahead must be at least 1 example, got 0"):
+        DataIterator(dataset, batch_size=4, pack=True, pack_lookahead=0)
+
+
+def test_stage_step_count_covers_every_packed_epoch():
+    from types import SimpleNamespace
+
+    from rlhf_jax.stages.common import stage_iterator
+
+    dataset = synthetic("sft", 90)
+    experiment, data = SimpleNamespace(seed=5), SimpleNamespace(batch_size=4, shuffle_seed=None)
+    iterator, steps = stage_iterator(experiment, SimpleNamespace(epochs=2, max_steps=None), dataset, data, pack=True)
+    assert steps == len(list(iterator))
+    # more than the token count alone implies (rows are not filled to the last slot): all of it is trained
+    assert steps > int(np.ceil(2 * dataset.lengths().sum() / (4 * 64)))
+    _, capped = stage_iterator(experiment, SimpleNamespace(epochs=2, max_steps=3), dataset, data, pack=True)
+    assert capped == 3
+
+
 def test_state_from_other_settings_is_refused():
     state = DataIterator(synthetic("sft", 40), batch_size=8, seed=1).get_state()
     with pytest.raises(UserError, match="saved with seed=1, but this iterator has seed=2"):

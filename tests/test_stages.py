@@ -84,6 +84,24 @@ def test_sft_killed_mid_run_resumes_exactly(tmp_path, monkeypatch):
     assert losses_resumed[-4:] == losses_full[-4:]
 
 
+@pytest.mark.slow
+def test_packed_sft_trains_every_batch_of_its_epoch_and_resumes_exactly(tmp_path, monkeypatch):
+    from rlhf_jax.config import SFTStage
+    from rlhf_jax.stages import sft
+
+    base = get_experiment("tiny_sft")
+    experiment = dataclasses.replace(base, data=dataclasses.replace(base.data, max_examples=32),
+                                     checkpoint=dataclasses.replace(base.checkpoint, every_steps=2),
+                                     stages=(SFTStage(name="sft", packing=True),))
+    iterator = sft._setup(experiment, experiment.stage("sft"), lambda source: source, None).iterator
+    batches = list(iterator)
+    assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in batches) == len(iterator.dataset)
+    full, resumed = _full_then_killed_and_resumed(experiment, "sft", tmp_path, monkeypatch, kill_after=3)
+    # one epoch is every packed batch of its plan, not the token count's lower bound
+    assert [r["step"] for r in read_metrics(full)] == list(range(1, len(batches) + 1))
+    assert [r["sft/loss"] for r in read_metrics(resumed)][-2:] == [r["sft/loss"] for r in read_metrics(full)][-2:]
+
+
 # `tiny_pipeline`'s PPO metrics per iteration (fp32 CPU), recorded from the PPO stage as it stood before
 # PPO, GRPO, RLOO and REINFORCE share one engine: reshaping the code must not change the numbers.
 # Re-recorded when the SFT and RM steps were made faster (the LM head at loss positions only, unrolled

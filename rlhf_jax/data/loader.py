@@ -76,7 +76,8 @@ class DataIterator:
     """Batches of a `TokenizedDataset`: seeded shuffle per epoch, length buckets or packing, resumable.
 
     batch_size: rows of the global batch (packed: rows of ``pack_length`` tokens, each holding several
-    sequences; padding-free: examples, packed into as few rows as hold them). Each of ``process_count``
+    sequences, planned for the whole epoch by `batching.plan_packed_batches` with ``pack_lookahead``;
+    padding-free: examples, packed into as few rows as hold them). Each of ``process_count``
     processes gets its ``batch_size / process_count`` rows of the same global batch. Without packing the last
     incomplete batch of an epoch is dropped unless ``drop_remainder`` is False; batches never span two epochs.
     ``num_epochs=None`` repeats forever.
@@ -90,7 +91,8 @@ class DataIterator:
     def __init__(self, dataset: TokenizedDataset, *, batch_size: int, seed: int = 0, num_epochs: int | None = 1,
                  shuffle: bool = True, pack: bool = False, pack_length: int | None = None,
                  buckets: Sequence[int] | None = None, loss_on_prompt: bool = False, drop_remainder: bool = True,
-                 process_index: int = 0, process_count: int = 1, padding_free: bool = False, row_multiple: int = 1):
+                 process_index: int = 0, process_count: int = 1, padding_free: bool = False, row_multiple: int = 1,
+                 pack_lookahead: int = 256):
         if batch_size < 1 or batch_size % process_count or not 0 <= process_index < process_count:
             raise UserError(f"batch_size {batch_size} must be a positive multiple of process_count {process_count}")
         if process_count > 1 and not drop_remainder:
@@ -111,6 +113,9 @@ class DataIterator:
         self.num_epochs = num_epochs
         self.shuffle = shuffle
         self.pack = pack
+        if pack and pack_lookahead < 1:
+            raise UserError(f"pack_lookahead must be at least 1 example, got {pack_lookahead}")
+        self.pack_lookahead = pack_lookahead
         self.padding_free = padding_free
         self.row_multiple = math.lcm(row_multiple, process_count)
         self.pack_length = pack_length or dataset.config.max_length
@@ -124,19 +129,29 @@ class DataIterator:
         self._lengths = dataset.lengths()
         self.epoch, self.position = 0, 0
         self._order_epoch, self._order = -1, np.zeros(0, np.int64)
+        self._plans: dict[int, tuple[list[list[int]], dict[int, int]]] = {}
 
     @property
     def steps_per_epoch(self) -> int | None:
-        """Batches per epoch (None when packing: it depends on the lengths drawn)."""
+        """Batches per epoch (None when packing: each epoch's order packs into its own count, `num_batches`)."""
         if self.pack:
             return None
         full, rest = divmod(len(self.dataset), self.batch_size)
         return full + (rest > 0 and not self.drop_remainder)
 
+    def num_batches(self) -> int | None:
+        """Batches in all ``num_epochs`` epochs (None when it repeats forever); packed: each epoch's plan counted."""
+        if self.num_epochs is None:
+            return None
+        if not self.pack:
+            return self.steps_per_epoch * self.num_epochs
+        return sum(len(self._epoch_plan(epoch)[0]) for epoch in range(self.num_epochs))
+
     def get_state(self) -> dict[str, int]:
         """The position of the next batch (plain ints, for the checkpoint)."""
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "size": len(self.dataset),
-                "batch_size": self.batch_size}
+        state = {"seed": self.seed, "epoch": self.epoch, "position": self.position, "size": len(self.dataset),
+                 "batch_size": self.batch_size}
+        return {**state, "pack_lookahead": self.pack_lookahead} if self.pack else state
 
     def set_state(self, state: dict) -> None:
         """Continue from a `get_state` result; the dataset and batching must be the ones it was saved with."""
@@ -144,26 +159,48 @@ class DataIterator:
             if int(state[key]) != mine:
                 raise UserError(f"data iterator state was saved with {key}={state[key]}, but this iterator has "
                                 f"{key}={mine}; resume with the same data and settings")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        saved = state.get("pack_lookahead")
+        if self.pack and saved != self.pack_lookahead:
+            how = " (without packing, or by a version that ended a packed batch at the first sequence that did not fit)"
+            raise UserError(f"data iterator state was saved with pack_lookahead={saved}{how if saved is None else ''}, "
+                            f"but this iterator packs with pack_lookahead={self.pack_lookahead}; resume with the same "
+                            "settings")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if self.pack and position < len(self.dataset) and position not in self._epoch_plan(epoch)[1]:
+            raise UserError(f"data iterator state position={position} is not where a packed batch of epoch {epoch} "
+                            "starts; resume with the same data and settings")
+        self.epoch, self.position = epoch, position
 
     def __iter__(self):
         return self
 
-    def _epoch_order(self) -> np.ndarray:
-        if self._order_epoch != self.epoch:
+    def _epoch_order(self, epoch: int | None = None) -> np.ndarray:
+        epoch = self.epoch if epoch is None else epoch
+        if self._order_epoch != epoch:
             n = len(self.dataset)
-            self._order = (np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle
+            self._order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
                            else np.arange(n))
-            self._order_epoch = self.epoch
+            self._order_epoch = epoch
         return self._order
+
+    def _epoch_plan(self, epoch: int) -> tuple[list[list[int]], dict[int, int]]:
+        """(epoch ``epoch``'s packed batches as dataset indices, {examples before a batch: that batch's number})."""
+        if epoch not in self._plans:
+            order = self._epoch_order(epoch)
+            plan = batching.plan_packed_batches(self._lengths[order], self.batch_size, self.pack_length,
+                                                self.pack_lookahead)
+            batches = [order[batch].tolist() for batch in plan]
+            starts = np.cumsum([0] + [len(batch) for batch in batches[:-1]]).tolist()
+            self._plans = {e: p for e, p in self._plans.items() if e >= self.epoch}  # the past is not revisited
+            self._plans[epoch] = batches, dict(zip(starts, range(len(batches))))
+        return self._plans[epoch]
 
     def __next__(self) -> dict[str, np.ndarray]:
         n = len(self.dataset)
         while self.num_epochs is None or self.epoch < self.num_epochs:
             remaining = n - self.position
             if remaining > 0 and (self.pack or remaining >= self.batch_size or not self.drop_remainder):
-                order = self._epoch_order()
-                return self._packed(order) if self.pack else self._padded(order)
+                return self._packed() if self.pack else self._padded(self._epoch_order())
             self.epoch, self.position = self.epoch + 1, 0
         raise StopIteration
 
@@ -190,13 +227,12 @@ class DataIterator:
             return batching.collate_prompts(examples, length, pad_id, local)
         return batching.collate_sft(examples, length, pad_id, local, self.loss_on_prompt)
 
-    def _packed(self, order: np.ndarray) -> dict[str, np.ndarray]:
-        candidates = order[self.position:self.position + self.batch_size * self.pack_length]
-        placed = len(batching.plan_packing(self._lengths[candidates], self.batch_size, self.pack_length))
-        examples = [self.dataset.examples[i] for i in candidates[:placed]]
+    def _packed(self) -> dict[str, np.ndarray]:
+        batches, starts = self._epoch_plan(self.epoch)
+        examples = [self.dataset.examples[i] for i in batches[starts[self.position]]]
         batch, used = batching.pack(examples, self.batch_size, self.pack_length, self.dataset.pad_id,
                                     self.loss_on_prompt)
-        assert used == placed
-        self.position += used
+        assert len(used) == len(examples)  # first fit in the plan's order places them where the plan did
+        self.position += len(examples)
         rows = self._local_rows(self.batch_size)
         return {key: value[rows] for key, value in batch.items()}

@@ -350,18 +350,12 @@ def training_iterator(dataset, **settings):
 
 def stage_iterator(experiment: ExperimentConfig, stage: Stage, dataset, data, **settings):
     """(the training iterator over ``dataset`` in batches of ``data.batch_size`` for ``stage.epochs``, the stage's
-    step count): ``max_steps`` capped by the epochs' steps, or all of them. ``settings`` go to `DataIterator`
-    (packing); a packed epoch's step count is unknown in advance and is estimated from its token count."""
+    step count): ``max_steps`` capped by the epochs' batches, or all of them. ``settings`` go to `DataIterator`
+    (packing: each epoch's batches are counted from its packing plan)."""
     iterator = training_iterator(dataset, batch_size=data.batch_size, seed=data.shuffle_seed or experiment.seed,
                                  num_epochs=stage.epochs, **settings)
-    per_epoch = iterator.steps_per_epoch
-    if per_epoch is None and stage.max_steps is not None:
-        return iterator, stage.max_steps
-    if per_epoch is None:
-        tokens = iterator.dataset.lengths().sum()
-        per_epoch = max(1, int(np.ceil(tokens / (iterator.batch_size * iterator.pack_length))))
-    epochs = per_epoch * stage.epochs
-    return iterator, epochs if stage.max_steps is None else min(stage.max_steps, epochs)
+    batches = iterator.num_batches()
+    return iterator, batches if stage.max_steps is None else min(stage.max_steps, batches)
 
 
 def whole_set_evaluator(eval_step: Callable, mesh=None) -> tuple[Callable, Callable[[dict], dict]]:
