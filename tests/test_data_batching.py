@@ -149,6 +149,7 @@ def test_packed_batches_pass_over_what_fits_nowhere(sides):
     # the first item that fits nowhere no longer ends the batch: the short ones behind it fill the gaps
     assert plan_packed_batches([[20], [20], [5], [12]], 1, 32, 8) == [[0, 2], [1, 3]]
     assert plan_packed_batches([[20], [20], [5], [12]], 1, 32, 1) == [[0], [1], [2], [3]]
+    assert plan_packed_batches([], 2, 32, 8) == [] and pack([], 2, 32, PAD)[1] == []
     with pytest.raises(UserError, match="a sequence of 40 tokens does not fit a packed row of 32"):
         plan_packed_batches([[4], [40]], 2, 32, 8)
 

@@ -221,10 +221,10 @@ def plan_packing(lengths: Sequence[Sequence[int]], rows: int, length: int) -> li
     both must fit in the same row of their arrays, so the pair shares a row and a segment id). Once no row has
     room for the shortest item, the rest are passed over without a search.
     """
+    if len(lengths) == 0:
+        return []
     sizes = np.asarray(lengths, np.int64).reshape(len(lengths), -1)
     placement = np.full(len(sizes), -1, np.int64)
-    if len(sizes) == 0:
-        return []
     shortest = sizes.min(axis=0)
     free = np.full((rows, sizes.shape[1]), length, np.int64)
     for index, item in enumerate(sizes):
@@ -249,6 +249,8 @@ def plan_packed_batches(lengths: Sequence[Sequence[int]], rows: int, length: int
     """
     if lookahead < 1:
         raise UserError(f"the packing lookahead must be at least 1 item, got {lookahead}")
+    if len(lengths) == 0:
+        return []
     sizes = np.asarray(lengths, np.int64).reshape(len(lengths), -1)
     if (sizes > length).any():
         raise UserError(f"a sequence of {int(sizes.max())} tokens does not fit a packed row of {length}")
