@@ -45,7 +45,8 @@ def _worker_compilation_cache() -> None:
 _worker_compilation_cache()
 
 # A worker that dies on a signal fails the test it was running. In CI, XLA's CPU compiler has segfaulted
-# mid-compile (inside `backend_compile_and_load`), once a run, on a different test each time (a report test, a
+# mid-compile (inside `backend_compile_and_load`; once also while writing the worker's cache entry,
+# `executable.serialize()`), once a run, on a different test each time (a report test, a
 # log-prob test); the same tests pass when run again. Such a test runs once more on a fresh worker, and a second
 # crash fails it. Failures and errors are never rerun.
 _CRASH_RERUNS: dict[str, int] = {}
