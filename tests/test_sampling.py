@@ -117,15 +117,37 @@ def test_bucketing_does_not_recompile_and_padding_rows_do_not_change_results(par
     key = jax.random.key(0)
     prompts = [[5, 6, 7], list(range(9, 19)), [3, 4, 5, 6, 7, 8]]
     three = sampler(params, *left_pad(prompts, pad_id=2), key, settings)  # [3, 10] -> bucket [4, 16]
-    assert sampler.num_compilations == 1
+    assert sampler.num_compilations == 2  # the prefill and the sampling loop
     four = sampler(params, *left_pad(prompts[:1] + [[7], [8, 9], [10]], pad_id=2), key, settings)  # same bucket
-    assert sampler.num_compilations == 1
-    # temperature and top-p values are traced: new values reuse the program
+    assert sampler.num_compilations == 2
+    # temperature and top-p values are traced: new values reuse the programs
     sampler(params, *left_pad(prompts, pad_id=2), key, settings.replace(temperature=1.7))
-    assert sampler.num_compilations == 1
+    assert sampler.num_compilations == 2
     # a row's draw does not depend on the other rows nor on batch padding
     np.testing.assert_array_equal(np.asarray(three.response_tokens[0]), np.asarray(four.response_tokens[0]))
     assert three.response_tokens.shape == (3, 4) and all(len(array) == 3 for array in three)
+
+
+def test_a_new_packed_length_compiles_only_the_prefill_and_the_two_programs_equal_generate(params):
+    """The Sampler runs `prefill` and `decode` as two programs: prompts that pack into a new length compile
+    the prefill again, not the sampling loop, and the outputs equal `generate` compiled as one program."""
+    from rlhf_jax.sampling import generate
+
+    sampler = Sampler(CONFIG)
+    settings = SamplingSettings(temperature=0.9, max_new_tokens=5, eos_token_ids=())
+    run = jax.jit(generate, static_argnums=(0, 6))
+    short = [list(range(3 + row, 3 + row + n)) for row, n in enumerate((30, 2, 3, 4, 5, 6, 7, 8))]
+    longer = [list(range(3 + row, 3 + row + n)) for row, n in enumerate((30, 30, 30, 30, 30, 6, 7, 8))]
+    # 8 distinct prompts in a [8, 32] bucket: 65 real tokens pack into 128 slots, 171 into 192
+    for prompts, programs in ((short, 2), (longer, 3)):
+        tokens, mask = left_pad(prompts, pad_id=2)
+        out = jax.device_get(sampler(params, tokens, mask, jax.random.key(5), settings))
+        assert sampler.num_compilations == programs
+        whole = jax.device_get(run(CONFIG, params, tokens, mask, jax.random.key(5), settings,
+                                   packed_bucket(int(mask.sum()))))
+        for field in ("response_tokens", "response_lengths", "response_mask", "ended_with_eos"):
+            np.testing.assert_array_equal(getattr(out, field), getattr(whole, field), err_msg=field)
+        np.testing.assert_allclose(out.response_logprobs, whole.response_logprobs, atol=1e-5)
 
 
 def test_buckets():
@@ -177,8 +199,8 @@ def test_repeated_prompts_are_prefilled_once_and_sample_as_the_repeated_batch(pa
     from rlhf_jax.sampling import sampler as sampler_module
 
     prefilled = []  # the prompt batch each call of the compiled program prefills
-    compiled = sampler_module._compiled_generate
-    monkeypatch.setattr(sampler_module, "_compiled_generate",
+    compiled = sampler_module._compiled_prefill
+    monkeypatch.setattr(sampler_module, "_compiled_prefill",
                         lambda *args: prefilled.append(np.shape(args[2])) or compiled(*args))
 
     # a GRPO batch: each prompt 4 times, its samples contiguous rows (and a batch-padding row after them)
@@ -199,10 +221,11 @@ def test_repeated_prompts_are_prefilled_once_and_sample_as_the_repeated_batch(pa
     np.testing.assert_allclose(out.response_logprobs, whole.response_logprobs[:12], atol=1e-5)
     # the samples of one prompt differ from each other (each row draws its own tokens)
     assert len({tuple(row) for row in out.response_tokens[:4]}) > 1 or settings.greedy
-    # a new batch of the same shape and groups reuses the program
+    # a new batch of the same shape and groups reuses the programs
+    compiled_before = sampler.num_compilations
     again = sampler(params, *left_pad([prompt for prompt in PROMPTS[::-1] for _ in range(4)], pad_id=2),
                     jax.random.key(4), settings)
-    assert sampler.num_compilations == 1 and again.response_tokens.shape == (12, NEW)
+    assert sampler.num_compilations == compiled_before and again.response_tokens.shape == (12, NEW)
 
 
 def test_empty_prompt_rows_generate_nothing(params, sampler):
@@ -367,7 +390,7 @@ def test_chunked_generation_is_each_chunk_generated_alone_with_its_own_key(param
     tokens, mask = left_pad(prompts, pad_id=2)
     chunked = sampler(params, tokens, mask, key, settings, chunk_rows=2)
     assert chunked.response_tokens.shape == (6, 5) and all(len(array) == 6 for array in chunked)
-    assert sampler.num_compilations == 1  # three chunks of two rows: one program
+    assert sampler.num_compilations == 2  # three chunks of two rows: one prefill and one sampling loop
     for index, start in enumerate(range(0, 6, 2)):
         alone = sampler(params, tokens[start:start + 2], mask[start:start + 2], jax.random.fold_in(key, index),
                         settings)
