@@ -1,15 +1,16 @@
 """Batched autoregressive sampling with a KV cache, jit-compiled once per shape bucket.
 
-`generate` is a pure function of (params, left-padded prompts, key, settings): one prefill forward over
-the prompts (optionally packed into one row, skipping the padding), then one-token decode steps
+`generate` is a pure function of (params, left-padded prompts, key, settings): `prefill`, one forward over
+the prompts (optionally packed into one row, skipping the padding), then `decode`, one-token decode steps
 (`decode.decode_step`) in a `lax.while_loop` that stops as soon as every row has emitted an EOS id (or
 after `max_new_tokens`). It returns, per row, the response tokens, their
 log-probabilities under the distribution actually sampled from, and a response mask built from lengths
 (never from token ids: SmolLM2's pad id is its EOS id).
 
 `Sampler` wraps `generate` for Python callers: it pads batch and prompt length up to buckets so a run
-compiles a handful of times rather than once per batch, prefills each distinct prompt of a batch once (the
-rows of a GRPO group share it), and counts its compilations.
+compiles a handful of times rather than once per batch, runs `prefill` and `decode` as two programs (a new
+packed length compiles only the first), prefills each distinct prompt of a batch once (the rows of a GRPO
+group share it), and counts its compilations.
 """
 
 from __future__ import annotations
