@@ -16,6 +16,7 @@ group share it), and counts its compilations.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -367,6 +368,7 @@ _traces = 0  # how many times the Sampler's programs (`prefill`, `decode`) have 
 
 
 def _counted(function):
+    @functools.wraps(function)  # the program keeps the function's name (`jit(prefill)` in logs and profiles)
     def traced(*args):
         global _traces
         _traces += 1  # runs only while tracing
