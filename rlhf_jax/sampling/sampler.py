@@ -15,6 +15,7 @@ group share it), and counts its compilations.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -483,10 +484,8 @@ class Sampler:
             packed_length = None  # (one packed row cannot be split over the batch axes)
         traces_before = _traces
         capacity = decode_capacity(columns, settings)
-        if self.mesh is None:
-            prefilled = _compiled_prefill(self.config, params, padded_tokens, padded_mask, capacity, packed_length)
-            out = _compiled_decode(self.config, params, *prefilled, padded_mask, key, settings, prompt_rows)
-        else:
+        on_mesh = contextlib.nullcontext()
+        if self.mesh is not None:
             from rlhf_jax.sharding import batch_sharding, place_state, replicated, use_mesh
 
             # every process holds the whole padded batch and places its own devices' rows of it
@@ -494,9 +493,10 @@ class Sampler:
             padded_tokens, padded_mask = place_state((padded_tokens, padded_mask), (sharding, sharding))
             if prompt_rows is not None:
                 prompt_rows = place_state(prompt_rows, replicated(self.mesh))
-            with use_mesh(self.mesh):
-                prefilled = _compiled_prefill(self.config, params, padded_tokens, padded_mask, capacity, packed_length)
-                out = _compiled_decode(self.config, params, *prefilled, padded_mask, key, settings, prompt_rows)
+            on_mesh = use_mesh(self.mesh)
+        with on_mesh:
+            prefilled = _compiled_prefill(self.config, params, padded_tokens, padded_mask, capacity, packed_length)
+            out = _compiled_decode(self.config, params, *prefilled, padded_mask, key, settings, prompt_rows)
         self.num_compilations += _traces - traces_before
         return SamplerOutput(*(array[:batch] for array in out))
 
