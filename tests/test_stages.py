@@ -84,6 +84,25 @@ def test_sft_killed_mid_run_resumes_exactly(tmp_path, monkeypatch):
     assert losses_resumed[-4:] == losses_full[-4:]
 
 
+def test_the_sft_stage_packs_with_its_pack_lookahead():
+    from rlhf_jax.config import SFTStage
+    from rlhf_jax.stages import sft
+
+    base = get_experiment("tiny_sft")
+
+    def iterator(**stage):
+        experiment = dataclasses.replace(base, data=dataclasses.replace(base.data, max_examples=32),
+                                         stages=(SFTStage(name="sft", packing=True, **stage),))
+        return sft._setup(experiment, experiment.stage("sft"), lambda source: source, None).iterator
+
+    default, one = iterator(), iterator(pack_lookahead=1)
+    assert (default.pack_lookahead, one.pack_lookahead) == (256, 1)
+    assert one.get_state()["pack_lookahead"] == 1  # a resume with another lookahead is refused (test_data_loader)
+    # a lookahead of one ends each batch at the first sequence that fits in no row: more batches for the same data
+    assert one.num_batches() > default.num_batches()
+    assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in one) == len(one.dataset) * base.stage("sft").epochs
+
+
 @pytest.mark.slow
 def test_packed_sft_trains_every_batch_of_its_epoch_and_resumes_exactly(tmp_path, monkeypatch):
     from rlhf_jax.config import SFTStage
@@ -96,6 +115,7 @@ def test_packed_sft_trains_every_batch_of_its_epoch_and_resumes_exactly(tmp_path
     iterator = sft._setup(experiment, experiment.stage("sft"), lambda source: source, None).iterator
     batches = list(iterator)
     assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in batches) == len(iterator.dataset)
+    assert iterator.pack_lookahead == 256  # the data iterator's default
     full, resumed = _full_then_killed_and_resumed(experiment, "sft", tmp_path, monkeypatch, kill_after=3)
     # one epoch is every packed batch of its plan, not the token count's lower bound
     assert [r["step"] for r in read_metrics(full)] == list(range(1, len(batches) + 1))

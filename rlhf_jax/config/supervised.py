@@ -20,6 +20,9 @@ class SFTStage(_TrainingStage):
     batch_size: int | None = None  # None: data.batch_size
     completion_only_loss: bool = True  # loss on response tokens only, not the prompt
     packing: bool = False  # pack several sequences per row (segment-aware attention)
+    # packing: how many of the next unplaced sequences each packed batch tries (`data.batching.plan_packed_batches`);
+    # None: the data iterator's default (256). More fills the rows further from the shuffled order
+    pack_lookahead: int | None = None
     # each batch's examples packed into the fewest rows that hold them (`data.batching.pack_whole`): the same
     # examples per step and the same loss as padded rows, without computing the padding (TRL's padding_free)
     padding_free: bool = False
@@ -55,6 +58,10 @@ def _check_sft(stage: SFTStage, prefix: str, config: "ExperimentConfig") -> None
     _check_supervised(stage, prefix, config)
     _require(not (stage.padding_free and stage.packing), prefix + "padding_free", stage.padding_free,
              "false with packing=true (packing already fills every row from the whole dataset)")
+    if stage.pack_lookahead is not None:
+        _require(stage.packing, prefix + "pack_lookahead", stage.pack_lookahead,
+                 "unset without packing=true (it only orders packed batches)")
+        _check_range(stage, prefix, {"pack_lookahead": _AT_LEAST_ONE})
     _check_lora(stage.lora, prefix + "lora.")
 
 

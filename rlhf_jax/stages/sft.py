@@ -51,8 +51,9 @@ def padding_free_rows(micro_batches: int, mesh) -> int:
 def _setup(experiment, stage, resolve, source) -> PolicyTraining:
     """Everything a run (or a dry run) needs before the first step."""
     rows = padding_free_rows(experiment.optimizer.micro_batches, make_mesh(experiment.mesh))
+    lookahead = {} if stage.pack_lookahead is None else {"pack_lookahead": stage.pack_lookahead}
     return policy_training(experiment, stage, resolve, source, "sft", programs, pack=stage.packing,
-                           padding_free=stage.padding_free, row_multiple=rows,
+                           padding_free=stage.padding_free, row_multiple=rows, **lookahead,
                            loss_on_prompt=not stage.completion_only_loss)
 
 
