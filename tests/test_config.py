@@ -253,8 +253,8 @@ def test_the_test_pipeline_and_every_experiment_are_valid():
     (["stages.samples.temperature=0"], "stages.samples.temperature: got 0.0, expected a number > 0"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last: got 0, expected an integer >= 1"),
     (["stages.sft.pack_lookahead=64"], "stages.sft.pack_lookahead: got 64, expected unset without packing=true"),
-    (["stages.sft.packing=true", "stages.sft.pack_lookahead=0"],
-     "stages.sft.pack_lookahead: got 0, expected an integer >= 1"),
+    (["stages.sft.packing=true", "stages.sft.pack_lookahead=7"],
+     "stages.sft.pack_lookahead: got 7, expected at least the batch's 8 rows"),
     (["logging.sample_every=0"], "logging.sample_every: got 0, expected an integer >= 1"),
     # References: to an earlier stage, of a kind that fits the field.
     (["stages.sft.model=stage:ppo"], "stages.sft.model: got 'stage:ppo', expected a reference to an earlier stage "

@@ -91,16 +91,19 @@ def test_the_sft_stage_packs_with_its_pack_lookahead():
     base = get_experiment("tiny_sft")
 
     def iterator(**stage):
-        experiment = dataclasses.replace(base, data=dataclasses.replace(base.data, max_examples=32),
+        experiment = dataclasses.replace(base, data=dataclasses.replace(base.data, max_examples=32, max_length=256),
                                          stages=(SFTStage(name="sft", packing=True, **stage),))
         return sft._setup(experiment, experiment.stage("sft"), lambda source: source, None).iterator
 
-    default, one = iterator(), iterator(pack_lookahead=1)
-    assert (default.pack_lookahead, one.pack_lookahead) == (256, 1)
-    assert one.get_state()["pack_lookahead"] == 1  # a resume with another lookahead is refused (test_data_loader)
-    # a lookahead of one ends each batch at the first sequence that fits in no row: more batches for the same data
-    assert one.num_batches() > default.num_batches()
-    assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in one) == len(one.dataset) * base.stage("sft").epochs
+    rows = base.data.batch_size
+    default, short = iterator(), iterator(pack_lookahead=rows)
+    assert (default.pack_lookahead, short.pack_lookahead) == (256, rows)
+    assert short.get_state()["pack_lookahead"] == rows  # resuming with another lookahead is refused (test_data_loader)
+    # a batch chooses from the next `rows` sequences only: at most one a row, so more batches for the same data
+    batches = list(short)
+    assert max(int(b["segment_ids"].max(axis=1).sum()) for b in batches) <= rows
+    assert short.num_batches() == len(batches) > default.num_batches()
+    assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in batches) == len(short.dataset) * short.num_epochs
 
 
 @pytest.mark.slow

@@ -20,8 +20,9 @@ class SFTStage(_TrainingStage):
     batch_size: int | None = None  # None: data.batch_size
     completion_only_loss: bool = True  # loss on response tokens only, not the prompt
     packing: bool = False  # pack several sequences per row (segment-aware attention)
-    # packing: how many of the next unplaced sequences each packed batch tries (`data.batching.plan_packed_batches`);
-    # None: the data iterator's default (256). More fills the rows further from the shuffled order
+    # packing: each packed batch chooses from the next `pack_lookahead` sequences not yet placed, in the shuffled
+    # order (`data.batching.plan_packed_batches`); None: the data iterator's default, 256. Fewer keeps the
+    # shuffled order closer and fills the rows less: on HH in 8 rows of 256, 32 fill 91% of the slots, 256 94%
     pack_lookahead: int | None = None
     # each batch's examples packed into the fewest rows that hold them (`data.batching.pack_whole`): the same
     # examples per step and the same loss as padded rows, without computing the padding (TRL's padding_free)
@@ -61,7 +62,9 @@ def _check_sft(stage: SFTStage, prefix: str, config: "ExperimentConfig") -> None
     if stage.pack_lookahead is not None:
         _require(stage.packing, prefix + "pack_lookahead", stage.pack_lookahead,
                  "unset without packing=true (it only orders packed batches)")
-        _check_range(stage, prefix, {"pack_lookahead": _AT_LEAST_ONE})
+        rows = stage.batch_size or config.data.batch_size
+        _require(stage.pack_lookahead >= rows, prefix + "pack_lookahead", stage.pack_lookahead,
+                 f"at least the batch's {rows} rows (a packed batch holds only sequences from the next pack_lookahead)")
     _check_lora(stage.lora, prefix + "lora.")
 
 
