@@ -133,8 +133,9 @@ def test_packed_state_needs_the_same_lookahead_and_a_batch_start():
         DataIterator(dataset, batch_size=4, seed=1, pack=True).set_state(earlier)
     with pytest.raises(UserError, match=f"position={state['position'] - 1} is not where a packed batch of epoch 0"):
         DataIterator(dataset, batch_size=4, seed=1, pack=True).set_state({**state, "position": state["position"] - 1})
-    with pytest.raises(UserError, match="pack_lookahead must be at least 1 example, got 0"):
-        DataIterator(dataset, batch_size=4, pack=True, pack_lookahead=0)
+    for lookahead in (0, 3):  # fewer than the batch's rows
+        with pytest.raises(UserError, match=f"pack_lookahead must be at least the batch's 4 rows, got {lookahead}"):
+            DataIterator(dataset, batch_size=4, pack=True, pack_lookahead=lookahead)
 
 
 def test_stage_step_count_covers_every_packed_epoch():

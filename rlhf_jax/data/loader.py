@@ -113,8 +113,8 @@ class DataIterator:
         self.num_epochs = num_epochs
         self.shuffle = shuffle
         self.pack = pack
-        if pack and pack_lookahead < 1:
-            raise UserError(f"pack_lookahead must be at least 1 example, got {pack_lookahead}")
+        if pack and pack_lookahead < batch_size:  # a packed batch holds only sequences from its window
+            raise UserError(f"pack_lookahead must be at least the batch's {batch_size} rows, got {pack_lookahead}")
         self.pack_lookahead = pack_lookahead
         self.padding_free = padding_free
         self.row_multiple = math.lcm(row_multiple, process_count)
