@@ -4,7 +4,10 @@ warm-up:
 - `--compare lengths`: each micro-batch at the batch's length, and at its own (`optimizer.length_buckets`);
 - `--compare per-layer`: the decoder's stacked layer weights sliced inside the micro-batch loop, and passed into
   it one array per layer (`training.accumulate`'s `per_layer`, what the trainers do when the layers are
-  unrolled); both with `--length-buckets`.
+  unrolled); both with `--length-buckets`;
+- `--compare per-layer-state`: the train state holding the layers' weights stacked, and one array per layer
+  (`TrainState.create(per_layer=True)`, what the stages do when the layers are unrolled), with the same
+  unrolled step; both with `--length-buckets`.
 
 A diagnostic, not a comparison with TRL (that is `suite.py`): random weights at SmolLM2-135M's shapes and fixed
 row lengths (HH-like, the longest at 256), so that the two programs see the same rows in the same process and
@@ -12,6 +15,7 @@ the host's drift between runs does not enter the ratio.
 
     .venv/bin/python benchmarks/step_ab.py --step dpo --micro-batches 4 --length-buckets 8
     .venv/bin/python benchmarks/step_ab.py --compare per-layer --step rm --micro-batches 8 --length-buckets 8
+    .venv/bin/python benchmarks/step_ab.py --compare per-layer-state --step sft --micro-batches 2
     .venv/bin/python benchmarks/step_ab.py --step sft --micro-batches 4 --profile 30
 
 `--profile N` then runs one more step of the second version under `jax.profiler` and prints where it went: the
@@ -130,7 +134,7 @@ def profile_step(run, state, batch, programs: list[str], top: int):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--step", choices=sorted(LOSS_KEY), default="rm")
-    parser.add_argument("--compare", choices=("lengths", "per-layer"), default="lengths")
+    parser.add_argument("--compare", choices=("lengths", "per-layer", "per-layer-state"), default="lengths")
     parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--length-buckets", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="per side, the first two left out of the median")
@@ -142,7 +146,14 @@ def main(argv=None) -> dict:
     length, micro = (32 if args.tiny else LENGTH), args.micro_batches
     batch = pair_batch(args.step, length)
     variants = {}  # name: (run, host batch)
-    if args.compare == "lengths":
+    per_layer_states = set()  # the variants whose train state holds the layers one array each
+    if args.compare == "per-layer-state":
+        params, prepare, run, programs = build_step(args.step, config, llama.init_params(config, jax.random.key(0)),
+                                                    micro)
+        ordered = order_by_length(batch, micro, args.length_buckets)
+        variants["stacked state"] = variants["per-layer state"] = (run, ordered)
+        per_layer_states.add("per-layer state")
+    elif args.compare == "lengths":
         params, prepare, run, programs = build_step(args.step, config, llama.init_params(config, jax.random.key(0)),
                                                     micro)
         variants["padded"] = (run, batch)
@@ -161,8 +172,8 @@ def main(argv=None) -> dict:
 
             variants[name] = (patched, ordered)
     variants = {name: (run, {k: jnp.asarray(v) for k, v in prepare(b).items()}) for name, (run, b) in variants.items()}
-    states = {name: TrainState.create(jax.tree.map(jnp.copy, params), make_optimizer("adamw", 1e-5), jax.random.key(0))
-              for name in variants}
+    states = {name: TrainState.create(jax.tree.map(jnp.copy, params), make_optimizer("adamw", 1e-5), jax.random.key(0),
+                                      per_layer=name in per_layer_states) for name in variants}
     seconds = {name: [] for name in variants}
     losses = {}
     for _ in range(args.steps):

@@ -1,15 +1,16 @@
 """The rlhf_jax side of the suite: runs one workload at a time the way the stage runners do, on request.
 
-Started by `benchmarks/suite.py`, which talks to it in JSON lines (`protocol.serve`). The model is loaded by
-the stages' `load_role` (the model spec's dtypes and layer settings), and every training step is the one the
-stage runs: its module's `programs(experiment, stage, config)` (`rlhf_jax/stages/{sft,reward,dpo}.py`) binds
-it, a `TrainState` holds the stage's optimizer (`build_optimizer`), the state is donated and placed by
-`place_for_training` on the default mesh, and each host batch is made a device batch as the stage's `run`
-makes it (for DPO: the stage's `reference_preparer`, the jitted reference pass first, or with
-`--precompute-reference` its table of the reference's log-probs, computed at setup). A timed step is
-`prepare` + the step + fetching its metrics (which waits for the step to finish). The GRPO workload runs a
-whole RL stage through the launcher and reads the per-phase times the stage logs; the relaunch workload runs
-an SFT stage through the launcher with the persistent compilation cache on, in a fresh process each time.
+Started by `benchmarks/suite.py`, which talks to it in JSON lines (`protocol.serve`). The model is loaded by the
+stages' `load_role` (the model spec's dtypes and layer settings), and every training step is the one the stage
+runs: its module's `programs(experiment, stage, config)` (`rlhf_jax/stages/{sft,reward,dpo}.py`) binds it, a
+`TrainState` holds the stage's optimizer (`build_optimizer`) and layout of the layers' weights
+(`per_layer_state`), the state is donated and placed by `place_for_training` on the default mesh, and each host
+batch is made a device batch as the stage's `run` makes it (for DPO: the stage's `reference_preparer`, the
+jitted reference pass first, or with `--precompute-reference` its table of the reference's log-probs, computed
+at setup). A timed step is `prepare` + the step + fetching its metrics (which waits for the step to finish). The
+GRPO workload runs a whole RL stage through the launcher and reads the per-phase times the stage logs; the
+relaunch workload runs an SFT stage through the launcher with the persistent compilation cache on, in a fresh
+process each time.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from rlhf_jax.sharding import make_mesh, place_batch, place_for_training, use_me
 from rlhf_jax.stages import dpo as dpo_stage
 from rlhf_jax.stages import reward as reward_stage
 from rlhf_jax.stages import sft as sft_stage
-from rlhf_jax.stages.common import build_optimizer, length_order, load_role, loss_batch
+from rlhf_jax.stages.common import build_optimizer, length_order, load_role, loss_batch, per_layer_state
 from rlhf_jax.stages.sft import SFT_KEYS
 from rlhf_jax.trainers.sft import sft_eval_step
 from rlhf_jax.training.state import TrainState
@@ -120,7 +121,8 @@ class Workload:
         """(state, jitted step, the stage's `StagePrograms`): `module.programs` builds the step the stage runs."""
         built = module.programs(experiment(self.spec, stage), stage, self.config)
         tx = build_optimizer(experiment(self.spec, stage), stage, self.total_steps, built.trainable)
-        state = TrainState.create(params, tx, jax.random.key(SEED))
+        state = TrainState.create(params, tx, jax.random.key(SEED),
+                                  per_layer=per_layer_state(stage, self.config, built.trainable))
         (state,), step_fn = place_for_training(built.step, (state,), self.mesh, ())
         return state, step_fn, built
 

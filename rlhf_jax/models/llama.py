@@ -26,6 +26,7 @@ import numpy as np
 
 from rlhf_jax.losses.masked import last_token_index
 from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.models.layout import stack_layers
 
 Params = Any
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
@@ -536,8 +537,8 @@ def abstract_params(config: DecoderConfig) -> Params:
 
 def forward(config: DecoderConfig, params: Params, tokens, positions=None, attention_mask=None,
             segment_ids=None, cache=None, compute_logits=True, shared=None, segments=None) -> DecoderOutput:
-    """Pure forward pass: see `Decoder.__call__` for shapes."""
-    return Decoder(config).apply({"params": params}, tokens, positions, attention_mask, segment_ids, cache,
+    """Pure forward pass: see `Decoder.__call__` for shapes. `params` in either layout (`models.layout`)."""
+    return Decoder(config).apply({"params": stack_layers(params)}, tokens, positions, attention_mask, segment_ids, cache,
                                  compute_logits, shared, segments)
 
 

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.models.layout import stack_layers
 
 Params = Any
 Path = tuple[str, ...]
@@ -213,7 +214,8 @@ def full_params(base: Params, trainable: Params, config: LoRASettings) -> Params
 
 
 def merged_params(base: Params, trainable: Params, config: LoRASettings) -> Params:
-    """`full_params` as plain params (adapters merged into the kernels, `merge`), for export and evaluation."""
+    """`full_params` as plain params (adapters merged into the kernels, `merge`; the layers stacked,
+    `models.layout`), for export and evaluation."""
     if config.rank == 0:
-        return trainable
+        return stack_layers(trainable)
     return merge({**base, **_kept(trainable)}, trainable, config)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.llama import _MASKED, Decoder, KVCache, apply_rope, layer_unroll, rope_tables, wide
+from rlhf_jax.models.layout import LAYERS, stack_layers, unstack_layers
 
 Params = Any
 # Queries per block of the packed prefill's block-local attention (`packed_prefill`).
@@ -85,11 +86,10 @@ def fuse_qkv(layers: Params) -> Params:
     return {**layers, "self_attn": {**rest, "qkv_proj": fused}}
 
 
-def unstack_layers(params: Params) -> list[Params]:
-    """The stacked `layers` subtree as a list of per-layer subtrees, q/k/v fused (done once, outside the loop)."""
-    layers = fuse_qkv(params["layers"])
-    num_layers = jax.tree.leaves(layers)[0].shape[0]
-    return [jax.tree.map(lambda leaf, i=i: leaf[i], layers) for i in range(num_layers)]
+def decode_layers(params: Params) -> list[Params]:
+    """The `layers` subtree (either layout, `models.layout`) as a list of per-layer subtrees, q/k/v fused (done
+    once, outside the loop)."""
+    return [fuse_qkv(layer) for layer in unstack_layers(params)[LAYERS]]
 
 
 def _dense(x: jax.Array, layer: Params, dtype) -> jax.Array:
@@ -180,7 +180,7 @@ def decode_step(config: DecoderConfig, params: Params, layers: list[Params], cac
     """Feed one token per row at cache slot `slot`; return (logits [B, V] float32, updated cache).
 
     tokens: [B] int; token_mask: [B] bool (False: the token is padding, never attended to and the row's
-    position does not advance); layers: `unstack_layers(params)`.
+    position does not advance); layers: `decode_layers(params)`.
     """
     c = config
     capacity = cache.valid.shape[1]
@@ -264,7 +264,8 @@ def packed_prefill(config: DecoderConfig, params: Params, prompt_tokens: jax.Arr
         return _layer(c, layer, hidden, cos, sin, write_kv)  # stacks the rows [Hkv, T, hd]
 
     hidden = _embed(c, params, tokens).reshape(blocks, block, -1)
-    hidden, (keys, values) = jax.lax.scan(layer_step, hidden, fuse_qkv(params["layers"]), unroll=layer_unroll(c))
+    hidden, (keys, values) = jax.lax.scan(layer_step, hidden, fuse_qkv(stack_layers(params)[LAYERS]),
+                                         unroll=layer_unroll(c))
     last = jnp.take(hidden.reshape(packed_length, -1), jnp.clip(offsets + lengths - 1, 0, packed_length - 1),
                     axis=0)  # [B, D]
 

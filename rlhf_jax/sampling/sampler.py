@@ -29,7 +29,7 @@ import numpy as np
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.llama import Decoder, forward, init_cache
-from rlhf_jax.sampling.decode import DecodeCache, cache_from_prefill, decode_step, packed_prefill, unstack_layers
+from rlhf_jax.sampling.decode import DecodeCache, cache_from_prefill, decode_layers, decode_step, packed_prefill
 
 Params = Any
 
@@ -257,7 +257,7 @@ def decode(config: DecoderConfig, params: Params, last_logits: jax.Array, cache:
         last_logits, cache, prompt_mask = jax.tree.map(lambda leaf: jnp.take(leaf, prompt_rows, axis=0),
                                                        (last_logits, cache, prompt_mask))
         batch = prompt_rows.shape[0]
-    layers = unstack_layers(params)
+    layers = decode_layers(params)
 
     def record(state, step, logits):
         """Sample token `step` from `logits` [B, V] and write it into the response buffers."""

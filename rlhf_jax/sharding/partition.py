@@ -75,7 +75,8 @@ def path_string(path) -> str:
 def logical_axes_for(path: str, ndim: int) -> PartitionSpec:
     """Logical axes of the parameter at `path` ("a/b/c") with `ndim` dimensions.
 
-    Unknown paths, and known paths of another rank, are replicated (all None).
+    Unknown paths, and known paths of another rank, are replicated (all None). One layer's weights in the
+    per-layer layout (`layers/3/...`) take the stacked weight's axes without the layer axis.
     """
     lora = _LORA.match(path)
     if lora:
@@ -84,8 +85,10 @@ def logical_axes_for(path: str, ndim: int) -> PartitionSpec:
         if any(axes):
             axes = axes[:-1] + (None,) if lora["which"] == "a" else axes[:-2] + (None, axes[-1])
         return PartitionSpec(*axes)
+    one_layer = re.search(r"(^|/)layers/\d+/", path)  # a per-layer layout's layer (`models.layout`)
     for pattern, axes in PARAM_AXES:
         if re.search(pattern, path):
+            axes = axes[1:] if one_layer and axes[:1] == ("layers",) else axes
             return PartitionSpec(*axes) if len(axes) == ndim else PartitionSpec(*(None,) * ndim)
     return PartitionSpec(*(None,) * ndim)
 

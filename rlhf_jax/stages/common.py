@@ -128,6 +128,16 @@ def adapted_training(stage: Stage, params, dtype, key: jax.Array, keep: tuple[st
     return trainable, (jax.tree.map(lambda x: x.astype(dtype), params),)  # never donated: no copy needed
 
 
+def per_layer_state(stage: Stage, config: DecoderConfig, trainable=None) -> bool:
+    """Whether the stage's train state holds the layers' weights one array per layer (`models.layout`,
+    `TrainState.create`): for a decoder whose layers are unrolled (`llama.layers_unrolled`, a CPU's default),
+    without LoRA or a mask of trainable params, in one process (a checkpoint stacks them on the host)."""
+    from rlhf_jax.models import llama
+
+    return (llama.layers_unrolled(config) and stage.lora.rank == 0 and trainable is None
+            and jax.process_count() == 1)
+
+
 class PolicyTraining(NamedTuple):
     """What a stage that trains a language model on a dataset (SFT, DPO, KTO) has before its first step."""
 
@@ -155,7 +165,8 @@ def policy_training(experiment: ExperimentConfig, stage: Stage, resolve: Callabl
     iterator, total_steps = stage_iterator(experiment, stage, dataset, data, **iterator_settings)
     key = jax.random.key(experiment.seed)
     trainable, frozen = adapted_training(stage, role.params, role.config.dtype, jax.random.fold_in(key, 1))
-    state = TrainState.create(trainable, build_optimizer(experiment, stage, total_steps), key)
+    state = TrainState.create(trainable, build_optimizer(experiment, stage, total_steps), key,
+                              per_layer=per_layer_state(stage, role.config))
     return PolicyTraining(role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state,
                           programs(experiment, stage, role.config), frozen)
 

@@ -42,7 +42,8 @@ from rlhf_jax.data import DataIterator
 from rlhf_jax.distributed import is_main_process
 from rlhf_jax.errors import UserError
 from rlhf_jax.sharding import param_shardings, place_batch, place_state, replicated, shard_train_step, state_shardings
-from rlhf_jax.stages.common import bind_base, build_optimizer, fit, training_iterator, write_summary
+from rlhf_jax.stages.common import (bind_base, build_optimizer, fit, per_layer_state, training_iterator,
+                                    write_summary)
 from rlhf_jax.stages.rollouts import decoded_samples, load_rollouts
 from rlhf_jax.trainers.sft import sft_train_step
 from rlhf_jax.training.state import TrainState
@@ -104,7 +105,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     most_rows = stage.rollout_batch_size * (1 if str(stage.kind) == "raft" else stage.num_samples)
     schedule_steps = iterations * phases * stage.sft_epochs * -(-most_rows // stage.sft_batch_size)
     policy = TrainState.create(rollouts.trainable, build_optimizer(experiment, stage, schedule_steps),
-                               jax.random.fold_in(key, 1))
+                               jax.random.fold_in(key, 1), per_layer=per_layer_state(stage, rollouts.config))
     policy_sharding = state_shardings(policy, mesh)
     state = FilterState(step=jnp.zeros((), jnp.int32), policy=place_state(policy, policy_sharding),
                         rng=place_state(jax.random.fold_in(key, 3), replicated(mesh)))

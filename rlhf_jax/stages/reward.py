@@ -17,8 +17,8 @@ from rlhf_jax.models import llama
 from rlhf_jax.models.lora import merged_params
 from rlhf_jax.stages.common import (StagePrograms, adapted_training, bind_base, build_optimizer, compile_report,
                                     device_batch, dry_run_source, fit, length_order, load_role, load_stage_dataset,
-                                    pair_outputs_over, require_tokenizer, shared_pair_shapes, shared_pairs,
-                                    stage_iterator, token_batch, with_length_bucket, write_summary)
+                                    pair_outputs_over, per_layer_state, require_tokenizer, shared_pair_shapes,
+                                    shared_pairs, stage_iterator, token_batch, with_length_bucket, write_summary)
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
                                shard_train_step, state_shardings, validate_mesh_for_model)
 from rlhf_jax.trainers.reward import reward_eval_step, reward_train_step
@@ -106,7 +106,8 @@ def _setup(experiment, stage, resolve, source):
     model, frozen = adapted_training(stage, model, role.config.dtype,
                                      jax.random.fold_in(jax.random.key(experiment.seed), 2), keep=built.keep)
     state = TrainState.create(model, build_optimizer(experiment, stage, total_steps, built.trainable),
-                              jax.random.key(experiment.seed))
+                              jax.random.key(experiment.seed),
+                              per_layer=per_layer_state(stage, role.config, built.trainable))
     return role, tokenizer, dataset, eval_dataset, data, iterator, total_steps, state, built.step, frozen
 
 

@@ -32,8 +32,8 @@ from rlhf_jax.models import llama
 from rlhf_jax.models.lora import full_params, trainable_params
 from rlhf_jax.sharding import (move_to_memory, param_shardings, place_state, replicated, shard_train_step,
                                state_shardings, use_mesh, validate_mesh_for_model)
-from rlhf_jax.stages.common import (build_optimizer, fit, frozen_params, load_role, training_iterator,
-                                    write_summary)
+from rlhf_jax.stages.common import (build_optimizer, fit, frozen_params, load_role, per_layer_state,
+                                    training_iterator, write_summary)
 from rlhf_jax.stages.rollouts import Rollouts, decoded_samples, load_rollouts
 from rlhf_jax.trainers import rl
 from rlhf_jax.training.state import TrainState
@@ -148,12 +148,13 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     updates = iterations * algorithm.update_epochs * (stage.rollout_batch_size * group_size
                                                       // algorithm.mini_batch_size)
     states = [TrainState.create(rollouts.trainable, build_optimizer(experiment, stage, updates),
-                                jax.random.fold_in(key, 1))]
+                                jax.random.fold_in(key, 1), per_layer=per_layer_state(stage, rollouts.config))]
     bases = [rollouts.base]
     critic_config = None
     if has_critic:
         critic_config, critic, critic_base = _critic(experiment, stage, rollouts, resolve, key)
-        states.append(TrainState.create(critic, build_optimizer(experiment, stage, updates), jax.random.fold_in(key, 2)))
+        states.append(TrainState.create(critic, build_optimizer(experiment, stage, updates), jax.random.fold_in(key, 2),
+                                        per_layer=per_layer_state(stage, critic_config)))
         bases.append(critic_base)
     bases = tuple(bases)
     state_sharding = tuple(state_shardings(state, mesh) for state in states)

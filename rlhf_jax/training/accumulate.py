@@ -16,7 +16,9 @@ the layers' weights are stacked on a leading axis (`nn.scan`), and a program tha
 stack inside the micro-batch loop copies every layer's weights once per micro-batch (XLA has no views of
 slices), then copies every layer's gradient back into a stack to add it to the sum. Passed into the loop one
 array per layer (:func:`unstack_layers`) and stacked again inside the loss (:func:`stack_layers`), the slices of
-the stack are the arrays themselves, and both copies go: the same arithmetic.
+the stack are the arrays themselves, and both copies go: the same arithmetic. Params already per layer (a
+per-layer train state, `training.state`) run the same way and get their gradients per layer, so the step's
+program copies no layer at all (`models.layout`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 
 from rlhf_jax.data.batching import SHARED_ROW_KEYS
 from rlhf_jax.losses.aggregation import metric_values
+from rlhf_jax.models.layout import has_per_layer, stack_layers, unstack_layers  # noqa: F401  (re-exported)
 
 LossSumFn = Callable[[Any, Any], tuple[jax.Array, tuple[jax.Array, dict]]]
 
@@ -137,32 +140,6 @@ def by_length(fn: Callable[[Any], Any], microbatch: dict) -> Any:
     return jax.lax.switch(jnp.argmax(onehot[0]), branches, rest)
 
 
-LAYERS = "layers"  # the key of the decoder's stacked layers (`models.llama.Decoder`'s `nn.scan`)
-
-
-def _at_layers(fn: Callable[[Any], Any], tree: Any) -> Any:
-    """`tree` with fn applied to every subtree under a `LAYERS` key; dicts, tuples and lists are searched."""
-    if isinstance(tree, dict):
-        return {key: (fn(value) if key == LAYERS else _at_layers(fn, value)) for key, value in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_at_layers(fn, value) for value in tree)
-    return tree
-
-
-def unstack_layers(tree: Any) -> Any:
-    """`tree` with every subtree under a `LAYERS` key (arrays stacked on a leading layer axis) replaced by a
-    tuple of per-layer subtrees; other leaves kept."""
-    def split(stacked):
-        return tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(jax.tree.leaves(stacked)[0].shape[0]))
-
-    return _at_layers(split, tree)
-
-
-def stack_layers(tree: Any) -> Any:
-    """The inverse of :func:`unstack_layers`."""
-    return _at_layers(lambda layers: jax.tree.map(lambda *each: jnp.stack(each), *layers), tree)
-
-
 def accumulate_gradients(loss_sum_fn: LossSumFn, params: Any, batch: Any, num_microbatches: int = 1,
                          per_layer: bool = False):
     """Mean-loss gradient over `batch`, computed micro-batch by micro-batch with `lax.scan` (each at its own
@@ -173,12 +150,20 @@ def accumulate_gradients(loss_sum_fn: LossSumFn, params: Any, batch: Any, num_mi
     micro-batches and each metric divided by its own count at the end.
     Returns (loss, grads, metrics) with loss = Σ loss_sum / Σ count and metrics their values.
     `per_layer`: the stacked layer weights enter the loop one array per layer (module docstring); only for a
-    decoder whose layers are unrolled, and only with more than one micro-batch.
+    decoder whose layers are unrolled, and only with more than one micro-batch. Params per layer
+    (`models.layout`) get their gradients per layer, whatever `per_layer` says.
     """
+    if has_per_layer(params):  # a per-layer train state (`models.layout`): gradients in the same layout
+        return _accumulate(lambda layers, rows: loss_sum_fn(stack_layers(layers), rows), params, batch,
+                           num_microbatches)
     if per_layer and num_microbatches > 1:
-        loss, grads, metrics = accumulate_gradients(lambda layers, rows: loss_sum_fn(stack_layers(layers), rows),
-                                                    unstack_layers(params), batch, num_microbatches)
+        loss, grads, metrics = _accumulate(lambda layers, rows: loss_sum_fn(stack_layers(layers), rows),
+                                           unstack_layers(params), batch, num_microbatches)
         return loss, stack_layers(grads), metrics
+    return _accumulate(loss_sum_fn, params, batch, num_microbatches)
+
+
+def _accumulate(loss_sum_fn: LossSumFn, params: Any, batch: Any, num_microbatches: int):
     grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
     microbatches = split_microbatches(batch, num_microbatches)
 
@@ -210,7 +195,7 @@ def map_microbatches(fn: Callable[[Any, dict], Any], params: Any, batch: dict, n
     `LENGTH_BUCKET` (:func:`by_length`), returned [B, ...] in the batch's row order. `per_layer`: as in
     :func:`accumulate_gradients`."""
     params = jax.lax.stop_gradient(params)
-    if per_layer and num_microbatches > 1:
+    if has_per_layer(params) or (per_layer and num_microbatches > 1):
         layers = unstack_layers(params)
         run = lambda rows: fn(stack_layers(layers), rows)  # noqa: E731
     else:

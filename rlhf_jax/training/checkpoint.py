@@ -1,9 +1,9 @@
 """Atomic, resumable checkpoints with orbax, verified on restore.
 
 Each checkpoint holds the train-state pytree (params, optimizer state, step, PRNG key, and any other
-array state such as the KL controller) and a JSON blob of host-side state (data-iterator position,
-stage progress). orbax writes into a temporary directory and renames it when complete, so a crash
-mid-save leaves the previous checkpoint as the latest usable one.
+array state such as the KL controller; the layers' weights and moments stacked, `models.layout`) and a JSON
+blob of host-side state (data-iterator position, stage progress). orbax writes into a temporary directory
+and renames it when complete, so a crash mid-save leaves the previous checkpoint as the latest usable one.
 
 Damage after the fact (a truncated or deleted file: a full disk, a half-copied directory) is caught on
 restore: each step directory gets a manifest of its files (size, and CRC-32 for files up to 16 MiB) once
@@ -25,6 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from rlhf_jax.errors import UserError
+from rlhf_jax.models.layout import stack_abstract, stack_layers, unstack_like
 
 MANIFEST = "rlhf_jax_manifest.json"
 _CRC_LIMIT = 16 * 2**20  # content checksums for small files only: big shards are checked by size (and orbax)
@@ -61,7 +62,7 @@ class Checkpointer:
         saved = self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state or {})
+                state=ocp.args.StandardSave(stack_layers(state)), host=ocp.args.JsonSave(host_state or {})
             ),
             force=force,
         )
@@ -76,8 +77,13 @@ class Checkpointer:
 
     def restore(self, state_like: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restore (state, host_state) at `step` (default: the newest intact step) into the structure and
-        shardings of `state_like` (concrete arrays or `jax.ShapeDtypeStruct`s)."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
+        shardings of `state_like` (concrete arrays or `jax.ShapeDtypeStruct`s), and its layout of the layers'
+        weights (`models.layout`: a checkpoint holds them stacked, whatever the state's layout)."""
+        state, host = self._restore_stacked(stack_abstract(jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)),
+                                            step)
+        return unstack_like(state, state_like), host
+
+    def _restore_stacked(self, abstract: Any, step: int | None) -> tuple[Any, dict]:
         if step is not None:
             return self._restore(step, abstract)
         steps = sorted(self._manager.all_steps(), reverse=True)

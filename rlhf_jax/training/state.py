@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax.errors import UserError
+from rlhf_jax.models.layout import stack_layers, unstack_layers
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -29,8 +30,16 @@ class TrainState(flax.struct.PyTreeNode):
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
     @classmethod
-    def create(cls, params, tx: optax.GradientTransformation, key: jax.Array) -> "TrainState":
+    def create(cls, params, tx: optax.GradientTransformation, key: jax.Array, per_layer: bool = False) -> "TrainState":
+        """`per_layer`: hold the layers' weights (and the optimizer's moments) one array per layer
+        (`models.layout`), for a decoder whose layers are unrolled: the train step then copies no layer."""
+        params = unstack_layers(params) if per_layer else params
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=key, tx=tx)
+
+    @property
+    def stacked_params(self):
+        """The params in the canonical layout (layers stacked), whatever the state holds."""
+        return stack_layers(self.params)
 
     def apply_gradients(self, grads) -> "TrainState":
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
