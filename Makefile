@@ -13,7 +13,7 @@ demo:
 
 test:
 	scripts/setup_env.sh test
-	.venv/bin/python -m pytest -n 2 tests
+	.venv/bin/python -m pytest -n 2 --durations=30 tests
 
 # Developer loop: skip the real-model tests (a few minutes).
 test-quick:

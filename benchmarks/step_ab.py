@@ -7,7 +7,7 @@ warm-up:
   unrolled); both with `--length-buckets`;
 - `--compare per-layer-state`: the train state holding the layers' weights stacked, and one array per layer
   (`TrainState.create(per_layer=True)`, what the stages do when the layers are unrolled), with the same
-  unrolled step; both with `--length-buckets`.
+  unrolled step; both with `--length-buckets`, or with `--step sft --packed` on packed rows.
 
 A diagnostic, not a comparison with TRL (that is `suite.py`): random weights at SmolLM2-135M's shapes and fixed
 row lengths (HH-like, the longest at 256), so that the two programs see the same rows in the same process and
@@ -16,6 +16,7 @@ the host's drift between runs does not enter the ratio.
     .venv/bin/python benchmarks/step_ab.py --step dpo --micro-batches 4 --length-buckets 8
     .venv/bin/python benchmarks/step_ab.py --compare per-layer --step rm --micro-batches 8 --length-buckets 8
     .venv/bin/python benchmarks/step_ab.py --compare per-layer-state --step sft --micro-batches 2
+    .venv/bin/python benchmarks/step_ab.py --compare per-layer-state --step sft --packed --micro-batches 2
     .venv/bin/python benchmarks/step_ab.py --step sft --micro-batches 4 --profile 30
 
 `--profile N` then runs one more step of the second version under `jax.profiler` and prints where it went: the
@@ -72,6 +73,27 @@ def pair_batch(step: str, length: int, seed: int = 0) -> dict:
         if step != "rm":
             batch[f"{prefix}loss_mask"] = mask & (column >= min(40, length // 4))
     return batch
+
+
+def packed_sft_batch(length: int, rows: int = 8, seed: int = 0) -> dict:
+    """SFT rows packed as the stage packs them (`packing=true`): sequences of 20–120 tokens (HH-like, each
+    with a 10-token prompt that carries no loss) placed one after another in each row, with segment ids and
+    per-sequence positions; a row ends where the next sequence would leave fewer than 8 slots."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, 1000, (rows, length)).astype(np.int32)
+    segments, positions = np.zeros((rows, length), np.int32), np.zeros((rows, length), np.int32)
+    loss = np.zeros((rows, length), bool)
+    for row in range(rows):
+        start, segment = 0, 0
+        while length - start >= 8:
+            size = min(int(rng.integers(20, 121)), length - start)
+            segment += 1
+            segments[row, start:start + size] = segment
+            positions[row, start:start + size] = np.arange(size)
+            loss[row, start + min(10, size - 1):start + size] = True
+            start += size
+    return {"tokens": tokens, "attention_mask": segments > 0, "loss_mask": loss, "segment_ids": segments,
+            "positions": positions}
 
 
 def build_step(step: str, config, params, micro: int):
@@ -136,6 +158,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--step", choices=sorted(LOSS_KEY), default="rm")
     parser.add_argument("--compare", choices=("lengths", "per-layer", "per-layer-state"), default="lengths")
     parser.add_argument("--micro-batches", type=int, default=4)
+    parser.add_argument("--packed", action="store_true", help="with --step sft: packed rows (`packed_sft_batch`)")
     parser.add_argument("--length-buckets", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="per side, the first two left out of the median")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and 32-token rows (smoke test)")
@@ -144,13 +167,15 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     config = tiny_config("smollm2", **({} if args.tiny else SMOLLM2))
     length, micro = (32 if args.tiny else LENGTH), args.micro_batches
-    batch = pair_batch(args.step, length)
+    if args.packed and args.step != "sft":
+        parser.error("--packed is for --step sft")
+    batch = packed_sft_batch(length) if args.packed else pair_batch(args.step, length)
     variants = {}  # name: (run, host batch)
     per_layer_states = set()  # the variants whose train state holds the layers one array each
     if args.compare == "per-layer-state":
         params, prepare, run, programs = build_step(args.step, config, llama.init_params(config, jax.random.key(0)),
                                                     micro)
-        ordered = order_by_length(batch, micro, args.length_buckets)
+        ordered = batch if args.packed else order_by_length(batch, micro, args.length_buckets)
         variants["stacked state"] = variants["per-layer state"] = (run, ordered)
         per_layer_states.add("per-layer state")
     elif args.compare == "lengths":

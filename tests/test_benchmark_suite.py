@@ -191,12 +191,13 @@ def test_bucketed_positions_are_each_microbatch_rows_at_its_length():
 
 
 @pytest.mark.parametrize("compare, step", [("lengths", "rm"), ("lengths", "dpo"), ("per-layer", "sft"),
-                                           ("per-layer", "dpo")])
+                                           ("per-layer", "dpo"), ("per-layer-state", "rm"),
+                                           ("per-layer-state", "sft --packed")])
 def test_step_ab_runs_both_programs_on_the_same_rows(compare, step):
     sys.path.insert(0, str(SUITE.parent))
     import step_ab
 
-    result = step_ab.main(["--tiny", "--compare", compare, "--step", step, "--micro-batches", "2",
+    result = step_ab.main(["--tiny", "--compare", compare, "--step", *step.split(), "--micro-batches", "2",
                            "--length-buckets", "4", "--steps", "2"])
     assert len(result["seconds"]) == 2
     assert all(len(times) == 2 and min(times) > 0 for times in result["seconds"].values())
