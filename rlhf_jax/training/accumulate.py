@@ -153,13 +153,11 @@ def accumulate_gradients(loss_sum_fn: LossSumFn, params: Any, batch: Any, num_mi
     decoder whose layers are unrolled, and only with more than one micro-batch. Params per layer
     (`models.layout`) get their gradients per layer, whatever `per_layer` says.
     """
-    if has_per_layer(params):  # a per-layer train state (`models.layout`): gradients in the same layout
-        return _accumulate(lambda layers, rows: loss_sum_fn(stack_layers(layers), rows), params, batch,
-                           num_microbatches)
-    if per_layer and num_microbatches > 1:
+    stored_per_layer = has_per_layer(params)  # a per-layer train state (`models.layout`): gradients per layer
+    if stored_per_layer or (per_layer and num_microbatches > 1):
         loss, grads, metrics = _accumulate(lambda layers, rows: loss_sum_fn(stack_layers(layers), rows),
                                            unstack_layers(params), batch, num_microbatches)
-        return loss, stack_layers(grads), metrics
+        return loss, (grads if stored_per_layer else stack_layers(grads)), metrics
     return _accumulate(loss_sum_fn, params, batch, num_microbatches)
 
 
