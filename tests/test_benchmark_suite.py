@@ -155,6 +155,18 @@ def test_rollout_ab_samples_the_same_rows_with_and_without_shared_prompt_prefill
     assert all(len(times) == 3 and min(times) > 0 for times in result["seconds"].values())
 
 
+def test_rollout_ab_update_times_both_heads_on_the_same_rollout_and_gets_the_same_loss():
+    sys.path.insert(0, str(SUITE.parent))
+    import rollout_ab
+
+    result = rollout_ab.main(["--tiny", "--prompts", "2", "--group", "3", "--new-tokens", "6", "--calls", "2",
+                              "--max-prompt-length", "48", "--update", "--micro-batches", "2"])
+    assert all(len(times) == 2 and min(times) > 0 for times in result["seconds"].values())
+    assert 0 < result["kept_fraction"] <= 1
+    whole, kept = result["losses"].values()
+    np.testing.assert_allclose(kept, whole, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("segment_blocks", [False, True])
 def test_shared_rows_ab_computes_the_same_value_in_every_layout(segment_blocks):
     sys.path.insert(0, str(SUITE.parent))

@@ -92,6 +92,10 @@ def _masked_variants():
             h, w, tk, mask=m, seq_chunk=sc, vocab_chunk=vc),
         "logprobs_from_hidden[3,4]": lambda lg, tk, h, w, m: (
             logprobs_from_hidden(h, w, tk, mask=m, seq_chunk=3, vocab_chunk=4), None),
+        "from_hidden_masked_first[3]": lambda lg, tk, h, w, m: logprobs_and_entropy_from_hidden(
+            h, w, tk, mask=m, seq_chunk=sc, masked_first=3),
+        "logprobs_from_hidden_masked_first[4,5]": lambda lg, tk, h, w, m: (
+            logprobs_from_hidden(h, w, tk, mask=m, vocab_chunk=vc, masked_first=4), None),
     }
 
 
@@ -406,3 +410,58 @@ def test_the_whole_vocabulary_reads_the_chosen_logit_from_its_product(vocab_chun
     np.testing.assert_allclose(value, chunked_value, rtol=1e-5)
     for grad, chunked in zip(grads, chunked_grads):
         np.testing.assert_allclose(grad, chunked, rtol=1e-4, atol=1e-5)
+
+
+def _primitives(jaxpr) -> set[str]:
+    found = set()
+    for eqn in jaxpr.eqns:
+        found.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found |= _primitives(sub)
+    return found
+
+
+@pytest.mark.parametrize("seq_chunk", [None, 3])  # the backward keeps each chunk's logits, or recomputes them
+@pytest.mark.parametrize("chunk", [1, 3, 5, 64])  # one position at a time, ragged, one chunk of all positions
+def test_masked_first_computes_the_kept_positions_only_and_matches_float64(chunk, seq_chunk):
+    """`masked_first`: the kept positions of the whole batch gathered first and visited `chunk` at a time,
+    chunks with none skipped. Values against numpy in float64 at kept positions and 0 elsewhere; gradients
+    against the plain masked function's; an all-masked batch gives zeros."""
+    _, tokens, hidden, unembedding = random_inputs(11)
+    rng = np.random.default_rng(12)
+    # right-padded rows as sampled responses are: kept positions a prefix of each row, of different lengths
+    mask = np.arange(T)[None] < np.array([[5], [2]])
+    weights = rng.normal(size=(B, T))
+    reference = _reference("from_hidden", None, tokens, hidden, unembedding, 0.8)
+    with jax.enable_x64(True):
+        h, w, c = (jnp.asarray(x, jnp.float64) for x in (hidden, unembedding, weights))
+
+        def loss(hh, ww, kept, **skip):
+            lp, ent = logprobs_and_entropy_from_hidden(hh, ww, tokens, 0.8, mask=kept, seq_chunk=seq_chunk, **skip)
+            return jnp.sum(c * lp) + jnp.sum(jnp.sin(ent)), (lp, ent)
+
+        skipping = jax.jit(jax.value_and_grad(lambda hh, ww, kept: loss(hh, ww, kept, masked_first=chunk),
+                                              argnums=(0, 1), has_aux=True))
+        plain = jax.jit(jax.value_and_grad(lambda hh, ww, kept: loss(hh, ww, kept), argnums=(0, 1), has_aux=True))
+        (value, (lp, ent)), grads = skipping(h, w, mask)
+        for got, want in zip((lp, ent), reference):
+            np.testing.assert_allclose(np.asarray(got)[mask], want[mask], rtol=1e-10, atol=1e-12)
+            assert np.all(np.asarray(got)[~mask] == 0)
+        (plain_value, _), plain_grads = plain(h, w, mask)
+        np.testing.assert_allclose(float(value), float(plain_value), rtol=1e-12)
+        for got, want in zip(grads, plain_grads):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-12)
+        (value, (lp, ent)), grads = skipping(h, w, np.zeros((B, T), bool))
+        assert float(value) == 0 and not np.any(lp) and not np.any(ent)
+        assert not any(np.any(np.asarray(g)) for g in grads)
+        # a chunk without a kept position is a branch not taken (forward and backward), when there are chunks
+        primitives = _primitives(jax.make_jaxpr(skipping)(h, w, mask).jaxpr)
+        assert ("cond" in primitives) == (chunk < B * T)
+
+
+def test_masked_first_needs_a_mask_and_a_positive_chunk():
+    _, tokens, hidden, unembedding = random_inputs(13)
+    with pytest.raises(ValueError, match="needs a mask"):
+        logprobs_from_hidden(hidden, unembedding, tokens, masked_first=4)
+    with pytest.raises(ValueError, match="must be a positive integer, got 0"):
+        logprobs_from_hidden(hidden, unembedding, tokens, mask=np.ones((B, T), bool), masked_first=0)

@@ -486,6 +486,39 @@ def test_a_groups_prompt_computed_once_gives_the_gradients_of_separate_rows_in_f
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_the_head_skips_the_positions_after_each_response_and_gives_the_same_numbers_in_float64(group_size):
+    """`kept_chunk` (what `rl.response_logprobs` runs): the LM head at the response tokens only, gathered from
+    every row, chunks past them skipped. At the response tokens the log-probs and entropies are the whole
+    head's, after each response's end 0; a loss of them and its gradient equal the whole head's to 1e-10."""
+    from rlhf_jax.trainers.common import continuation_logprobs
+
+    with jax.enable_x64(True):
+        config = dataclasses.replace(CONFIG, dtype="float64", param_dtype="float64")
+        params = llama.init_params(config, jax.random.key(0))
+        tokens, mask, (_, _, prompt_length, _) = _two_groups_of_three(config)
+        response_mask = np.asarray(mask[:, prompt_length:])
+        assert 0 < response_mask.mean() < 1  # responses of different lengths
+        weights = jnp.asarray(np.random.default_rng(2).normal(size=response_mask.shape))
+
+        def loss(params, kept_chunk):
+            logprobs, entropy = continuation_logprobs(config, params, tokens, mask, prompt_length, 0.7, 4, True,
+                                                      group_size=group_size, kept_chunk=kept_chunk)
+            return jnp.sum(jnp.where(response_mask, weights * logprobs + 0.1 * entropy, 0.0)), (logprobs, entropy)
+
+        (whole, (logprobs, entropy)), whole_grads = jax.value_and_grad(loss, has_aux=True)(params, None)
+        for kept_chunk in (2, 5):
+            (kept, (kept_logprobs, kept_entropy)), kept_grads = jax.value_and_grad(loss, has_aux=True)(params,
+                                                                                                  kept_chunk)
+            for got, want in ((kept_logprobs, logprobs), (kept_entropy, entropy)):
+                np.testing.assert_allclose(np.asarray(got)[response_mask], np.asarray(want)[response_mask],
+                                           rtol=1e-12, atol=1e-12)
+                assert not np.any(np.asarray(got)[~response_mask])
+            np.testing.assert_allclose(float(kept), float(whole), rtol=1e-12)
+            for a, b in zip(jax.tree.leaves(kept_grads), jax.tree.leaves(whole_grads)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("config", [CONFIG, dataclasses.replace(CONFIG, sliding_window=5), tiny_config("qwen2")],
                          ids=["llama", "sliding_window", "qwen2_bias"])
 def test_a_groups_prompt_computed_once_gives_the_log_probs_of_its_separate_rows(config):

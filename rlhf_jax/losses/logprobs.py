@@ -80,12 +80,15 @@ def token_entropy(logits, temperature: float = 1.0, mask=None) -> jnp.ndarray:
 # Chunking machinery
 
 
-def _map_over_sequence(chunk_fn: Callable, length: int, seq_chunk: int | None, arrays: dict):
+def _map_over_sequence(chunk_fn: Callable, length: int, seq_chunk: int | None, arrays: dict,
+                       skip_masked: bool = False, recompute: bool = True):
     """``chunk_fn(**slices)`` on slices of ``seq_chunk`` positions, the [..., c] results concatenated along T.
 
     ``arrays`` maps each keyword of ``chunk_fn`` to ``(array, time_axis)``. When ``seq_chunk`` does not divide
     T the last slice starts at ``T − c`` (overlapping the previous one) and only its new positions are kept,
-    so no input is padded or copied.
+    so no input is padded or copied. Each chunk is recomputed in the backward pass (``jax.checkpoint``) unless
+    ``recompute`` is False. With ``skip_masked`` a chunk whose ``mask`` slice holds no True entry is not
+    computed (``lax.cond``, forward and backward): its results are zeros, what ``chunk_fn`` gives there.
     """
     if seq_chunk is None or seq_chunk >= length:
         return chunk_fn(**{name: array for name, (array, _) in arrays.items()})
@@ -94,13 +97,16 @@ def _map_over_sequence(chunk_fn: Callable, length: int, seq_chunk: int | None, a
     chunk = seq_chunk
     num_chunks = -(-length // chunk)
 
-    @jax.checkpoint
     def one_chunk(index):
         start = jnp.minimum(index * chunk, length - chunk)
-        return chunk_fn(**{name: lax.dynamic_slice_in_dim(array, start, chunk, axis=axis)
-                           for name, (array, axis) in arrays.items()})
+        slices = {name: lax.dynamic_slice_in_dim(array, start, chunk, axis=axis)
+                  for name, (array, axis) in arrays.items()}
+        if not skip_masked:
+            return chunk_fn(**slices)
+        skipped = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(lambda: chunk_fn(**slices)))
+        return lax.cond(jnp.any(slices["mask"]), lambda: chunk_fn(**slices), lambda: skipped)
 
-    stacked = lax.map(one_chunk, jnp.arange(num_chunks))
+    stacked = lax.map(jax.checkpoint(one_chunk) if recompute else one_chunk, jnp.arange(num_chunks))
 
     def assemble(ys):  # ys: [num_chunks, ..., chunk]
         ys = jnp.moveaxis(ys, 0, -2)
@@ -225,11 +231,13 @@ def _chunk_fn(temperature, vocab_chunk, want_logprobs: bool, want_entropy: bool,
 
 
 def _chunked(source, tokens, mask, temperature, seq_chunk, vocab_chunk, want_logprobs, want_entropy,
-             unembedding=None):
+             unembedding=None, masked_first: int | None = None):
     _check_temperature(temperature)
     if unembedding is not None and source.shape[-1] != unembedding.shape[0]:
         raise ValueError(f"hidden size {source.shape[-1]} does not match unembedding rows {unembedding.shape[0]}")
     chunk_fn = _chunk_fn(temperature, vocab_chunk, want_logprobs, want_entropy, unembedding)
+    if masked_first is not None:
+        return _over_kept_positions(chunk_fn, source, tokens, mask, masked_first, seq_chunk)
     # [B, T, ·] source, [B, T] tokens and mask: each is sliced along its T axis.
     arrays = {"source": (source, source.ndim - 2)}
     if tokens is not None:
@@ -237,6 +245,31 @@ def _chunked(source, tokens, mask, temperature, seq_chunk, vocab_chunk, want_log
     if mask is not None:
         arrays["mask"] = (as_bool(mask), mask.ndim - 1)
     return _map_over_sequence(chunk_fn, source.shape[-2], seq_chunk, arrays)
+
+
+def _over_kept_positions(chunk_fn, source, tokens, mask, chunk: int, seq_chunk: int | None):
+    """``chunk_fn`` over every position of ``mask``'s shape, computing only where ``mask`` holds.
+
+    The positions are flattened and reordered with the kept ones first (a stable sort), then visited
+    ``chunk`` at a time; a chunk of positions that are all masked out is skipped, so the work follows the number
+    of kept positions, whatever their layout (an RL batch's responses end at different lengths), without a
+    shape that depends on it. Backward recomputes each chunk only where a `seq_chunk` would have chunked the
+    sequence (T > seq_chunk), so memory and recomputation stay what they were without the reordering.
+    """
+    if mask is None:
+        raise ValueError("skipping masked positions needs a mask")
+    if chunk < 1:
+        raise ValueError(f"the chunk of kept positions must be a positive integer, got {chunk}")
+    shape = mask.shape
+    kept = as_bool(mask).reshape(-1)
+    order = jnp.argsort(jnp.logical_not(kept), stable=True)  # kept positions first, each group in order
+    arrays = {"source": (jnp.asarray(source).reshape(-1, source.shape[-1])[order], 0), "mask": (kept[order], 0)}
+    if tokens is not None:
+        arrays["tokens"] = (jnp.asarray(tokens).reshape(-1)[order], 0)
+    recompute = seq_chunk is not None and seq_chunk < shape[-1]
+    out = _map_over_sequence(chunk_fn, kept.shape[0], chunk, arrays, skip_masked=True, recompute=recompute)
+    where = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    return {name: value[where].reshape(shape) for name, value in out.items()}
 
 
 def chunked_token_logprobs(logits, tokens, temperature: float = 1.0, *, mask=None, seq_chunk: int | None = 128,
@@ -263,23 +296,30 @@ def chunked_token_entropy(logits, temperature: float = 1.0, *, mask=None, seq_ch
 
 
 def logprobs_from_hidden(hidden, unembedding, tokens, temperature: float = 1.0, *, mask=None,
-                         seq_chunk: int | None = 128, vocab_chunk: int | None = None) -> jnp.ndarray:
+                         seq_chunk: int | None = 128, vocab_chunk: int | None = None,
+                         masked_first: int | None = None) -> jnp.ndarray:
     """Chosen-token log-probs from final hidden states, never forming the full ``[B, T, V]`` logits.
 
     ``x = h @ W``, ``log p_t = (x_t[tokens_t] − m_t) / τ − log Σ_v exp((x_{t,v} − m_t) / τ)``, with the chosen
     logit computed as ``h_t · W[:, tokens_t]``. hidden: [B, T, D]; unembedding W: [D, V] (for tied embeddings
     pass ``embedding.T``); tokens: [B, T]; mask: [B, T] or None (0 at masked positions, zero gradient).
     Products accumulate in float32. Returns [B, T] float32.
+
+    masked_first: None, or a number of positions c: the head then runs only where ``mask`` holds, the kept
+    positions of the whole batch gathered first and visited c at a time, chunks with none skipped (the same
+    numbers; for a mask whose shape is fixed and whose count is not, such as sampled responses' ends).
     """
-    return _chunked(hidden, tokens, mask, temperature, seq_chunk, vocab_chunk, True, False, unembedding)["logprobs"]
+    return _chunked(hidden, tokens, mask, temperature, seq_chunk, vocab_chunk, True, False, unembedding,
+                    masked_first)["logprobs"]
 
 
 def logprobs_and_entropy_from_hidden(hidden, unembedding, tokens, temperature: float = 1.0, *, mask=None,
-                                     seq_chunk: int | None = 128, vocab_chunk: int | None = None):
+                                     seq_chunk: int | None = 128, vocab_chunk: int | None = None,
+                                     masked_first: int | None = None):
     """:func:`logprobs_from_hidden` plus the per-token entropy of ``softmax(x_t / τ)``, in the same pass.
 
     hidden: [B, T, D]; unembedding: [D, V]; tokens, mask: [B, T]. Returns ``(logprobs, entropy)``, each
     [B, T] float32.
     """
-    out = _chunked(hidden, tokens, mask, temperature, seq_chunk, vocab_chunk, True, True, unembedding)
+    out = _chunked(hidden, tokens, mask, temperature, seq_chunk, vocab_chunk, True, True, unembedding, masked_first)
     return out["logprobs"], out["entropy"]

@@ -38,14 +38,18 @@ def _shifted_targets(batch) -> tuple[jax.Array, jax.Array]:
 
 
 def _logprobs_at(config: DecoderConfig, params, hidden, targets, keep, temperature: float, seq_chunk: int | None,
-                 with_entropy: bool):
-    """Log-probs (and entropies) of `targets` [B, S] predicted from `hidden` [B, S, D]; 0 where not `keep`."""
+                 with_entropy: bool, kept_chunk: int | None = None):
+    """Log-probs (and entropies) of `targets` [B, S] predicted from `hidden` [B, S, D]; 0 where not `keep`.
+    With `kept_chunk` the head runs at the `keep` positions only, that many at a time (`losses.logprobs`'
+    `masked_first`)."""
     unembedding = llama.unembedding(config, params)
+    skip = {} if kept_chunk is None else {"mask": keep, "masked_first": kept_chunk}
     if with_entropy:
         logprobs, entropy = logprobs_and_entropy_from_hidden(hidden, unembedding, targets, temperature,
-                                                             seq_chunk=seq_chunk)
+                                                             seq_chunk=seq_chunk, **skip)
         return jnp.where(keep, logprobs, 0.0), jnp.where(keep, entropy, 0.0)
-    return jnp.where(keep, logprobs_from_hidden(hidden, unembedding, targets, temperature, seq_chunk=seq_chunk), 0.0)
+    return jnp.where(keep, logprobs_from_hidden(hidden, unembedding, targets, temperature, seq_chunk=seq_chunk,
+                                                **skip), 0.0)
 
 
 def teacher_forced_logprobs(config: DecoderConfig, params, batch, temperature: float = 1.0, seq_chunk: int | None = 128,
@@ -144,7 +148,8 @@ def with_loss_index(batch: dict, num_microbatches: int = 1) -> dict:
 
 
 def continuation_logprobs(config: DecoderConfig, params, tokens, attention_mask, start: int, temperature: float = 1.0,
-                          seq_chunk: int | None = 128, with_entropy: bool = False, group_size: int = 1):
+                          seq_chunk: int | None = 128, with_entropy: bool = False, group_size: int = 1,
+                          kept_chunk: int | None = None):
     """Teacher-forced log p(tokens[t] | tokens[<t]) for the columns t >= `start` (static, >= 1): [B, T - start].
 
     The same numbers as `teacher_forced_logprobs(...)[:, start:]`, but the LM head (the [D, V] unembedding and the
@@ -153,6 +158,9 @@ def continuation_logprobs(config: DecoderConfig, params, tokens, attention_mask,
 
     group_size: rows come in contiguous groups of this many that share their first `start` columns (a prompt
     sampled `group_size` times); the backbone then runs each group's prompt once (:func:`prompt_group_rows`).
+    kept_chunk: None, or a number of positions: the head then runs only at the columns that `attention_mask`
+    keeps (not after a response's end), gathered from every row and visited that many at a time; the others
+    give 0 (`losses.logprobs`' `masked_first`).
     """
     if start < 1:
         raise ValueError(f"start must be >= 1 (column 0 has no prediction), got {start}")
@@ -165,8 +173,8 @@ def continuation_logprobs(config: DecoderConfig, params, tokens, attention_mask,
     else:
         hidden = llama.forward(config, params, tokens, None, attention_mask, None, compute_logits=False).hidden
         hidden = hidden[:, start - 1 : -1]
-    return _logprobs_at(config, params, hidden, targets, jnp.ones(targets.shape, bool), temperature, seq_chunk,
-                        with_entropy)
+    keep = jnp.ones(targets.shape, bool) if kept_chunk is None else attention_mask[:, start:].astype(bool)
+    return _logprobs_at(config, params, hidden, targets, keep, temperature, seq_chunk, with_entropy, kept_chunk)
 
 
 def over_group_rows(model_fn, tokens, attention_mask, start: int, group_size: int):

@@ -57,6 +57,7 @@ from rlhf_jax.training.accumulate import accumulate_gradients
 
 
 SEQ_CHUNK = 128  # positions per chunk of the LM head in the log-prob passes
+KEPT_CHUNK = 256  # response positions per chunk where the head skips those after a response's end
 
 
 def old_logprobs_from_update(algorithm: RLAlgorithm, rows: int) -> bool:
@@ -157,11 +158,13 @@ def _response_slice(per_position: jax.Array, prompt_length: int, shift: int = 0)
 
 def response_logprobs(config: DecoderConfig, params, tokens, attention_mask, prompt_length: int,
                       temperature: float, seq_chunk: int, with_entropy: bool = False, group_size: int = 1):
-    """Teacher-forced log-probs [B, N] (and entropies) of the response tokens at `temperature`; the LM head
-    runs at the N positions that predict them only. With `group_size` > 1 each group of that many rows shares
-    its prompt, which the backbone runs once (`trainers.common.prompt_group_rows`)."""
+    """Teacher-forced log-probs [B, N] (and entropies) of the response tokens at `temperature`, 0 after each
+    response's end; the LM head runs at the response tokens only (not over the prompt, nor after the end:
+    the rows' response tokens gathered and visited `KEPT_CHUNK` at a time, `continuation_logprobs`'
+    `kept_chunk`). With `group_size` > 1 each group of that many rows shares its prompt, which the backbone
+    runs once (`trainers.common.prompt_group_rows`)."""
     return continuation_logprobs(config, params, tokens, attention_mask, prompt_length, temperature, seq_chunk,
-                                 with_entropy, group_size)
+                                 with_entropy, group_size, kept_chunk=KEPT_CHUNK)
 
 
 def _prompt_group(algorithm: RLAlgorithm, shared_prompts: bool) -> int:
