@@ -175,6 +175,10 @@ def test_activation_constraints_reach_the_compiled_step(device_report):
     assert device_report["hlo_has_batch_constraint"]
 
 
+def test_the_rl_head_gathers_response_tokens_within_each_data_shard(device_report):
+    assert device_report["batch_blocks"] == {"8 rows": 4, "6 rows": 1, "outside a mesh": 1}
+
+
 def test_sampler_output_is_identical_sharded_and_unsharded(device_report):
     for mesh, result in device_report["sampler"].items():
         assert result["tokens_equal"], mesh
@@ -326,6 +330,14 @@ def _device_checks() -> dict:
             if name == "reward":
                 report["layout"][str(list(shape))].update(
                     {f"reward/{path}": _spec_of(leaf) for path, leaf in _flat(out_states[0].params).items()})
+
+    # the RL head's response-token gathering stays within each data shard: it reads the shards off the mesh that
+    # a train step is traced under (`trainers.common.batch_blocks`)
+    from rlhf_jax.trainers.common import batch_blocks
+
+    with sharding.activation_rules(sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))):
+        report["batch_blocks"] = {"8 rows": batch_blocks(8), "6 rows": batch_blocks(6)}
+    report["batch_blocks"]["outside a mesh"] = batch_blocks(8)
 
     # sampler: same key, same output, with sharded params and a sharded prompt batch
     settings = SamplingSettings(max_new_tokens=6, temperature=0.8)

@@ -236,8 +236,8 @@ def _chunked(source, tokens, mask, temperature, seq_chunk, vocab_chunk, want_log
     if unembedding is not None and source.shape[-1] != unembedding.shape[0]:
         raise ValueError(f"hidden size {source.shape[-1]} does not match unembedding rows {unembedding.shape[0]}")
     chunk_fn = _chunk_fn(temperature, vocab_chunk, want_logprobs, want_entropy, unembedding)
-    if masked_first is not None:
-        return _over_kept_positions(chunk_fn, source, tokens, mask, masked_first, seq_chunk)
+    if masked_first is not None:  # chunks of `masked_first` positions; `seq_chunk` only says whether to recompute
+        return _over_kept_positions(chunk_fn, source, tokens, mask, masked_first, seq_chunk is not None)
     # [B, T, ·] source, [B, T] tokens and mask: each is sliced along its T axis.
     arrays = {"source": (source, source.ndim - 2)}
     if tokens is not None:
@@ -247,29 +247,27 @@ def _chunked(source, tokens, mask, temperature, seq_chunk, vocab_chunk, want_log
     return _map_over_sequence(chunk_fn, source.shape[-2], seq_chunk, arrays)
 
 
-def _over_kept_positions(chunk_fn, source, tokens, mask, chunk: int, seq_chunk: int | None):
-    """``chunk_fn`` over every position of ``mask``'s shape, computing only where ``mask`` holds.
+def _over_kept_positions(chunk_fn, source, tokens, mask, chunk: int, recompute: bool):
+    """``chunk_fn`` over every position of ``mask``'s shape [..., T], computing only where ``mask`` holds.
 
-    The positions are flattened and reordered with the kept ones first (a stable sort), then visited
-    ``chunk`` at a time; a chunk of positions that are all masked out is skipped, so the work follows the number
-    of kept positions, whatever their layout (an RL batch's responses end at different lengths), without a
-    shape that depends on it. Backward recomputes each chunk only where a `seq_chunk` would have chunked the
-    sequence (T > seq_chunk), so memory and recomputation stay what they were without the reordering.
+    Along T each row's kept positions are moved to the front (a stable sort), then the rows are visited ``chunk``
+    columns at a time; a chunk where no row has a kept position is skipped, so the work follows the longest row's
+    count of kept positions, without a shape that depends on it. A caller that flattens its positions into few
+    rows (one per data shard) makes that the number of kept positions of the whole batch.
     """
     if mask is None:
         raise ValueError("skipping masked positions needs a mask")
     if chunk < 1:
         raise ValueError(f"the chunk of kept positions must be a positive integer, got {chunk}")
-    shape = mask.shape
-    kept = as_bool(mask).reshape(-1)
-    order = jnp.argsort(jnp.logical_not(kept), stable=True)  # kept positions first, each group in order
-    arrays = {"source": (jnp.asarray(source).reshape(-1, source.shape[-1])[order], 0), "mask": (kept[order], 0)}
+    kept = as_bool(mask)
+    order = jnp.argsort(jnp.logical_not(kept), axis=-1, stable=True)  # kept positions first, each group in order
+    source = jnp.take_along_axis(jnp.asarray(source), order[..., None], axis=-2)
+    arrays = {"source": (source, source.ndim - 2), "mask": (jnp.take_along_axis(kept, order, axis=-1), kept.ndim - 1)}
     if tokens is not None:
-        arrays["tokens"] = (jnp.asarray(tokens).reshape(-1)[order], 0)
-    recompute = seq_chunk is not None and seq_chunk < shape[-1]
-    out = _map_over_sequence(chunk_fn, kept.shape[0], chunk, arrays, skip_masked=True, recompute=recompute)
-    where = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    return {name: value[where].reshape(shape) for name, value in out.items()}
+        arrays["tokens"] = (jnp.take_along_axis(jnp.asarray(tokens), order, axis=-1), kept.ndim - 1)
+    out = _map_over_sequence(chunk_fn, kept.shape[-1], chunk, arrays, skip_masked=True, recompute=recompute)
+    back = jnp.argsort(order, axis=-1)  # the inverse permutation
+    return {name: jnp.take_along_axis(value, back, axis=-1) for name, value in out.items()}
 
 
 def chunked_token_logprobs(logits, tokens, temperature: float = 1.0, *, mask=None, seq_chunk: int | None = 128,
@@ -305,9 +303,10 @@ def logprobs_from_hidden(hidden, unembedding, tokens, temperature: float = 1.0, 
     pass ``embedding.T``); tokens: [B, T]; mask: [B, T] or None (0 at masked positions, zero gradient).
     Products accumulate in float32. Returns [B, T] float32.
 
-    masked_first: None, or a number of positions c: the head then runs only where ``mask`` holds, the kept
-    positions of the whole batch gathered first and visited c at a time, chunks with none skipped (the same
-    numbers; for a mask whose shape is fixed and whose count is not, such as sampled responses' ends).
+    masked_first: None, or a number of positions c: the head then runs only where ``mask`` holds (the same
+    numbers), for a mask whose shape is fixed and whose count is not, such as sampled responses' ends. Each row's
+    kept positions go first and the rows are visited c columns at a time, a chunk with none in any row skipped;
+    ``seq_chunk`` None then keeps each chunk's values for the backward pass, else they are recomputed.
     """
     return _chunked(hidden, tokens, mask, temperature, seq_chunk, vocab_chunk, True, False, unembedding,
                     masked_first)["logprobs"]

@@ -15,6 +15,8 @@ strided micro-batch split (`training.accumulate.split_microbatches`) hands each 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +25,7 @@ from rlhf_jax.data.batching import index_bucket
 from rlhf_jax.losses import logprobs_and_entropy_from_hidden, logprobs_from_hidden
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.sharding.placement import BATCH_AXES
 
 
 def _shifted_targets(batch) -> tuple[jax.Array, jax.Array]:
@@ -173,8 +176,25 @@ def continuation_logprobs(config: DecoderConfig, params, tokens, attention_mask,
     else:
         hidden = llama.forward(config, params, tokens, None, attention_mask, None, compute_logits=False).hidden
         hidden = hidden[:, start - 1 : -1]
-    keep = jnp.ones(targets.shape, bool) if kept_chunk is None else attention_mask[:, start:].astype(bool)
-    return _logprobs_at(config, params, hidden, targets, keep, temperature, seq_chunk, with_entropy, kept_chunk)
+    if kept_chunk is None:
+        return _logprobs_at(config, params, hidden, targets, jnp.ones(targets.shape, bool), temperature, seq_chunk,
+                            with_entropy)
+    # each data shard's rows as one row of positions, so that the sort gathers its response tokens and stays local
+    rows, columns = targets.shape
+    blocks = batch_blocks(rows)
+    keep = attention_mask[:, start:].astype(bool).reshape(blocks, -1)
+    recompute = seq_chunk if seq_chunk is not None and seq_chunk < columns else None  # where the plain head does
+    result = _logprobs_at(config, params, hidden.reshape(blocks, keep.shape[1], -1), targets.reshape(keep.shape),
+                          keep, temperature, recompute, with_entropy, kept_chunk)
+    return jax.tree.map(lambda x: x.reshape(rows, columns), result)
+
+
+def batch_blocks(rows: int) -> int:
+    """How many parts the data-parallel axes of the mesh being traced under (`rlhf_jax.sharding.activation_rules`)
+    split a batch's rows into: 1 outside a mesh, or when the rows do not split evenly."""
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
+    return shards if rows % shards == 0 else 1
 
 
 def over_group_rows(model_fn, tokens, attention_mask, start: int, group_size: int):
