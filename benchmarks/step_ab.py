@@ -5,6 +5,9 @@ warm-up:
 - `--compare per-layer`: the decoder's stacked layer weights sliced inside the micro-batch loop, and passed into
   it one array per layer (`training.accumulate`'s `per_layer`, what the trainers do when the layers are
   unrolled); both with `--length-buckets`;
+- `--compare loss-index`: the LM head at every position, and only at the positions that carry a loss (the
+  index `trainers.common.with_loss_index` adds, what the stages pass); with `--sampled P,N` on rows like RAFT's
+  and ReST's kept samples (`stages.filtered.sft_rows`: a left-padded prompt of P, a response of N);
 - `--compare per-layer-state`: the train state holding the layers' weights stacked, and one array per layer
   (`TrainState.create(per_layer=True)`, what the stages do when the layers are unrolled), with the same
   unrolled step; both with `--length-buckets`, or with `--step sft --packed` on packed rows.
@@ -18,6 +21,7 @@ the host's drift between runs does not enter the ratio.
     .venv/bin/python benchmarks/step_ab.py --compare per-layer-state --step sft --micro-batches 2
     .venv/bin/python benchmarks/step_ab.py --compare per-layer-state --step sft --packed --micro-batches 2
     .venv/bin/python benchmarks/step_ab.py --step sft --micro-batches 4 --profile 30
+    .venv/bin/python benchmarks/step_ab.py --compare loss-index --step sft --sampled 48,24 --micro-batches 1
 
 `--profile N` then runs one more step of the second version under `jax.profiler` and prints where it went: the
 time of XLA's CPU operations (thunks) summed by kind and by the JAX operation they came from (the HLO's
@@ -96,6 +100,20 @@ def packed_sft_batch(length: int, rows: int = 8, seed: int = 0) -> dict:
             "positions": positions}
 
 
+def sampled_sft_batch(prompt_length: int, new_tokens: int, rows: int = 8, seed: int = 0) -> dict:
+    """RAFT/ReST's SFT rows (`stages.filtered.sft_rows`): prompts of 1/2 to all of `prompt_length` tokens,
+    left-padded, and responses of 1/4 to all of `new_tokens`, right-padded (a quarter of them cut at the limit)."""
+    from rlhf_jax.stages.filtered import sft_rows
+
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(prompt_length // 2, prompt_length + 1, rows)
+    responses = np.minimum(rng.integers(max(new_tokens // 4, 1), new_tokens * 4 // 3 + 1, rows), new_tokens)
+    prompt_mask = np.arange(prompt_length)[None] >= (prompt_length - prompts)[:, None]
+    response_mask = np.arange(new_tokens)[None] < responses[:, None]
+    return sft_rows(rng.integers(3, 1000, (rows, prompt_length)), prompt_mask,
+                    rng.integers(3, 1000, (rows, new_tokens)), response_mask)
+
+
 def build_step(step: str, config, params, micro: int):
     """(params, prepare(host batch) -> batch, run(state, batch) -> (state, metrics), programs(state, batch) ->
     the compiled HLO text of each jitted function `run` calls)."""
@@ -156,9 +174,12 @@ def profile_step(run, state, batch, programs: list[str], top: int):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--step", choices=sorted(LOSS_KEY), default="rm")
-    parser.add_argument("--compare", choices=("lengths", "per-layer", "per-layer-state"), default="lengths")
+    parser.add_argument("--compare", choices=("lengths", "per-layer", "per-layer-state", "loss-index"),
+                        default="lengths")
     parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--packed", action="store_true", help="with --step sft: packed rows (`packed_sft_batch`)")
+    parser.add_argument("--sampled", default=None, metavar="P,N",
+                        help="with --step sft: rows like RAFT's kept samples, prompts of P and responses of N tokens")
     parser.add_argument("--length-buckets", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="per side, the first two left out of the median")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and 32-token rows (smoke test)")
@@ -169,15 +190,30 @@ def main(argv=None) -> dict:
     length, micro = (32 if args.tiny else LENGTH), args.micro_batches
     if args.packed and args.step != "sft":
         parser.error("--packed is for --step sft")
-    batch = packed_sft_batch(length) if args.packed else pair_batch(args.step, length)
+    if args.sampled and (args.step != "sft" or args.packed):
+        parser.error("--sampled is for --step sft without --packed")
+    if args.sampled:
+        prompt_length, new_tokens = (int(n) for n in args.sampled.split(","))
+        batch = sampled_sft_batch(prompt_length, new_tokens)
+    else:
+        batch = packed_sft_batch(length) if args.packed else pair_batch(args.step, length)
     variants = {}  # name: (run, host batch)
     per_layer_states = set()  # the variants whose train state holds the layers one array each
+    unprepared = set()  # the variants whose batch goes in without the loss positions' index
     if args.compare == "per-layer-state":
         params, prepare, run, programs = build_step(args.step, config, llama.init_params(config, jax.random.key(0)),
                                                     micro)
         ordered = batch if args.packed else order_by_length(batch, micro, args.length_buckets)
         variants["stacked state"] = variants["per-layer state"] = (run, ordered)
         per_layer_states.add("per-layer state")
+    elif args.compare == "loss-index":
+        if args.step == "rm":
+            parser.error("--compare loss-index is for --step sft or dpo (the reward model has no LM head)")
+        params, prepare, run, programs = build_step(args.step, config, llama.init_params(config, jax.random.key(0)),
+                                                    micro)
+        variants["head at every position"] = (run, batch)
+        unprepared.add("head at every position")
+        variants["head at the loss positions"] = (run, batch)
     elif args.compare == "lengths":
         params, prepare, run, programs = build_step(args.step, config, llama.init_params(config, jax.random.key(0)),
                                                     micro)
@@ -196,7 +232,8 @@ def main(argv=None) -> dict:
                     return run(state, b)
 
             variants[name] = (patched, ordered)
-    variants = {name: (run, {k: jnp.asarray(v) for k, v in prepare(b).items()}) for name, (run, b) in variants.items()}
+    variants = {name: (run, {k: jnp.asarray(v) for k, v in (b if name in unprepared else prepare(b)).items()})
+                for name, (run, b) in variants.items()}
     states = {name: TrainState.create(jax.tree.map(jnp.copy, params), make_optimizer("adamw", 1e-5), jax.random.key(0),
                                       per_layer=name in per_layer_states) for name in variants}
     seconds = {name: [] for name in variants}

@@ -204,7 +204,8 @@ def test_bucketed_positions_are_each_microbatch_rows_at_its_length():
 
 @pytest.mark.parametrize("compare, step", [("lengths", "rm"), ("lengths", "dpo"), ("per-layer", "sft"),
                                            ("per-layer", "dpo"), ("per-layer-state", "rm"),
-                                           ("per-layer-state", "sft --packed")])
+                                           ("per-layer-state", "sft --packed"), ("loss-index", "sft --sampled 12,8"),
+                                           ("loss-index", "dpo")])
 def test_step_ab_runs_both_programs_on_the_same_rows(compare, step):
     sys.path.insert(0, str(SUITE.parent))
     import step_ab

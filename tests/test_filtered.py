@@ -84,6 +84,41 @@ def test_raft_stage_logs_its_filter_and_trains_on_the_winners(tmp_path):
     assert (stage_dir / "hf" / "config.json").is_file()
 
 
+def test_raft_trains_on_the_sft_stages_input_and_logs_the_plain_rows_loss(tmp_path, monkeypatch):
+    """RAFT's SFT steps take the SFT stage's input (`stages.sft.step_input`: the loss positions' index, and with
+    length buckets each micro-batch at its rows' length) and log the loss of the plain rows, computed at every
+    position on the whole row (the step's input placed as it is)."""
+    from rlhf_jax.sharding import place_batch
+    from rlhf_jax.stages import filtered
+    from rlhf_jax.training.accumulate import LENGTH_BUCKET
+
+    experiment = get_experiment("tiny_raft")
+    stage = dataclasses.replace(experiment.stages[0], max_steps=1, min_reward=0.0)
+    optimizer = dataclasses.replace(experiment.optimizer, micro_batches=2, length_buckets=4)
+    experiment = dataclasses.replace(experiment, stages=(stage,), optimizer=optimizer)
+    seen = []
+
+    def recording(make):
+        def step_input(experiment, stage, mesh):
+            prepare = make(experiment, stage, mesh)
+            return lambda batch: seen.append(sorted(prepared := prepare(batch))) or prepared
+        return step_input
+
+    monkeypatch.setattr(filtered, "step_input", recording(filtered.step_input))
+    [prepared] = read_metrics(_run_stage(experiment, "raft", tmp_path / "prepared"))
+    assert seen and all("loss_index" in keys and LENGTH_BUCKET in keys for keys in seen)
+    seen.clear()
+    monkeypatch.setattr(filtered, "step_input", recording(lambda experiment, stage, mesh: (
+        lambda batch: place_batch(batch, mesh))))
+    [plain] = read_metrics(_run_stage(experiment, "raft", tmp_path / "plain"))
+    assert seen and not any("loss_index" in keys or LENGTH_BUCKET in keys for keys in seen)
+    assert prepared["filter/kept_1"] == plain["filter/kept_1"] == stage.rollout_batch_size
+    assert prepared["sft/steps_1"] == plain["sft/steps_1"] == stage.sft_epochs
+    # float32 sums over the positions in another order: equal to rounding (the second epoch's step starts from
+    # the first's params, which differ by as much)
+    np.testing.assert_allclose(prepared["sft/loss_1"], plain["sft/loss_1"], rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["tiny_raft", "tiny_rest"])
 def test_raft_and_rest_killed_mid_run_resume_exactly(tmp_path, monkeypatch, name):
     experiment = get_experiment(name)

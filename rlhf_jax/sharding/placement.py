@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from rlhf_jax.errors import UserError
 from rlhf_jax.sharding.mesh import activation_rules
@@ -27,9 +27,13 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     return tuple(axis for axis in BATCH_AXES if mesh.shape[axis] > 1)
 
 
-def batch_shards(mesh: Mesh) -> int:
-    """How many parts `batch_sharding` splits a batch's rows into: data × fsdp."""
-    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+def batch_shards(mesh: Mesh | AbstractMesh | None = None) -> int:
+    """How many parts `batch_sharding` splits a batch's rows into: data × fsdp (an axis the mesh lacks counts 1).
+
+    mesh: a `Mesh` or `AbstractMesh`; None: the mesh being traced under (`jax.sharding.get_abstract_mesh`, which
+    `rlhf_jax.sharding.activation_rules` sets), 1 outside one."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return 1 if mesh.empty else math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -10,7 +10,10 @@ One iteration (one `fit` step) of RAFT or ReST:
      reward is at least `min_reward`;
    - ReST (Gulcehre et al. 2023): one step per threshold τ_1 <= τ_2 <= ...: the samples with reward >= τ_i.
    Each step runs `sft_epochs` shuffled passes over the kept rows in batches of `sft_batch_size` (the last
-   batch padded with rows that carry no loss: one compiled step).
+   batch padded with rows that carry no loss), each prepared as the SFT stage prepares its batches
+   (`stages.sft.step_input`): the LM head runs only at the response tokens, and with `optimizer.length_buckets`
+   each micro-batch at the length of its longest row. One compiled step per size of the loss positions' index
+   (`data.batching.index_bucket`, a handful) and per micro-batch length.
 
 Metrics per iteration: `reward/mean`, `reward/max` (mean over prompts of the best sample), each source's
 `reward/<name>`, and per Improve step i (from 1) `filter/kept_i` (rows kept), `filter/kept_fraction_i`,
@@ -45,6 +48,7 @@ from rlhf_jax.sharding import param_shardings, place_batch, place_state, replica
 from rlhf_jax.stages.common import (bind_base, build_optimizer, fit, per_layer_state, training_iterator,
                                     write_summary)
 from rlhf_jax.stages.rollouts import decoded_samples, load_rollouts
+from rlhf_jax.stages.sft import step_input
 from rlhf_jax.trainers.sft import sft_train_step
 from rlhf_jax.training.state import TrainState
 
@@ -113,6 +117,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     frozen = (rollouts.base,) if lora.rank > 0 else ()
     train_step = shard_train_step(step, (policy_sharding,), mesh,
                                   frozen_shardings=tuple(param_shardings(p, mesh) for p in frozen))
+    prepare = step_input(experiment, stage, mesh)  # the SFT stage's: the head at the kept responses' tokens only
     last_rows: dict[str, object] = {}
 
     def iteration(state: FilterState, batch: dict) -> tuple[FilterState, dict]:
@@ -143,7 +148,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
             for index in _batches(kept, stage.sft_batch_size, jax.random.fold_in(shuffle_key, phase), stage.sft_epochs):
                 chunk = {name: value[np.maximum(index, 0)] for name, value in rows.items()}
                 chunk["loss_mask"] = chunk["loss_mask"] & (index >= 0)[:, None]  # fill rows carry no loss
-                policy, step_metrics = train_step(*frozen, policy, place_batch(chunk, mesh))
+                policy, step_metrics = train_step(*frozen, policy, prepare(chunk))
                 losses.append(float(step_metrics["sft/loss"]))
             metrics[f"sft/loss_{phase}"] = float(np.mean(losses)) if losses else float("nan")
             metrics[f"sft/steps_{phase}"] = float(len(losses))

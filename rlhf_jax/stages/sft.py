@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import Callable
 
 
 from rlhf_jax.data import DataIterator
@@ -40,6 +41,15 @@ def programs(experiment, stage, config) -> StagePrograms:
     """The SFT stage's train step and batch (`stages.common.StagePrograms`)."""
     step = bind_base(functools.partial(sft_train_step, config, experiment.optimizer.micro_batches), stage.lora)
     return StagePrograms("sft", step, with_length_bucket(experiment, stage, token_batch))
+
+
+def step_input(experiment, stage, mesh) -> Callable[[dict], dict]:
+    """A host SFT batch (``tokens``, ``attention_mask``, ``loss_mask``, ...) -> the SFT step's input on `mesh`: its
+    rows ordered for per-micro-batch lengths (`stages.common.length_order`, with ``optimizer.length_buckets``) and
+    the index of the positions that carry a loss (`stages.common.loss_batch`: the LM head runs there only). The
+    SFT stage's batches and RAFT/ReST's rows of kept samples (`stages.filtered`) go through it."""
+    order = length_order(experiment, stage)
+    return lambda batch: place_batch(loss_batch(order(batch), SFT_KEYS, experiment.optimizer.micro_batches), mesh)
 
 
 def padding_free_rows(micro_batches: int, mesh) -> int:
@@ -94,8 +104,7 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
         total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},
         restore_host_state=lambda saved: iterator.set_state(saved["data"]),
-        prepare=lambda batch, order=length_order(experiment, stage): place_batch(
-            loss_batch(order(batch), SFT_KEYS, experiment.optimizer.micro_batches), mesh),
+        prepare=step_input(experiment, stage, mesh),
     )
     summary = {"steps": int(state.step)}
     if records:

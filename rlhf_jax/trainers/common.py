@@ -15,7 +15,6 @@ strided micro-batch split (`training.accumulate.split_microbatches`) hands each 
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ from rlhf_jax.data.batching import index_bucket
 from rlhf_jax.losses import logprobs_and_entropy_from_hidden, logprobs_from_hidden
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import DecoderConfig
-from rlhf_jax.sharding.placement import BATCH_AXES
+from rlhf_jax.sharding.placement import batch_shards
 
 
 def _shifted_targets(batch) -> tuple[jax.Array, jax.Array]:
@@ -190,10 +189,9 @@ def continuation_logprobs(config: DecoderConfig, params, tokens, attention_mask,
 
 
 def batch_blocks(rows: int) -> int:
-    """How many parts the data-parallel axes of the mesh being traced under (`rlhf_jax.sharding.activation_rules`)
-    split a batch's rows into: 1 outside a mesh, or when the rows do not split evenly."""
-    mesh = jax.sharding.get_abstract_mesh()
-    shards = 1 if mesh.empty else math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
+    """How many parts the mesh being traced under splits a batch's rows into (`sharding.batch_shards`): 1
+    outside a mesh, or when the rows do not split evenly."""
+    shards = batch_shards()
     return shards if rows % shards == 0 else 1
 
 
