@@ -336,3 +336,11 @@ def test_float32_on_a_gpu_asks_xla_for_full_precision_matmuls():
         assert suite.numerics_env("jax") == {}
     finally:
         suite.NUMERICS.update(saved)
+
+
+def test_gguf_read_ab_times_both_readers_and_they_agree():
+    sys.path.insert(0, str(SUITE.parent))
+    import gguf_read_ab
+
+    result = gguf_read_ab.main(["--repeats", "1"])
+    assert result["same"] and all(len(times) == 1 and times[0] > 0 for times in result["seconds"].values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import gguf
 import numpy as np
@@ -234,6 +235,88 @@ def test_unsupported_gguf_architecture(tmp_path):
     writer.close()
     with pytest.raises(UserError, match=r"gpt2\.gguf: unsupported GGUF architecture 'gpt2'"):
         load(path)
+
+
+def _assert_read_as_gguf_reader_reads(path):
+    """`read_gguf` against `gguf.GGUFReader` (the gguf package's own reader): every field's value and Python
+    type, every tensor's name, type, shape and bytes."""
+    from rlhf_jax.models.gguf_io import read_gguf
+
+    ours, theirs = read_gguf(path), gguf.GGUFReader(str(path))
+    fields = {key: field for key, field in theirs.fields.items() if not key.startswith("GGUF.")}  # its header
+    assert list(ours.metadata) == list(fields)
+    for key, field in fields.items():
+        want = field.contents()
+        assert type(ours.metadata[key]) is type(want) and ours.metadata[key] == want, key
+        if isinstance(want, list) and want:
+            assert [type(v) for v in ours.metadata[key]] == [type(v) for v in want], key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, reference in zip(ours.tensors, theirs.tensors):
+        assert mine.tensor_type == reference.tensor_type and mine.shape == tuple(reference.shape.tolist())
+        assert mine.data.dtype == reference.data.dtype and mine.data.shape == reference.data.shape
+        np.testing.assert_array_equal(mine.data, reference.data)
+    return ours
+
+
+def test_read_gguf_reads_every_value_type_and_tensor_type_as_the_gguf_package(tmp_path):
+    path = tmp_path / "values.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    scalars = {"uint8": 7, "int8": -7, "uint16": 65000, "int16": -300, "uint32": 4_000_000_000, "int32": -5,
+               "uint64": 2**60, "int64": -(2**60), "float32": 0.1, "float64": 0.1, "bool": True}
+    for kind, value in scalars.items():
+        getattr(writer, f"add_{kind}")(f"test.{kind}", value)
+    writer.add_string("test.string", "héllo ✓")
+    writer.add_string("test.empty", "")
+    writer.add_array("test.ints", [1, -2, 3])
+    writer.add_array("test.floats", [0.5, -1.25])
+    writer.add_array("test.strings", ["a", "", "Ġworld", "✓"])
+    writer.add_array("test.no_items", [])
+    writer.add_custom_alignment(64)
+    rng = np.random.default_rng(0)
+    for index, type_name in enumerate(SUPPORTED_TENSOR_TYPES):
+        weights = rng.normal(0, 0.05, size=(2, 256)).astype(np.float32)
+        if type_name in K_QUANT_F16_OFFSETS:
+            data = random_k_quant_blocks(*weights.shape, type_name, rng)
+        else:
+            data = gguf.quants.quantize(weights, QType[type_name])
+        writer.add_tensor(f"t{index}.{type_name}", data, raw_dtype=QType[type_name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = _assert_read_as_gguf_reader_reads(path)
+    assert ours.metadata["test.string"] == "héllo ✓" and ours.metadata["general.alignment"] == 64
+    assert {t.tensor_type.name for t in ours.tensors} == set(SUPPORTED_TENSOR_TYPES)
+
+
+def test_read_gguf_reads_smollm2_as_the_gguf_package(smollm2_path):
+    ours = _assert_read_as_gguf_reader_reads(smollm2_path)
+    assert len(ours.metadata["tokenizer.ggml.tokens"]) == 49152 and len(ours.tensors) == 272
+
+
+def test_a_truncated_or_unknown_gguf_is_one_error_naming_the_file(tmp_path):
+    from rlhf_jax.models.gguf_io import read_gguf
+
+    path = tmp_path / "whole.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("test.strings", ["a" * 40] * 8)
+    writer.add_tensor("w", np.ones((4, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    whole = path.read_bytes()
+    kind = whole.index((1).to_bytes(8, "little") + b"w") + 8 + 1 + 4 + 2 * 8  # tensor w: name, n_dims, dims, type
+    for name, content, expected in [
+            ("unknown_type.gguf", whole[:kind] + (200).to_bytes(4, "little") + whole[kind + 4:],
+             "200 is not a valid GGMLQuantizationType"),
+            ("in_strings.gguf", whole[:120], "runs past the end of the file"),
+            ("in_tensor.gguf", whole[:-16], "tensor 'w' runs past the end of the file"),
+            ("version1.gguf", whole[:4] + (1).to_bytes(4, "little") + whole[8:], "GGUF version 1"),
+            ("short.gguf", b"GG", "bad magic"), ("empty.gguf", b"", "empty file")]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UserError, match=rf"{name}: not a readable GGUF file \(.*{re.escape(expected)}"):
+            read_gguf(tmp_path / name)
 
 
 def test_not_a_gguf_file(tmp_path):

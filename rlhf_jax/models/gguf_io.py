@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp): metadata -> `DecoderConfig`, tensors -> our params.
 
-Tensors are read with `gguf.GGUFReader` (memory-mapped) and dequantised to float32 with
-`gguf.quants.dequantize`, one at a time. llama.cpp names are mapped to Hugging Face names, then
+Files are read by `read_gguf` (metadata decoded with numpy, tensors memory-mapped) and tensors dequantised to
+float32 with `gguf.quants.dequantize`, one at a time. llama.cpp names are mapped to Hugging Face names, then
 `weights.params_from_hf` builds the stacked param tree, so GGUF and HF share one import path.
 
 Two llama.cpp conventions are undone here:
@@ -90,32 +90,131 @@ def permute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
     )
 
 
-def open_gguf(path: str | os.PathLike):
-    """A `gguf.GGUFReader` for `path`; UserError when missing or unreadable."""
+# GGUF metadata value types (the spec's `gguf_type`): numpy scalar types; 7 bool, 8 string, 9 array
+_SCALAR_TYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+                 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY = 8, 9
+# tensor types that are plain arrays (the others are blocks of bytes, `gguf.quants.dequantize` reads them)
+_PLAIN_TENSOR_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                       "I32": np.int32, "I64": np.int64}
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file: its llama.cpp name, `gguf.GGMLQuantizationType`, shape in GGUF's order (`ne`,
+    innermost first) and data, memory-mapped as `gguf.GGUFReader` gives it (the plain types as their numpy type
+    in row-major order, the quantised ones as rows of block bytes)."""
+
+    name: str
+    tensor_type: Any
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFFile:
+    """A GGUF file's metadata ({key: value}: numbers, strings, lists) and tensors (`GGUFTensor`), in file order."""
+
+    metadata: dict[str, Any]
+    tensors: list[GGUFTensor]
+
+
+class _Cursor:
+    """Little-endian reads from a GGUF file's bytes."""
+
+    def __init__(self, buffer: memoryview):
+        self.buffer, self.offset = buffer, 0
+
+    def scalar(self, kind) -> Any:
+        dtype = np.dtype(kind).newbyteorder("<")
+        value = np.frombuffer(self.buffer, dtype, 1, self.offset)[0]
+        self.offset += dtype.itemsize
+        return value.item()
+
+    def string(self) -> str:
+        size = int.from_bytes(self.buffer[self.offset:self.offset + 8], "little")
+        start = self.offset + 8
+        if start + size > len(self.buffer):
+            raise ValueError(f"a string of {size} bytes at offset {self.offset} runs past the end of the file")
+        self.offset = start + size
+        return str(self.buffer[start:self.offset], "utf-8")
+
+    def value(self, kind: int) -> Any:
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item, count = self.scalar(np.uint32), self.scalar(np.uint64)
+            if item in _SCALAR_TYPES:  # a numeric array in one read
+                dtype = np.dtype(_SCALAR_TYPES[item]).newbyteorder("<")
+                values = np.frombuffer(self.buffer, dtype, count, self.offset)
+                self.offset += count * dtype.itemsize
+                return values.tolist()
+            return [self.value(item) for _ in range(count)]
+        if kind not in _SCALAR_TYPES:
+            raise ValueError(f"unknown metadata value type {kind} at offset {self.offset - 4}")
+        return self.scalar(_SCALAR_TYPES[kind])
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """The metadata and tensors of the GGUF file `path` (versions 2 and 3, little-endian), read with numpy: the
+    same values as `gguf.GGUFReader`, which builds a Python view of every part of every field (seconds for a
+    file with a 49,152-token vocab and its merges, on every load). UserError naming the file when it is missing,
+    not GGUF, truncated, or holds a type this reader does not know."""
     import gguf
+    from gguf.quants import quant_shape_to_byte_shape
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: GGUF file not found")
     try:
-        return gguf.GGUFReader(str(path))
-    except ValueError as error:
-        # Unknown tensor-type numbers and bad magic both surface here.
+        mapped = np.memmap(path, np.uint8, mode="r")
+        cursor = _Cursor(memoryview(mapped))
+        if bytes(cursor.buffer[:4]) != b"GGUF":
+            raise ValueError(f"bad magic {bytes(cursor.buffer[:4])!r}, expected b'GGUF'")
+        cursor.offset = 4
+        version = cursor.scalar(np.uint32)
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (this reader reads versions 2 and 3, little-endian)")
+        tensor_count, field_count = cursor.scalar(np.uint64), cursor.scalar(np.uint64)
+        metadata = {}
+        for _ in range(field_count):
+            key = cursor.string()
+            metadata[key] = cursor.value(cursor.scalar(np.uint32))
+        infos = []
+        for _ in range(tensor_count):
+            name = cursor.string()
+            dims = tuple(cursor.scalar(np.uint64) for _ in range(cursor.scalar(np.uint32)))
+            infos.append((name, gguf.GGMLQuantizationType(cursor.scalar(np.uint32)), dims, cursor.scalar(np.uint64)))
+        alignment = int(metadata.get("general.alignment", 32))
+        start = -(-cursor.offset // alignment) * alignment
+        tensors, names = [], set()
+        for name, kind, dims, offset in infos:
+            if name in names:
+                raise ValueError(f"tensor {name!r} appears twice")
+            names.add(name)
+            shape = tuple(reversed(dims))
+            plain = _PLAIN_TENSOR_TYPES.get(kind.name)
+            if plain is None:
+                shape = quant_shape_to_byte_shape(shape, kind)
+            dtype = np.dtype(plain or np.uint8).newbyteorder("<")
+            count = math.prod(shape)
+            if start + offset + count * dtype.itemsize > len(mapped):
+                raise ValueError(f"tensor {name!r} runs past the end of the file")
+            data = np.frombuffer(mapped, dtype, count, start + offset).reshape(shape)
+            tensors.append(GGUFTensor(name, kind, dims, data))
+        return GGUFFile(metadata, tensors)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not a readable GGUF file (a string that is not UTF-8: {error})") from None
+    except (ValueError, OSError, IndexError, KeyError, OverflowError) as error:
+        # unknown tensor-type numbers (GGMLQuantizationType), bad magic and truncation all surface here
         raise UserError(f"{path}: not a readable GGUF file ({error})") from None
-    except (OSError, IndexError, KeyError) as error:
-        raise UserError(f"{path}: not a readable GGUF file ({error!r})") from None
 
 
-def _metadata(reader) -> dict[str, Any]:
-    values = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key.rsplit(".", 1)[1] in ("tokens", "scores", "token_type", "merges"):
-            continue  # large arrays, only the tokenizer needs them
-        try:
-            values[key] = field.contents()
-        except Exception:  # a field type this gguf version cannot decode: not one we use
-            continue
-    return values
+def _metadata(gguf_file: GGUFFile) -> dict[str, Any]:
+    """The metadata without the tokenizer's large arrays."""
+    large = ("tokens", "scores", "token_type", "merges")
+    return {key: value for key, value in gguf_file.metadata.items()
+            if not (key.startswith("tokenizer.ggml.") and key.rsplit(".", 1)[1] in large)}
 
 
 def _llama3_rope_scaling(divisors: np.ndarray, config: DecoderConfig, source: str) -> RopeScaling | None:
@@ -143,14 +242,14 @@ def _llama3_rope_scaling(divisors: np.ndarray, config: DecoderConfig, source: st
     return scaling
 
 
-def read_gguf_config(reader, source: str) -> DecoderConfig:
+def read_gguf_config(gguf_file: GGUFFile, source: str) -> DecoderConfig:
     """Build a `DecoderConfig` from GGUF metadata (`{arch}.block_count`, `{arch}.embedding_length`, ...)."""
-    meta = _metadata(reader)
+    meta = _metadata(gguf_file)
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise UserError(f"{source}: unsupported GGUF architecture {arch!r}; expected one of {sorted(GGUF_ARCHITECTURES)}")
     family, _ = GGUF_ARCHITECTURES[arch]
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: t for t in gguf_file.tensors}
 
     def required(key: str):
         if f"{arch}.{key}" not in meta:
@@ -222,28 +321,28 @@ def _dequantize(tensor, source: str) -> np.ndarray:
     return np.asarray(array, dtype=np.float32).reshape(shape)
 
 
-def has_tokenizer(reader) -> bool:
+def has_tokenizer(gguf_file: GGUFFile) -> bool:
     """Whether the GGUF file embeds a tokenizer (vocab, merges, chat template) in its metadata."""
-    return "tokenizer.ggml.model" in reader.fields and "tokenizer.ggml.tokens" in reader.fields
+    return "tokenizer.ggml.model" in gguf_file.metadata and "tokenizer.ggml.tokens" in gguf_file.metadata
 
 
-def read_tokenizer_metadata(reader) -> dict[str, Any]:
+def read_tokenizer_metadata(gguf_file: GGUFFile) -> dict[str, Any]:
     """Every `tokenizer.*` field (vocab, merges, token types, special ids, chat template), decoded."""
-    return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    return {key: value for key, value in gguf_file.metadata.items() if key.startswith("tokenizer.")}
 
 
-def load_gguf(path: str | os.PathLike, reader=None) -> tuple[DecoderConfig, dict]:
-    """Read a GGUF file (through `reader` when already open). Returns (config, params as float32 numpy).
+def load_gguf(path: str | os.PathLike, gguf_file: GGUFFile | None = None) -> tuple[DecoderConfig, dict]:
+    """Read a GGUF file (`gguf_file` when already read). Returns (config, params as float32 numpy).
 
     Raises `UserError` naming the file for an unsupported architecture, an unsupported tensor type (naming
     the tensor and type), a missing or unexpected tensor, or a shape that contradicts the metadata.
     """
     source = str(path)
-    reader = open_gguf(path) if reader is None else reader
-    config = read_gguf_config(reader, source)
-    _, permuted = GGUF_ARCHITECTURES[reader.fields["general.architecture"].contents()]
+    gguf_file = read_gguf(path) if gguf_file is None else gguf_file
+    config = read_gguf_config(gguf_file, source)
+    _, permuted = GGUF_ARCHITECTURES[gguf_file.metadata["general.architecture"]]
     by_hf_name = {}
-    for tensor in reader.tensors:
+    for tensor in gguf_file.tensors:
         name = hf_name(tensor.name)
         if name is None:
             if tensor.name == ROPE_FREQS:

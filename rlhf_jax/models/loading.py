@@ -100,14 +100,14 @@ def _to_jax(params, param_dtype: str) -> Params:
 
 def _read_weights(path: Path, with_tokenizer: bool):
     """(config, numpy params, tokenizer) of a GGUF file or an HF directory."""
-    from rlhf_jax.models.gguf_io import has_tokenizer, load_gguf, open_gguf
+    from rlhf_jax.models.gguf_io import has_tokenizer, load_gguf, read_gguf
     from rlhf_jax.models.hf_io import is_hf_directory, load_hf
     from rlhf_jax.models.tokenizer import check_tokenizer_vocab, load_tokenizer
 
     if path.is_file() and path.suffix == ".gguf":
-        reader = open_gguf(path)
-        config, params = load_gguf(path, reader)
-        tokenizer = load_tokenizer(path) if with_tokenizer and has_tokenizer(reader) else None
+        gguf_file = read_gguf(path)
+        config, params = load_gguf(path, gguf_file)
+        tokenizer = load_tokenizer(path, gguf_file) if with_tokenizer and has_tokenizer(gguf_file) else None
     elif path.is_dir() and _is_training_checkpoint(path):
         return _load_training_checkpoint(path, with_tokenizer)
     elif is_hf_directory(path):

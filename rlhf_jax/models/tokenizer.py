@@ -63,15 +63,16 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 _SPECIAL_TOKEN_IDS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """A `transformers` tokenizer from an HF directory or a `.gguf` file (its embedded vocab and chat template).
+def load_tokenizer(path: str | os.PathLike, gguf_file=None):
+    """A `transformers` tokenizer from an HF directory or a `.gguf` file (its embedded vocab and chat template;
+    `gguf_file`: that file as `gguf_io.read_gguf` read it, when it already has).
 
     Sets `pad_token` to EOS when the tokenizer has none. Raises `UserError` naming `path` when no tokenizer
     can be built.
     """
     path = Path(path)
     if path.suffix == ".gguf":
-        tokenizer = gguf_tokenizer(path)
+        tokenizer = gguf_tokenizer(path, gguf_file)
     else:
         tokenizer = _auto_tokenizer(path, str(path))
     if tokenizer.pad_token is None:
@@ -91,16 +92,17 @@ def _auto_tokenizer(path: Path, directory: str, **kwargs):
         raise UserError(f"{path}: cannot build a tokenizer ({type(error).__name__}: {message})") from None
 
 
-def gguf_tokenizer(path: str | os.PathLike):
-    """The tokenizer embedded in a GGUF file, as a `PreTrainedTokenizerFast` (see the module docstring).
+def gguf_tokenizer(path: str | os.PathLike, gguf_file=None):
+    """The tokenizer embedded in a GGUF file, as a `PreTrainedTokenizerFast` (see the module docstring);
+    `gguf_file`: the file as `gguf_io.read_gguf` read it, when it already has.
 
     Byte-level BPE ("gpt2") files need no torch; other tokenizer models fall back to transformers' GGUF
     reader, which needs torch (`UserError` naming the file and the model when it is not installed).
     """
-    from rlhf_jax.models.gguf_io import open_gguf, read_tokenizer_metadata
+    from rlhf_jax.models.gguf_io import read_gguf, read_tokenizer_metadata
 
     path = Path(path)
-    metadata = read_tokenizer_metadata(open_gguf(path))
+    metadata = read_tokenizer_metadata(read_gguf(path) if gguf_file is None else gguf_file)
     model = metadata.get("tokenizer.ggml.model")
     if model is None or "tokenizer.ggml.tokens" not in metadata:
         raise UserError(f"{path}: the GGUF file embeds no tokenizer (no tokenizer.ggml.model / tokenizer.ggml.tokens)")
