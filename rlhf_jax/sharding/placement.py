@@ -60,7 +60,7 @@ def place_batch(batch: Any, mesh: Mesh) -> Any:
     is not divisible by mesh.data * mesh.fsdp.
     """
     sharding = batch_sharding(mesh)
-    shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+    shards = batch_shards(mesh)
     local_shards = _local_batch_shards(mesh)
 
     def place(path, leaf):

@@ -15,7 +15,6 @@ strided micro-batch split (`training.accumulate.split_microbatches`) hands each 
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
