@@ -17,4 +17,5 @@ test:
 
 # Developer loop: skip the real-model tests (a few minutes).
 test-quick:
+	scripts/setup_env.sh test
 	.venv/bin/python -m pytest -n 2 -m "not slow" tests
