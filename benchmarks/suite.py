@@ -76,6 +76,8 @@ REFERENCE = {"precompute": False}
 RELAUNCH_TARGET = 2.0  # a relaunch's first step within this many warm steps
 # the run's numerics, set once by `main`: the precision both sides compute in and the device they run on
 NUMERICS = {"precision": "float32", "device": "cpu"}
+# the workers' environment, set once by `main`: glibc's huge pages for both sides (`--huge-pages`)
+HOST = {"huge_pages": "on"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +119,7 @@ class Worker:
     def __init__(self, name: str, log_path: Path, **env_vars: str):
         self.name, self.log_path = name, log_path
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               **numerics_env(name), **env_vars}
+               **numerics_env(name), **host_memory_env(), **env_vars}
         self.log = open(log_path, "a")
         self.process = subprocess.Popen([sys.executable, str(WORKERS / f"{name}_worker.py")], cwd=REPO, env=env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
@@ -343,6 +345,30 @@ def numerics_env(side: str) -> dict:
     return {}
 
 
+def host_memory_env() -> dict:
+    """Both sides' workers start as `python -m rlhf_jax.launch` runs: with glibc's huge pages where the launcher
+    adds them (`rlhf_jax.host_memory`); the same setting for torch's process keeps the comparison fair.
+    `--huge-pages off` leaves the environment as it is."""
+    from rlhf_jax import host_memory
+
+    if HOST["huge_pages"] != "on":
+        return {}
+    env = host_memory.environment(os.environ, host_memory.transparent_huge_pages(), host_memory.glibc_version())
+    return {} if env is None else {"GLIBC_TUNABLES": env["GLIBC_TUNABLES"]}
+
+
+def process_glibc_tunables(pid: int) -> str | None:
+    """GLIBC_TUNABLES of a running process, as its environment holds it (Linux's /proc), or None."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as file:
+            for item in file.read().split(b"\0"):
+                if item.startswith(b"GLIBC_TUNABLES="):
+                    return item.split(b"=", 1)[1].decode()
+    except OSError:
+        pass
+    return None
+
+
 # ---- running a workload ----------------------------------------------------------------------------------------
 
 
@@ -405,7 +431,8 @@ def alternate(name: str, workers: dict, spec: dict, shapes: Shapes, warmup: int,
     """Set both sides up; their matmul rates; (sft_packed: the initial loss check); `runs` steps alternating
     ours then theirs; their matmul rates again. Returns (setup replies, rates, check replies, step replies)."""
     sides = {"ours": workers["jax"], "theirs": workers["torch"]}
-    setup = {side: {**worker.request("setup", spec=spec), "pid": worker.process.pid} for side, worker in sides.items()}
+    setup = {side: {**worker.request("setup", spec=spec), "pid": worker.process.pid,
+                    "glibc_tunables": process_glibc_tunables(worker.process.pid)} for side, worker in sides.items()}
     peaks: dict[str, list[float]] = {side: [] for side in sides}
 
     def measure_peaks():
@@ -655,6 +682,7 @@ def markdown(report: dict) -> str:
         f"{settings['warmup']} warm-up + {settings['steps']} timed steps per workload "
         f"on {settings['batches']} distinct batches (cycled), alternating ours / theirs; medians.",
         f"Load average (1, 5, 15 min): before {machine['load_before']}, after {machine['load_after']}.",
+        f"Both workers' GLIBC_TUNABLES: {settings.get('worker_glibc_tunables') or 'unset'}.",
         f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.", "",
         "| workload | shape | ours tok/s padded / real | TRL tok/s padded / real | ours ÷ TRL (best steps) "
         "| ours / TRL ex/s "
@@ -822,6 +850,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="sft_packed: the examples of one pass, the first N of the HH train set (default 64). "
                              "Ours packs them into as few batches as its data iterator plans, TRL pads batches of 8 "
                              "to their longest; the more examples, the fewer slots ours leaves empty")
+    parser.add_argument("--huge-pages", choices=("on", "off"), default="on",
+                        help="on (default): both workers start with glibc's huge pages (glibc.malloc.hugetlb=1) "
+                             "where the launcher would add them, as `python -m rlhf_jax.launch` runs; off: the "
+                             "environment as it is")
     parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="what both sides compute in; auto (default): bfloat16 where JAX's default backend is "
                              "a GPU (float32 master weights, bf16 matmuls), else float32")
@@ -848,6 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     OPTIMIZER["micro_batches"] = args.micro_batches
     OPTIMIZER["length_buckets"] = args.length_buckets
     REFERENCE["precompute"] = args.precompute_reference
+    HOST["huge_pages"] = args.huge_pages
     missing = [name for name in ("torch", "trl", "datasets") if importlib.util.find_spec(name) is None]
     if missing:
         print(f"error: the TRL side needs {', '.join(missing)}: pip install -e '.[bench]'", file=sys.stderr)
@@ -886,6 +919,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {"warmup": warmup, "steps": steps, "batches": batches, "tiny": args.tiny,
                          "workloads": workloads, "shapes": dataclasses.asdict(shapes), "optimizer": OPTIMIZER,
                          "precompute_reference": REFERENCE["precompute"],
+                         "worker_glibc_tunables": {**os.environ, **host_memory_env()}.get("GLIBC_TUNABLES"),
                          "tolerance": TOLERANCES[NUMERICS["precision"]], **NUMERICS},
             "machine": {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
                         "load_after": [round(x, 2) for x in load_after], **accelerator},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from rlhf_jax import host_memory
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "suite.py"
@@ -65,6 +68,12 @@ def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
             assert check["ours"] > 0 and check["theirs"] > 0
     for name in ("dpo", "dpo_shared"):
         assert results[name]["loss_check"]["extra"]["logps/chosen"]["rel_diff"] <= 1e-3
+    # both sides' workers ran with glibc's huge pages where the launcher adds them (`rlhf_jax.host_memory`)
+    tunables = (host_memory.environment(os.environ, host_memory.transparent_huge_pages(),
+                                        host_memory.glibc_version()) or os.environ).get("GLIBC_TUNABLES")
+    assert report["settings"]["worker_glibc_tunables"] == tunables
+    assert {result["setup"][side]["glibc_tunables"] for result in results.values() if "setup" in result
+            for side in ("ours", "theirs")} == {tunables}
     # every workload ran in processes of its own: none inherits what an earlier workload's allocator grew
     pids = [result["setup"][side]["pid"] for result in results.values() if "setup" in result
             for side in ("ours", "theirs")]
@@ -344,3 +353,24 @@ def test_gguf_read_ab_times_both_readers_and_they_agree():
 
     result = gguf_read_ab.main(["--repeats", "1"])
     assert result["same"] and all(len(times) == 1 and times[0] > 0 for times in result["seconds"].values())
+
+
+@pytest.mark.parametrize("block", [1, 2])
+def test_huge_pages_ab_runs_the_same_step_in_two_processes(block):
+    sys.path.insert(0, str(SUITE.parent))
+    import huge_pages_ab
+
+    result = huge_pages_ab.main(["--tiny", "--step", "sft", "--packed", "--steps", "4", "--block", str(block)])
+    sides = [result[name] for name in huge_pages_ab.SIDES]
+    assert all(len(side["steps"]) == 4 and min(side["steps"]) > 0 and side["faults"] > 0 for side in sides)
+    assert sides[0]["first_loss"] == sides[1]["first_loss"]  # one program, one batch: only the allocator differs
+    assert result["speed_up"] == sides[0]["seconds"] / sides[1]["seconds"]
+
+
+def test_huge_pages_ab_times_a_fresh_gib_on_both_sides():
+    sys.path.insert(0, str(SUITE.parent))
+    import huge_pages_ab
+
+    result = huge_pages_ab.main(["--touch", "--idle", "0,0.5"])
+    assert set(result) == set(huge_pages_ab.SIDES)
+    assert all(side["first"] > 0 and len(side["after"]) == 2 and min(side["after"]) > 0 for side in result.values())

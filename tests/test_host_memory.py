@@ -1,0 +1,111 @@
+"""Huge pages for XLA's per-step blocks: when the launcher adds glibc's tunable, and that glibc honours it."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from rlhf_jax import host_memory
+from rlhf_jax.host_memory import environment
+
+GLIBC = (2, 36)
+
+
+def test_environment_adds_the_tunable_only_where_it_changes_something():
+    assert environment({}, "madvise", GLIBC) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    kept = {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert environment(kept, "madvise", GLIBC) == {
+        "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+    assert kept["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"  # a new mapping; the caller's is left alone
+    for mode in ("always", "never", None):  # every large mapping has them already, or none can
+        assert environment({}, mode, GLIBC) is None
+    assert environment({}, "madvise", (2, 34)) is None  # before the tunable existed
+    assert environment({}, "madvise", None) is None  # not glibc
+    for switch in ("off", "0", "False", " no "):
+        assert environment({"RLHF_JAX_HUGE_PAGES": switch}, "madvise", GLIBC) is None
+    assert environment({"RLHF_JAX_HUGE_PAGES": "on"}, "madvise", GLIBC) is not None
+    for users in ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=2", "glibc.malloc.arena_max=1:glibc.malloc.hugetlb=0"):
+        assert environment({"GLIBC_TUNABLES": users}, "madvise", GLIBC) is None  # the user's setting wins
+
+
+def test_transparent_huge_pages_reads_the_selected_mode(tmp_path):
+    path = tmp_path / "enabled"
+    path.write_text("always [madvise] never\n")
+    assert host_memory.transparent_huge_pages(str(path)) == "madvise"
+    path.write_text("[always] madvise never\n")
+    assert host_memory.transparent_huge_pages(str(path)) == "always"
+    assert host_memory.transparent_huge_pages(str(tmp_path / "missing")) is None
+
+
+def _applies() -> bool:
+    return environment({}, host_memory.transparent_huge_pages(), host_memory.glibc_version()) is not None
+
+
+def test_reexec_runs_the_same_command_once_with_the_tunable():
+    code = textwrap.dedent("""
+        import os, sys
+        from rlhf_jax.host_memory import reexec_with_huge_pages
+        print("start", sys.argv[1:], flush=True)
+        reexec_with_huge_pages()
+        print("tunables", os.environ.get("GLIBC_TUNABLES"), sys.argv[1:])
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RLHF_JAX_HUGE_PAGES")}
+    lines = subprocess.run([sys.executable, "-c", code, "a=1", "b"], env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    if _applies():
+        assert lines == ["start ['a=1', 'b']", "start ['a=1', 'b']", "tunables glibc.malloc.hugetlb=1 ['a=1', 'b']"]
+    else:
+        assert lines == ["start ['a=1', 'b']", "tunables None ['a=1', 'b']"]
+    lines = subprocess.run([sys.executable, "-c", code], env={**env, "RLHF_JAX_HUGE_PAGES": "off"},
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines == ["start []", "tunables None []"]
+
+
+def test_the_launcher_runs_with_the_tunable(tmp_path):
+    """`python -m rlhf_jax.launch` re-executes itself before it starts JAX: the running process's environment
+    (`/proc/<pid>/environ`, which an exec replaces) holds the tunable where it applies."""
+    if not os.path.exists("/proc/self/environ"):
+        pytest.skip("no /proc")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RLHF_JAX_HUGE_PAGES")}
+    process = subprocess.Popen([sys.executable, "-m", "rlhf_jax.launch", "experiment=tiny_sft",
+                                f"run_dir={tmp_path / 'run'}"], env={**env, "RLHF_JAX_COMPILATION_CACHE": "off"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, seen = time.monotonic() + 60, None
+        while time.monotonic() < deadline and process.poll() is None:
+            with open(f"/proc/{process.pid}/environ", "rb") as file:
+                variables = dict(item.split(b"=", 1) for item in file.read().split(b"\0") if b"=" in item)
+            if b"rlhf_jax" in open(f"/proc/{process.pid}/cmdline", "rb").read() and (tmp_path / "run").exists():
+                seen = variables.get(b"GLIBC_TUNABLES")  # the run directory exists: past any re-exec
+                break
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert (tmp_path / "run").exists(), "the launcher did not start the run"
+    assert seen == (b"glibc.malloc.hugetlb=1" if _applies() else None)
+
+
+@pytest.mark.skipif(not _applies(), reason="needs glibc 2.35+ and transparent huge pages in `madvise` mode")
+def test_glibc_gives_fresh_mappings_huge_pages_with_the_tunable():
+    """What the launcher relies on: with the tunable, writing a fresh 256 MiB block from glibc's malloc takes a
+    few hundred page faults (2 MiB each) instead of 65,536 (4 KiB each). (ctypes, not numpy: numpy asks for
+    huge pages on its own large arrays.)"""
+    code = textwrap.dedent("""
+        import ctypes, resource
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        ctypes.memset(libc.malloc(2**28), 1, 2**28)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    small, huge = (int(subprocess.run([sys.executable, "-c", code], env={**env, **setting}, capture_output=True,
+                                      text=True, check=True).stdout)
+                   for setting in ({}, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}))
+    assert small >= 2**28 // 4096
+    assert huge < small // 16
