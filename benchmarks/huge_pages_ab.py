@@ -126,14 +126,16 @@ def main(argv=None) -> dict:
     if args.worker:
         (touch if args.touch else worker)(args)
         return {}
+    if args.block < 1 or args.steps < 1:
+        parser.error("--block and --steps must be at least 1")
     base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RLHF_JAX_HUGE_PAGES")}
+    envs = {name: {**base, **({"GLIBC_TUNABLES": tunable} if tunable else {})} for name, tunable in SIDES.items()}
     if args.touch:
         result = {}
-        for name, tunable in SIDES.items():
-            result[name] = json.loads(subprocess.run(
-                [sys.executable, __file__, "--worker", "--touch", "--idle", args.idle], env={**base, **({"GLIBC_TUNABLES": tunable} if tunable
-                                                                                 else {})},
-                capture_output=True, text=True, check=True).stdout)
+        for name, env in envs.items():
+            command = [sys.executable, __file__, "--worker", "--touch", "--idle", args.idle]
+            result[name] = json.loads(subprocess.run(command, env=env, capture_output=True, text=True,
+                                                     check=True).stdout)
             print(f"{name}: a fresh GiB written in {result[name]['first']:.3f} s first, then "
                   + ", ".join(f"{seconds:.3f} s after {idle} s idle"
                               for idle, seconds in zip(idle_spells(args.idle), result[name]["after"])))
@@ -141,9 +143,8 @@ def main(argv=None) -> dict:
     command = [sys.executable, __file__, "--worker", "--step", args.step, "--micro-batches", str(args.micro_batches),
                "--length-buckets", str(args.length_buckets), *(["--packed"] if args.packed else []),
                *(["--tiny"] if args.tiny else [])]
-    workers = {name: subprocess.Popen(command, env={**base, **({"GLIBC_TUNABLES": tunable} if tunable else {})},
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-               for name, tunable in SIDES.items()}
+    workers = {name: subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for name, env in envs.items()}
     records = {name: [] for name in SIDES}
     try:
         for name, process in workers.items():
