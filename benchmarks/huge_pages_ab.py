@@ -56,7 +56,8 @@ def worker(args) -> None:
     if args.length_buckets > 1:
         batch = order_by_length(batch, args.micro_batches, args.length_buckets)
     batch = {k: jnp.asarray(v) for k, v in prepare(batch).items()}
-    state = TrainState.create(params, make_optimizer("adamw", 1e-5), jax.random.key(0),
+    # a copy: the step donates its state, and DPO's reference pass reads `params`
+    state = TrainState.create(jax.tree.map(jnp.copy, params), make_optimizer("adamw", 1e-5), jax.random.key(0),
                               per_layer=llama.layers_unrolled(config))
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

@@ -355,12 +355,12 @@ def test_gguf_read_ab_times_both_readers_and_they_agree():
     assert result["same"] and all(len(times) == 1 and times[0] > 0 for times in result["seconds"].values())
 
 
-@pytest.mark.parametrize("block", [1, 2])
-def test_huge_pages_ab_runs_the_same_step_in_two_processes(block):
+@pytest.mark.parametrize("block, step", [(1, "sft --packed"), (2, "sft --packed"), (2, "dpo --length-buckets 2")])
+def test_huge_pages_ab_runs_the_same_step_in_two_processes(block, step):
     sys.path.insert(0, str(SUITE.parent))
     import huge_pages_ab
 
-    result = huge_pages_ab.main(["--tiny", "--step", "sft", "--packed", "--steps", "4", "--block", str(block)])
+    result = huge_pages_ab.main(["--tiny", "--step", *step.split(), "--steps", "4", "--block", str(block)])
     sides = [result[name] for name in huge_pages_ab.SIDES]
     assert all(len(side["steps"]) == 4 and min(side["steps"]) > 0 and side["faults"] > 0 for side in sides)
     assert sides[0]["first_loss"] == sides[1]["first_loss"]  # one program, one batch: only the allocator differs
