@@ -1,6 +1,6 @@
-"""A/B of glibc's huge pages (`glibc.malloc.hugetlb=1`, what `python -m rlhf_jax.launch` sets; see
-`rlhf_jax.host_memory`) on our SFT, reward-model or DPO step: two worker processes, the same step, rows and
-weights, one started without the tunable and one with it (glibc reads it once, at start), steps alternating
+"""A/B of glibc's huge pages (`glibc.malloc.hugetlb=1`, what `RLHF_JAX_HUGE_PAGES=on python -m rlhf_jax.launch`
+sets; see `rlhf_jax.host_memory`) on our SFT, reward-model or DPO step: two worker processes, the same step,
+rows and weights, one started without the tunable and one with it (glibc reads it once, at start), steps alternating
 between them, medians after warm-up; with each side's page faults, system CPU seconds and peak memory per step,
 and a check that both computed the same first loss.
 
@@ -16,8 +16,9 @@ huge pages a block freed at the end of a step and taken again at the start of th
 one that sat free through the other side's step faults in again through the host (docs/performance.md,
 item 30). With the default (alternating step by step) every step of either side follows such an idle spell.
 
-A diagnostic, not a comparison with TRL (that is `suite.py`, whose workers both get the tunable): random weights
-at SmolLM2-135M's shapes and `step_ab.py`'s rows. Only the environment differs between the two sides.
+A diagnostic, not a comparison with TRL (that is `suite.py`, whose `--huge-pages on` gives both workers the
+tunable): random weights at SmolLM2-135M's shapes and `step_ab.py`'s rows. Only the environment differs
+between the two sides.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ RELAUNCH_TARGET = 2.0  # a relaunch's first step within this many warm steps
 # the run's numerics, set once by `main`: the precision both sides compute in and the device they run on
 NUMERICS = {"precision": "float32", "device": "cpu"}
 # the workers' environment, set once by `main`: glibc's huge pages for both sides (`--huge-pages`)
-HOST = {"huge_pages": "on"}
+HOST = {"huge_pages": "off"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,14 +346,15 @@ def numerics_env(side: str) -> dict:
 
 
 def host_memory_env() -> dict:
-    """Both sides' workers start as `python -m rlhf_jax.launch` runs: with glibc's huge pages where the launcher
-    adds them (`rlhf_jax.host_memory`); the same setting for torch's process keeps the comparison fair.
-    `--huge-pages off` leaves the environment as it is."""
+    """`--huge-pages on`: both sides' workers start with glibc's huge pages where the launcher adds them with
+    RLHF_JAX_HUGE_PAGES=on (`rlhf_jax.host_memory`), the same setting for torch's process; off (the default, as
+    the launcher runs by default): the environment as it is."""
     from rlhf_jax import host_memory
 
     if HOST["huge_pages"] != "on":
         return {}
-    env = host_memory.environment(os.environ, host_memory.transparent_huge_pages(), host_memory.glibc_version())
+    env = host_memory.environment({**os.environ, host_memory.SWITCH_ENV: "on"}, host_memory.transparent_huge_pages(),
+                                  host_memory.glibc_version())
     return {} if env is None else {"GLIBC_TUNABLES": env["GLIBC_TUNABLES"]}
 
 
@@ -850,10 +851,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="sft_packed: the examples of one pass, the first N of the HH train set (default 64). "
                              "Ours packs them into as few batches as its data iterator plans, TRL pads batches of 8 "
                              "to their longest; the more examples, the fewer slots ours leaves empty")
-    parser.add_argument("--huge-pages", choices=("on", "off"), default="on",
-                        help="on (default): both workers start with glibc's huge pages (glibc.malloc.hugetlb=1) "
-                             "where the launcher would add them, as `python -m rlhf_jax.launch` runs; off: the "
-                             "environment as it is")
+    parser.add_argument("--huge-pages", choices=("on", "off"), default="off",
+                        help="on: both workers start with glibc's huge pages (glibc.malloc.hugetlb=1) where the "
+                             "launcher adds them with RLHF_JAX_HUGE_PAGES=on; off (default): the environment as it is")
     parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="what both sides compute in; auto (default): bfloat16 where JAX's default backend is "
                              "a GPU (float32 master weights, bf16 matmuls), else float32")

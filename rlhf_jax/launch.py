@@ -15,9 +15,9 @@ A run writes its config to ``<run_dir>/config.json`` and ``<run_dir>/config.over
 error (unknown experiment or key, bad value, missing file) prints one line on stderr and exits 2; so
 does a launch on a run directory another live launcher holds (``<run_dir>/.lock``). SIGTERM or
 SIGINT stops a training stage after its current step, checkpointed, and exits 75 (`EXIT_PREEMPTED`);
-relaunching resumes it (see `rlhf_jax.training.preemption`). On Linux with glibc the command first
-re-executes itself once with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (huge pages for the blocks XLA maps at
-every step; ``RLHF_JAX_HUGE_PAGES=off`` to skip it; see `rlhf_jax.host_memory`).
+relaunching resumes it (see `rlhf_jax.training.preemption`). With ``RLHF_JAX_HUGE_PAGES=on`` (Linux, glibc) the
+command first re-executes itself once with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (huge pages for the blocks
+XLA maps at every step; see `rlhf_jax.host_memory`).
 With several processes (`rlhf_jax.distributed`) every process runs the stages; process 0 alone prints
 and writes the run's files.
 """
@@ -394,5 +394,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     from rlhf_jax.host_memory import reexec_with_huge_pages
 
-    reexec_with_huge_pages()  # glibc reads its tunables at start: huge pages for XLA's per-step blocks
+    reexec_with_huge_pages()  # with RLHF_JAX_HUGE_PAGES=on: glibc reads its tunables at start
     sys.exit(main())

@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlhf_jax import host_memory
-
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "suite.py"
 
@@ -68,9 +66,8 @@ def test_tiny_suite_measures_both_sides_and_their_losses_agree(tmp_path):
             assert check["ours"] > 0 and check["theirs"] > 0
     for name in ("dpo", "dpo_shared"):
         assert results[name]["loss_check"]["extra"]["logps/chosen"]["rel_diff"] <= 1e-3
-    # both sides' workers ran with glibc's huge pages where the launcher adds them (`rlhf_jax.host_memory`)
-    tunables = (host_memory.environment(os.environ, host_memory.transparent_huge_pages(),
-                                        host_memory.glibc_version()) or os.environ).get("GLIBC_TUNABLES")
+    # both sides' workers ran with the environment as it is (`--huge-pages off`, the default, as the launcher)
+    tunables = os.environ.get("GLIBC_TUNABLES")
     assert report["settings"]["worker_glibc_tunables"] == tunables
     assert {result["setup"][side]["glibc_tunables"] for result in results.values() if "setup" in result
             for side in ("ours", "theirs")} == {tunables}
@@ -374,3 +371,18 @@ def test_huge_pages_ab_times_a_fresh_gib_on_both_sides():
     result = huge_pages_ab.main(["--touch", "--idle", "0,0.5"])
     assert set(result) == set(huge_pages_ab.SIDES)
     assert all(side["first"] > 0 and len(side["after"]) == 2 and min(side["after"]) > 0 for side in result.values())
+
+
+def test_the_suites_huge_pages_switch_gives_both_workers_the_launchers_setting(monkeypatch):
+    sys.path.insert(0, str(SUITE.parent))
+    import suite
+
+    from rlhf_jax import host_memory
+
+    monkeypatch.delenv("RLHF_JAX_HUGE_PAGES", raising=False)
+    monkeypatch.setitem(suite.HOST, "huge_pages", "off")
+    assert suite.host_memory_env() == {}
+    monkeypatch.setitem(suite.HOST, "huge_pages", "on")
+    launcher = host_memory.environment({**os.environ, "RLHF_JAX_HUGE_PAGES": "on"},
+                                       host_memory.transparent_huge_pages(), host_memory.glibc_version())
+    assert suite.host_memory_env() == ({} if launcher is None else {"GLIBC_TUNABLES": launcher["GLIBC_TUNABLES"]})

@@ -13,23 +13,26 @@ from rlhf_jax import host_memory
 from rlhf_jax.host_memory import environment
 
 GLIBC = (2, 36)
+ON = {"RLHF_JAX_HUGE_PAGES": "on"}
 
 
 def test_environment_adds_the_tunable_only_where_it_changes_something():
-    assert environment({}, "madvise", GLIBC) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    kept = {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert environment(ON, "madvise", GLIBC) == {**ON, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    kept = {**ON, "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
     assert environment(kept, "madvise", GLIBC) == {
-        "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+        **ON, "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
     assert kept["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"  # a new mapping; the caller's is left alone
     for mode in ("always", "never", None):  # every large mapping has them already, or none can
-        assert environment({}, mode, GLIBC) is None
-    assert environment({}, "madvise", (2, 34)) is None  # before the tunable existed
-    assert environment({}, "madvise", None) is None  # not glibc
-    for switch in ("off", "0", "False", " no "):
+        assert environment(ON, mode, GLIBC) is None
+    assert environment(ON, "madvise", (2, 34)) is None  # before the tunable existed
+    assert environment(ON, "madvise", None) is None  # not glibc
+    for switch in ("off", "0", "False", " no ", ""):
         assert environment({"RLHF_JAX_HUGE_PAGES": switch}, "madvise", GLIBC) is None
-    assert environment({"RLHF_JAX_HUGE_PAGES": "on"}, "madvise", GLIBC) is not None
+    assert environment({}, "madvise", GLIBC) is None  # off unless asked for
+    for switch in ("on", "1", " TRUE ", "yes"):
+        assert environment({"RLHF_JAX_HUGE_PAGES": switch}, "madvise", GLIBC) is not None
     for users in ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=2", "glibc.malloc.arena_max=1:glibc.malloc.hugetlb=0"):
-        assert environment({"GLIBC_TUNABLES": users}, "madvise", GLIBC) is None  # the user's setting wins
+        assert environment({**ON, "GLIBC_TUNABLES": users}, "madvise", GLIBC) is None  # the user's setting wins
 
 
 def test_transparent_huge_pages_reads_the_selected_mode(tmp_path):
@@ -42,7 +45,7 @@ def test_transparent_huge_pages_reads_the_selected_mode(tmp_path):
 
 
 def _applies() -> bool:
-    return environment({}, host_memory.transparent_huge_pages(), host_memory.glibc_version()) is not None
+    return environment(ON, host_memory.transparent_huge_pages(), host_memory.glibc_version()) is not None
 
 
 def test_reexec_runs_the_same_command_once_with_the_tunable():
@@ -54,25 +57,28 @@ def test_reexec_runs_the_same_command_once_with_the_tunable():
         print("tunables", os.environ.get("GLIBC_TUNABLES"), sys.argv[1:])
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RLHF_JAX_HUGE_PAGES")}
-    lines = subprocess.run([sys.executable, "-c", code, "a=1", "b"], env=env, capture_output=True, text=True,
-                           check=True).stdout.splitlines()
+    lines = subprocess.run([sys.executable, "-c", code, "a=1", "b"], env={**env, **ON}, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
     if _applies():
         assert lines == ["start ['a=1', 'b']", "start ['a=1', 'b']", "tunables glibc.malloc.hugetlb=1 ['a=1', 'b']"]
     else:
         assert lines == ["start ['a=1', 'b']", "tunables None ['a=1', 'b']"]
-    lines = subprocess.run([sys.executable, "-c", code], env={**env, "RLHF_JAX_HUGE_PAGES": "off"},
-                           capture_output=True, text=True, check=True).stdout.splitlines()
-    assert lines == ["start []", "tunables None []"]
+    for off in ({}, {"RLHF_JAX_HUGE_PAGES": "off"}):
+        lines = subprocess.run([sys.executable, "-c", code], env={**env, **off}, capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+        assert lines == ["start []", "tunables None []"]
 
 
-def test_the_launcher_runs_with_the_tunable(tmp_path):
-    """`python -m rlhf_jax.launch` re-executes itself before it starts JAX: the running process's environment
-    (`/proc/<pid>/environ`, which an exec replaces) holds the tunable where it applies."""
+def _launcher_tunables(tmp_path, switch):
+    """`python -m rlhf_jax.launch` with RLHF_JAX_HUGE_PAGES=on re-executes itself before it starts JAX: the
+    running process's environment (`/proc/<pid>/environ`, which an exec replaces) holds the tunable where it
+    applies; without the switch it does not."""
     if not os.path.exists("/proc/self/environ"):
         pytest.skip("no /proc")
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RLHF_JAX_HUGE_PAGES")}
     process = subprocess.Popen([sys.executable, "-m", "rlhf_jax.launch", "experiment=tiny_sft",
-                                f"run_dir={tmp_path / 'run'}"], env={**env, "RLHF_JAX_COMPILATION_CACHE": "off"},
+                                f"run_dir={tmp_path / 'run'}"],
+                               env={**env, **switch, "RLHF_JAX_COMPILATION_CACHE": "off"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline, seen = time.monotonic() + 300, None  # a loaded test machine starts JAX slowly
@@ -87,7 +93,12 @@ def test_the_launcher_runs_with_the_tunable(tmp_path):
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert (tmp_path / "run").exists(), "the launcher did not start the run"
-    assert seen == (b"glibc.malloc.hugetlb=1" if _applies() else None)
+    assert seen == (b"glibc.malloc.hugetlb=1" if _applies() and switch else None)
+
+
+@pytest.mark.parametrize("switch", [ON, {}])
+def test_the_launcher_runs_with_the_tunable_when_asked(tmp_path, switch):
+    _launcher_tunables(tmp_path, switch)
 
 
 @pytest.mark.skipif(not _applies(), reason="needs glibc 2.35+ and transparent huge pages in `madvise` mode")
