@@ -358,18 +358,6 @@ def host_memory_env() -> dict:
     return {} if env is None else {"GLIBC_TUNABLES": env["GLIBC_TUNABLES"]}
 
 
-def process_glibc_tunables(pid: int) -> str | None:
-    """GLIBC_TUNABLES of a running process, as its environment holds it (Linux's /proc), or None."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as file:
-            for item in file.read().split(b"\0"):
-                if item.startswith(b"GLIBC_TUNABLES="):
-                    return item.split(b"=", 1)[1].decode()
-    except OSError:
-        pass
-    return None
-
-
 # ---- running a workload ----------------------------------------------------------------------------------------
 
 
@@ -431,9 +419,12 @@ def alternate(name: str, workers: dict, spec: dict, shapes: Shapes, warmup: int,
               check: bool = False) -> tuple[dict, dict, dict | None, dict]:
     """Set both sides up; their matmul rates; (sft_packed: the initial loss check); `runs` steps alternating
     ours then theirs; their matmul rates again. Returns (setup replies, rates, check replies, step replies)."""
+    from rlhf_jax import host_memory
+
     sides = {"ours": workers["jax"], "theirs": workers["torch"]}
     setup = {side: {**worker.request("setup", spec=spec), "pid": worker.process.pid,
-                    "glibc_tunables": process_glibc_tunables(worker.process.pid)} for side, worker in sides.items()}
+                    "glibc_tunables": host_memory.process_glibc_tunables(worker.process.pid)}
+             for side, worker in sides.items()}
     peaks: dict[str, list[float]] = {side: [] for side in sides}
 
     def measure_peaks():

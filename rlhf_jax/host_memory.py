@@ -13,7 +13,7 @@ pages (docs/performance.md, item 30).
 glibc reads its tunables once, when a process starts, so with ``RLHF_JAX_HUGE_PAGES=on`` the command line
 (`rlhf_jax.launch`) re-executes itself once with the tunable added (`reexec_with_huge_pages`). It is off by
 default: on the host where it was measured it made the packed SFT step 1.11x faster and the reward model's
-1.04x, but a DPO step in micro-batches 0.93x. A ``glibc.malloc.hugetlb`` already in ``GLIBC_TUNABLES`` is the
+1.04x, but a DPO step in micro-batches 0.96x. A ``glibc.malloc.hugetlb`` already in ``GLIBC_TUNABLES`` is the
 user's and is left as it is. Code that imports
 rlhf_jax into its own process gets the same effect by starting Python with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``.
@@ -25,7 +25,8 @@ import os
 import sys
 from typing import Mapping
 
-__all__ = ["SWITCH_ENV", "TUNABLE", "environment", "reexec_with_huge_pages", "transparent_huge_pages"]
+__all__ = ["SWITCH_ENV", "TUNABLE", "environment", "process_glibc_tunables", "reexec_with_huge_pages",
+           "transparent_huge_pages"]
 
 TUNABLE = "glibc.malloc.hugetlb"
 SWITCH_ENV = "RLHF_JAX_HUGE_PAGES"
@@ -73,6 +74,20 @@ def environment(environ: Mapping[str, str], thp_mode: str | None, glibc: tuple[i
     if any(item.split("=", 1)[0].strip() == TUNABLE for item in tunables.split(":")):
         return None
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, f"{TUNABLE}=1")))}
+
+
+def process_glibc_tunables(pid: int) -> str | None:
+    """``GLIBC_TUNABLES`` of a running process as its environment holds it (Linux's ``/proc/<pid>/environ``,
+    which an exec replaces), or None where it is unset or cannot be read."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as file:
+            entries = file.read().split(b"\0")
+    except OSError:
+        return None
+    for entry in entries:
+        if entry.startswith(b"GLIBC_TUNABLES="):
+            return entry.split(b"=", 1)[1].decode()
+    return None
 
 
 def reexec_with_huge_pages() -> None:

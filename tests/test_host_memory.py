@@ -74,7 +74,7 @@ def _launcher_tunables(tmp_path, switch):
     running process's environment (`/proc/<pid>/environ`, which an exec replaces) holds the tunable where it
     applies; without the switch it does not."""
     if not os.path.exists("/proc/self/environ"):
-        pytest.skip("no /proc")
+        pytest.skip("reads the launched process's environment from /proc/<pid>/environ, which only Linux has")
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RLHF_JAX_HUGE_PAGES")}
     process = subprocess.Popen([sys.executable, "-m", "rlhf_jax.launch", "experiment=tiny_sft",
                                 f"run_dir={tmp_path / 'run'}"],
@@ -83,17 +83,31 @@ def _launcher_tunables(tmp_path, switch):
     try:
         deadline, seen = time.monotonic() + 300, None  # a loaded test machine starts JAX slowly
         while time.monotonic() < deadline and process.poll() is None:
-            with open(f"/proc/{process.pid}/environ", "rb") as file:
-                variables = dict(item.split(b"=", 1) for item in file.read().split(b"\0") if b"=" in item)
-            if b"rlhf_jax" in open(f"/proc/{process.pid}/cmdline", "rb").read() and (tmp_path / "run").exists():
-                seen = variables.get(b"GLIBC_TUNABLES")  # the run directory exists: past any re-exec
+            if (tmp_path / "run").exists():  # the run directory exists: past any re-exec
+                seen = host_memory.process_glibc_tunables(process.pid)
                 break
             time.sleep(0.05)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert (tmp_path / "run").exists(), "the launcher did not start the run"
-    assert seen == (b"glibc.malloc.hugetlb=1" if _applies() and switch else None)
+    assert seen == ("glibc.malloc.hugetlb=1" if _applies() and switch else None)
+
+
+def test_process_glibc_tunables_reads_a_running_process(tmp_path):
+    if not os.path.exists("/proc/self/environ"):
+        pytest.skip("reads a process's environment from /proc/<pid>/environ, which only Linux has")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    for extra, expected in (({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "glibc.malloc.arena_max=2"), ({}, None)):
+        process = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(30)"],
+                                   env={**env, **extra}, stdout=subprocess.PIPE, text=True)
+        try:
+            assert process.stdout.readline() == "ready\n"  # running its own program: past the exec
+            assert host_memory.process_glibc_tunables(process.pid) == expected
+        finally:
+            process.kill()
+            process.communicate()
+    assert host_memory.process_glibc_tunables(process.pid) is None  # gone (reaped): unreadable
 
 
 @pytest.mark.parametrize("switch", [ON, {}])
