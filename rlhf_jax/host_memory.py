@@ -13,8 +13,8 @@ pages (docs/performance.md, item 30).
 glibc reads its tunables once, when a process starts, so with ``RLHF_JAX_HUGE_PAGES=on`` the command line
 (`rlhf_jax.launch`) re-executes itself once with the tunable added (`reexec_with_huge_pages`). It is off by
 default: on the host where it was measured it made the packed SFT step 1.11x faster and the reward model's
-1.04x, but a DPO step in micro-batches 0.96x. A ``glibc.malloc.hugetlb`` already in ``GLIBC_TUNABLES`` is the
-user's and is left as it is. Code that imports
+1.04x, while a DPO step in micro-batches ran 0.93-0.96x in one spell and 1.00-1.10x in a later one. A
+``glibc.malloc.hugetlb`` already in ``GLIBC_TUNABLES`` is the user's and is left as it is. Code that imports
 rlhf_jax into its own process gets the same effect by starting Python with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``.
 """
