@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from suite import turns  # noqa: E402  (the suite's turns: K steps of a side back to back)
 SIDES = {"4 KiB pages": "", "huge pages": "glibc.malloc.hugetlb=1"}
 
 
@@ -152,15 +154,15 @@ def main(argv=None) -> dict:
         for name, process in workers.items():
             if not json.loads(process.stdout.readline() or "{}").get("ready"):
                 raise RuntimeError(f"the {name} worker did not start (exit {process.wait()})")
-        for first in range(0, args.steps, args.block):
+        for turn in turns(args.steps, args.block):
             for name, process in workers.items():
-                for index in range(first, min(first + args.block, args.steps)):
+                for index in turn:
                     process.stdin.write("step\n")
                     process.stdin.flush()
                     line = process.stdout.readline()
                     if not line:
                         raise RuntimeError(f"the {name} worker exited ({process.wait()})")
-                    records[name].append({**json.loads(line), "after_other": index == first})
+                    records[name].append({**json.loads(line), "after_other": index == turn[0]})
     finally:
         for process in workers.values():
             if process.poll() is None:

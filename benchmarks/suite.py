@@ -14,8 +14,9 @@ minutes).
 
 How it measures (see benchmarks/README.md):
 - each framework runs in its own worker process (`benchmarks/workers/`), driven over JSON lines; the suite
-  alternates them, one step of ours then one of theirs, warm-up steps first (not counted), and reports
-  medians; the first call (ours: with its compilation) is reported apart;
+  alternates them, one step of ours then one of theirs (with `--block K`, K steps of each side back to back, as
+  a training run steps; the medians then count the steps that follow one of the same side), warm-up steps first
+  (not counted), and reports medians; the first call (ours: with its compilation) is reported apart;
 - the inputs are made once here: the token ids by rlhf_jax's data layer (`load_stage_dataset`,
   `training_iterator`) into an .npz per workload, the weights by rlhf_jax's exporter (`save_hf`) into one
   Hugging Face directory both workers load in float32; the reward head is drawn as the reward stage draws
@@ -78,6 +79,8 @@ RELAUNCH_TARGET = 2.0  # a relaunch's first step within this many warm steps
 NUMERICS = {"precision": "float32", "device": "cpu"}
 # the workers' environment, set once by `main`: glibc's huge pages for both sides (`--huge-pages`)
 HOST = {"huge_pages": "off"}
+# how the sides take turns, set once by `main` (`--block`): K steps of ours, then the same K of theirs
+SCHEDULE = {"block": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,10 +374,22 @@ def workload_spec(name: str, shapes: Shapes, model: dict, inputs: dict, runs: in
             **NUMERICS}
 
 
+def turns(runs: int, block: int) -> list[range]:
+    """The step indices of each turn: `block` steps of one side back to back, then the same of the other."""
+    return [range(first, min(first + block, runs)) for first in range(0, runs, block)]
+
+
+def timed_records(records: list[dict], warmup: int) -> list[tuple[int, dict]]:
+    """(index, record) of the steps the medians count: after the warm-up, and with `--block` K > 1 only those
+    that follow a step of the same side (the first of each turn follows the other side's K steps)."""
+    return [(i, r) for i, r in enumerate(records)
+            if i >= warmup and not (SCHEDULE["block"] > 1 and r.get("after_other"))]
+
+
 def steady(records: list[dict], warmup: int) -> tuple[list[float], int]:
     """(seconds of the timed steps that compiled nothing, how many timed steps compiled); all timed steps
     when every one compiled."""
-    timed = records[warmup:]
+    timed = [r for _, r in timed_records(records, warmup)]
     clean = [r["seconds"] for r in timed if not r.get("compiles")]
     return (clean or [r["seconds"] for r in timed]), sum(1 for r in timed if r.get("compiles"))
 
@@ -384,11 +399,11 @@ def side_summary(records: list[dict], warmup: int, peaks: list[float], tokens: l
     """Throughput, MFU and first-call time of one side from its per-step records."""
     seconds, compiled = steady(records, warmup)
     median = statistics.median(seconds)
-    timed = [(r, tokens[i % len(tokens)], flops[i % len(flops)]) for i, r in enumerate(records)][warmup:]
+    timed = [(r, tokens[i % len(tokens)], flops[i % len(flops)]) for i, r in timed_records(records, warmup)]
     clean = [(r, t, f) for r, t, f in timed if not r.get("compiles")] or timed
     peak = statistics.mean(peaks)
     summary = {
-        "first_call_s": records[0]["seconds"], "step_s": median, "steps_s": [r["seconds"] for r in records[warmup:]],
+        "first_call_s": records[0]["seconds"], "step_s": median, "steps_s": [r["seconds"] for r, _, _ in timed],
         "timed_steps_that_compiled": compiled,
         "tokens_per_s_padded": statistics.median(t["padded"] / r["seconds"] for r, t, _ in clean),
         "tokens_per_s_real": statistics.median(t["real"] / r["seconds"] for r, t, _ in clean),
@@ -437,13 +452,15 @@ def alternate(name: str, workers: dict, spec: dict, shapes: Shapes, warmup: int,
     measure_peaks()
     checks = {side: worker.request("check") for side, worker in sides.items()} if check else None
     records: dict[str, list[dict]] = {side: [] for side in sides}
-    for index in range(runs):
+    for turn in turns(runs, SCHEDULE["block"]):
         for side, worker in sides.items():
-            time.sleep(shapes.settle_s)
-            records[side].append(worker.request("step", index=index))
-        print(f"  {name} step {index + 1}/{runs}{' (warm-up)' if index < warmup else ''}: "
-              f"ours {records['ours'][-1]['seconds']:.2f} s, theirs {records['theirs'][-1]['seconds']:.2f} s",
-              flush=True)
+            for index in turn:
+                time.sleep(shapes.settle_s)
+                records[side].append({**worker.request("step", index=index), "after_other": index == turn[0]})
+        for index in turn:
+            print(f"  {name} step {index + 1}/{runs}{' (warm-up)' if index < warmup else ''}: "
+                  f"ours {records['ours'][index]['seconds']:.2f} s, theirs {records['theirs'][index]['seconds']:.2f} s",
+                  flush=True)
     measure_peaks()
     for side, worker in sides.items():  # both hold a model and optimizer state: free them before the next workload
         setup[side]["peak_rss_gib"] = worker.request("release")["peak_rss_gib"]
@@ -672,7 +689,9 @@ def markdown(report: dict) -> str:
         f"Model `{report['model']['source']}` ({report['model']['params']:,} params), {settings['precision']}, "
         f"{machine.get('accelerator') or 'CPU'} ({machine['cpus']} cores). "
         f"{settings['warmup']} warm-up + {settings['steps']} timed steps per workload "
-        f"on {settings['batches']} distinct batches (cycled), alternating ours / theirs; medians.",
+        f"on {settings['batches']} distinct batches (cycled), alternating ours / theirs"
+        + (f" {settings['block']} steps a turn (medians of the steps after one of the same side)"
+           if settings.get("block", 1) > 1 else "") + "; medians.",
         f"Load average (1, 5, 15 min): before {machine['load_before']}, after {machine['load_after']}.",
         f"Both workers' GLIBC_TUNABLES: {settings.get('worker_glibc_tunables') or 'unset'}.",
         f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.", "",
@@ -842,6 +861,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="sft_packed: the examples of one pass, the first N of the HH train set (default 64). "
                              "Ours packs them into as few batches as its data iterator plans, TRL pads batches of 8 "
                              "to their longest; the more examples, the fewer slots ours leaves empty")
+    parser.add_argument("--block", type=int, default=1,
+                        help="steps of a side per turn (default 1: one step of ours, then one of theirs). With K > "
+                             "1, K steps of each side back to back, as a training run steps, and the medians count "
+                             "the steps that follow one of the same side")
     parser.add_argument("--huge-pages", choices=("on", "off"), default="off",
                         help="on: both workers start with glibc's huge pages (glibc.malloc.hugetlb=1) where the "
                              "launcher adds them with RLHF_JAX_HUGE_PAGES=on; off (default): the environment as it is")
@@ -868,6 +891,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--micro-batches must be at least 1")
     if args.length_buckets < 1:
         parser.error("--length-buckets must be at least 1")
+    if args.block < 1:
+        parser.error("--block must be at least 1")
+    SCHEDULE["block"] = args.block
+    if not timed_records([{"after_other": i == turn[0]} for turn in turns(runs, args.block) for i in turn], warmup):
+        parser.error(f"--block {args.block}: no timed step follows a step of the same side; "
+                     "raise --steps or lower --block")
     OPTIMIZER["micro_batches"] = args.micro_batches
     OPTIMIZER["length_buckets"] = args.length_buckets
     REFERENCE["precompute"] = args.precompute_reference
@@ -908,6 +937,7 @@ def main(argv: list[str] | None = None) -> int:
         return {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "settings": {"warmup": warmup, "steps": steps, "batches": batches, "tiny": args.tiny,
+                         "block": SCHEDULE["block"],
                          "workloads": workloads, "shapes": dataclasses.asdict(shapes), "optimizer": OPTIMIZER,
                          "precompute_reference": REFERENCE["precompute"],
                          "worker_glibc_tunables": {**os.environ, **host_memory_env()}.get("GLIBC_TUNABLES"),

@@ -85,11 +85,14 @@ def test_tiny_suite_in_micro_batches_accumulates_on_both_sides_and_their_losses_
     out = tmp_path / "tiny_micro"
     # one batch, revisited: the timed step runs the program the warm-up compiled; sft_packed's loss check
     # evaluates its packed batches, which the steps split into micro-batches
+    # (in turns of 2 steps a side: the warm-up step, then the timed one right after it)
     done = run_suite("--tiny", "--workloads", "sft,sft_padding_free,sft_packed,rm,rm_shared,dpo,dpo_shared",
-                     "--micro-batches", "2", "--batches", "1", "--out", str(out))
+                     "--micro-batches", "2", "--batches", "1", "--block", "2", "--out", str(out))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["settings"]["optimizer"]["micro_batches"] == 2 and report["settings"]["batches"] == 1
+    assert report["settings"]["block"] == 2 and "2 steps a turn" in out.with_suffix(".md").read_text()
+    assert all(len(result[side]["steps_s"]) == 1 for result in report["results"].values() for side in ("ours", "theirs"))
     assert all(result["ours"]["timed_steps_that_compiled"] == 0 for result in report["results"].values())
     # TRL's micro-batches keep pairs together
     for name in ("sft", "sft_padding_free", "sft_packed", "rm", "rm_shared", "dpo", "dpo_shared"):
@@ -99,6 +102,23 @@ def test_tiny_suite_in_micro_batches_accumulates_on_both_sides_and_their_losses_
         assert check["passed"] and check["rel_diff"] <= 1e-3, (name, check)
     assert run_suite("--tiny", "--micro-batches", "0", timeout=120).returncode == 2
     assert run_suite("--tiny", "--batches", "0", timeout=120).returncode == 2
+
+
+def test_turns_of_k_steps_and_the_steps_the_medians_count(monkeypatch):
+    sys.path.insert(0, str(SUITE.parent))
+    import suite
+
+    assert [list(turn) for turn in suite.turns(7, 3)] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert [list(turn) for turn in suite.turns(3, 1)] == [[0], [1], [2]]
+    records = [{"seconds": i, "after_other": i == turn[0]} for turn in suite.turns(7, 3) for i in turn]
+    monkeypatch.setitem(suite.SCHEDULE, "block", 3)  # the warm-up (2 steps), then those after a step of the same side
+    assert [i for i, _ in suite.timed_records(records, 2)] == [2, 4, 5]
+    assert suite.steady(records, 2) == ([2, 4, 5], 0)
+    monkeypatch.setitem(suite.SCHEDULE, "block", 1)  # alternating step by step: every step after the warm-up
+    assert [i for i, _ in suite.timed_records(records, 2)] == [2, 3, 4, 5, 6]
+    for bad in (["--block", "0"], ["--block", "2", "--warmup", "2", "--steps", "1"]):  # no step would be timed
+        done = run_suite(*bad, timeout=120)
+        assert done.returncode == 2 and "--block" in done.stderr, done.stderr
 
 
 @pytest.mark.slow  # about a minute on 2 cores
