@@ -19,6 +19,7 @@ from rlhf_jax.losses import (
     token_entropy,
     logprobs_from_logits,
 )
+from rlhf_jax.losses.logprobs import kept_rows_logprobs_from_hidden
 
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
 FP32 = dict(rtol=1e-5, atol=2e-6)
@@ -464,3 +465,111 @@ def test_masked_first_needs_a_mask_and_a_positive_chunk():
         logprobs_from_hidden(hidden, unembedding, tokens, masked_first=4)
     with pytest.raises(ValueError, match="must be a positive integer, got 0"):
         logprobs_from_hidden(hidden, unembedding, tokens, mask=np.ones((B, T), bool), masked_first=0)
+
+
+KEPT_ROWS = 9  # K rows of hidden states; the sizes below leave branches of 2, 4, 6 and 9 rows
+KEPT_SIZES = (2, 4, 6)
+KEPT_MASKS = {
+    "none": np.zeros(KEPT_ROWS, bool),
+    "first 1 (size 2)": np.arange(KEPT_ROWS) < 1,
+    "first 3 (size 4)": np.arange(KEPT_ROWS) < 3,
+    "first 6 (size 6)": np.arange(KEPT_ROWS) < 6,
+    "first 7 (all 9)": np.arange(KEPT_ROWS) < 7,
+    "every row": np.ones(KEPT_ROWS, bool),
+    "scattered, last at 5": np.isin(np.arange(KEPT_ROWS), [0, 2, 4]),
+}
+
+
+@pytest.mark.parametrize("vocab_first", [False, True])
+@pytest.mark.parametrize("case", sorted(KEPT_MASKS))
+def test_kept_rows_head_matches_float64_and_the_masked_head(case, vocab_first):
+    """`kept_rows_logprobs_from_hidden`: the head at the smallest leading run of `sizes` rows holding every kept
+    row (a switch, with its gradient written out). Values against numpy in float64 at kept rows and exactly 0
+    elsewhere; the gradients (hidden and unembedding) against autodiff of the plain masked `logprobs_from_hidden`,
+    both layouts of the weight, at τ = 0.8; NaN hidden states at unkept rows reach neither."""
+    rng = np.random.default_rng(21)
+    mask = KEPT_MASKS[case]
+    hidden = rng.normal(size=(KEPT_ROWS, D))
+    hidden[~mask] = np.nan  # unkept rows may hold anything
+    unembedding = rng.normal(size=(D, V))
+    tokens = rng.integers(0, V, size=KEPT_ROWS)
+    weights = rng.normal(size=KEPT_ROWS)
+    want = ref_logprobs(np.nan_to_num(hidden) @ unembedding, tokens, 0.8)
+    with jax.enable_x64(True):
+        h, w, c = (jnp.asarray(x, jnp.float64) for x in (hidden, unembedding, weights))
+        stored = w.T if vocab_first else w
+
+        def kept_rows(hh, ww):
+            lp = kept_rows_logprobs_from_hidden(hh, ww, tokens, mask, 0.8, sizes=KEPT_SIZES, vocab_first=vocab_first)
+            return jnp.sum(c * lp), lp
+
+        def plain(hh, ww):
+            lp = logprobs_from_hidden(hh[None], ww.T if vocab_first else ww, tokens[None], 0.8, mask=mask[None],
+                                      seq_chunk=None)[0]
+            return jnp.sum(c * lp), lp
+
+        (value, lp), grads = jax.jit(jax.value_and_grad(kept_rows, argnums=(0, 1), has_aux=True))(h, stored)
+        (plain_value, _), plain_grads = jax.jit(jax.value_and_grad(plain, argnums=(0, 1), has_aux=True))(h, stored)
+        assert lp.dtype == jnp.float64 and lp.shape == (KEPT_ROWS,)
+        np.testing.assert_allclose(np.asarray(lp)[mask], want[mask], rtol=1e-12, atol=1e-12)
+        assert np.all(np.asarray(lp)[~mask] == 0)
+        np.testing.assert_allclose(float(value), float(plain_value), rtol=1e-12, atol=1e-14)
+        for got, expected in zip(grads, plain_grads):
+            assert got.shape == expected.shape and np.all(np.isfinite(np.asarray(got)))
+            np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-10, atol=1e-12)
+        assert not np.any(np.asarray(grads[0])[~mask])
+        if not mask.any():
+            assert not np.any(np.asarray(grads[1]))
+        # and the float64 gradient itself, by central differences (NaN rows replaced: a difference needs numbers)
+        finite = np.where(mask[:, None], hidden, 0.0)
+        _assert_directional_derivatives(jax.jit(jax.value_and_grad(lambda hh, ww: kept_rows(hh, ww)[0],
+                                                                   argnums=(0, 1))), [finite, np.asarray(stored)])
+
+
+def test_kept_rows_head_runs_the_branch_of_the_smallest_size_holding_the_kept_rows():
+    """The branch taken forms logits for that many rows only: the rows after it do not enter the product, so a
+    value there (here NaN, unmasked) changes nothing, while a row inside it would reach its own log-prob."""
+    rng = np.random.default_rng(22)
+    hidden = rng.normal(size=(KEPT_ROWS, D)).astype(np.float32)
+    unembedding = rng.normal(size=(D, V)).astype(np.float32)
+    tokens = rng.integers(0, V, size=KEPT_ROWS)
+    mask = np.arange(KEPT_ROWS) < 3  # size 4: rows 0-3 enter the product
+    fn = jax.jit(lambda hh: kept_rows_logprobs_from_hidden(hh, unembedding, tokens, mask, sizes=KEPT_SIZES))
+    clean = np.asarray(fn(hidden))
+    beyond = hidden.copy()
+    beyond[4:] = np.inf  # past the branch's rows: not computed at all
+    np.testing.assert_array_equal(np.asarray(fn(beyond)), clean)
+    jaxpr = jax.make_jaxpr(fn)(hidden)
+    assert "cond" in _primitives(jaxpr.jaxpr)
+    # τ may be traced: the same numbers as a Python τ
+    traced = jax.jit(lambda hh, tau: kept_rows_logprobs_from_hidden(hh, unembedding, tokens, mask, tau,
+                                                                    sizes=KEPT_SIZES))(hidden, 0.7)
+    static = kept_rows_logprobs_from_hidden(hidden, unembedding, tokens, mask, 0.7, sizes=KEPT_SIZES)
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(static))
+
+
+def test_kept_rows_head_bf16_and_its_errors():
+    """bf16 hidden states and weight: float32 log-probs, gradients in the inputs' dtypes, close to the float32
+    head on the same (upcast) values; a shape that does not fit, and τ <= 0, are refused."""
+    rng = np.random.default_rng(23)
+    hidden = jnp.asarray(rng.normal(size=(KEPT_ROWS, D)), jnp.bfloat16)
+    unembedding = jnp.asarray(rng.normal(size=(D, V)), jnp.bfloat16)
+    tokens = rng.integers(0, V, size=KEPT_ROWS)
+    mask = np.arange(KEPT_ROWS) < 5
+
+    def total(hh, ww):
+        return jnp.sum(kept_rows_logprobs_from_hidden(hh, ww, tokens, mask, sizes=KEPT_SIZES))
+
+    lp = kept_rows_logprobs_from_hidden(hidden, unembedding, tokens, mask, sizes=KEPT_SIZES)
+    assert lp.dtype == jnp.float32
+    want = ref_logprobs(np.asarray(hidden, np.float64) @ np.asarray(unembedding, np.float64), tokens)
+    np.testing.assert_allclose(np.asarray(lp)[mask], want[mask], rtol=1e-5, atol=1e-5)
+    grads = jax.grad(total, argnums=(0, 1))(hidden, unembedding)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+    upcast = jax.grad(total, argnums=(0, 1))(hidden.astype(jnp.float32), unembedding.astype(jnp.float32))
+    for got, want_grad in zip(grads, upcast):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want_grad), rtol=8e-3, atol=1e-3)
+    with pytest.raises(ValueError, match=r"hidden \[K, D\] and unembedding \[V, D\] expected"):
+        kept_rows_logprobs_from_hidden(hidden, unembedding, tokens, mask, sizes=KEPT_SIZES, vocab_first=True)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        kept_rows_logprobs_from_hidden(hidden, unembedding, tokens, mask, 0.0, sizes=KEPT_SIZES)

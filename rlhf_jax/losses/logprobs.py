@@ -19,6 +19,7 @@ to keep it out of the gradient (the backward pass of log-softmax multiplies by t
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -322,3 +323,101 @@ def logprobs_and_entropy_from_hidden(hidden, unembedding, tokens, temperature: f
     """
     out = _chunked(hidden, tokens, mask, temperature, seq_chunk, vocab_chunk, True, True, unembedding, masked_first)
     return out["logprobs"], out["entropy"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The head at a leading run of rows whose length is known only when the step runs
+
+
+def kept_rows_logprobs_from_hidden(hidden, unembedding, tokens, mask, temperature: float = 1.0, *,
+                                   sizes: tuple[int, ...], vocab_first: bool = False) -> jnp.ndarray:
+    """Chosen-token log-probs of K rows of hidden states, the head run at the first k rows only.
+
+    hidden: [K, D]; unembedding: [D, V], or with ``vocab_first`` [V, D] (a tied embedding as it is stored);
+    tokens, mask: [K]. Returns [K] float32, 0 where ``mask`` is False: the numbers of
+    :func:`logprobs_from_hidden` on the same rows. ``k`` is the smallest of ``sizes`` (and K) that holds the last
+    row of ``mask``, chosen when the step runs (a ``lax.switch`` with a branch per size), so a fixed K sized for
+    the largest count of kept rows costs what the kept rows need, when they come first. Every logit of the k
+    rows is formed at once (k·V values, forward and backward; callers keep that small).
+
+    The gradient is written out (a custom VJP): differentiating the switch would have every branch return every
+    other branch's saved values (zeros), which cost more than the rows saved. The forward keeps the logits of
+    the k rows; the backward forms ``(onehot − p) / τ`` from them and the two products at those k rows.
+    The weight enters the branches in its stored layout: a transposed operand would be copied in each branch.
+    """
+    _check_temperature(temperature)
+    rows = hidden.shape[0]
+    width = unembedding.shape[1 if vocab_first else 0]
+    if hidden.ndim != 2 or unembedding.ndim != 2 or hidden.shape[1] != width:
+        raise ValueError(f"hidden [K, D] and unembedding {'[V, D]' if vocab_first else '[D, V]'} expected, got "
+                         f"{hidden.shape} and {unembedding.shape}")
+    sizes = tuple(sorted({min(int(size), rows) for size in sizes if size > 0} | {rows}))
+    kept = as_bool(mask)
+    needed = jnp.max(jnp.where(kept, jnp.arange(1, rows + 1), 0))
+    branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), needed).astype(jnp.int32)  # smallest size >= needed
+    compute = jnp.promote_types(jnp.promote_types(hidden.dtype, unembedding.dtype), jnp.float32)
+    return _kept_rows_head(hidden, unembedding, tokens.astype(jnp.int32), kept, branch,
+                           jnp.asarray(temperature, compute), sizes, vocab_first)
+
+
+def _head_rows(hidden, unembedding, tokens, kept, rows: int, temperature, vocab_first: bool):
+    """(log-probs [rows], logits [rows, V], shift [rows], Σ exp [rows]) of the first `rows` rows, as
+    `_vocab_statistics` forms them; masked rows' hidden states are replaced by zeros (as `_chunk_fn` does) and
+    their log-probs are 0."""
+    source = jnp.where(kept[:rows, None], hidden[:rows], jnp.zeros((), hidden.dtype))
+    compute = jnp.promote_types(jnp.promote_types(hidden.dtype, unembedding.dtype), jnp.float32)
+    logits = jnp.einsum("kd,vd->kv" if vocab_first else "kd,dv->kv", source, unembedding,
+                        preferred_element_type=compute)
+    shift = _finite_or_zero(jnp.max(logits, axis=-1))
+    sum_exp = jnp.sum(jnp.exp((logits - shift[:, None]) / temperature), axis=-1)
+    # read from the product, as `_chunk_fn` does
+    chosen = jnp.take_along_axis(logits, tokens[:rows, None], axis=-1)[:, 0]
+    logprobs = jnp.where(kept[:rows], (chosen - shift) / temperature - jnp.log(sum_exp), 0)
+    return logprobs, logits, shift, sum_exp
+
+
+def _pad_rows(values, rows: int):
+    return jnp.pad(values, [(0, rows - values.shape[0])] + [(0, 0)] * (values.ndim - 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _kept_rows_head(hidden, unembedding, tokens, kept, branch, temperature, sizes, vocab_first):
+    rows = hidden.shape[0]
+    return lax.switch(branch, [lambda k=k: _pad_rows(
+        _head_rows(hidden, unembedding, tokens, kept, k, temperature, vocab_first)[0], rows) for k in sizes])
+
+
+def _kept_rows_head_fwd(hidden, unembedding, tokens, kept, branch, temperature, sizes, vocab_first):
+    rows = hidden.shape[0]
+
+    def run(k):  # the logits are kept, not the probabilities: the backward forms those inside its product's input
+        return tuple(_pad_rows(value, rows)
+                     for value in _head_rows(hidden, unembedding, tokens, kept, k, temperature, vocab_first))
+
+    logprobs, *statistics = lax.switch(branch, [functools.partial(run, k) for k in sizes])
+    return logprobs, (hidden, unembedding, tokens, kept, branch, temperature, *statistics)
+
+
+def _kept_rows_head_bwd(sizes, vocab_first, saved, cotangent):
+    hidden, unembedding, tokens, kept, branch, temperature, logits, shift, sum_exp = saved
+    rows, compute = hidden.shape[0], logits.dtype
+
+    def run(k):
+        weight = jnp.where(kept[:k], cotangent[:k], 0).astype(compute)
+        onehot = lax.broadcasted_iota(jnp.int32, (k, logits.shape[1]), 1) == tokens[:k, None]
+        # d log p_t / d logit_v = ([v = t] − p_v) / τ, p_v = exp(z_v − m) / Σ exp(z − m); formed in the order
+        # autodiff of the forward forms it: the same logits' gradient as `logprobs_from_hidden`, to the bit
+        spread = (-(weight / sum_exp[:k])[:, None] * jnp.exp((logits[:k] - shift[:k, None]) / temperature)) / temperature
+        d_logits = jnp.where(onehot, spread + (weight / temperature)[:, None], spread)
+        source = jnp.where(kept[:k, None], hidden[:k], jnp.zeros((), hidden.dtype))
+        d_hidden = jnp.einsum("kv,vd->kd" if vocab_first else "kv,dv->kd", d_logits, unembedding,
+                              preferred_element_type=compute)
+        d_unembedding = jnp.einsum("kv,kd->vd" if vocab_first else "kd,kv->dv", *(
+            (d_logits, source) if vocab_first else (source, d_logits)), preferred_element_type=compute)
+        return _pad_rows(d_hidden.astype(hidden.dtype), rows), d_unembedding.astype(unembedding.dtype)
+
+    d_hidden, d_unembedding = lax.switch(branch, [functools.partial(run, k) for k in sizes])
+    return d_hidden, d_unembedding, None, None, None, None  # no gradient for τ (a setting, not a parameter)
+
+
+_kept_rows_head.defvjp(_kept_rows_head_fwd, _kept_rows_head_bwd)

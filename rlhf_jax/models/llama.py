@@ -544,9 +544,16 @@ def forward(config: DecoderConfig, params: Params, tokens, positions=None, atten
 
 def unembedding(config: DecoderConfig, params: Params) -> jax.Array:
     """The [D, V] matrix mapping final hidden states to logits (tied or not)."""
+    weight, vocab_first = stored_unembedding(config, params)
+    return weight.T if vocab_first else weight
+
+
+def stored_unembedding(config: DecoderConfig, params: Params) -> tuple[jax.Array, bool]:
+    """(the unembedding as it is stored, whether its vocabulary axis comes first): a tied embedding [V, D], an LM
+    head's kernel [D, V]."""
     if config.tie_word_embeddings:
-        return params["embed_tokens"]["embedding"].T
-    return params["lm_head"]["kernel"]
+        return params["embed_tokens"]["embedding"], True
+    return params["lm_head"]["kernel"], False
 
 
 # ---- scalar heads: value (per token) and reward (per sequence) ------------------------------------

@@ -10,7 +10,9 @@ cost per position, and a completion-only SFT or DPO batch predicts a minority of
 therefore carry `loss_index` (`pair_loss_index` for preference batches), the positions that carry a loss,
 written on the host by :func:`with_loss_index`: the head then runs at those positions only, and every other
 position's log-prob is 0. Its shape is bucketed so that few programs are compiled, and laid out so that the
-strided micro-batch split (`training.accumulate.split_microbatches`) hands each micro-batch its own list.
+strided micro-batch split (`training.accumulate.split_microbatches`) hands each micro-batch its own list. The
+index is as long as the micro-batch with the most positions needs; each micro-batch's head runs at the smallest
+of the same sizes that holds its own (`losses.kept_rows_logprobs_from_hidden`, in :func:`logprobs_from_slots`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.data.batching import index_bucket
-from rlhf_jax.losses import logprobs_and_entropy_from_hidden, logprobs_from_hidden
+from rlhf_jax.losses import kept_rows_logprobs_from_hidden, logprobs_and_entropy_from_hidden, logprobs_from_hidden
 from rlhf_jax.models import llama
 from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.sharding.placement import batch_shards
@@ -102,8 +104,18 @@ def logprobs_from_slots(config: DecoderConfig, params, hidden, slots, targets, v
     """
     # K · V float32 logits per chunk: one chunk up to 2^26 values (256 MiB), no recomputation below that
     chunk = max(128, 2**26 // config.vocab_size)
-    return _logprobs_at(config, params, hidden[slots][None], targets[None], valid[None], temperature, chunk,
-                        False)[0]
+    count = slots.shape[0]
+    if count > chunk:
+        return _logprobs_at(config, params, hidden[slots][None], targets[None], valid[None], temperature, chunk,
+                            False)[0]
+    # one chunk: the head at the smallest leading run of the index's sizes that holds every valid entry (a batch's
+    # index is sized by its micro-batch with the most; the others, and entries listed in rows, need fewer)
+    order = jnp.argsort(jnp.logical_not(valid), stable=True)  # valid entries first, each group in order
+    sizes = tuple(sorted({index_bucket(needed, count) for needed in range(1, count + 1)}))
+    weight, vocab_first = llama.stored_unembedding(config, params)
+    values = kept_rows_logprobs_from_hidden(hidden[slots[order]], weight, targets[order], valid[order], temperature,
+                                            sizes=sizes, vocab_first=vocab_first)
+    return jnp.zeros_like(values).at[order].set(values)
 
 
 def position_index(masks: list[np.ndarray], carriers: int) -> np.ndarray:
