@@ -35,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from suite import turns  # noqa: E402  (the suite's turns: K steps of a side back to back)
+from suite import timed_records, turns  # noqa: E402  (the suite's turns and the steps its medians count)
 SIDES = {"4 KiB pages": "", "huge pages": "glibc.malloc.hugetlb=1"}
 
 
@@ -171,7 +171,7 @@ def main(argv=None) -> dict:
     result = {}
     for name, steps in records.items():
         # the median of the steps after the warm-up; with --block, of those that follow a step of the same side
-        timed = [step for step in steps[2:] if args.block == 1 or not step["after_other"]] or steps
+        timed = [step for _, step in timed_records(steps, 2, args.block)] or steps
         result[name] = {key: statistics.median(step[key] for step in timed)
                         for key in ("seconds", "faults", "system_s", "user_s")}
         result[name].update(first_loss=steps[0]["loss"], peak_gib=max(step["peak_gib"] for step in steps),

@@ -379,11 +379,12 @@ def turns(runs: int, block: int) -> list[range]:
     return [range(first, min(first + block, runs)) for first in range(0, runs, block)]
 
 
-def timed_records(records: list[dict], warmup: int) -> list[tuple[int, dict]]:
-    """(index, record) of the steps the medians count: after the warm-up, and with `--block` K > 1 only those
-    that follow a step of the same side (the first of each turn follows the other side's K steps)."""
-    return [(i, r) for i, r in enumerate(records)
-            if i >= warmup and not (SCHEDULE["block"] > 1 and r.get("after_other"))]
+def timed_records(records: list[dict], warmup: int, block: int | None = None) -> list[tuple[int, dict]]:
+    """(index, record) of the steps the medians count: after the warm-up, and with `--block` K > 1 (`block`, else
+    the run's setting) only those that follow a step of the same side (the first of each turn follows the other
+    side's K steps)."""
+    block = SCHEDULE["block"] if block is None else block
+    return [(i, r) for i, r in enumerate(records) if i >= warmup and not (block > 1 and r.get("after_other"))]
 
 
 def steady(records: list[dict], warmup: int) -> tuple[list[float], int]:

@@ -116,6 +116,7 @@ def test_turns_of_k_steps_and_the_steps_the_medians_count(monkeypatch):
     assert suite.steady(records, 2) == ([2, 4, 5], 0)
     monkeypatch.setitem(suite.SCHEDULE, "block", 1)  # alternating step by step: every step after the warm-up
     assert [i for i, _ in suite.timed_records(records, 2)] == [2, 3, 4, 5, 6]
+    assert [i for i, _ in suite.timed_records(records, 2, block=3)] == [2, 4, 5]  # a block given, as huge_pages_ab
     for bad in (["--block", "0"], ["--block", "2", "--warmup", "2", "--steps", "1"]):  # no step would be timed
         done = run_suite(*bad, timeout=120)
         assert done.returncode == 2 and "--block" in done.stderr, done.stderr
