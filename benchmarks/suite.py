@@ -69,7 +69,7 @@ RM_PAD_TOKEN = "<|endoftext|>"
 GRPO_REWARD = "fn:token_id_below:24576"
 OPTIMIZER = {"name": "adamw", "learning_rate": 1e-5, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
              "schedule": "constant", "warmup_steps": 0, "grad_clip": 1.0, "micro_batches": 1,
-             "length_buckets": 1}
+             "length_buckets": 1, "steps_per_call": 1}
 DPO_BETA = 0.1
 # DPO's reference: run on each batch inside the step (False), or its log-probs of every pair computed once at
 # setup and read by each step (True: `--precompute-reference`); set once by `main`
@@ -455,6 +455,11 @@ def alternate(name: str, workers: dict, spec: dict, shapes: Shapes, warmup: int,
     records: dict[str, list[dict]] = {side: [] for side in sides}
     for turn in turns(runs, SCHEDULE["block"]):
         for side, worker in sides.items():
+            if side == "ours" and OPTIMIZER["steps_per_call"] > 1:  # the turn's steps in calls of several
+                time.sleep(shapes.settle_s)
+                replies = worker.request("steps", indices=list(turn))["records"]
+                records[side].extend({**reply, "after_other": index == turn[0]} for index, reply in zip(turn, replies))
+                continue
             for index in turn:
                 time.sleep(shapes.settle_s)
                 records[side].append({**worker.request("step", index=index), "after_other": index == turn[0]})
@@ -692,7 +697,9 @@ def markdown(report: dict) -> str:
         f"{settings['warmup']} warm-up + {settings['steps']} timed steps per workload "
         f"on {settings['batches']} distinct batches (cycled), alternating ours / theirs"
         + (f" {settings['block']} steps a turn (medians of the steps after one of the same side)"
-           if settings.get("block", 1) > 1 else "") + "; medians.",
+           if settings.get("block", 1) > 1 else "")
+        + (f"; ours {settings['optimizer']['steps_per_call']} steps a call (`optimizer.steps_per_call`), each step "
+           "an equal share of its turn" if settings["optimizer"].get("steps_per_call", 1) > 1 else "") + "; medians.",
         f"Load average (1, 5, 15 min): before {machine['load_before']}, after {machine['load_after']}.",
         f"Both workers' GLIBC_TUNABLES: {settings.get('worker_glibc_tunables') or 'unset'}.",
         f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.", "",
@@ -866,6 +873,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="steps of a side per turn (default 1: one step of ours, then one of theirs). With K > "
                              "1, K steps of each side back to back, as a training run steps, and the medians count "
                              "the steps that follow one of the same side")
+    parser.add_argument("--steps-per-call", type=int, default=1,
+                        help="ours: up to K optimizer steps in one compiled call (`optimizer.steps_per_call`), as "
+                             "the SFT, reward and DPO stages run them; padded SFT, reward and DPO workloads. Sets "
+                             "--block K unless --block is a multiple of K; each of our steps is timed as an equal "
+                             "share of its turn. Default 1")
     parser.add_argument("--huge-pages", choices=("on", "off"), default="off",
                         help="on: both workers start with glibc's huge pages (glibc.malloc.hugetlb=1) where the "
                              "launcher adds them with RLHF_JAX_HUGE_PAGES=on; off (default): the environment as it is")
@@ -894,12 +906,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--length-buckets must be at least 1")
     if args.block < 1:
         parser.error("--block must be at least 1")
+    if args.steps_per_call < 1:
+        parser.error("--steps-per-call must be at least 1")
+    if args.steps_per_call > 1:
+        several = sorted(set(workloads) - {"sft", "rm", "rm_shared", "dpo", "dpo_shared"})
+        if several:
+            parser.error(f"--steps-per-call: padded SFT, reward and DPO workloads only, not {', '.join(several)}")
+        if args.block % args.steps_per_call:
+            args.block = args.steps_per_call
     SCHEDULE["block"] = args.block
     if not timed_records([{"after_other": i == turn[0]} for turn in turns(runs, args.block) for i in turn], warmup):
         parser.error(f"--block {args.block}: no timed step follows a step of the same side; "
                      "raise --steps or lower --block")
     OPTIMIZER["micro_batches"] = args.micro_batches
     OPTIMIZER["length_buckets"] = args.length_buckets
+    OPTIMIZER["steps_per_call"] = args.steps_per_call
     REFERENCE["precompute"] = args.precompute_reference
     HOST["huge_pages"] = args.huge_pages
     missing = [name for name in ("torch", "trl", "datasets") if importlib.util.find_spec(name) is None]

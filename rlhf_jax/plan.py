@@ -226,12 +226,22 @@ def _check_batch(rows: int, what: str, mesh) -> None:
         raise UserError(f"{what}={rows} is not divisible by mesh data*fsdp={shards}; choose a multiple of {shards}")
 
 
-def _compile_train_step(name: str, step, trained: _Trained, batch, mesh) -> tuple:
-    """`step(*bases, state, batch) -> (state, metrics)` compiled as `shard_train_step` compiles it."""
-    from rlhf_jax.sharding import replicated
+def _compile_train_step(name: str, step, trained: _Trained, batch, mesh, steps_per_call: int = 1) -> tuple:
+    """`step(*bases, state, batch) -> (state, metrics)` compiled as `shard_train_step` compiles it: with
+    `steps_per_call` > 1, that many steps in one program (`training.calls.in_one_call`, the batches stacked)."""
+    from rlhf_jax.sharding import replicated, stacked_batch_sharding
+    from rlhf_jax.training.calls import in_one_call
 
+    shardings = batch_sharding_of(batch)
+    if steps_per_call > 1:
+        step = in_one_call(step, steps_per_call, len(trained.bases) + 1)
+        stacked, count = stacked_batch_sharding(mesh), replicated(mesh)
+        batch = (jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((steps_per_call, *leaf.shape), leaf.dtype,
+                                                                sharding=stacked), batch),
+                 jax.ShapeDtypeStruct((), jnp.int32, sharding=count))
+        shardings = (stacked, count)
     return _compile(name, step, (*trained.bases, trained.state, batch),
-                    (*trained.base_shardings, trained.shardings, batch_sharding_of(batch)),
+                    (*trained.base_shardings, trained.shardings, shardings),
                     (trained.shardings, replicated(mesh)), mesh, donate=(len(trained.bases),))
 
 
@@ -261,7 +271,8 @@ def plan_stage(experiment: ExperimentConfig, stage, mesh) -> StagePlan:
         if built.reference_pass is not None:
             batch = _with_reference_program(experiment, stage, config, trained, mesh, plan, built.reference_pass,
                                             batch)
-        plan.programs[f"{built.name} train step"] = _compile_train_step(built.name, built.step, trained, batch, mesh)
+        plan.programs[f"{built.name} train step"] = _compile_train_step(built.name, built.step, trained, batch, mesh,
+                                                                        experiment.optimizer.steps_per_call)
         _account_trained(plan, trained)
         return plan
     if stage.kind in (StageKind.PPO, StageKind.GRPO, StageKind.RLOO, StageKind.REINFORCE):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,10 +122,11 @@ def _tiny(name: str, *overrides: str):
     return experiment
 
 
-@pytest.mark.parametrize("rank", [0, 4])
-def test_sft_plan_matches_the_stage_s_own_train_state_and_compiled_step(tmp_path, rank):
+@pytest.mark.parametrize("rank, calls", [(0, 1), (4, 1), (0, 2)])
+def test_sft_plan_matches_the_stage_s_own_train_state_and_compiled_step(tmp_path, rank, calls):
     """On one CPU device: the plan's params, optimizer state and LoRA base are the bytes of the state the SFT
-    stage builds (exact), and its temporaries are XLA's figure for the step the stage compiles."""
+    stage builds (exact), and its temporaries are XLA's figure for the step the stage compiles (with
+    `optimizer.steps_per_call`, the program of that many steps)."""
     import jax
 
     from rlhf_jax import stages as stage_registry
@@ -135,7 +137,7 @@ def test_sft_plan_matches_the_stage_s_own_train_state_and_compiled_step(tmp_path
 
     # model.scan_unroll=1: the program the plan models (an accelerator's); a CPU run unrolls by default
     experiment = _tiny("tiny_sft", f"run_dir={tmp_path}", f"stages.sft.lora.rank={rank}", "mesh.data=1",
-                       "model.scan_unroll=1")
+                       "model.scan_unroll=1", f"optimizer.steps_per_call={calls}")
     stage = experiment.stage("sft")
     plan = _plan_one(experiment, "sft")
     resolve = stage_registry.make_resolver(experiment, tmp_path)
@@ -149,8 +151,11 @@ def test_sft_plan_matches_the_stage_s_own_train_state_and_compiled_step(tmp_path
     batch = device_batch(next(iterator), sft.SFT_KEYS)
     assert {k: v.shape for k, v in batch.items()} == {k: (4, 96) for k in ("tokens", "attention_mask", "loss_mask")}
     mesh = make_mesh(experiment.mesh, jax.devices()[:1])
+    if calls > 1:  # the call's input: the batches stacked, and how many of them to run
+        batch = ({k: np.stack([v] * calls) for k, v in batch.items()}, np.int32(calls))
     compiled = shard_train_step(step, state_shardings(state, mesh), mesh, frozen_shardings=tuple(
-        param_shardings(params, mesh) for params in frozen)).lower(*frozen, state, batch).compile()
+        param_shardings(params, mesh) for params in frozen), steps_per_call=calls).lower(*frozen, state,
+                                                                                        batch).compile()
     assert plan.programs["sft train step"][0] == compiled.memory_analysis().temp_size_in_bytes > 0
 
 

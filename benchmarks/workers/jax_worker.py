@@ -41,6 +41,7 @@ from rlhf_jax.stages import sft as sft_stage
 from rlhf_jax.stages.common import build_optimizer, length_order, load_role, loss_batch, per_layer_state
 from rlhf_jax.stages.sft import SFT_KEYS
 from rlhf_jax.trainers.sft import sft_eval_step
+from rlhf_jax.training.calls import signature
 from rlhf_jax.training.state import TrainState
 
 SEED = 0
@@ -123,7 +124,9 @@ class Workload:
         tx = build_optimizer(experiment(self.spec, stage), stage, self.total_steps, built.trainable)
         state = TrainState.create(params, tx, jax.random.key(SEED),
                                   per_layer=per_layer_state(stage, self.config, built.trainable))
-        (state,), step_fn = place_for_training(built.step, (state,), self.mesh, ())
+        (state,), step_fn = place_for_training(built.step, (state,), self.mesh, (),
+                                               steps_per_call=self.spec["optimizer"].get("steps_per_call", 1),
+                                               micro_batches=self.micro_batches)
         return state, step_fn, built
 
     def _build_sft(self, prefix: str = ""):
@@ -198,6 +201,35 @@ class Workload:
         loss_key = next(name for name in first if name.endswith("/loss"))
         return {"seconds": seconds, "loss": first[loss_key], "metrics": first,
                 "losses": [float(m[loss_key]) for m in losses], **self.compiles.take()}
+
+    def steps(self, indices: list[int]) -> dict:
+        """`--steps-per-call`: batches `indices` run as the SFT, reward and DPO stages run them with
+        `optimizer.steps_per_call` (`stages.common.fit`): consecutive batches of one shape in one call of the step,
+        up to its `steps_per_call`, a batch of another shape starting the next call. Each step's record gets an
+        equal share of the whole time (preparing the batches included, as in `step`); if any call compiled, every
+        step is marked as compiled."""
+        self.compiles.take()
+        start = time.perf_counter()
+        prepared = [self.prepare(self.host_batches[index % len(self.host_batches)]) for index in indices]
+        calls = []
+        for batch in prepared:
+            if calls and len(calls[-1]) < self.step_fn.steps_per_call and signature(batch) == signature(calls[-1][0]):
+                calls[-1].append(batch)
+            else:
+                calls.append([batch])
+        metrics = []
+        for batches in calls:
+            self.state, call_metrics = self.step_fn(self.state, batches)
+            metrics.extend((len(batches), step_metrics) for step_metrics in call_metrics)
+        seconds = (time.perf_counter() - start) / len(indices)
+        compiled = self.compiles.take()
+        records = []
+        for call_steps, step_metrics in metrics:
+            first = {name: float(value) for name, value in step_metrics.items()}
+            loss_key = next(name for name in first if name.endswith("/loss"))
+            records.append({"seconds": seconds, "loss": first[loss_key], "metrics": first,
+                            "losses": [first[loss_key]], "call_steps": call_steps, **compiled})
+        return {"records": records}
 
     def check(self) -> dict:
         """sft_packed: Σ NLL and token count over every packed batch with the current (initial) weights."""

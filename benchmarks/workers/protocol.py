@@ -41,6 +41,7 @@ def serve_workloads(build: Callable[[dict], tuple[Any, dict]], free: Callable[[]
 
     setup {spec}     free the last workload, `build(spec)` -> (workload, facts to reply)
     step {index}     `workload.step(index)`;  check: `workload.check()`
+    steps {indices}  `workload.steps(indices)`: several steps, in calls of several (`--steps-per-call`)
     peak {size, dtype, device}  the matmul rate of `matmul(size, dtype, device)` (a callable doing one
                      synchronised product)
     release          drop the workload and `free()` what it held
@@ -61,6 +62,7 @@ def serve_workloads(build: Callable[[dict], tuple[Any, dict]], free: Callable[[]
     serve({
         "setup": setup, "release": release,
         "step": lambda request: current["workload"].step(request["index"]),
+        "steps": lambda request: current["workload"].steps(request["indices"]),
         "check": lambda request: current["workload"].check(),
         "peak": lambda request: {"gflops": matmul_gflops(
             matmul(request["size"], request.get("dtype", "float32"), request.get("device", "cpu")), request["size"])},

@@ -115,6 +115,10 @@ class OptimizerConfig:
     # rows sorted by length, each micro-batch run at the shortest of this many fractions of the batch's length
     # that holds its rows (1: every micro-batch at the batch's length); padded SFT, reward and DPO batches
     length_buckets: int = 1
+    # optimizer steps run in one compiled call (a `lax.scan` over that many batches; SFT, reward, DPO and KTO
+    # stages): on a CPU, XLA frees and maps a step's temporaries again at every call, so K steps a call fault
+    # them in once (`training.calls`)
+    steps_per_call: int = 1
 
 
 def _check_optimizer(optimizer: OptimizerConfig, prefix: str) -> None:
@@ -122,7 +126,7 @@ def _check_optimizer(optimizer: OptimizerConfig, prefix: str) -> None:
         "learning_rate": _POSITIVE, "weight_decay": _NON_NEGATIVE, "b1": _HALF_OPEN_UNIT,
         "b2": _HALF_OPEN_UNIT, "eps": _POSITIVE, "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
         "grad_clip": _POSITIVE, "micro_batches": _AT_LEAST_ONE,
-        "length_buckets": _AT_LEAST_ONE,
+        "length_buckets": _AT_LEAST_ONE, "steps_per_call": _AT_LEAST_ONE,
     })
 
 

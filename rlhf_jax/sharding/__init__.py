@@ -14,12 +14,13 @@ from rlhf_jax.sharding.partition import (DEFAULT_RULES, PARAM_AXES, logical_axes
                                          opt_state_shardings, param_logical_axes, param_shardings, replicated,
                                          state_shardings, validate_mesh_for_model)
 from rlhf_jax.sharding.placement import (batch_axes, batch_sharding, batch_shards, move_to_memory, place_batch,
-                                         place_for_training, place_state, shard_train_step, supports_host_offload)
+                                         place_for_training, place_state, shard_train_step, stacked_batch_sharding,
+                                         supports_host_offload)
 
 __all__ = [
     "DEFAULT_RULES", "MESH_AXES", "PARAM_AXES", "activation_rules", "batch_axes", "batch_sharding", "batch_shards",
     "logical_axes_for", "logical_to_mesh_spec", "make_mesh", "mesh_shape", "move_to_memory", "opt_state_shardings",
     "param_logical_axes", "param_shardings", "place_batch", "place_for_training", "place_state", "replicated",
-    "shard_train_step",
+    "shard_train_step", "stacked_batch_sharding",
     "state_shardings", "supports_host_offload", "use_mesh", "validate_mesh_for_model",
 ]

@@ -128,7 +128,7 @@ def _place_from_host(leaf, sharding):
 
 
 def shard_train_step(step_fn: Callable, state_shardings: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES,
-                     frozen_shardings: tuple = ()) -> Callable:
+                     frozen_shardings: tuple = (), steps_per_call: int = 1) -> Callable:
     """`jax.jit(step_fn)` with explicit shardings: `step_fn(*frozen, *states, batch) -> (*states, metrics)`.
 
     state_shardings: one state's shardings (a `TrainState` of `NamedSharding`s) or a tuple of them for a
@@ -136,26 +136,67 @@ def shard_train_step(step_fn: Callable, state_shardings: Any, mesh: Mesh, rules:
     arguments (e.g. LoRA's base params), never donated. States are donated; the batch is sharded by
     `batch_sharding`; metrics come back replicated. The step is traced under the logical-axis `rules`,
     so the decoder's activation constraints apply.
+
+    steps_per_call > 1: the program runs that many steps (`training.calls.in_one_call`), its last argument
+    `(batches stacked on a leading axis, how many to run)` with the stacked batch split along its second axis
+    (`stacked_batch_sharding`); its metrics get a leading axis of `steps_per_call`.
     """
+    from rlhf_jax.training.calls import in_one_call
+
     states = state_shardings if isinstance(state_shardings, tuple) else (state_shardings,)
     frozen = tuple(frozen_shardings)
+    name = getattr(step_fn, "__name__", getattr(getattr(step_fn, "func", None), "__name__", "step"))
+    batch = batch_sharding(mesh)
+    if steps_per_call > 1:
+        step_fn = in_one_call(step_fn, steps_per_call, len(frozen) + len(states))
+        batch = (stacked_batch_sharding(mesh), replicated(mesh))
 
     def constrained(*args):
         with activation_rules(mesh, rules):
             return step_fn(*args)
 
-    constrained.__name__ = getattr(step_fn, "__name__", getattr(getattr(step_fn, "func", None), "__name__", "step"))
-    return jax.jit(constrained, in_shardings=(*frozen, *states, batch_sharding(mesh)),
+    constrained.__name__ = name
+    return jax.jit(constrained, in_shardings=(*frozen, *states, batch),
                    out_shardings=(*states, replicated(mesh)),
                    donate_argnums=tuple(range(len(frozen), len(frozen) + len(states))))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """`batch_sharding` for batches stacked on a new leading axis (one per step of a call): that axis whole,
+    the rows (the second axis) over ("data", "fsdp")."""
+    axes = batch_axes(mesh)
+    return NamedSharding(mesh, PartitionSpec(None, axes) if axes else PartitionSpec())
+
+
+def stack_batches(mesh: Mesh, align: Callable[[list], list] = lambda batches: batches) -> Callable[[list], Any]:
+    """Placed batches of one shape -> one batch with a leading axis, one entry per batch, on the mesh as
+    `stacked_batch_sharding` lays it out (a program compiled once per batch shape). `align` first makes their
+    shapes equal (`training.calls.aligned`: the loss indexes' widths)."""
+    sharding = stacked_batch_sharding(mesh)
+
+    @functools.partial(jax.jit, out_shardings=sharding)
+    def stack(batches):
+        return jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *align(batches))
+
+    def checked(batches):
+        scalars = [leaf for leaf in jax.tree.leaves(batches[0]) if not np.ndim(leaf)]
+        if scalars:
+            raise ValueError("a batch run several steps a call has a scalar entry; batch entries must have rows")
+        return stack(batches)
+
+    return checked
+
+
 def place_for_training(step_fn: Callable, states: tuple, mesh: Mesh, frozen: tuple = (),
-                       rules: LogicalRules = DEFAULT_RULES) -> tuple[tuple, Callable]:
+                       rules: LogicalRules = DEFAULT_RULES, steps_per_call: int = 1,
+                       micro_batches: int = 1) -> tuple[tuple, Callable]:
     """Put train `states` and `frozen` params on the mesh and compile `step_fn(*frozen, *states, batch)`.
 
     Returns (the states on the mesh, step) with `step(*states, batch) -> (*states, metrics)` (the frozen
-    params bound); batches go in through `place_batch`. What a stage runner calls.
+    params bound); batches go in through `place_batch`. What a stage runner calls. With `steps_per_call` > 1
+    the step is a `training.calls.StepCalls`, `step(*states, [batch, ...]) -> (*states, [metrics, ...])`, up to
+    that many steps in one call (`optimizer.steps_per_call`; `stages.common.fit` takes either); `micro_batches`
+    is the step's count, which says how the batches' loss indexes are laid out (`training.calls.aligned`).
     """
     from rlhf_jax.sharding.partition import param_shardings, state_shardings
 
@@ -163,5 +204,13 @@ def place_for_training(step_fn: Callable, states: tuple, mesh: Mesh, frozen: tup
     shardings = tuple(state_shardings(state, mesh, rules) for state in states)
     frozen = place_state(tuple(frozen), frozen_shardings)
     states = place_state(tuple(states), shardings)
-    step = shard_train_step(step_fn, shardings, mesh, rules, frozen_shardings)
-    return states, functools.partial(step, *frozen) if frozen else step
+    step = shard_train_step(step_fn, shardings, mesh, rules, frozen_shardings, steps_per_call)
+    step = functools.partial(step, *frozen) if frozen else step
+    if steps_per_call > 1:
+        from rlhf_jax.training.calls import StepCalls, aligned
+
+        count = replicated(mesh)
+        step = StepCalls(step, steps_per_call,
+                         stack_batches(mesh, functools.partial(aligned, num_microbatches=micro_batches)),
+                         lambda active: jax.device_put(np.int32(active), count))
+    return states, step

@@ -452,8 +452,17 @@ def fit(
     `step` (steps done). With `evaluate(state) -> metrics`, held-out metrics are logged at step 0 (before
     training; not again on a resume), every `eval_every` steps and after the last step, in that step's record.
     Returns the final state and the logged metric records.
+
+    `step_fn` is one step, `(state, batch) -> (state, metrics)`, or a `training.calls.StepCalls` that runs up to
+    its `steps_per_call` steps a call (`optimizer.steps_per_call`). A call then takes the next batches up to
+    the next checkpoint or evaluation (so both see the state after a whole call), and ends early at a batch of
+    another shape, which starts the next call; a checkpoint saved while such a batch waits records the data
+    position before it. Each step's metrics are logged as they would be one step a call; ``time/step`` shares a
+    call's time equally among its steps.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from rlhf_jax.training.calls import one_step_calls, signature
 
     checkpointer = Checkpointer(stage_dir / "checkpoints", experiment.checkpoint.every_steps,
                                 experiment.checkpoint.keep_last)
@@ -468,6 +477,9 @@ def fit(
     columns = (TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[status]}"))
     step = start
+    per_call = getattr(step_fn, "steps_per_call", 1)
+    calls = step_fn if per_call > 1 else one_step_calls(step_fn)
+    waiting: list = []  # [(a prepared batch that ends a call, the host state before it)]: it starts the next
 
     def evaluation_due(step: int) -> bool:
         return evaluate is not None and (step == total_steps or bool(eval_every) and step % eval_every == 0)
@@ -477,40 +489,72 @@ def fit(
         metrics = dict(jax.device_get(evaluate(state)))
         return {**metrics, "time/eval": time.perf_counter() - evaluation_start}
 
+    def call_size(step: int) -> int:
+        """Steps of the next call: up to the next checkpoint or evaluation, and the last step."""
+        size = min(per_call, total_steps - step)
+        for interval in (experiment.checkpoint.every_steps, eval_every if evaluate is not None else None):
+            if interval and interval > 0:
+                size = min(size, interval - step % interval)
+        return size
+
+    def next_batches(size: int) -> list:
+        """Up to `size` prepared batches of one shape (fewer at the data's end)."""
+        taken = []
+        while len(taken) < size:
+            if waiting:
+                batch, _ = waiting.pop()
+            else:
+                before = host_state() if per_call > 1 else None
+                try:
+                    batch = prepare(next(batches))
+                except StopIteration:
+                    break
+                if taken and signature(batch) != signature(taken[0]):
+                    waiting.append((batch, before))
+                    break
+            taken.append(batch)
+        return taken
+
+    def saved_host_state() -> dict:
+        return waiting[0][1] if waiting else host_state()
+
     with Progress(*columns, transient=False) as progress, training_loop():
         if evaluate is not None and start == 0:
             records.append({"step": 0, **logger.log(0, timed_evaluation(state))})
         task = progress.add_task(stage.name, total=total_steps, completed=start, status="")
-        tick = time.perf_counter()
+        mark, elapsed = time.perf_counter(), 0.0  # `elapsed`: the time of the steps since the last log
         while step < total_steps:
-            try:
-                batch = next(batches)
-            except StopIteration:
+            taken = next_batches(call_size(step))
+            if not taken:
                 break
-            state, metrics = step_fn(state, prepare(batch))
-            step += 1
-            check_finite_losses(metrics, step, stage.name)
-            evaluated = evaluation_due(step)
-            if evaluated:  # its time is reported as time/eval, not in time/step
-                metrics = {**metrics, **timed_evaluation(state)}
-                tick += metrics["time/eval"]
-            if step % every == 0 or step == total_steps or evaluated:
-                metrics = {**jax.device_get(metrics), "time/step": (time.perf_counter() - tick) / every}
-                tick = time.perf_counter()
-                values = logger.log(step, metrics)
-                records.append({"step": step, **values})
-                shown = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in list(values.items())[:3])
-                progress.update(task, status=shown)
-            progress.update(task, completed=step)
-            if after_step is not None:
-                after_step(step, logger)
+            state, step_metrics = calls(state, taken)
+            now = time.perf_counter()
+            share, mark = (now - mark) / len(taken), now  # what follows a call counts in the next one's time
+            for metrics in step_metrics:
+                step += 1
+                elapsed += share
+                check_finite_losses(metrics, step, stage.name)
+                evaluated = evaluation_due(step)  # only at a call's last step (`call_size`)
+                if evaluated:  # its time is reported as time/eval, not in time/step
+                    metrics = {**metrics, **timed_evaluation(state)}
+                    mark += metrics["time/eval"]
+                if step % every == 0 or step == total_steps or evaluated:
+                    metrics = {**jax.device_get(metrics), "time/step": elapsed / every}
+                    elapsed = 0.0
+                    values = logger.log(step, metrics)
+                    records.append({"step": step, **values})
+                    shown = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in list(values.items())[:3])
+                    progress.update(task, status=shown)
+                progress.update(task, completed=step)
+                if after_step is not None:
+                    after_step(step, logger)
             if should_stop(step):
-                checkpointer.save(step, state, host_state(), force=checkpointer.latest_step() != step)
+                checkpointer.save(step, state, saved_host_state(), force=checkpointer.latest_step() != step)
                 checkpointer.close()
                 logger.close()
                 raise stopped(stage.name, step)
-            checkpointer.save(step, state, host_state())
-    checkpointer.save(step, state, host_state(), force=checkpointer.latest_step() != step)
+            checkpointer.save(step, state, saved_host_state())
+    checkpointer.save(step, state, saved_host_state(), force=checkpointer.latest_step() != step)
     checkpointer.close()
     logger.close()
     return state, records
@@ -567,6 +611,29 @@ def dry_run_data_path(experiment: ExperimentConfig, stage: Stage, resolve: Calla
             return path
         path = stage_data(experiment, experiment.stage(target)).path
     return path
+
+
+def call_options(experiment: ExperimentConfig) -> dict:
+    """`sharding.place_for_training`'s settings for a stage's train step: ``optimizer.steps_per_call`` and the
+    micro-batches its batches' loss indexes are laid out for."""
+    return {"steps_per_call": experiment.optimizer.steps_per_call,
+            "micro_batches": experiment.optimizer.micro_batches}
+
+
+def compile_train_step(experiment: ExperimentConfig, name: str, step, state, batch, mesh, frozen: tuple = ()
+                       ) -> dict[str, float]:
+    """A dry run's :func:`compile_report` of the train step `step(*frozen, state, batch)` as the stage's run
+    compiles it (`sharding.place_for_training`): with ``optimizer.steps_per_call`` > 1, the program of that many
+    steps, on `batch` repeated."""
+    from rlhf_jax.sharding import param_shardings, shard_train_step, state_shardings
+
+    calls = experiment.optimizer.steps_per_call
+    frozen_shardings = tuple(param_shardings(params, mesh) for params in frozen)
+    program = shard_train_step(step, state_shardings(state, mesh), mesh, frozen_shardings=frozen_shardings,
+                               steps_per_call=calls)
+    if calls > 1:
+        batch = (jax.tree.map(lambda leaf: np.stack([np.asarray(leaf)] * calls), batch), np.int32(calls))
+    return compile_report(name if calls == 1 else f"{name} ({calls} steps a call)", program, *frozen, state, batch)
 
 
 def compile_report(name: str, step_fn, *args) -> dict[str, float]:

@@ -20,12 +20,12 @@ import numpy as np
 from rlhf_jax.errors import UserError
 from rlhf_jax.losses import PairLogps, SequenceLogps, preference_loss
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
-                               shard_train_step, state_shardings, validate_mesh_for_model)
+                               validate_mesh_for_model)
 from rlhf_jax.models.lora import merged_params
-from rlhf_jax.stages.common import (StagePrograms, bind_base, compile_report, dry_run_source, fit, frozen_reference,
-                                    length_order, loss_batch, pair_outputs_over, policy_training, shared_pair_shapes,
-                                    shared_pairs, token_batch, with_length_bucket, with_reference_logps,
-                                    write_summary)
+from rlhf_jax.stages.common import (StagePrograms, bind_base, call_options, compile_train_step, dry_run_source, fit,
+                                    frozen_reference, length_order, loss_batch, pair_outputs_over, policy_training,
+                                    shared_pair_shapes, shared_pairs, token_batch, with_length_bucket,
+                                    with_reference_logps, write_summary)
 from rlhf_jax.trainers.dpo import (PAIR_KEYS, reference_logprobs, loss_keywords, needs_reference, preference_eval_step,
                                    preference_train_step)
 from rlhf_jax.training.artifacts import save_artifact
@@ -139,9 +139,7 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
              else f"{tuple(batch['chosen_tokens'].shape)} per side")
     print(f"  model {source or experiment.model.source}: {role.config.num_params():,} params; {len(dataset)} pairs, "
           f"up to {total_steps} steps, first batch {shape}")
-    frozen_shardings = tuple(param_shardings(params, mesh) for params in frozen)
-    compile_report("dpo train step", shard_train_step(built.step, state_shardings(state, mesh), mesh,
-                                                      frozen_shardings=frozen_shardings), *frozen, state, batch)
+    compile_train_step(experiment, "dpo train step", built.step, state, batch, mesh, frozen)
 
 
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
@@ -156,7 +154,8 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     frozen = (reference,) if reference_is_base else place_state(
         frozen, tuple(param_shardings(params, mesh) for params in frozen))  # one copy of the base on the mesh
     base = frozen[0] if frozen else {}
-    (state,), step_fn = place_for_training(built.step, (state,), mesh, frozen)
+    (state,), step_fn = place_for_training(built.step, (state,), mesh, frozen,
+                                           **call_options(experiment))
     pairs = eval_dataset if eval_dataset is not None else dataset
     prefix = "eval" if eval_dataset is not None else "train_set"
     # the reference is frozen: its log-probs of the evaluation pairs are computed once

@@ -27,11 +27,10 @@ import numpy as np
 from rlhf_jax.errors import UserError
 from rlhf_jax.losses import kto_loss
 from rlhf_jax.models.lora import merged_params
-from rlhf_jax.sharding import (make_mesh, param_shardings, place_for_training, place_state,
-                               shard_train_step, state_shardings, validate_mesh_for_model)
-from rlhf_jax.stages.common import (StagePrograms, bind_base, compile_report, dry_run_source, fit, frozen_reference,
-                                    loss_batch, outputs_over, policy_training, token_batch, with_reference_logps,
-                                    write_summary)
+from rlhf_jax.sharding import make_mesh, param_shardings, place_for_training, place_state, validate_mesh_for_model
+from rlhf_jax.stages.common import (StagePrograms, bind_base, call_options, compile_train_step, dry_run_source, fit,
+                                    frozen_reference, loss_batch, outputs_over, policy_training, token_batch,
+                                    with_reference_logps, write_summary)
 from rlhf_jax.trainers.kto import (MATCHED, MISMATCHED, UNPAIRED_KEYS, kto_eval_step, kto_train_step, loss_keywords,
                                    reference_logprobs, with_kl_rows)
 from rlhf_jax.training.artifacts import save_artifact
@@ -148,10 +147,7 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
     print(f"  model {source or experiment.model.source}: {setup.role.config.num_params():,} params; "
           f"{len(setup.dataset)} examples ({desirable} desirable), up to {setup.total_steps} steps, first batch "
           f"{tuple(batch['tokens'].shape)} matched rows and as many mismatched")
-    frozen_shardings = tuple(param_shardings(params, mesh) for params in setup.frozen)
-    compile_report("kto train step", shard_train_step(setup.programs.step, state_shardings(setup.state, mesh), mesh,
-                                                      frozen_shardings=frozen_shardings),
-                   *setup.frozen, setup.state, batch)
+    compile_train_step(experiment, "kto train step", setup.programs.step, setup.state, batch, mesh, setup.frozen)
 
 
 def stage_summary(stage_dir: Path, records: list[dict], steps: int, prefix: str, groups: tuple[str, ...],
@@ -186,7 +182,8 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     frozen = (reference,) if reference_is_base else place_state(
         setup.frozen, tuple(param_shardings(params, mesh) for params in setup.frozen))  # one copy of the base
     base = frozen[0] if frozen else {}
-    (state,), step_fn = place_for_training(setup.programs.step, (setup.state,), mesh, frozen)
+    (state,), step_fn = place_for_training(setup.programs.step, (setup.state,), mesh, frozen,
+                                           **call_options(experiment))
     examples = setup.eval_dataset if setup.eval_dataset is not None else dataset
     prefix = "eval" if setup.eval_dataset is not None else "train_set"
     labels, pairs = _labels(examples), feedback_pairs(examples)

@@ -15,12 +15,13 @@ import numpy as np
 
 from rlhf_jax.models import llama
 from rlhf_jax.models.lora import merged_params
-from rlhf_jax.stages.common import (StagePrograms, adapted_training, bind_base, build_optimizer, compile_report,
-                                    device_batch, dry_run_source, fit, length_order, load_role, load_stage_dataset,
-                                    pair_outputs_over, per_layer_state, require_tokenizer, shared_pair_shapes,
-                                    shared_pairs, stage_iterator, token_batch, with_length_bucket, write_summary)
+from rlhf_jax.stages.common import (StagePrograms, adapted_training, bind_base, build_optimizer, call_options,
+                                    compile_train_step, device_batch, dry_run_source, fit, length_order, load_role,
+                                    load_stage_dataset, pair_outputs_over, per_layer_state, require_tokenizer,
+                                    shared_pair_shapes, shared_pairs, stage_iterator, token_batch,
+                                    with_length_bucket, write_summary)
 from rlhf_jax.sharding import (make_mesh, param_shardings, place_batch, place_for_training, place_state,
-                               shard_train_step, state_shardings, validate_mesh_for_model)
+                               validate_mesh_for_model)
 from rlhf_jax.trainers.reward import reward_eval_step, reward_train_step
 from rlhf_jax.training.artifacts import save_artifact
 from rlhf_jax.training.state import TrainState
@@ -122,9 +123,7 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
           f"batch {shape}")
     mesh = make_mesh(experiment.mesh)
     validate_mesh_for_model(role.config, mesh)
-    frozen_shardings = tuple(param_shardings(params, mesh) for params in frozen)
-    compile_report("reward train step", shard_train_step(step, state_shardings(state, mesh), mesh,
-                                                         frozen_shardings=frozen_shardings), *frozen, state, batch)
+    compile_train_step(experiment, "reward train step", step, state, batch, mesh, frozen)
 
 
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
@@ -134,7 +133,8 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     validate_mesh_for_model(role.config, mesh)
     frozen = place_state(frozen, tuple(param_shardings(params, mesh) for params in frozen))
     base = frozen[0] if frozen else {}
-    (state,), step_fn = place_for_training(step, (state,), mesh, frozen)
+    (state,), step_fn = place_for_training(step, (state,), mesh, frozen,
+                                           **call_options(experiment))
     state, records = fit(
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
         total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},

@@ -10,11 +10,11 @@ from typing import Callable
 
 from rlhf_jax.data import DataIterator
 from rlhf_jax.models.lora import adapter_paths, merged_params, num_params
-from rlhf_jax.stages.common import (PolicyTraining, StagePrograms, bind_base, compile_report, dry_run_source, fit,
-                                    length_order, loss_batch, policy_training, token_batch, whole_set_evaluator,
-                                    with_length_bucket, write_summary)
+from rlhf_jax.stages.common import (PolicyTraining, StagePrograms, bind_base, call_options, compile_train_step,
+                                    dry_run_source, fit, length_order, loss_batch, policy_training, token_batch,
+                                    whole_set_evaluator, with_length_bucket, write_summary)
 from rlhf_jax.sharding import (batch_shards, make_mesh, param_shardings, place_batch, place_for_training,
-                               place_state, shard_train_step, state_shardings, validate_mesh_for_model)
+                               place_state, validate_mesh_for_model)
 from rlhf_jax.trainers.sft import sft_eval_step, sft_train_step
 from rlhf_jax.training.artifacts import save_artifact
 
@@ -85,9 +85,7 @@ def dry_run(experiment, stage, stage_dir: Path, resolve) -> None:
               f"{num_params(state.params):,} trained params")
     mesh = make_mesh(experiment.mesh)
     validate_mesh_for_model(role.config, mesh)
-    frozen_shardings = tuple(param_shardings(params, mesh) for params in frozen)
-    compile_report("sft train step", shard_train_step(step, state_shardings(state, mesh), mesh,
-                                                      frozen_shardings=frozen_shardings), *frozen, state, batch)
+    compile_train_step(experiment, "sft train step", step, state, batch, mesh, frozen)
 
 
 def run(experiment, stage, stage_dir: Path, resolve) -> None:
@@ -99,7 +97,8 @@ def run(experiment, stage, stage_dir: Path, resolve) -> None:
     if frozen:  # LoRA: the base on the mesh, for the step and for the final merge (multi-process safe)
         frozen = place_state(frozen, tuple(param_shardings(params, mesh) for params in frozen))
     base = frozen[0] if frozen else {}
-    (state,), step_fn = place_for_training(step, (state,), mesh, frozen)
+    (state,), step_fn = place_for_training(step, (state,), mesh, frozen,
+                                           **call_options(experiment))
     state, records = fit(
         experiment=experiment, stage=stage, stage_dir=stage_dir, state=state, step_fn=step_fn, batches=iterator,
         total_steps=total_steps, host_state=lambda: {"data": iterator.get_state()},

@@ -137,6 +137,46 @@ def position_index(masks: list[np.ndarray], carriers: int) -> np.ndarray:
     return blocks.reshape(len(masks), carriers, per_row).transpose(1, 0, 2).reshape(-1, per_row)
 
 
+LOSS_INDEX_KEYS = ("loss_index", "pair_loss_index")
+
+
+def _index_padding(batch: dict, key: str, num_microbatches: int) -> int:
+    """The value :func:`position_index` pads `batch[key]` with: a micro-batch's stack rows · T."""
+    if key == "loss_index":
+        tokens = batch["tokens"]
+        return tokens.shape[0] // num_microbatches * tokens.shape[1]
+    tokens = batch["chosen_tokens"]  # the [chosen rows; rejected rows] stack of each micro-batch
+    return 2 * (tokens.shape[0] // num_microbatches) * tokens.shape[1]
+
+
+def widen_loss_index(batch: dict, num_microbatches: int, widths: dict[str, int]) -> dict:
+    """`batch` with each loss index named in `widths` laid out that many entries a row (at least its own): every
+    micro-batch's positions as they were, more padding after them. Batches whose indexes differ in width only
+    can then be stacked into one call of several steps (`training.calls`). numpy or jax arrays (traced too)."""
+    out = dict(batch)
+    for key, width in widths.items():
+        index = batch[key]
+        rows, own = index.shape
+        if width == own:
+            continue
+        if width < own:
+            raise ValueError(f"{key}: {own} entries a row cannot be laid out in {width}")
+        carriers = rows // num_microbatches
+        # row j·M + m holds micro-batch m's j-th slice (`position_index`): each micro-batch's list, then wider
+        blocks = index.reshape(carriers, num_microbatches, own).transpose(1, 0, 2).reshape(num_microbatches, -1)
+        pad = jnp.full((num_microbatches, carriers * (width - own)), _index_padding(batch, key, num_microbatches),
+                       index.dtype)
+        blocks = jnp.concatenate([blocks, pad], axis=1)
+        out[key] = blocks.reshape(num_microbatches, carriers, width).transpose(1, 0, 2).reshape(rows, width)
+    return out
+
+
+def common_loss_index(batches: list[dict], num_microbatches: int) -> list[dict]:
+    """The batches with their loss indexes widened to the widest among them (:func:`widen_loss_index`)."""
+    widths = {key: max(batch[key].shape[1] for batch in batches) for key in LOSS_INDEX_KEYS if key in batches[0]}
+    return [widen_loss_index(batch, num_microbatches, widths) for batch in batches]
+
+
 def with_loss_index(batch: dict, num_microbatches: int = 1) -> dict:
     """The batch plus the positions that carry a loss, so the LM head runs there only (host numpy).
 
