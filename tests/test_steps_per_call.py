@@ -257,3 +257,24 @@ def test_two_steps_a_call_on_a_mesh_of_two_devices_logs_the_losses_of_one_step_a
         assert [r["step"] for r in records] == list(range(1, 9))
         losses[calls] = [r["sft/loss"] for r in records]
     np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, stage_name, loss", [("tiny_dpo", "dpo", "dpo/loss"), ("tiny_kto", "kto", "kto/loss"),
+                                                    ("tiny_pipeline", "rm", "rm/loss")])
+def test_the_preference_stages_two_steps_a_call_log_the_losses_of_one_step_a_call(tmp_path, name, stage_name, loss):
+    """DPO (its pair index), KTO (its rows' and KL rows' indexes) and the reward model, in 2 micro-batches with
+    per-micro-batch lengths, 2 steps a call: the losses of one step a call."""
+    from test_stages import _run_stage
+
+    experiment = get_experiment(name)
+    stage = experiment.stage(stage_name)
+    if stage_name == "rm":
+        stage = dataclasses.replace(stage, model="tiny:smollm2")
+    logged = {}
+    for calls in (1, 2):
+        optimizer = dataclasses.replace(experiment.optimizer, micro_batches=2, length_buckets=4, steps_per_call=calls)
+        run = dataclasses.replace(experiment, optimizer=optimizer, stages=(stage,))
+        logged[calls] = [r for r in read_metrics(_run_stage(run, stage_name, tmp_path / f"calls{calls}"))
+                         if loss in r]
+    assert [r["step"] for r in logged[2]] == [r["step"] for r in logged[1]] == list(range(1, stage.max_steps + 1))
+    np.testing.assert_allclose([r[loss] for r in logged[2]], [r[loss] for r in logged[1]], rtol=1e-5)

@@ -137,16 +137,17 @@ def position_index(masks: list[np.ndarray], carriers: int) -> np.ndarray:
     return blocks.reshape(len(masks), carriers, per_row).transpose(1, 0, 2).reshape(-1, per_row)
 
 
-LOSS_INDEX_KEYS = ("loss_index", "pair_loss_index")
+# each loss index a batch may carry: (the token rows it indexes, how many such row blocks its stack holds): a
+# preference batch indexes each micro-batch's [chosen rows; rejected rows], KTO's KL rows their own tokens
+LOSS_INDEX_KEYS = {"loss_index": ("tokens", 1), "pair_loss_index": ("chosen_tokens", 2),
+                   "kl_loss_index": ("kl_tokens", 1)}
 
 
 def _index_padding(batch: dict, key: str, num_microbatches: int) -> int:
     """The value :func:`position_index` pads `batch[key]` with: a micro-batch's stack rows · T."""
-    if key == "loss_index":
-        tokens = batch["tokens"]
-        return tokens.shape[0] // num_microbatches * tokens.shape[1]
-    tokens = batch["chosen_tokens"]  # the [chosen rows; rejected rows] stack of each micro-batch
-    return 2 * (tokens.shape[0] // num_microbatches) * tokens.shape[1]
+    name, blocks = LOSS_INDEX_KEYS[key]
+    tokens = batch[name]
+    return blocks * (tokens.shape[0] // num_microbatches) * tokens.shape[1]
 
 
 def widen_loss_index(batch: dict, num_microbatches: int, widths: dict[str, int]) -> dict:
