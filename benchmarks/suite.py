@@ -455,7 +455,7 @@ def alternate(name: str, workers: dict, spec: dict, shapes: Shapes, warmup: int,
     records: dict[str, list[dict]] = {side: [] for side in sides}
     for turn in turns(runs, SCHEDULE["block"]):
         for side, worker in sides.items():
-            if side == "ours" and OPTIMIZER["steps_per_call"] > 1:  # the turn's steps in calls of several
+            if side == "ours" and OPTIMIZER["steps_per_call"] > 1 and name != "sft_packed":  # in calls of several
                 time.sleep(shapes.settle_s)
                 replies = worker.request("steps", indices=list(turn))["records"]
                 records[side].extend({**reply, "after_other": index == turn[0]} for index, reply in zip(turn, replies))
@@ -698,8 +698,9 @@ def markdown(report: dict) -> str:
         f"on {settings['batches']} distinct batches (cycled), alternating ours / theirs"
         + (f" {settings['block']} steps a turn (medians of the steps after one of the same side)"
            if settings.get("block", 1) > 1 else "")
-        + (f"; ours {settings['optimizer']['steps_per_call']} steps a call (`optimizer.steps_per_call`), each step "
-           "an equal share of its turn" if settings["optimizer"].get("steps_per_call", 1) > 1 else "") + "; medians.",
+        + (f"; ours {settings['optimizer']['steps_per_call']} steps a call (`optimizer.steps_per_call`), each padded "
+           "step an equal share of its turn" if settings["optimizer"].get("steps_per_call", 1) > 1 else "")
+        + "; medians.",
         f"Load average (1, 5, 15 min): before {machine['load_before']}, after {machine['load_after']}.",
         f"Both workers' GLIBC_TUNABLES: {settings.get('worker_glibc_tunables') or 'unset'}.",
         f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.", "",
@@ -875,9 +876,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the steps that follow one of the same side")
     parser.add_argument("--steps-per-call", type=int, default=1,
                         help="ours: up to K optimizer steps in one compiled call (`optimizer.steps_per_call`), as "
-                             "the SFT, reward and DPO stages run them; padded SFT, reward and DPO workloads. Sets "
-                             "--block K unless --block is a multiple of K; each of our steps is timed as an equal "
-                             "share of its turn. Default 1")
+                             "the SFT, reward and DPO stages run them; SFT (padded or packed: a pass in calls), "
+                             "reward and DPO workloads. Sets --block K unless --block is a multiple of K; each of our "
+                             "padded steps is timed as an equal share of its turn. Default 1")
     parser.add_argument("--huge-pages", choices=("on", "off"), default="off",
                         help="on: both workers start with glibc's huge pages (glibc.malloc.hugetlb=1) where the "
                              "launcher adds them with RLHF_JAX_HUGE_PAGES=on; off (default): the environment as it is")
@@ -909,9 +910,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps_per_call < 1:
         parser.error("--steps-per-call must be at least 1")
     if args.steps_per_call > 1:
-        several = sorted(set(workloads) - {"sft", "rm", "rm_shared", "dpo", "dpo_shared"})
+        several = sorted(set(workloads) - {"sft", "sft_packed", "rm", "rm_shared", "dpo", "dpo_shared"})
         if several:
-            parser.error(f"--steps-per-call: padded SFT, reward and DPO workloads only, not {', '.join(several)}")
+            parser.error(f"--steps-per-call: the SFT (padded or packed), reward and DPO workloads only, not "
+                         f"{', '.join(several)}")
         if args.block % args.steps_per_call:
             args.block = args.steps_per_call
     SCHEDULE["block"] = args.block

@@ -107,18 +107,18 @@ def test_tiny_suite_in_micro_batches_accumulates_on_both_sides_and_their_losses_
 def test_tiny_suite_with_two_steps_a_call_runs_ours_in_calls_and_their_losses_agree(tmp_path):
     out = tmp_path / "tiny_calls"
     # one batch, revisited: the warm-up step and the timed one run as one call of 2 (a turn of 2 steps a side)
-    done = run_suite("--tiny", "--workloads", "sft,rm,dpo_shared", "--steps-per-call", "2", "--batches", "1",
-                     "--out", str(out))
+    done = run_suite("--tiny", "--workloads", "sft,sft_packed,rm,dpo_shared", "--steps-per-call", "2", "--batches",
+                     "1", "--out", str(out))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["settings"]["optimizer"]["steps_per_call"] == 2 and report["settings"]["block"] == 2
     assert "ours 2 steps a call" in out.with_suffix(".md").read_text()
-    for name in ("sft", "rm", "dpo_shared"):
+    for name in ("sft", "sft_packed", "rm", "dpo_shared"):  # sft_packed: each step a pass, in calls of 2
         result = report["results"][name]
         assert len(result["ours"]["steps_s"]) == len(result["theirs"]["steps_s"]) == 1
         assert result["loss_check"]["passed"], (name, result["loss_check"])
-    done = run_suite("--tiny", "--workloads", "sft_packed", "--steps-per-call", "2", timeout=120)
-    assert done.returncode == 2 and "padded SFT, reward and DPO workloads only, not sft_packed" in done.stderr
+    done = run_suite("--tiny", "--workloads", "sampler", "--steps-per-call", "2", timeout=120)
+    assert done.returncode == 2 and "reward and DPO workloads only, not sampler" in done.stderr
 
 
 def test_turns_of_k_steps_and_the_steps_the_medians_count(monkeypatch):

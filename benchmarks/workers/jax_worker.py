@@ -41,7 +41,7 @@ from rlhf_jax.stages import sft as sft_stage
 from rlhf_jax.stages.common import build_optimizer, length_order, load_role, loss_batch, per_layer_state
 from rlhf_jax.stages.sft import SFT_KEYS
 from rlhf_jax.trainers.sft import sft_eval_step
-from rlhf_jax.training.calls import signature
+from rlhf_jax.training.calls import StepCalls, signature
 from rlhf_jax.training.state import TrainState
 
 SEED = 0
@@ -187,15 +187,13 @@ class Workload:
     # -- requests -------------------------------------------------------------------------------------------
 
     def step(self, index: int) -> dict:
-        """One optimizer step on batch `index` (sft_packed: one pass over all its packed batches)."""
+        """One optimizer step on batch `index` (sft_packed: one pass over all its packed batches, with
+        `--steps-per-call` in calls as the stage makes them)."""
         self.compiles.take()
         todo = self.host_batches if self.spec["workload"] == "sft_packed" else [
             self.host_batches[index % len(self.host_batches)]]
-        losses = []
         start = time.perf_counter()
-        for host_batch in todo:
-            self.state, metrics = self.step_fn(self.state, self.prepare(host_batch))
-            losses.append(jax.device_get(metrics))
+        losses = [metrics for _, metrics in self._run(todo)]
         seconds = time.perf_counter() - start
         first = {name: float(value) for name, value in losses[0].items()}
         loss_key = next(name for name in first if name.endswith("/loss"))
@@ -203,24 +201,12 @@ class Workload:
                 "losses": [float(m[loss_key]) for m in losses], **self.compiles.take()}
 
     def steps(self, indices: list[int]) -> dict:
-        """`--steps-per-call`: batches `indices` run as the SFT, reward and DPO stages run them with
-        `optimizer.steps_per_call` (`stages.common.fit`): consecutive batches of one shape in one call of the step,
-        up to its `steps_per_call`, a batch of another shape starting the next call. Each step's record gets an
-        equal share of the whole time (preparing the batches included, as in `step`); if any call compiled, every
-        step is marked as compiled."""
+        """`--steps-per-call`: the steps on batches `indices`, in calls as the stage makes them (`_run`). Each
+        step's record gets an equal share of the whole time (preparing the batches included, as in `step`); if
+        any call compiled, every step is marked as compiled."""
         self.compiles.take()
         start = time.perf_counter()
-        prepared = [self.prepare(self.host_batches[index % len(self.host_batches)]) for index in indices]
-        calls = []
-        for batch in prepared:
-            if calls and len(calls[-1]) < self.step_fn.steps_per_call and signature(batch) == signature(calls[-1][0]):
-                calls[-1].append(batch)
-            else:
-                calls.append([batch])
-        metrics = []
-        for batches in calls:
-            self.state, call_metrics = self.step_fn(self.state, batches)
-            metrics.extend((len(batches), step_metrics) for step_metrics in call_metrics)
+        metrics = self._run([self.host_batches[index % len(self.host_batches)] for index in indices])
         seconds = (time.perf_counter() - start) / len(indices)
         compiled = self.compiles.take()
         records = []
@@ -230,6 +216,30 @@ class Workload:
             records.append({"seconds": seconds, "loss": first[loss_key], "metrics": first,
                             "losses": [first[loss_key]], "call_steps": call_steps, **compiled})
         return {"records": records}
+
+    def _run(self, host_batches: list) -> list[tuple[int, dict]]:
+        """The step over `host_batches` in order, each prepared as the stage prepares it: one call a step, or with
+        `--steps-per-call` (`optimizer.steps_per_call`) consecutive batches of one shape in one call of up to
+        that many steps, a batch of another shape starting the next call, as `stages.common.fit` makes them.
+        Returns (the steps of its call, its metrics on the host) for each batch."""
+        prepared = [self.prepare(batch) for batch in host_batches]
+        if not isinstance(self.step_fn, StepCalls):
+            done = []
+            for batch in prepared:
+                self.state, metrics = self.step_fn(self.state, batch)
+                done.append((1, jax.device_get(metrics)))
+            return done
+        calls = []
+        for batch in prepared:
+            if calls and len(calls[-1]) < self.step_fn.steps_per_call and signature(batch) == signature(calls[-1][0]):
+                calls[-1].append(batch)
+            else:
+                calls.append([batch])
+        done = []
+        for batches in calls:
+            self.state, call_metrics = self.step_fn(self.state, batches)
+            done.extend((len(batches), metrics) for metrics in call_metrics)
+        return done
 
     def check(self) -> dict:
         """sft_packed: Σ NLL and token count over every packed batch with the current (initial) weights."""
