@@ -877,8 +877,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-per-call", type=int, default=1,
                         help="ours: up to K optimizer steps in one compiled call (`optimizer.steps_per_call`), as "
                              "the SFT, reward and DPO stages run them; SFT (padded or packed: a pass in calls), "
-                             "reward and DPO workloads. Sets --block K unless --block is a multiple of K; each of our "
-                             "padded steps is timed as an equal share of its turn. Default 1")
+                             "reward and DPO workloads. Sets --block K unless --block is a multiple of K (or the workloads "
+                             "are sft_packed alone); each of our padded steps is timed as an equal share of its turn. "
+                             "Default 1")
     parser.add_argument("--huge-pages", choices=("on", "off"), default="off",
                         help="on: both workers start with glibc's huge pages (glibc.malloc.hugetlb=1) where the "
                              "launcher adds them with RLHF_JAX_HUGE_PAGES=on; off (default): the environment as it is")
@@ -914,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
         if several:
             parser.error(f"--steps-per-call: the SFT (padded or packed), reward and DPO workloads only, not "
                          f"{', '.join(several)}")
-        if args.block % args.steps_per_call:
+        if args.block % args.steps_per_call and set(workloads) - {"sft_packed"}:  # a packed pass is calls itself
             args.block = args.steps_per_call
     SCHEDULE["block"] = args.block
     if not timed_records([{"after_other": i == turn[0]} for turn in turns(runs, args.block) for i in turn], warmup):
