@@ -41,7 +41,7 @@ from rlhf_jax.stages import sft as sft_stage
 from rlhf_jax.stages.common import build_optimizer, length_order, load_role, loss_batch, per_layer_state
 from rlhf_jax.stages.sft import SFT_KEYS
 from rlhf_jax.trainers.sft import sft_eval_step
-from rlhf_jax.training.calls import StepCalls, signature
+from rlhf_jax.training.calls import StepCalls, joins
 from rlhf_jax.training.state import TrainState
 
 SEED = 0
@@ -231,7 +231,7 @@ class Workload:
             return done
         calls = []
         for batch in prepared:
-            if calls and len(calls[-1]) < self.step_fn.steps_per_call and signature(batch) == signature(calls[-1][0]):
+            if calls and joins(calls[-1], batch, self.step_fn.steps_per_call):
                 calls[-1].append(batch)
             else:
                 calls.append([batch])

@@ -462,7 +462,7 @@ def fit(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from rlhf_jax.training.calls import one_step_calls, signature
+    from rlhf_jax.training.calls import joins, one_step_calls
 
     checkpointer = Checkpointer(stage_dir / "checkpoints", experiment.checkpoint.every_steps,
                                 experiment.checkpoint.keep_last)
@@ -509,7 +509,7 @@ def fit(
                     batch = prepare(next(batches))
                 except StopIteration:
                     break
-                if taken and signature(batch) != signature(taken[0]):
+                if not joins(taken, batch, per_call):
                     waiting.append((batch, before))
                     break
             taken.append(batch)

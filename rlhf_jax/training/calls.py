@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.trainers.common import LOSS_INDEX_KEYS, common_loss_index
+from rlhf_jax.trainers.common import LOSS_INDEX_KEYS
 
 
 def in_one_call(step_fn: Callable, count: int, leading: int) -> Callable:
@@ -60,7 +60,7 @@ def in_one_call(step_fn: Callable, count: int, leading: int) -> Callable:
 
 def signature(batch: Any) -> tuple:
     """What batches must share to run in one call: their tree, and each array's shape and dtype (a loss index's
-    width aside: :func:`aligned` widens them to one)."""
+    width aside: the call widens them to one, `trainers.common.common_loss_index`)."""
     leaves, tree = jax.tree_util.tree_flatten_with_path(batch)
 
     def shape(path, leaf):
@@ -71,10 +71,10 @@ def signature(batch: Any) -> tuple:
     return tree, tuple((shape(path, leaf), str(leaf.dtype)) for path, leaf in leaves)
 
 
-def aligned(batches: list, num_microbatches: int) -> list:
-    """Batches of one :func:`signature` with their loss indexes widened to one width (the step's
-    `num_microbatches` say how the indexes are laid out)."""
-    return common_loss_index(batches, num_microbatches)
+def joins(call: list, batch: Any, steps_per_call: int) -> bool:
+    """Whether `batch` goes in the same call as the batches `call` holds so far (the run's order kept): room
+    left, and the same :func:`signature` (`stages.common.fit`'s rule, and the benchmark worker's)."""
+    return not call or (len(call) < steps_per_call and signature(batch) == signature(call[0]))
 
 
 class StepCalls:
