@@ -40,6 +40,38 @@ def _sft_batch(seed: int, rows: int = 4, length: int = 64) -> dict:
     return with_loss_index(order_by_length(batch, 2, 2), num_microbatches=2)
 
 
+def _assert_calls_run_as_single_steps(step, params, groups: list[list[dict]], micro_batches: int, rtol: float = 1e-12,
+                                      atol: float = 1e-15):
+    """`step` (float64) over the batches of `groups` one step a call, then in calls of the groups (up to the
+    longest group's size a call): the same params, optimizer state and per-step metrics."""
+    mesh = make_mesh(MeshConfig())
+    batches = [batch for group in groups for batch in group]
+
+    def fresh():
+        return TrainState.create(jax.tree.map(jnp.copy, params), make_optimizer("adamw", 1e-2), jax.random.key(1))
+
+    (single,), one_step = place_for_training(step, (fresh(),), mesh)
+    expected = []
+    for batch in batches:
+        single, metrics = one_step(single, place_batch(batch, mesh))
+        expected.append(jax.device_get(metrics))
+    (called,), calls = place_for_training(step, (fresh(),), mesh, steps_per_call=max(map(len, groups)),
+                                          micro_batches=micro_batches)
+    assert isinstance(calls, StepCalls)
+    got = []
+    for group in groups:
+        called, metrics = calls(called, [place_batch(batch, mesh) for batch in group])
+        got.extend(metrics)
+    assert int(called.step) == int(single.step) == len(batches) == len(got)
+    for a, b in zip(jax.tree.leaves((single.params, single.opt_state)), jax.tree.leaves((called.params,
+                                                                                            called.opt_state))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=rtol, atol=atol)
+    for a, b in zip(expected, got):
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_allclose(b[name], a[name], rtol=rtol, err_msg=name)
+
+
 def test_a_call_of_the_sft_step_gives_the_states_and_metrics_of_one_step_a_call_in_float64():
     """Three steps a call, run as a call of 3 and a call of 2 of 3 (its third skipped), against 5 single steps:
     the same params, optimizer state and per-step metrics to float64 rounding. The batches' loss indexes differ
@@ -48,34 +80,10 @@ def test_a_call_of_the_sft_step_gives_the_states_and_metrics_of_one_step_a_call_
         config = tiny_config("llama", dtype="float64", param_dtype="float64")
         params = llama.init_params(config, jax.random.key(0))
         step = functools.partial(sft_train_step, config, 2)
-        mesh = make_mesh(MeshConfig())
         batches = [_sft_batch(seed) for seed in range(5)]
         assert len({batch["loss_index"].shape for batch in batches}) > 1
         assert len({signature(batch) for batch in batches}) == 1  # and yet one call's: calls of 3 and 2
-
-        def fresh():
-            return TrainState.create(jax.tree.map(jnp.copy, params), make_optimizer("adamw", 1e-2), jax.random.key(1))
-
-        (single,), one_step = place_for_training(step, (fresh(),), mesh)
-        expected = []
-        for batch in batches:
-            single, metrics = one_step(single, place_batch(batch, mesh))
-            expected.append(jax.device_get(metrics))
-        (called,), calls = place_for_training(step, (fresh(),), mesh, steps_per_call=3, micro_batches=2)
-        assert isinstance(calls, StepCalls)
-        got = []
-        for group in (batches[:3], batches[3:]):
-            called, metrics = calls(called, [place_batch(batch, mesh) for batch in group])
-            got.extend(metrics)
-        assert int(called.step) == int(single.step) == 5
-        for a, b in zip(jax.tree.leaves((single.params, single.opt_state)), jax.tree.leaves((called.params,
-                                                                                                called.opt_state))):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12, atol=1e-15)
-        assert len(got) == 5
-        for a, b in zip(expected, got):
-            assert a.keys() == b.keys()
-            for name in a:
-                np.testing.assert_allclose(b[name], a[name], rtol=1e-12, err_msg=name)
+        _assert_calls_run_as_single_steps(step, params, [batches[:3], batches[3:]], micro_batches=2)
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2, 4])
@@ -259,17 +267,23 @@ def test_two_steps_a_call_on_a_mesh_of_two_devices_logs_the_losses_of_one_step_a
     np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
 
 
-@pytest.mark.parametrize("name, stage_name, loss", [("tiny_dpo", "dpo", "dpo/loss"), ("tiny_kto", "kto", "kto/loss"),
-                                                    ("tiny_pipeline", "rm", "rm/loss")])
-def test_the_preference_stages_two_steps_a_call_log_the_losses_of_one_step_a_call(tmp_path, name, stage_name, loss):
+@pytest.mark.parametrize("name, stage_name, loss, shared", [
+    ("tiny_dpo", "dpo", "dpo/loss", False), ("tiny_kto", "kto", "kto/loss", False),
+    ("tiny_pipeline", "rm", "rm/loss", False), ("tiny_dpo", "dpo", "dpo/loss", True),
+    ("tiny_pipeline", "rm", "rm/loss", True)])
+def test_the_preference_stages_two_steps_a_call_log_the_losses_of_one_step_a_call(tmp_path, name, stage_name, loss,
+                                                                                   shared):
     """DPO (its pair index), KTO (its rows' and KL rows' indexes) and the reward model, in 2 micro-batches with
-    per-micro-batch lengths, 2 steps a call: the losses of one step a call."""
+    per-micro-batch lengths, 2 steps a call: the losses of one step a call; DPO and the reward model also on
+    shared-prefix rows (widened to a call's longest)."""
     from test_stages import _run_stage
 
     experiment = get_experiment(name)
     stage = experiment.stage(stage_name)
     if stage_name == "rm":
         stage = dataclasses.replace(stage, model="tiny:smollm2")
+    if shared:
+        stage = dataclasses.replace(stage, shared_prefix=True)
     logged = {}
     for calls in (1, 2):
         optimizer = dataclasses.replace(experiment.optimizer, micro_batches=2, length_buckets=4, steps_per_call=calls)
@@ -278,3 +292,69 @@ def test_the_preference_stages_two_steps_a_call_log_the_losses_of_one_step_a_cal
                          if loss in r]
     assert [r["step"] for r in logged[2]] == [r["step"] for r in logged[1]] == list(range(1, stage.max_steps + 1))
     np.testing.assert_allclose([r[loss] for r in logged[2]], [r[loss] for r in logged[1]], rtol=1e-5)
+
+
+def _shared_batches(micro_batches: int = 4, buckets: int = 4) -> list[dict]:
+    """Shared-prefix DPO batches (rows at per-micro-batch lengths, loss entries) of two row lengths, 64 and 128."""
+    from test_length_buckets import _prompted_pairs
+
+    from experiments.tiny import tiny_dpo
+
+    experiment = dataclasses.replace(tiny_dpo(), optimizer=dataclasses.replace(
+        tiny_dpo().optimizer, micro_batches=micro_batches, length_buckets=buckets))
+    stage = dataclasses.replace(experiment.stages[0], shared_prefix=True)
+    order = common.length_order(experiment, stage)
+    batches = [common.shared_pairs(order(_prompted_pairs(seed, length=length)), loss_entries=True)
+               for seed, length in ((6, 30), (7, 64), (8, 30))]
+    assert [batch["shared_tokens"].shape[1] for batch in batches] == [64, 128, 64]
+    assert len({batch["shared_loss_slots"].shape[1] for batch in batches}) > 1
+    return batches
+
+
+def test_widened_shared_rows_keep_their_slots_and_run_each_micro_batch_at_the_length_it_needs_of_the_new_row():
+    from rlhf_jax.data.batching import SHARED_LOSS_KEYS, SHARED_ROW_KEYS
+    from rlhf_jax.training.accumulate import LENGTH_BUCKET, micro_lengths, widen_shared_rows
+
+    narrow = _shared_batches()[0]
+    own, entries = narrow["shared_tokens"].shape[1], narrow["shared_loss_slots"].shape[1]
+    wide = {key: np.asarray(value) for key, value in widen_shared_rows(narrow, 192, entries + 9, 4).items()}
+    for keys, width in ((SHARED_ROW_KEYS, own), (SHARED_LOSS_KEYS, entries)):
+        for key in keys:  # the same slots and entries, then padding (segment 0, side 0)
+            np.testing.assert_array_equal(wide[key][:, :width], narrow[key], err_msg=key)
+            assert not wide[key][:, width:].any() and wide[key].dtype == narrow[key].dtype, key
+    for key in ("chosen_last", "rejected_last"):
+        np.testing.assert_array_equal(wide[key], narrow[key])
+    lengths, needed = micro_lengths(192, 4), np.sum(narrow["shared_segment_ids"] > 0, axis=1)
+    assert lengths != micro_lengths(own, 4)
+    for m in range(4):  # as `order_by_length` picks for rows of 192: the shortest that holds micro-batch m's rows
+        picks = np.argmax(wide[LENGTH_BUCKET][m::4], axis=1)
+        assert wide[LENGTH_BUCKET].dtype == bool and wide[LENGTH_BUCKET].sum() == len(needed)
+        assert len(set(picks)) == 1 and lengths[picks[0]] == min(n for n in lengths if n >= needed[m::4].max())
+    same = widen_shared_rows(narrow, own, entries, 4)
+    np.testing.assert_array_equal(same[LENGTH_BUCKET], narrow[LENGTH_BUCKET])
+    with pytest.raises(ValueError, match="shared_tokens: 64 entries a row cannot be laid out in 32"):
+        widen_shared_rows(narrow, 32, entries, 4)
+
+
+def test_shared_prefix_batches_of_two_row_lengths_run_in_one_call_with_the_states_and_metrics_of_single_steps():
+    """The DPO step on shared-prefix rows of 64 and 128 slots at per-micro-batch lengths, in calls of 2 (the first
+    holding both lengths), against single steps, in float64: the same params, optimizer state and metrics."""
+    from rlhf_jax.config import PreferenceLoss
+    from rlhf_jax.trainers.dpo import preference_train_step, reference_logprobs
+
+    batches = _shared_batches()
+    assert signature(batches[0]) == signature(batches[1])  # row lengths apart, one call's
+    plain = [{k: v for k, v in batch.items() if k != "length_bucket"} for batch in batches]
+    assert signature(plain[0]) != signature(plain[1])  # computed whole, a wider row would cost: not one call's
+    with jax.enable_x64(True):
+        config = tiny_config("llama", dtype="float64", param_dtype="float64")
+        params = llama.init_params(config, jax.random.key(0))
+        reference = jax.jit(functools.partial(reference_logprobs, config), static_argnums=2)
+        batches = [{**batch, **reference(llama.init_params(config, jax.random.key(1)),
+                                         {k: v for k, v in batch.items() if k != "index"}, 4)}
+                   for batch in batches]
+        step = functools.partial(preference_train_step, config, PreferenceLoss(), 4)
+        # the widened rows' micro-batches run at lengths of the 128-slot grid (more masked keys, sums in another
+        # order): float64 rounding, which AdamW's first steps scale up where a gradient is near 0
+        _assert_calls_run_as_single_steps(step, params, [batches[:2], batches[2:]], micro_batches=4, rtol=1e-10,
+                                          atol=1e-13)

@@ -171,7 +171,7 @@ def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
 def stack_batches(mesh: Mesh, align: Callable[[list], list] = lambda batches: batches) -> Callable[[list], Any]:
     """Placed batches of one shape -> one batch with a leading axis, one entry per batch, on the mesh as
     `stacked_batch_sharding` lays it out (a program compiled once per batch shape). `align` first makes their
-    shapes equal (`trainers.common.common_loss_index`: the loss indexes' widths)."""
+    shapes equal (`training.calls.common_shapes`: the loss indexes' widths, shared-prefix rows' lengths)."""
     sharding = stacked_batch_sharding(mesh)
 
     @functools.partial(jax.jit, out_shardings=sharding)
@@ -196,7 +196,7 @@ def place_for_training(step_fn: Callable, states: tuple, mesh: Mesh, frozen: tup
     params bound); batches go in through `place_batch`. What a stage runner calls. With `steps_per_call` > 1
     the step is a `training.calls.StepCalls`, `step(*states, [batch, ...]) -> (*states, [metrics, ...])`, up to
     that many steps in one call (`optimizer.steps_per_call`; `stages.common.fit` takes either); `micro_batches`
-    is the step's count, which says how the batches' loss indexes are laid out (`trainers.common.common_loss_index`).
+    is the step's count, which says how the batches' loss indexes are laid out (`training.calls.common_shapes`).
     """
     from rlhf_jax.sharding.partition import param_shardings, state_shardings
 
@@ -207,11 +207,10 @@ def place_for_training(step_fn: Callable, states: tuple, mesh: Mesh, frozen: tup
     step = shard_train_step(step_fn, shardings, mesh, rules, frozen_shardings, steps_per_call)
     step = functools.partial(step, *frozen) if frozen else step
     if steps_per_call > 1:
-        from rlhf_jax.trainers.common import common_loss_index
-        from rlhf_jax.training.calls import StepCalls
+        from rlhf_jax.training.calls import StepCalls, common_shapes
 
         count = replicated(mesh)
         step = StepCalls(step, steps_per_call,
-                         stack_batches(mesh, functools.partial(common_loss_index, num_microbatches=micro_batches)),
+                         stack_batches(mesh, functools.partial(common_shapes, num_microbatches=micro_batches)),
                          lambda active: jax.device_put(np.int32(active), count))
     return states, step

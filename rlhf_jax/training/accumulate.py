@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.data.batching import SHARED_ROW_KEYS
+from rlhf_jax.data.batching import SHARED_LOSS_KEYS, SHARED_ROW_KEYS
 from rlhf_jax.losses.aggregation import metric_values
 from rlhf_jax.models.layout import has_per_layer, stack_layers, unstack_layers  # noqa: F401  (re-exported)
 
@@ -111,6 +111,34 @@ def order_by_length(batch: dict, num_microbatches: int, buckets: int, needed: np
     moved = {key: (np.asarray(value)[permutation] if np.ndim(value) and np.shape(value)[0] == rows else value)
              for key, value in batch.items()}
     return {**moved, LENGTH_BUCKET: onehot}
+
+
+def widen_shared_rows(batch: dict, length: int, entries: int | None, num_microbatches: int) -> dict:
+    """A shared-prefix batch (`data.batching.share_prefixes`) with its rows laid out in `length` slots and its loss
+    entries in `entries` (None: as they are), each at least its own: the same rows and entries, more padding
+    after them (zeros: segment 0, loss side 0), so that batches of several row lengths can be stacked into one
+    call of several steps (`training.calls`). A `LENGTH_BUCKET` is chosen again for the new length as
+    :func:`order_by_length` chooses it: the shortest of `micro_lengths(length)` that holds each micro-batch's
+    rows, so a micro-batch runs at about its own length still. numpy or jax arrays (traced too)."""
+    own = batch["shared_tokens"].shape[1]
+    out = dict(batch)
+    for keys, width in ((SHARED_ROW_KEYS, length), (SHARED_LOSS_KEYS if entries is not None else (), entries)):
+        for key in keys:
+            value = batch[key]
+            if width < value.shape[1]:
+                raise ValueError(f"{key}: {value.shape[1]} entries a row cannot be laid out in {width}")
+            out[key] = jnp.pad(value, ((0, 0), (0, width - value.shape[1])))
+    if LENGTH_BUCKET in batch and length != own:
+        onehot = batch[LENGTH_BUCKET]
+        rows, buckets = onehot.shape
+        # a row's real slots are those of segment 1 or 2, from slot 0 on
+        needed = jnp.max(jnp.where(batch["shared_segment_ids"] > 0, jnp.arange(1, own + 1), 1), axis=1)
+        # row j·M + m belongs to micro-batch m (the strided split)
+        longest = jnp.max(needed.reshape(rows // num_microbatches, num_microbatches), axis=0)
+        chosen = jnp.searchsorted(jnp.asarray(micro_lengths(length, buckets)), longest)
+        out[LENGTH_BUCKET] = jnp.tile(jax.nn.one_hot(chosen, buckets, dtype=onehot.dtype),
+                                      (rows // num_microbatches, 1))
+    return out
 
 
 def trim_to_length(batch: dict, length: int) -> dict:

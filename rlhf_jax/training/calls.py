@@ -11,7 +11,11 @@ run's last steps, a checkpoint or an evaluation due earlier, a batch of another 
 by a `lax.cond` and cost nothing, so one program serves every call of a batch shape. Batches whose loss indexes
 (`trainers.common.with_loss_index`, sized by their own loss positions) differ in width only go in one call, each
 index widened to the widest with padding (`trainers.common.common_loss_index`): the same positions, and the LM
-head still runs at each micro-batch's own size.
+head still runs at each micro-batch's own size. So do shared-prefix batches (`data.batching.share_prefixes`,
+whose rows take the length of their longest pair) run at per-micro-batch lengths: their rows and loss entries are
+padded to the call's longest, and each micro-batch still runs at about its own length
+(`training.accumulate.widen_shared_rows`). Without per-micro-batch lengths a wider row would be computed whole,
+so those batches go in one call only at one row length.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.trainers.common import LOSS_INDEX_KEYS
+from rlhf_jax.data.batching import SHARED_LOSS_KEYS, SHARED_ROW_KEYS
+from rlhf_jax.trainers.common import LOSS_INDEX_KEYS, common_loss_index
+from rlhf_jax.training.accumulate import LENGTH_BUCKET, widen_shared_rows
 
 
 def in_one_call(step_fn: Callable, count: int, leading: int) -> Callable:
@@ -58,17 +64,42 @@ def in_one_call(step_fn: Callable, count: int, leading: int) -> Callable:
     return calls
 
 
+def _loose(batch: Any) -> set[str]:
+    """The entries whose last axis may differ between the batches of one call (:func:`common_shapes`)."""
+    loose = set(LOSS_INDEX_KEYS)
+    if isinstance(batch, dict) and LENGTH_BUCKET in batch:
+        loose |= set(SHARED_ROW_KEYS) | set(SHARED_LOSS_KEYS)
+    return loose
+
+
 def signature(batch: Any) -> tuple:
-    """What batches must share to run in one call: their tree, and each array's shape and dtype (a loss index's
-    width aside: the call widens them to one, `trainers.common.common_loss_index`)."""
+    """What batches must share to run in one call: their tree, and each array's shape and dtype (the width of a
+    loss index aside, and the length of shared-prefix rows run at per-micro-batch lengths, with their loss
+    entries': the call widens them, :func:`common_shapes`)."""
     leaves, tree = jax.tree_util.tree_flatten_with_path(batch)
+    loose_keys = _loose(batch)
 
     def shape(path, leaf):
         last = path[-1] if path else None
-        loose = isinstance(last, jax.tree_util.DictKey) and last.key in LOSS_INDEX_KEYS
+        loose = isinstance(last, jax.tree_util.DictKey) and last.key in loose_keys
         return tuple(np.shape(leaf))[: -1 if loose else None]
 
     return tree, tuple((shape(path, leaf), str(leaf.dtype)) for path, leaf in leaves)
+
+
+def common_shapes(batches: list, num_microbatches: int) -> list:
+    """The batches of one call (one :func:`signature`) with equal shapes: loss indexes widened to the widest
+    (`trainers.common.common_loss_index`), and shared-prefix rows and loss entries to the longest
+    (`training.accumulate.widen_shared_rows`). numpy or jax arrays (traced too)."""
+    if not isinstance(batches[0], dict):
+        return batches
+    batches = common_loss_index(batches, num_microbatches)
+    if "shared_tokens" in batches[0]:
+        length = max(batch["shared_tokens"].shape[1] for batch in batches)
+        entries = (max(batch[SHARED_LOSS_KEYS[0]].shape[1] for batch in batches)
+                   if SHARED_LOSS_KEYS[0] in batches[0] else None)
+        batches = [widen_shared_rows(batch, length, entries, num_microbatches) for batch in batches]
+    return batches
 
 
 def joins(call: list, batch: Any, steps_per_call: int) -> bool:
