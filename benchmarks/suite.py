@@ -395,6 +395,25 @@ def steady(records: list[dict], warmup: int) -> tuple[list[float], int]:
     return (clean or [r["seconds"] for r in timed]), sum(1 for r in timed if r.get("compiles"))
 
 
+UNSTEADY_RATE = 1.25  # a side's matmul rates before and after a workload further apart than this: flagged
+
+
+def unsteady_rates(results: dict) -> list[str]:
+    """Warnings for the workloads where a side's matmul rate, measured before and after it, moved by more than
+    `UNSTEADY_RATE`: its MFU is taken against their mean, so a disturbed measurement inflates it; the warning
+    gives the MFU against the higher rate too (also in the JSON, `mfu_at_higher_rate`)."""
+    out = []
+    for name, result in results.items():
+        for side in ("ours", "theirs"):
+            summary = result.get(side) if isinstance(result, dict) else None
+            rates = (summary or {}).get("matmul_gflops") or []
+            if len(rates) > 1 and min(rates) > 0 and max(rates) / min(rates) > UNSTEADY_RATE:
+                out.append(f"{name}: {side} matmul rate {rates[0]:.0f} GFLOP/s before and {rates[-1]:.0f} after; "
+                           f"MFU {summary['mfu']:.1%} against their mean, {summary['mfu_at_higher_rate']:.1%} "
+                           "against the higher")
+    return out
+
+
 def side_summary(records: list[dict], warmup: int, peaks: list[float], tokens: list[dict], flops: list[float],
                  examples: int | None) -> dict:
     """Throughput, MFU and first-call time of one side from its per-step records."""
@@ -410,6 +429,7 @@ def side_summary(records: list[dict], warmup: int, peaks: list[float], tokens: l
         "tokens_per_s_real": statistics.median(t["real"] / r["seconds"] for r, t, _ in clean),
         "best_tokens_per_s_real": max(t["real"] / r["seconds"] for r, t, _ in clean),
         "mfu": statistics.median(f / r["seconds"] / (peak * 1e9) for r, _, f in clean),
+        "mfu_at_higher_rate": statistics.median(f / r["seconds"] / (max(peaks) * 1e9) for r, _, f in clean),
         "matmul_gflops": peaks, "loss": records[0].get("loss"),
     }
     if examples:
@@ -799,7 +819,8 @@ NOTES = [
     "the least disturbed by other jobs on a shared machine.",
     "MFU: model FLOPs per step / median step time / the side's own matmul rate in the run's precision (a square "
     "matmul, 2048² on a CPU, 8192² on a GPU, median of 5, measured before and after each workload in the same "
-    "run; bfloat16: bf16 inputs, float32 accumulation). Model FLOPs count real tokens only: "
+    "run, their mean; bfloat16: bf16 inputs, float32 accumulation; where the two rates are more than 1.25× apart "
+    "a warning gives the MFU against the higher one too, `mfu_at_higher_rate` in the JSON). Model FLOPs count real tokens only: "
     "6·N_body per token for a training pass plus 6·N_head per position that carries a loss (2· for a forward); "
     "DPO adds its reference forward (not with --precompute-reference); the reward model has no LM head; "
     "sampling counts 2·N_body per prompt token and per fed-back new token and 2·N_head per new token. N_body = "
@@ -970,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
                         "load_after": [round(x, 2) for x in load_after], **accelerator},
             "versions": versions, "model": {k: v for k, v in model.items() if k != "hf_dir"}, "results": results,
-            "notes": NOTES, "warnings": warnings,
+            "notes": NOTES, "warnings": warnings + unsteady_rates(results),
         }
 
     def write(report: dict) -> None:

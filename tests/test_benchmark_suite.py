@@ -139,6 +139,20 @@ def test_turns_of_k_steps_and_the_steps_the_medians_count(monkeypatch):
         assert done.returncode == 2 and "--block" in done.stderr, done.stderr
 
 
+def test_a_side_whose_matmul_rate_moved_during_a_workload_is_flagged_with_its_mfu_at_the_higher_rate():
+    sys.path.insert(0, str(SUITE.parent))
+    import suite
+
+    records = [{"seconds": 2.0}, {"seconds": 1.0}, {"seconds": 1.0}]
+    tokens, flops = [{"padded": 10, "real": 8}], [150e9]
+    moved = suite.side_summary(records, 1, [100.0, 200.0], tokens, flops, None)
+    assert moved["mfu"] == pytest.approx(1.0) and moved["mfu_at_higher_rate"] == pytest.approx(0.75)
+    steady = suite.side_summary(records, 1, [190.0, 200.0], tokens, flops, None)
+    warnings = suite.unsteady_rates({"sft": {"ours": moved, "theirs": steady}, "rm": {"ours": steady}})
+    assert warnings == ["sft: ours matmul rate 100 GFLOP/s before and 200 after; MFU 100.0% against their mean, "
+                        "75.0% against the higher"]
+
+
 @pytest.mark.slow  # about a minute on 2 cores
 def test_tiny_suite_with_length_buckets_counts_the_positions_ours_computes(tmp_path):
     out = tmp_path / "tiny_buckets"
