@@ -104,13 +104,18 @@ def order_by_length(batch: dict, num_microbatches: int, buckets: int, needed: np
     order = np.argsort(needed, kind="stable")
     # row j·M + m of the result is the j-th of block m (micro-batch m holds rows m, m + M, ...)
     permutation = order.reshape(num_microbatches, size).T.reshape(-1)
-    lengths = np.asarray(micro_lengths(length, buckets))
-    chosen = np.searchsorted(lengths, needed[order].reshape(num_microbatches, size).max(axis=1))
-    onehot = np.zeros((rows, buckets), bool)
-    onehot[np.arange(rows), np.tile(chosen, size)] = True
+    onehot = length_choice(needed[order].reshape(num_microbatches, size).max(axis=1), length, buckets, rows)
     moved = {key: (np.asarray(value)[permutation] if np.ndim(value) and np.shape(value)[0] == rows else value)
              for key, value in batch.items()}
     return {**moved, LENGTH_BUCKET: onehot}
+
+
+def length_choice(longest, length: int, buckets: int, rows: int, xp=np):
+    """`LENGTH_BUCKET` [rows, buckets] (bool): micro-batch m (rows m, m + M, ... of M = len(longest)) at the
+    shortest of `micro_lengths(length, buckets)` that holds `longest[m]`, its longest row. `xp`: numpy, or
+    jax.numpy for traced values."""
+    chosen = xp.searchsorted(xp.asarray(micro_lengths(length, buckets)), longest)
+    return xp.tile(xp.arange(buckets)[None, :] == chosen[:, None], (rows // len(longest), 1))
 
 
 def widen_shared_rows(batch: dict, length: int, entries: int | None, num_microbatches: int) -> dict:
@@ -129,15 +134,12 @@ def widen_shared_rows(batch: dict, length: int, entries: int | None, num_microba
                 raise ValueError(f"{key}: {value.shape[1]} entries a row cannot be laid out in {width}")
             out[key] = jnp.pad(value, ((0, 0), (0, width - value.shape[1])))
     if LENGTH_BUCKET in batch and length != own:
-        onehot = batch[LENGTH_BUCKET]
-        rows, buckets = onehot.shape
+        rows, buckets = batch[LENGTH_BUCKET].shape
         # a row's real slots are those of segment 1 or 2, from slot 0 on
         needed = jnp.max(jnp.where(batch["shared_segment_ids"] > 0, jnp.arange(1, own + 1), 1), axis=1)
         # row j·M + m belongs to micro-batch m (the strided split)
         longest = jnp.max(needed.reshape(rows // num_microbatches, num_microbatches), axis=0)
-        chosen = jnp.searchsorted(jnp.asarray(micro_lengths(length, buckets)), longest)
-        out[LENGTH_BUCKET] = jnp.tile(jax.nn.one_hot(chosen, buckets, dtype=onehot.dtype),
-                                      (rows // num_microbatches, 1))
+        out[LENGTH_BUCKET] = length_choice(longest, length, buckets, rows, jnp)
     return out
 
 
